@@ -1,0 +1,329 @@
+//! Map layouts shared by the BPF programs and the agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that the kernel, the
+//! agent and `bpftool map dump` agree byte for byte. Addresses are kept as
+//! `[u8; 4]` in packet order (bpftool prints them as four decimal octets) and
+//! ports in host order (bpftool prints the port number a person expects).
+#![no_std]
+
+/// Bumped whenever a key or value layout below changes. The agent stores it in
+/// the `META` map; a pinned map set with another version is recreated.
+pub const LAYOUT_VERSION: u32 = 1;
+
+pub const MAP_SERVICES: &str = "SERVICES";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+pub const MAP_AFFINITY: &str = "AFFINITY";
+pub const MAP_AFFINITY_MATCH: &str = "AFFINITY_MATCH";
+pub const MAP_NODE_ADDRS: &str = "NODE_ADDRS";
+pub const MAP_SVC_STATS: &str = "SVC_STATS";
+pub const MAP_REASONS: &str = "REASONS";
+pub const MAP_META: &str = "META";
+
+/// Every map the programs declare, in the order the agent pins and reports them.
+pub const ALL_MAPS: [&str; 9] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_CONNTRACK,
+    MAP_AFFINITY,
+    MAP_AFFINITY_MATCH,
+    MAP_NODE_ADDRS,
+    MAP_SVC_STATS,
+    MAP_REASONS,
+    MAP_META,
+];
+
+pub const PROG_TC_INGRESS: &str = "svc_tc_ingress";
+
+/// Default capacities, sized for about 10,000 Services with 10 endpoints each.
+pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
+pub const DEFAULT_BACKENDS_MAX: u32 = 131_072;
+pub const DEFAULT_CONNTRACK_MAX: u32 = 524_288;
+pub const DEFAULT_AFFINITY_MAX: u32 = 131_072;
+pub const NODE_ADDRS_MAX: u32 = 256;
+/// svc_id indexes SVC_STATS, so it is also the ceiling on frontends.
+pub const SVC_STATS_MAX: u32 = 65_536;
+pub const REASONS_MAX: u32 = 64;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Scope of a service entry. Cluster-wide frontends use `SCOPE_ALL`; the
+/// node-local view of a `Local` traffic policy uses `SCOPE_LOCAL`.
+pub const SCOPE_ALL: u8 = 0;
+pub const SCOPE_LOCAL: u8 = 1;
+
+/// Key of the SERVICES map. Slot 0 is the master entry of a frontend; slots
+/// 1..=count hold its backends. A NodePort frontend has `addr == [0; 4]` and
+/// matches any address in NODE_ADDRS.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub slot: u16,
+    pub _pad: u16,
+}
+
+/// The frontend answers with a reject (RST / ICMP) when it has no backend.
+pub const SVC_F_REJECT_EMPTY: u16 = 1 << 0;
+/// sessionAffinity: ClientIP.
+pub const SVC_F_AFFINITY: u16 = 1 << 1;
+/// The frontend is a NodePort (addr 0 in the key).
+pub const SVC_F_NODEPORT: u16 = 1 << 2;
+/// externalTrafficPolicy / internalTrafficPolicy Local: use SCOPE_LOCAL slots.
+pub const SVC_F_LOCAL: u16 = 1 << 3;
+/// Sources outside the node are source-NATed to the node (policy Cluster, remote backend).
+pub const SVC_F_SNAT_REMOTE: u16 = 1 << 4;
+
+/// Value of the SERVICES map. In the master entry (slot 0) `count`, `flags`
+/// and `affinity_timeout_s` are meaningful and `backend_id` is 0; in a slot
+/// entry `backend_id` names a BACKENDS entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub flags: u16,
+    pub svc_id: u32,
+    pub affinity_timeout_s: u32,
+}
+
+/// The endpoint is on this node.
+pub const BE_F_LOCAL: u8 = 1 << 0;
+/// The endpoint is serving but terminating (used only as a fallback).
+pub const BE_F_TERMINATING: u8 = 1 << 1;
+
+/// Value of the BACKENDS map, keyed by a backend id (u32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// A 5-tuple as seen in the packet, before translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The entry rewrites a reply (backend → client); unset: a request.
+pub const CT_F_REPLY: u16 = 1 << 0;
+/// The client was picked as its own backend: its source is rewritten too.
+pub const CT_F_HAIRPIN: u16 = 1 << 1;
+/// A TCP FIN or RST was seen; the agent expires the entry sooner.
+pub const CT_F_CLOSING: u16 = 1 << 2;
+/// The entry carries a source NAT to the node address (NodePort to a remote backend).
+pub const CT_F_SNAT: u16 = 1 << 3;
+
+/// What to write into a packet whose 5-tuple matches a CONNTRACK key. Both
+/// directions of a translated flow have an entry; each says the whole
+/// translation, so a packet is rewritten with one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub last_seen_ns: u64,
+    pub nat_saddr: [u8; 4],
+    pub nat_daddr: [u8; 4],
+    pub nat_sport: u16,
+    pub nat_dport: u16,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub flags: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: [u8; 4],
+    pub svc_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Membership of a backend in a frontend: lets the program refuse an
+/// affinity entry that points at a backend the Service no longer has.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityMatchKey {
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+
+/// Per-frontend traffic counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub rejected: u64,
+}
+
+/// META map slots (array of u64).
+pub const META_LAYOUT_VERSION: u32 = 0;
+pub const META_MAX: u32 = 8;
+
+/// Why a packet was not translated normally. Each has a per-CPU counter in
+/// REASONS; the verdict (passed on untouched, dropped, or answered) is fixed
+/// per reason and documented in the README.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A frontend without backends answered with TCP RST / ICMP port unreachable.
+    RejectedNoBackend = 0,
+    /// The reject could not be built; the packet was dropped.
+    RejectFailed = 1,
+    /// IPv4 fragment: passed on untouched (fragment tracking is not implemented).
+    FragmentPassed = 2,
+    /// IPv4 header shorter than 20 bytes or longer than the packet: passed untouched.
+    MalformedIp = 3,
+    /// L4 header cut short: passed untouched.
+    TruncatedL4 = 4,
+    /// A slot pointed at no backend (agent mid-update or corrupt map): dropped.
+    NoBackendEntry = 5,
+    /// Conntrack insert failed: dropped, the flow could not be pinned.
+    CtInsertFailed = 6,
+    /// A checksum or store helper failed mid-rewrite: dropped.
+    RewriteFailed = 7,
+    /// A Service protocol the dataplane does not translate (SCTP): passed untouched.
+    UnsupportedProto = 8,
+    /// A reply that matched a conntrack entry and was reverse-translated.
+    ReplyTranslated = 9,
+    /// A request that matched an existing conntrack entry.
+    CtHit = 10,
+    /// A new flow was assigned a backend.
+    NewFlow = 11,
+    /// An affinity entry decided the backend.
+    AffinityHit = 12,
+    /// An affinity entry was found but expired or stale, and ignored.
+    AffinityStale = 13,
+    /// A UDP flow whose backend is gone was moved to a live backend.
+    StaleFlowMoved = 14,
+}
+
+impl Reason {
+    pub const COUNT: usize = 15;
+    pub const ALL: [Reason; Self::COUNT] = [
+        Reason::RejectedNoBackend,
+        Reason::RejectFailed,
+        Reason::FragmentPassed,
+        Reason::MalformedIp,
+        Reason::TruncatedL4,
+        Reason::NoBackendEntry,
+        Reason::CtInsertFailed,
+        Reason::RewriteFailed,
+        Reason::UnsupportedProto,
+        Reason::ReplyTranslated,
+        Reason::CtHit,
+        Reason::NewFlow,
+        Reason::AffinityHit,
+        Reason::AffinityStale,
+        Reason::StaleFlowMoved,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::RejectedNoBackend => "rejected_no_backend",
+            Reason::RejectFailed => "reject_failed",
+            Reason::FragmentPassed => "fragment_passed",
+            Reason::MalformedIp => "malformed_ip",
+            Reason::TruncatedL4 => "truncated_l4",
+            Reason::NoBackendEntry => "no_backend_entry",
+            Reason::CtInsertFailed => "ct_insert_failed",
+            Reason::RewriteFailed => "rewrite_failed",
+            Reason::UnsupportedProto => "unsupported_proto",
+            Reason::ReplyTranslated => "reply_translated",
+            Reason::CtHit => "ct_hit",
+            Reason::NewFlow => "new_flow",
+            Reason::AffinityHit => "affinity_hit",
+            Reason::AffinityStale => "affinity_stale",
+            Reason::StaleFlowMoved => "stale_flow_moved",
+        }
+    }
+
+    /// Whether the packet counted under this reason was dropped.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::RejectFailed
+                | Reason::NoBackendEntry
+                | Reason::CtInsertFailed
+                | Reason::RewriteFailed
+        )
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: repr(C), every field is an integer or byte array and the
+            // padding is spelled out, so every bit pattern is valid.
+            unsafe impl aya::Pod for $t {}
+            unsafe impl bytemuck::Zeroable for $t {}
+            unsafe impl bytemuck::Pod for $t {}
+        )*};
+    }
+    pod!(
+        ServiceKey,
+        ServiceValue,
+        Backend,
+        CtKey,
+        CtValue,
+        AffinityKey,
+        AffinityValue,
+        AffinityMatchKey,
+        SvcStats
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 12);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<AffinityMatchKey>(), 8);
+        assert_eq!(size_of::<SvcStats>(), 32);
+    }
+
+    #[test]
+    fn reasons_are_indexed_by_discriminant() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        assert!(Reason::COUNT as u32 <= REASONS_MAX);
+    }
+}

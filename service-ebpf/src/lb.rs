@@ -1,0 +1,117 @@
+//! Finding the frontend a packet is addressed to and picking its backend:
+//! a fixed number of hash lookups, whatever the number of Services or backends.
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use service_common::*;
+
+use crate::{
+    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, NODE_ADDRS, SERVICES},
+    packet::Flow,
+    stats::count_reason,
+};
+
+pub struct Frontend {
+    pub key: ServiceKey,
+    pub master: ServiceValue,
+}
+
+#[inline(always)]
+fn master_of(addr: [u8; 4], flow: &Flow) -> Option<Frontend> {
+    let key = ServiceKey {
+        addr,
+        port: flow.dport,
+        proto: flow.proto,
+        scope: SCOPE_ALL,
+        slot: 0,
+        _pad: 0,
+    };
+    let master = unsafe { SERVICES.get(key) }?;
+    Some(Frontend {
+        key,
+        master: *master,
+    })
+}
+
+/// The frontend addressed by the packet: a ClusterIP / external address
+/// entry first, then a NodePort entry when the destination is a node address.
+#[inline(always)]
+pub fn lookup_frontend(flow: &Flow) -> Option<Frontend> {
+    if let Some(f) = master_of(flow.daddr, flow) {
+        return Some(f);
+    }
+    unsafe { NODE_ADDRS.get(flow.daddr) }?;
+    master_of([0; 4], flow)
+}
+
+#[inline(always)]
+fn backend_in_slot(fe: &Frontend, scope: u8, slot: u16) -> Option<u32> {
+    let key = ServiceKey {
+        scope,
+        slot,
+        ..fe.key
+    };
+    unsafe { SERVICES.get(key) }.map(|v| v.backend_id)
+}
+
+/// The backend a ClientIP-affine client used last, if still valid.
+#[inline(always)]
+fn affine_backend(fe: &Frontend, client: [u8; 4], now: u64) -> Option<u32> {
+    let key = AffinityKey {
+        client,
+        svc_id: fe.master.svc_id,
+    };
+    let entry = AFFINITY.get_ptr_mut(key)?;
+    let entry = unsafe { &mut *entry };
+    let timeout_ns = fe.master.affinity_timeout_s as u64 * 1_000_000_000;
+    let member = AffinityMatchKey {
+        svc_id: fe.master.svc_id,
+        backend_id: entry.backend_id,
+    };
+    if now.wrapping_sub(entry.last_used_ns) > timeout_ns
+        || unsafe { AFFINITY_MATCH.get(member) }.is_none()
+    {
+        count_reason(Reason::AffinityStale);
+        return None;
+    }
+    entry.last_used_ns = now;
+    count_reason(Reason::AffinityHit);
+    Some(entry.backend_id)
+}
+
+#[inline(always)]
+fn remember_affinity(fe: &Frontend, client: [u8; 4], backend_id: u32, now: u64) {
+    let key = AffinityKey {
+        client,
+        svc_id: fe.master.svc_id,
+    };
+    let value = AffinityValue {
+        last_used_ns: now,
+        backend_id,
+        _pad: 0,
+    };
+    // LRU map: an insert never fails for lack of room; a failure only
+    // costs stickiness for this client, not the connection.
+    let _ = AFFINITY.insert(key, value, 0);
+}
+
+/// Picks the backend of a new flow: the affine one if any, else a random slot.
+#[inline(always)]
+pub fn select_backend(fe: &Frontend, flow: &Flow) -> Option<(u32, Backend)> {
+    let affinity = fe.master.flags & SVC_F_AFFINITY != 0;
+    let now = unsafe { bpf_ktime_get_ns() };
+    if affinity && let Some(id) = affine_backend(fe, flow.saddr, now) {
+        if let Some(b) = unsafe { BACKENDS.get(id) } {
+            return Some((id, *b));
+        }
+    }
+    let count = fe.master.count as u32;
+    if count == 0 {
+        return None;
+    }
+    let slot = (unsafe { bpf_get_prandom_u32() } % count) as u16 + 1;
+    let id = backend_in_slot(fe, fe.key.scope, slot)?;
+    let backend = *unsafe { BACKENDS.get(id) }?;
+    if affinity {
+        remember_affinity(fe, flow.saddr, id, now);
+    }
+    Some((id, backend))
+}

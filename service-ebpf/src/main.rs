@@ -1,0 +1,138 @@
+//! The Service dataplane programs. Every decision about Kubernetes semantics
+//! was made by the agent's planner; these programs only follow the maps.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod lb;
+mod maps;
+mod nat;
+mod packet;
+mod reject;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use service_common::{IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY};
+
+use crate::{
+    conntrack::CtLookup,
+    lb::Frontend,
+    nat::{Target, rewrite_tuple},
+    packet::{Flow, Parsed},
+    stats::{count_new_flow, count_packet, count_reason, count_rejected},
+};
+
+const PASS: i32 = TC_ACT_OK as i32;
+const DROP: i32 = TC_ACT_SHOT as i32;
+
+/// tc ingress on pod-facing veths and on the node's external interfaces:
+/// translates requests to Service frontends and the replies of their backends.
+#[classifier]
+pub fn svc_tc_ingress(ctx: TcContext) -> i32 {
+    let flow = match packet::parse(&ctx) {
+        Parsed::Other => return PASS,
+        Parsed::Untouchable(reason) => {
+            count_reason(reason);
+            return PASS;
+        }
+        Parsed::Flow(flow) => flow,
+    };
+    match conntrack::lookup(&flow) {
+        CtLookup::Hit {
+            target,
+            svc_id,
+            reply,
+        } => {
+            count_reason(if reply {
+                Reason::ReplyTranslated
+            } else {
+                Reason::CtHit
+            });
+            return translate(&ctx, &flow, &target, svc_id);
+        }
+        CtLookup::Stale => count_reason(Reason::StaleFlowMoved),
+        CtLookup::Miss => {}
+    }
+    match lb::lookup_frontend(&flow) {
+        Some(fe) => start_flow(&ctx, &flow, &fe),
+        None => PASS,
+    }
+}
+
+#[inline(always)]
+fn translate(ctx: &TcContext, flow: &Flow, to: &Target, svc_id: u32) -> i32 {
+    if rewrite_tuple(ctx, flow, to).is_err() {
+        count_reason(Reason::RewriteFailed);
+        return DROP;
+    }
+    count_packet(svc_id, ctx.len());
+    PASS
+}
+
+/// The first packet of a flow to a frontend: pick a backend, record the flow, rewrite.
+#[inline(always)]
+fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend) -> i32 {
+    let svc_id = fe.master.svc_id;
+    let Some((backend_id, backend)) = lb::select_backend(fe, flow) else {
+        if fe.master.count == 0 {
+            return reject(ctx, flow, fe);
+        }
+        count_reason(Reason::NoBackendEntry);
+        return DROP;
+    };
+    // A pod picked as the backend of its own request would see a packet from
+    // itself to itself and drop it as a martian; its source becomes the
+    // frontend address instead, and the reply entry undoes both rewrites.
+    let hairpin = backend.addr == flow.saddr;
+    let to = Target {
+        saddr: if hairpin { flow.daddr } else { flow.saddr },
+        sport: flow.sport,
+        daddr: backend.addr,
+        dport: backend.port,
+    };
+    if conntrack::create(flow, &to, backend_id, svc_id, hairpin).is_err() {
+        count_reason(Reason::CtInsertFailed);
+        return DROP;
+    }
+    count_reason(Reason::NewFlow);
+    count_new_flow(svc_id);
+    translate(ctx, flow, &to, svc_id)
+}
+
+#[inline(always)]
+fn reject(ctx: &TcContext, flow: &Flow, fe: &Frontend) -> i32 {
+    if fe.master.flags & SVC_F_REJECT_EMPTY == 0 {
+        count_reason(Reason::NoBackendEntry);
+        return DROP;
+    }
+    let answered = if flow.proto == IPPROTO_TCP {
+        reject::tcp_reset(ctx, flow)
+    } else {
+        reject::icmp_port_unreachable(ctx, flow)
+    };
+    match answered {
+        Ok(verdict) => {
+            count_reason(Reason::RejectedNoBackend);
+            count_rejected(fe.master.svc_id);
+            verdict
+        }
+        Err(_) => {
+            count_reason(Reason::RejectFailed);
+            DROP
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
