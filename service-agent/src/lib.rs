@@ -1,1 +1,13 @@
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/service-ebpf"));
+//! The service-agent library: sources, model, planner and dataplane writer
+//! of an eBPF Kubernetes Service dataplane.
+pub mod agent;
+pub mod dataplane;
+pub mod manifest;
+pub mod model;
+pub mod plan;
+pub mod report;
+pub mod status;
+
+/// The BPF object built by build.rs from the service-ebpf crate.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/service-ebpf"));

@@ -22,7 +22,11 @@ pub fn key_of(flow: &Flow) -> CtKey {
 }
 
 pub enum CtLookup {
-    Hit { target: Target, svc_id: u32, reply: bool },
+    Hit {
+        target: Target,
+        svc_id: u32,
+        reply: bool,
+    },
     /// A UDP request entry whose backend is gone: the flow must pick again.
     Stale,
     Miss,
@@ -37,8 +41,7 @@ pub fn lookup(flow: &Flow) -> CtLookup {
     let reply = entry.flags & CT_F_REPLY != 0;
     // The agent removes UDP entries of deleted endpoints; checking here too
     // closes the window until it does (stale UDP conntrack blackholes clients).
-    if !reply && flow.proto == IPPROTO_UDP && unsafe { BACKENDS.get(entry.backend_id) }.is_none()
-    {
+    if !reply && flow.proto == IPPROTO_UDP && unsafe { BACKENDS.get(entry.backend_id) }.is_none() {
         let _ = CONNTRACK.remove(key_of(flow));
         return CtLookup::Stale;
     }

@@ -9,7 +9,6 @@ use service_common::IPPROTO_UDP;
 
 use crate::packet::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF};
 
-
 /// The 4-tuple a packet is rewritten to.
 #[derive(Clone, Copy)]
 pub struct Target {
@@ -42,7 +41,10 @@ fn rewrite_addr(
     if old == new {
         return Ok(());
     }
-    let (o, n) = (u32::from_ne_bytes(old) as u64, u32::from_ne_bytes(new) as u64);
+    let (o, n) = (
+        u32::from_ne_bytes(old) as u64,
+        u32::from_ne_bytes(new) as u64,
+    );
     let l4 = l4_flags(flow) | BPF_F_PSEUDO_HDR as u64 | 4;
     ctx.l4_csum_replace(flow.l4_csum_off(), o, n, l4)
         .map_err(|_| RewriteFailed)?;

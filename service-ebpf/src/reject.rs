@@ -23,7 +23,15 @@ fn fold(sum: i64) -> [u8; 2] {
 
 #[inline(always)]
 fn csum<const N: usize>(buf: &mut [u8; N], seed: u32) -> i64 {
-    unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf.as_mut_ptr().cast(), N as u32, seed) }
+    unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            buf.as_mut_ptr().cast(),
+            N as u32,
+            seed,
+        )
+    }
 }
 
 /// An IPv4 header from `src` to `dst` with a valid checksum.
@@ -76,10 +84,18 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
         + (flow.tcp_flags & TCP_SYN != 0) as u32
         + (flow.tcp_flags & TCP_FIN != 0) as u32;
     let (seq, ack, flags) = if flow.tcp_flags & TCP_ACK != 0 {
-        ([seq_ack[4], seq_ack[5], seq_ack[6], seq_ack[7]], [0u8; 4], TCP_RST)
+        (
+            [seq_ack[4], seq_ack[5], seq_ack[6], seq_ack[7]],
+            [0u8; 4],
+            TCP_RST,
+        )
     } else {
         let their_seq = u32::from_be_bytes([seq_ack[0], seq_ack[1], seq_ack[2], seq_ack[3]]);
-        ([0u8; 4], their_seq.wrapping_add(seg_len).to_be_bytes(), TCP_RST | TCP_ACK)
+        (
+            [0u8; 4],
+            their_seq.wrapping_add(seg_len).to_be_bytes(),
+            TCP_RST | TCP_ACK,
+        )
     };
 
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + 40) as u32, 0) } != 0 {
@@ -90,13 +106,38 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
     let (sp, dp) = (flow.dport.to_be_bytes(), flow.sport.to_be_bytes());
     // Pseudo-header (12 bytes) then the 20-byte TCP header, summed together.
     let mut seg = [
-        flow.daddr[0], flow.daddr[1], flow.daddr[2], flow.daddr[3],
-        flow.saddr[0], flow.saddr[1], flow.saddr[2], flow.saddr[3],
-        0, IPPROTO_TCP, 0, 20,
-        sp[0], sp[1], dp[0], dp[1],
-        seq[0], seq[1], seq[2], seq[3],
-        ack[0], ack[1], ack[2], ack[3],
-        0x50, flags, 0, 0, 0, 0, 0, 0,
+        flow.daddr[0],
+        flow.daddr[1],
+        flow.daddr[2],
+        flow.daddr[3],
+        flow.saddr[0],
+        flow.saddr[1],
+        flow.saddr[2],
+        flow.saddr[3],
+        0,
+        IPPROTO_TCP,
+        0,
+        20,
+        sp[0],
+        sp[1],
+        dp[0],
+        dp[1],
+        seq[0],
+        seq[1],
+        seq[2],
+        seq[3],
+        ack[0],
+        ack[1],
+        ack[2],
+        ack[3],
+        0x50,
+        flags,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
     ];
     let c = fold(csum(&mut seg, 0));
     seg[28] = c[0];
@@ -104,7 +145,8 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
     let mut tcp = [0u8; 20];
     tcp.copy_from_slice(&seg[12..]);
     ctx.store(ETH_HLEN, &ip, 0).map_err(|_| RejectFailed)?;
-    ctx.store(ETH_HLEN + 20, &tcp, 0).map_err(|_| RejectFailed)?;
+    ctx.store(ETH_HLEN + 20, &tcp, 0)
+        .map_err(|_| RejectFailed)?;
     Ok(send_back(ctx))
 }
 
@@ -132,6 +174,7 @@ pub fn icmp_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, Reject
     swap_macs(ctx)?;
     let ip = ipv4_header(flow.daddr, flow.saddr, IPPROTO_ICMP, total as u16);
     ctx.store(ETH_HLEN, &ip, 0).map_err(|_| RejectFailed)?;
-    ctx.store(ETH_HLEN + 20, &icmp, 0).map_err(|_| RejectFailed)?;
+    ctx.store(ETH_HLEN + 20, &icmp, 0)
+        .map_err(|_| RejectFailed)?;
     Ok(send_back(ctx))
 }

@@ -1,0 +1,175 @@
+//! The only part of the agent that touches BPF: loading and attaching the
+//! programs, adopting pinned maps, and writing plans into them.
+pub mod interfaces;
+pub mod pins;
+pub mod tables;
+pub mod writer;
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    EbpfLoader,
+    maps::{Array, MapData},
+    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+};
+use service_common::*;
+use tracing::{info, warn};
+
+use self::{pins::*, tables::Tables, writer::Writer};
+
+/// Map capacities; the defaults are sized for about 10,000 Services.
+#[derive(Clone, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+    pub affinity: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: DEFAULT_SERVICES_MAX,
+            backends: DEFAULT_BACKENDS_MAX,
+            conntrack: DEFAULT_CONNTRACK_MAX,
+            affinity: DEFAULT_AFFINITY_MAX,
+        }
+    }
+}
+
+impl MapSizes {
+    pub fn max_entries(&self, map: &str) -> u32 {
+        match map {
+            MAP_SERVICES => self.services,
+            MAP_BACKENDS | MAP_AFFINITY_MATCH => self.backends,
+            MAP_CONNTRACK => self.conntrack,
+            MAP_AFFINITY => self.affinity,
+            MAP_NODE_ADDRS => NODE_ADDRS_MAX,
+            MAP_SVC_STATS => SVC_STATS_MAX,
+            MAP_REASONS => REASONS_MAX,
+            MAP_META => META_MAX,
+            _ => 0,
+        }
+    }
+}
+
+pub struct Dataplane {
+    ebpf: aya::Ebpf,
+    pub tables: Tables,
+    pub writer: Writer,
+    pub pin_dir: PathBuf,
+    links: BTreeMap<String, SchedClassifierLinkId>,
+}
+
+fn pinned_layout_version(dir: &std::path::Path) -> Option<u64> {
+    let data = MapData::from_pin(map_pin_path(dir, MAP_META)).ok()?;
+    let meta: Array<MapData, u64> =
+        Array::try_from(aya::maps::Map::from_map_data(data).ok()?).ok()?;
+    meta.get(&META_LAYOUT_VERSION, 0).ok()
+}
+
+impl Dataplane {
+    /// Loads the programs and creates or adopts the pinned maps in `pin_dir`.
+    pub fn load(pin_dir: PathBuf, sizes: &MapSizes) -> anyhow::Result<Self> {
+        prepare_pin_dir(&pin_dir)?;
+        let mut why_recreate = incompatible_pins(&pin_dir, |m| sizes.max_entries(m));
+        if why_recreate.is_none()
+            && let Some(v) = pinned_layout_version(&pin_dir)
+            && v != 0
+            && v != LAYOUT_VERSION as u64
+        {
+            why_recreate = Some(format!(
+                "pinned maps have layout version {v}, this agent writes {LAYOUT_VERSION}"
+            ));
+        }
+        if let Some(why) = why_recreate {
+            warn!(pin_dir = %pin_dir.display(), "{why}: recreating the maps (existing connections lose their conntrack entries)");
+            remove_pins(&pin_dir).context("removing incompatible pins")?;
+            prepare_pin_dir(&pin_dir)?;
+        }
+        let adopting = map_pin_path(&pin_dir, MAP_SERVICES).exists();
+        let paths: Vec<(&str, PathBuf)> = ALL_MAPS
+            .iter()
+            .map(|m| (*m, map_pin_path(&pin_dir, m)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+            loader.map_max_entries(name, sizes.max_entries(name));
+        }
+        let mut ebpf = loader
+            .load(crate::EBPF_OBJECT)
+            .context("loading the BPF object (is this kernel built with BTF and bpf support?)")?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC_INGRESS)
+            .ok_or_else(|| anyhow!("program {PROG_TC_INGRESS} missing from the BPF object"))?
+            .try_into()?;
+        prog.load()
+            .context("the kernel verifier rejected the tc program")?;
+        let mut tables = Tables::take(&mut ebpf)?;
+        tables
+            .meta
+            .set(META_LAYOUT_VERSION, LAYOUT_VERSION as u64, 0)?;
+        let writer = Writer::adopt(&mut tables).context("reading the pinned maps")?;
+        if adopting {
+            info!(
+                frontends = writer.frontend_count(),
+                backends = writer.backend_count(),
+                "adopted pinned maps"
+            );
+        }
+        Ok(Self {
+            ebpf,
+            tables,
+            writer,
+            pin_dir,
+            links: BTreeMap::new(),
+        })
+    }
+
+    fn program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(PROG_TC_INGRESS)
+            .ok_or_else(|| anyhow!("program {PROG_TC_INGRESS} missing"))?
+            .try_into()?)
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.links.keys().map(String::as_str)
+    }
+
+    /// Attaches the ingress program to `iface` (once).
+    pub fn attach(&mut self, iface: &str) -> anyhow::Result<bool> {
+        if self.links.contains_key(iface) {
+            return Ok(false);
+        }
+        let id = self
+            .program()?
+            .attach(iface, TcAttachType::Ingress)
+            .with_context(|| format!("attaching to tc ingress of {iface}"))?;
+        self.links.insert(iface.to_string(), id);
+        Ok(true)
+    }
+
+    /// Forgets interfaces that no longer exist (the kernel already dropped
+    /// their attachment with the device).
+    pub fn forget_missing(&mut self, present: &[String]) -> Vec<String> {
+        let gone: Vec<String> = self
+            .links
+            .keys()
+            .filter(|i| !present.contains(i))
+            .cloned()
+            .collect();
+        for iface in &gone {
+            if let Some(id) = self.links.remove(iface)
+                && let Ok(prog) = self.program()
+            {
+                // Dropping the link releases our reference; the device took the rest.
+                drop(prog.take_link(id));
+            }
+        }
+        gone
+    }
+}

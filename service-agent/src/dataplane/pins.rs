@@ -1,0 +1,117 @@
+//! The pin directory: where the maps live across agent restarts.
+use std::{
+    fs,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapInfo;
+use service_common::*;
+
+/// statfs magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error(
+        "{0} is not on a bpffs mount; pins there would not outlive the agent. Mount one (mount -t bpf bpf /sys/fs/bpf) or choose --pin-dir under it. Inside `ip netns exec` /sys is remounted: enter only the network namespace (nsenter --net=...)"
+    )]
+    NotBpffs(PathBuf),
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0} is writable by group or others; refusing to use it (chmod 700)")]
+    TooOpen(PathBuf),
+}
+
+/// Creates the pin directory (0700) and checks it is on bpffs.
+pub fn prepare_pin_dir(dir: &Path) -> Result<(), PinError> {
+    let io = |error| PinError::Io {
+        path: dir.to_path_buf(),
+        error,
+    };
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let probe = if dir.exists() { dir } else { parent };
+    let st = nix::sys::statfs::statfs(probe).map_err(|e| io(e.into()))?;
+    if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(PinError::NotBpffs(dir.to_path_buf()));
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    let mode = fs::metadata(dir).map_err(io)?.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(PinError::TooOpen(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+pub fn map_pin_path(dir: &Path, map: &str) -> PathBuf {
+    dir.join(map)
+}
+
+/// Key and value sizes each map must have for this agent's layout.
+pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
+    use core::mem::size_of;
+    let s = |k: usize, v: usize| Some((k as u32, v as u32));
+    match map {
+        MAP_SERVICES => s(size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+        MAP_BACKENDS => s(4, size_of::<Backend>()),
+        MAP_CONNTRACK => s(size_of::<CtKey>(), size_of::<CtValue>()),
+        MAP_AFFINITY => s(size_of::<AffinityKey>(), size_of::<AffinityValue>()),
+        MAP_AFFINITY_MATCH => s(size_of::<AffinityMatchKey>(), 4),
+        MAP_NODE_ADDRS => s(4, 4),
+        MAP_SVC_STATS => s(4, size_of::<SvcStats>()),
+        MAP_REASONS => s(4, 8),
+        MAP_META => s(4, 8),
+        _ => None,
+    }
+}
+
+/// Why the pinned maps cannot be adopted as they are.
+pub fn incompatible_pins(dir: &Path, max_entries: impl Fn(&str) -> u32) -> Option<String> {
+    for name in ALL_MAPS {
+        let path = map_pin_path(dir, name);
+        if !path.exists() {
+            continue;
+        }
+        let info = match MapInfo::from_pin(&path) {
+            Ok(i) => i,
+            Err(e) => return Some(format!("{}: unreadable pin: {e}", path.display())),
+        };
+        let (k, v) = expected_sizes(name).expect("every map has a layout");
+        if info.key_size() != k || info.value_size() != v {
+            return Some(format!(
+                "{name}: pinned key/value sizes {}/{} differ from this agent's {k}/{v}",
+                info.key_size(),
+                info.value_size()
+            ));
+        }
+        let want = max_entries(name);
+        if info.max_entries() != want {
+            return Some(format!(
+                "{name}: pinned with {} entries, configured for {want}",
+                info.max_entries()
+            ));
+        }
+    }
+    None
+}
+
+/// Removes every pin this agent makes (maps and the directory itself).
+pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    for name in ALL_MAPS {
+        let p = map_pin_path(dir, name);
+        if p.exists() {
+            fs::remove_file(p)?;
+        }
+    }
+    if dir.exists() {
+        fs::remove_dir(dir)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,485 @@
+//! Turning a plan into map writes, in an order that never lets a packet see a
+//! frontend with fewer usable backends than before or after the change.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use aya::maps::{MapError, PerCpuValues};
+use service_common::*;
+
+use super::tables::Tables;
+use crate::plan::{FrontendKey, FrontendPlan, Plan};
+
+/// How long a conntrack entry lives without traffic.
+pub const CT_TCP_TIMEOUT_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_TCP_CLOSING_TIMEOUT_NS: u64 = 10 * 1_000_000_000;
+pub const CT_UDP_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    svc_id: u32,
+    master: ServiceValue,
+    backend_ids: Vec<u32>,
+}
+
+/// What one apply did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub udp_flows_flushed: usize,
+    /// Frontends that could not be written, with the Service and the reason;
+    /// their previous state stays in the maps.
+    pub errors: Vec<String>,
+}
+
+/// The agent's view of what is in the maps, rebuilt from them at start.
+#[derive(Default)]
+pub struct Writer {
+    frontends: BTreeMap<ServiceKey, Programmed>,
+    backends: HashMap<Backend, (u32, usize)>,
+    next_backend_id: u32,
+    free_backend_ids: Vec<u32>,
+    next_svc_id: u32,
+    free_svc_ids: Vec<u32>,
+}
+
+pub fn master_key(k: &FrontendKey) -> ServiceKey {
+    ServiceKey {
+        addr: k.addr.octets(),
+        port: k.port,
+        proto: k.proto.number(),
+        scope: SCOPE_ALL,
+        slot: 0,
+        _pad: 0,
+    }
+}
+
+fn slot_key(master: &ServiceKey, slot: u16) -> ServiceKey {
+    ServiceKey { slot, ..*master }
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound | MapError::ElementNotFound)
+        || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(e) if is_not_found(&e) => Ok(()),
+        other => other,
+    }
+}
+
+impl Writer {
+    /// Rebuilds the bookkeeping from maps that a previous agent left pinned,
+    /// so that a restart rewrites only what changed and keeps conntrack.
+    pub fn adopt(t: &mut Tables) -> Result<Self, MapError> {
+        let mut w = Writer {
+            next_backend_id: 1,
+            next_svc_id: 1,
+            ..Default::default()
+        };
+        let mut masters = BTreeMap::new();
+        let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, u32>> = BTreeMap::new();
+        for entry in t.services.iter() {
+            let (k, v) = entry?;
+            if k.slot == 0 {
+                masters.insert(k, v);
+            } else {
+                slots
+                    .entry(slot_key(&k, 0))
+                    .or_default()
+                    .insert(k.slot, v.backend_id);
+            }
+        }
+        let mut by_id: HashMap<u32, Backend> = HashMap::new();
+        for entry in t.backends.iter() {
+            let (id, b) = entry?;
+            by_id.insert(id, b);
+            w.next_backend_id = w.next_backend_id.max(id + 1);
+        }
+        let mut stray_slots = vec![];
+        for (k, master) in masters {
+            let mut ids = vec![];
+            let have = slots.remove(&k).unwrap_or_default();
+            for (slot, id) in &have {
+                if *slot <= master.count {
+                    ids.push(*id);
+                } else {
+                    stray_slots.push(slot_key(&k, *slot));
+                }
+            }
+            if ids.len() != master.count as usize || ids.iter().any(|i| !by_id.contains_key(i)) {
+                // Half-written by an agent that died mid-update: rewrite it
+                // in full at the next apply.
+                ids.clear();
+            }
+            w.next_svc_id = w.next_svc_id.max(master.svc_id + 1);
+            w.frontends.insert(
+                k,
+                Programmed {
+                    svc_id: master.svc_id,
+                    master,
+                    backend_ids: ids,
+                },
+            );
+        }
+        for (k, rest) in slots {
+            stray_slots.extend(rest.keys().map(|s| slot_key(&k, *s)));
+        }
+        for k in stray_slots {
+            ignore_missing(t.services.remove(&k))?;
+        }
+        for p in w.frontends.values() {
+            for id in &p.backend_ids {
+                if let Some(b) = by_id.get(id) {
+                    w.backends.entry(*b).or_insert((*id, 0)).1 += 1;
+                }
+            }
+        }
+        for (id, b) in by_id {
+            // Backends no frontend uses are released at the next apply.
+            w.backends.entry(b).or_insert((id, 0));
+        }
+        Ok(w)
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    fn alloc_svc_id(&mut self) -> Option<u32> {
+        if let Some(id) = self.free_svc_ids.pop() {
+            return Some(id);
+        }
+        if self.next_svc_id >= SVC_STATS_MAX {
+            return None;
+        }
+        self.next_svc_id += 1;
+        Some(self.next_svc_id - 1)
+    }
+
+    fn backend_id(
+        &mut self,
+        t: &mut Tables,
+        b: Backend,
+        report: &mut ApplyReport,
+    ) -> Result<u32, String> {
+        if let Some((id, _)) = self.backends.get(&b) {
+            return Ok(*id);
+        }
+        let id = match self.free_backend_ids.pop() {
+            Some(id) => id,
+            None => {
+                self.next_backend_id += 1;
+                self.next_backend_id - 1
+            }
+        };
+        if let Err(e) = t.backends.insert(id, b, 0) {
+            self.free_backend_ids.push(id);
+            return Err(format!(
+                "BACKENDS map: {e} (is it full? raise --backends-max)"
+            ));
+        }
+        report.backends_added += 1;
+        self.backends.insert(b, (id, 0));
+        Ok(id)
+    }
+
+    /// Brings the maps to `plan`. Frontends that cannot be written keep their
+    /// previous state and are named in the report.
+    pub fn apply(&mut self, t: &mut Tables, plan: &Plan) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut removed_pairs: BTreeSet<(u32, u32)> = BTreeSet::new();
+        let desired: BTreeMap<ServiceKey, (&FrontendKey, &FrontendPlan)> = plan
+            .frontends
+            .iter()
+            .map(|(k, f)| (master_key(k), (k, f)))
+            .collect();
+        for (mk, (fk, fe)) in &desired {
+            if let Err(e) = self.write_frontend(t, *mk, fe, &mut removed_pairs, &mut report) {
+                report
+                    .errors
+                    .push(format!("Service {} frontend {fk}: {e}", fe.service));
+            }
+        }
+        // Frontends the plan no longer has, except those of Services the
+        // planner refused: those keep their last good state.
+        let gone: Vec<ServiceKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
+        for mk in gone {
+            if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {
+                report.errors.push(format!("removing frontend {mk:?}: {e}"));
+            }
+        }
+        report.udp_flows_flushed = self.flush_udp_flows(t, &removed_pairs);
+        self.release_unused_backends(t, &mut report);
+        report
+    }
+
+    /// Keeps the previous frontends of refused Services in `plan`, so that a
+    /// bad edit leaves the last good state serving.
+    pub fn keep_refused(&self, plan: &mut Plan, previous: &Plan) {
+        for (k, f) in &previous.frontends {
+            if plan.refused.contains(&f.service) && !plan.frontends.contains_key(k) {
+                plan.frontends.insert(*k, f.clone());
+            }
+        }
+    }
+
+    fn write_frontend(
+        &mut self,
+        t: &mut Tables,
+        mk: ServiceKey,
+        fe: &FrontendPlan,
+        removed_pairs: &mut BTreeSet<(u32, u32)>,
+        report: &mut ApplyReport,
+    ) -> Result<(), String> {
+        let proto = mk.proto;
+        let mut ids = Vec::with_capacity(fe.backends.len());
+        for b in &fe.backends {
+            let backend = Backend {
+                addr: b.addr.octets(),
+                port: b.port,
+                proto,
+                flags: 0,
+            };
+            ids.push(self.backend_id(t, backend, report)?);
+        }
+        if ids.len() > u16::MAX as usize - 1 {
+            return Err(format!(
+                "{} backends, more than a frontend can hold",
+                ids.len()
+            ));
+        }
+        let existing = self.frontends.get(&mk).cloned();
+        let svc_id = match &existing {
+            Some(p) => p.svc_id,
+            None => self
+                .alloc_svc_id()
+                .ok_or_else(|| format!("more than {} frontends", SVC_STATS_MAX - 1))?,
+        };
+        let mut flags = SVC_F_REJECT_EMPTY;
+        if mk.addr == [0; 4] {
+            flags |= SVC_F_NODEPORT;
+        }
+        if fe.affinity_timeout_s.is_some() {
+            flags |= SVC_F_AFFINITY;
+        }
+        let master = ServiceValue {
+            backend_id: 0,
+            count: ids.len() as u16,
+            flags,
+            svc_id,
+            affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
+        };
+        let new = Programmed {
+            svc_id,
+            master,
+            backend_ids: ids.clone(),
+        };
+        if existing.as_ref() == Some(&new) {
+            return Ok(());
+        }
+        let old_ids = existing.map(|p| p.backend_ids).unwrap_or_default();
+        let map_err =
+            |what: &str, e: MapError| format!("{what}: {e} (is the map full? raise its size flag)");
+        // 1. Membership for affinity checks, and the new slots.
+        for id in &ids {
+            t.affinity_match
+                .insert(
+                    AffinityMatchKey {
+                        svc_id,
+                        backend_id: *id,
+                    },
+                    1,
+                    0,
+                )
+                .map_err(|e| map_err("AFFINITY_MATCH", e))?;
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let v = ServiceValue {
+                backend_id: *id,
+                svc_id,
+                ..Default::default()
+            };
+            t.services
+                .insert(slot_key(&mk, i as u16 + 1), v, 0)
+                .map_err(|e| map_err("SERVICES", e))?;
+        }
+        // 2. The master entry: from here on packets pick among the new slots.
+        t.services
+            .insert(mk, master, 0)
+            .map_err(|e| map_err("SERVICES", e))?;
+        // 3. Surplus slots and memberships.
+        for slot in ids.len()..old_ids.len() {
+            ignore_missing(t.services.remove(&slot_key(&mk, slot as u16 + 1)))
+                .map_err(|e| e.to_string())?;
+        }
+        let keep: BTreeSet<u32> = ids.iter().copied().collect();
+        for id in old_ids.iter().filter(|i| !keep.contains(i)) {
+            ignore_missing(t.affinity_match.remove(&AffinityMatchKey {
+                svc_id,
+                backend_id: *id,
+            }))
+            .map_err(|e| e.to_string())?;
+            removed_pairs.insert((svc_id, *id));
+        }
+        for id in &ids {
+            if let Some(e) = self.backends.values_mut().find(|(i, _)| i == id) {
+                e.1 += 1;
+            }
+        }
+        for id in &old_ids {
+            if let Some(e) = self.backends.values_mut().find(|(i, _)| i == id) {
+                e.1 = e.1.saturating_sub(1);
+            }
+        }
+        self.frontends.insert(mk, new);
+        report.frontends_written += 1;
+        Ok(())
+    }
+
+    fn remove_frontend(
+        &mut self,
+        t: &mut Tables,
+        mk: ServiceKey,
+        removed_pairs: &mut BTreeSet<(u32, u32)>,
+        report: &mut ApplyReport,
+    ) -> Result<(), MapError> {
+        let Some(p) = self.frontends.get(&mk).cloned() else {
+            return Ok(());
+        };
+        // The master first: new packets stop matching before the slots go.
+        ignore_missing(t.services.remove(&mk))?;
+        for slot in 1..=p.backend_ids.len().max(p.master.count as usize) {
+            ignore_missing(t.services.remove(&slot_key(&mk, slot as u16)))?;
+        }
+        for id in &p.backend_ids {
+            ignore_missing(t.affinity_match.remove(&AffinityMatchKey {
+                svc_id: p.svc_id,
+                backend_id: *id,
+            }))?;
+            removed_pairs.insert((p.svc_id, *id));
+            if let Some(e) = self.backends.values_mut().find(|(i, _)| i == id) {
+                e.1 = e.1.saturating_sub(1);
+            }
+        }
+        // A reused svc_id must start its counters from zero.
+        let zero = PerCpuValues::try_from(vec![SvcStats::default(); nr_cpus()]).ok();
+        if let Some(zero) = zero {
+            let _ = t.svc_stats.set(p.svc_id, zero, 0);
+        }
+        self.frontends.remove(&mk);
+        self.free_svc_ids.push(p.svc_id);
+        report.frontends_removed += 1;
+        Ok(())
+    }
+
+    fn release_unused_backends(&mut self, t: &mut Tables, report: &mut ApplyReport) {
+        let unused: Vec<(Backend, u32)> = self
+            .backends
+            .iter()
+            .filter(|(_, (_, refs))| *refs == 0)
+            .map(|(b, (id, _))| (*b, *id))
+            .collect();
+        for (b, id) in unused {
+            match ignore_missing(t.backends.remove(&id)) {
+                Ok(()) => {
+                    self.backends.remove(&b);
+                    self.free_backend_ids.push(id);
+                    report.backends_removed += 1;
+                }
+                Err(e) => report.errors.push(format!("removing backend {id}: {e}")),
+            }
+        }
+    }
+
+    /// Drops the conntrack entries of UDP flows whose backend left their
+    /// frontend, so clients that keep sending move to a live backend instead
+    /// of a blackhole. TCP flows are left to finish (or fail) on their own.
+    fn flush_udp_flows(&self, t: &mut Tables, removed: &BTreeSet<(u32, u32)>) -> usize {
+        if removed.is_empty() {
+            return 0;
+        }
+        let doomed: Vec<CtKey> = t
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.proto == IPPROTO_UDP && removed.contains(&(v.svc_id, v.backend_id)))
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in doomed {
+            if t.conntrack.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Keeps NODE_ADDRS equal to `addrs`.
+    pub fn set_node_addrs(&self, t: &mut Tables, addrs: &[Ipv4Addr]) -> Result<(), MapError> {
+        let want: BTreeSet<[u8; 4]> = addrs.iter().map(|a| a.octets()).collect();
+        let have: BTreeSet<[u8; 4]> = t.node_addrs.keys().filter_map(Result::ok).collect();
+        for a in want.difference(&have) {
+            t.node_addrs.insert(a, 1, 0)?;
+        }
+        for a in have.difference(&want) {
+            ignore_missing(t.node_addrs.remove(a))?;
+        }
+        Ok(())
+    }
+}
+
+pub fn nr_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1)
+}
+
+/// Removes conntrack entries idle past their timeout. Both directions of a
+/// flow go together, and only when both are idle, so a flow whose replies
+/// still run is never half-forgotten.
+pub fn expire_conntrack(t: &mut Tables, now_ns: u64) -> usize {
+    let entries: HashMap<CtKey, CtValue> = t.conntrack.iter().filter_map(Result::ok).collect();
+    let idle = |v: &CtValue| {
+        let timeout = if v.proto == IPPROTO_TCP {
+            if v.flags & CT_F_CLOSING != 0 {
+                CT_TCP_CLOSING_TIMEOUT_NS
+            } else {
+                CT_TCP_TIMEOUT_NS
+            }
+        } else {
+            CT_UDP_TIMEOUT_NS
+        };
+        now_ns.saturating_sub(v.last_seen_ns) > timeout
+    };
+    let mut n = 0;
+    for (k, v) in &entries {
+        // The partner's key is what the partner rewrites packets into, reversed.
+        let partner = CtKey {
+            saddr: v.nat_daddr,
+            daddr: v.nat_saddr,
+            sport: v.nat_dport,
+            dport: v.nat_sport,
+            proto: k.proto,
+            _pad: [0; 3],
+        };
+        let partner_idle = entries.get(&partner).is_none_or(idle);
+        if idle(v) && partner_idle && t.conntrack.remove(k).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}

@@ -1,0 +1,271 @@
+//! The cluster as the agent sees it, whatever the source: Kubernetes objects
+//! (the k8s-openapi types the API server returns) plus where each came from.
+//!
+//! The file source has no controllers behind it, so this module also does the
+//! two jobs the control plane would: the EndpointSlice controller (Pods
+//! selected by a Service become endpoints) and the mirroring controller
+//! (Endpoints of a selector-less Service become an EndpointSlice).
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Endpoints, Pod, Service, ServicePort},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+/// The label that joins an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// An object and where it was read from (`file.yaml#2`, `api`), for messages.
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    pub origin: String,
+    pub object: T,
+}
+
+impl<T> Sourced<T> {
+    pub fn new(origin: impl Into<String>, object: T) -> Self {
+        Self {
+            origin: origin.into(),
+            object,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    pub services: Vec<Sourced<Service>>,
+    pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
+    pub endpoints: Vec<Sourced<Endpoints>>,
+    pub pods: Vec<Sourced<Pod>>,
+}
+
+/// `namespace/name` of an object, with `default` for a missing namespace.
+pub fn object_ref(meta: &ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("<unnamed>")
+    )
+}
+
+fn namespace(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+fn pod_is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_ip(pod: &Pod) -> Option<&str> {
+    let status = pod.status.as_ref()?;
+    status
+        .pod_ip
+        .as_deref()
+        .or_else(|| status.pod_ips.as_ref()?.first().map(|p| p.ip.as_str()))
+}
+
+fn pod_is_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+fn selector_matches(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
+    let labels = pod.metadata.labels.as_ref();
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// The container port a Service port sends to on this pod, as the endpoints
+/// controller resolves it: a number as is, a name through the pod's container
+/// ports (same protocol), nothing when the pod has no such port.
+pub fn resolve_target_port(sp: &ServicePort, pod: &Pod) -> Option<i32> {
+    let protocol = sp.protocol.as_deref().unwrap_or("TCP");
+    match &sp.target_port {
+        None => Some(sp.port),
+        Some(IntOrString::Int(p)) => Some(*p),
+        Some(IntOrString::String(name)) => {
+            if let Ok(p) = name.parse::<i32>() {
+                return Some(p);
+            }
+            pod.spec.as_ref()?.containers.iter().find_map(|c| {
+                c.ports.as_ref()?.iter().find_map(|cp| {
+                    let cp_proto = cp.protocol.as_deref().unwrap_or("TCP");
+                    (cp.name.as_deref() == Some(name.as_str()) && cp_proto == protocol)
+                        .then_some(cp.container_port)
+                })
+            })
+        }
+    }
+}
+
+fn slice_meta(svc: &Service, suffix: usize) -> ObjectMeta {
+    let svc_name = svc.metadata.name.clone().unwrap_or_default();
+    ObjectMeta {
+        name: Some(format!("{svc_name}-derived-{suffix}")),
+        namespace: svc.metadata.namespace.clone(),
+        labels: Some(BTreeMap::from([(SERVICE_NAME_LABEL.to_string(), svc_name)])),
+        ..Default::default()
+    }
+}
+
+impl Cluster {
+    /// Every EndpointSlice the planner should see: the given ones, those the
+    /// EndpointSlice controller would make from Pods, and those the mirroring
+    /// controller would make from Endpoints.
+    pub fn all_endpoint_slices(&self) -> Vec<Sourced<EndpointSlice>> {
+        let mut out = self.endpoint_slices.clone();
+        for svc in &self.services {
+            out.extend(self.slices_from_pods(svc));
+        }
+        out.extend(self.slices_from_endpoints());
+        out
+    }
+
+    fn slices_from_pods(&self, svc: &Sourced<Service>) -> Vec<Sourced<EndpointSlice>> {
+        let s = &svc.object;
+        let Some(spec) = s.spec.as_ref() else {
+            return vec![];
+        };
+        let Some(selector) = spec.selector.as_ref().filter(|sel| !sel.is_empty()) else {
+            return vec![];
+        };
+        let ports = spec.ports.clone().unwrap_or_default();
+        let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
+        let ns = namespace(&s.metadata);
+        // Pods whose ports resolve alike share a slice, as in the controller.
+        let mut groups: BTreeMap<Vec<Option<i32>>, Vec<Endpoint>> = BTreeMap::new();
+        for pod in &self.pods {
+            let p = &pod.object;
+            if namespace(&p.metadata) != ns || !selector_matches(selector, p) || pod_is_finished(p)
+            {
+                continue;
+            }
+            let Some(ip) = pod_ip(p) else { continue };
+            let resolved: Vec<Option<i32>> =
+                ports.iter().map(|sp| resolve_target_port(sp, p)).collect();
+            let ready = pod_is_ready(p);
+            let terminating = p.metadata.deletion_timestamp.is_some();
+            groups.entry(resolved).or_default().push(Endpoint {
+                addresses: vec![ip.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some((ready && !terminating) || publish_not_ready),
+                    serving: Some(ready || publish_not_ready),
+                    terminating: Some(terminating),
+                }),
+                node_name: p.spec.as_ref().and_then(|sp| sp.node_name.clone()),
+                target_ref: None,
+                ..Default::default()
+            });
+        }
+        groups
+            .into_iter()
+            .enumerate()
+            .map(|(i, (resolved, endpoints))| {
+                let ports = ports
+                    .iter()
+                    .zip(resolved)
+                    .filter_map(|(sp, port)| {
+                        Some(EndpointPort {
+                            name: Some(sp.name.clone().unwrap_or_default()),
+                            port: Some(port?),
+                            protocol: Some(sp.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                            app_protocol: sp.app_protocol.clone(),
+                        })
+                    })
+                    .collect();
+                Sourced::new(
+                    format!("pods selected by Service {}", object_ref(&s.metadata)),
+                    EndpointSlice {
+                        metadata: slice_meta(s, i),
+                        address_type: "IPv4".into(),
+                        endpoints: Some(endpoints),
+                        ports: Some(ports),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn slices_from_endpoints(&self) -> Vec<Sourced<EndpointSlice>> {
+        let mut out = vec![];
+        for ep in &self.endpoints {
+            let e = &ep.object;
+            let key = object_ref(&e.metadata);
+            let selectorless = self.services.iter().any(|s| {
+                object_ref(&s.object.metadata) == key
+                    && s.object
+                        .spec
+                        .as_ref()
+                        .and_then(|sp| sp.selector.as_ref())
+                        .is_none_or(|sel| sel.is_empty())
+            });
+            let has_slice = self.endpoint_slices.iter().any(|sl| {
+                namespace(&sl.object.metadata) == namespace(&e.metadata)
+                    && sl
+                        .object
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        == e.metadata.name.as_ref()
+            });
+            if !selectorless || has_slice {
+                continue;
+            }
+            let svc_like = Service {
+                metadata: e.metadata.clone(),
+                ..Default::default()
+            };
+            for (i, subset) in e.subsets.iter().flatten().enumerate() {
+                let mut endpoints = vec![];
+                for (addrs, ready) in [
+                    (&subset.addresses, true),
+                    (&subset.not_ready_addresses, false),
+                ] {
+                    for a in addrs.iter().flatten() {
+                        endpoints.push(Endpoint {
+                            addresses: vec![a.ip.clone()],
+                            conditions: Some(EndpointConditions {
+                                ready: Some(ready),
+                                serving: Some(ready),
+                                terminating: Some(false),
+                            }),
+                            node_name: a.node_name.clone(),
+                            ..Default::default()
+                        });
+                    }
+                }
+                let ports = subset
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| EndpointPort {
+                        name: Some(p.name.clone().unwrap_or_default()),
+                        port: Some(p.port),
+                        protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                        app_protocol: p.app_protocol.clone(),
+                    })
+                    .collect();
+                out.push(Sourced::new(
+                    ep.origin.clone(),
+                    EndpointSlice {
+                        metadata: slice_meta(&svc_like, i),
+                        address_type: "IPv4".into(),
+                        endpoints: Some(endpoints),
+                        ports: Some(ports),
+                    },
+                ));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,614 @@
+//! The planner: every Kubernetes Service semantic the dataplane honours is
+//! decided here, as a pure function of the objects, so it is tested without
+//! a kernel. The BPF programs only execute the resulting frontend → backends
+//! table.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+
+use crate::model::{SERVICE_NAME_LABEL, Sourced, object_ref};
+
+/// Default of `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// Upper bound Kubernetes validation puts on the affinity timeout (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// Services carrying this label belong to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services carrying this label are headless whatever their spec says.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => service_common::IPPROTO_TCP,
+            Protocol::Udp => service_common::IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            service_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            service_common::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// Where packets arrive: an address (unspecified for a NodePort, which
+/// matches every node address), a port and a protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.addr.is_unspecified() {
+            write!(f, "*:{}/{}", self.port, self.proto)
+        } else {
+            write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendPlan {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    pub port_name: String,
+    pub kind: FrontendKind,
+    /// Sorted, without duplicates. Empty: the frontend rejects.
+    pub backends: Vec<BackendAddr>,
+    /// ClientIP affinity timeout, when the Service asks for affinity.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// A Service the dataplane deliberately leaves alone, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub service: String,
+    pub reason: String,
+}
+
+/// Something in the objects that cannot be programmed as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Where the object was read from.
+    pub origin: String,
+    /// `Kind namespace/name`.
+    pub object: String,
+    pub field: String,
+    pub message: String,
+    /// The whole Service is refused (its previous state stays programmed),
+    /// rather than only the part named.
+    pub refuses_service: bool,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}): field {}: {}",
+            self.origin, self.object, self.field, self.message
+        )
+    }
+}
+
+/// What this node is, as far as the planner cares.
+#[derive(Clone, Debug, Default)]
+pub struct NodeContext {
+    /// The node's name, for traffic policy Local (endpoints' `nodeName`).
+    pub name: Option<String>,
+    /// When set, only these externalIPs are programmed (CVE-2020-8554).
+    pub external_ip_allow: Option<Vec<ipnet_lite::Ipv4Net>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub frontends: BTreeMap<FrontendKey, FrontendPlan>,
+    pub skipped: Vec<Skipped>,
+    pub problems: Vec<Problem>,
+    /// Services refused as a whole: the agent keeps their previous frontends.
+    pub refused: BTreeSet<String>,
+}
+
+pub mod ipnet_lite {
+    //! A CIDR for allow-lists; two fields do not warrant a crate.
+    use std::{net::Ipv4Addr, str::FromStr};
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Ipv4Net {
+        pub addr: Ipv4Addr,
+        pub prefix: u8,
+    }
+
+    impl Ipv4Net {
+        pub fn contains(&self, ip: Ipv4Addr) -> bool {
+            let mask = if self.prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - self.prefix)
+            };
+            u32::from(ip) & mask == u32::from(self.addr) & mask
+        }
+    }
+
+    impl FromStr for Ipv4Net {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Self, String> {
+            let (a, p) = s.split_once('/').unwrap_or((s, "32"));
+            let addr: Ipv4Addr = a.parse().map_err(|e| format!("{s}: {e}"))?;
+            let prefix: u8 = p.parse().map_err(|e| format!("{s}: {e}"))?;
+            if prefix > 32 {
+                return Err(format!("{s}: prefix longer than 32"));
+            }
+            Ok(Self { addr, prefix })
+        }
+    }
+}
+
+struct Ctx<'a> {
+    svc: &'a Sourced<Service>,
+    name: String,
+    problems: Vec<Problem>,
+}
+
+impl Ctx<'_> {
+    fn problem(&mut self, field: impl Into<String>, message: impl Into<String>, refuses: bool) {
+        self.problems.push(Problem {
+            origin: self.svc.origin.clone(),
+            object: format!("Service {}", self.name),
+            field: field.into(),
+            message: message.into(),
+            refuses_service: refuses,
+        });
+    }
+}
+
+fn port_u16(v: i32) -> Option<u16> {
+    u16::try_from(v).ok().filter(|p| *p != 0)
+}
+
+fn protocol_of(sp: &ServicePort) -> Result<Protocol, String> {
+    match sp.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Err("SCTP is not supported by this dataplane; the port is not programmed".into()),
+        other => Err(format!("unknown protocol {other:?}")),
+    }
+}
+
+/// Endpoints of one Service port, as kube-proxy picks them: ready ones; when
+/// none is ready, serving-and-terminating ones (KEP-1669); only this node's
+/// when `local_only`.
+fn pick_endpoints(eps: &[(&Endpoint, u16, &str)], local_only: Option<&str>) -> Vec<BackendAddr> {
+    let usable: Vec<_> = eps
+        .iter()
+        .filter(|(e, _, _)| match local_only {
+            Some(node) => e.node_name.as_deref() == Some(node),
+            None => true,
+        })
+        .collect();
+    let cond = |e: &Endpoint| e.conditions.clone().unwrap_or_default();
+    let ready: BTreeSet<BackendAddr> = usable
+        .iter()
+        .filter(|(e, _, _)| cond(e).ready != Some(false))
+        .filter_map(|(e, port, _)| backend(e, *port))
+        .collect();
+    if !ready.is_empty() {
+        return ready.into_iter().collect();
+    }
+    usable
+        .iter()
+        .filter(|(e, _, _)| {
+            let c = cond(e);
+            c.serving != Some(false) && c.terminating == Some(true)
+        })
+        .filter_map(|(e, port, _)| backend(e, *port))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+fn backend(e: &Endpoint, port: u16) -> Option<BackendAddr> {
+    let addr = e.addresses.first()?.parse().ok()?;
+    Some(BackendAddr { addr, port })
+}
+
+/// Compiles the cluster's Services and EndpointSlices into the frontend table.
+pub fn compile(
+    services: &[Sourced<Service>],
+    slices: &[Sourced<EndpointSlice>],
+    node: &NodeContext,
+) -> Plan {
+    let mut plan = Plan::default();
+    let mut by_service: BTreeMap<(String, String), Vec<&Sourced<EndpointSlice>>> = BTreeMap::new();
+    for s in slices {
+        let meta = &s.object.metadata;
+        let Some(svc) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            continue;
+        };
+        let ns = meta.namespace.clone().unwrap_or_else(|| "default".into());
+        by_service.entry((ns, svc.clone())).or_default().push(s);
+    }
+    for slice in slices {
+        let s = &slice.object;
+        if s.address_type != "IPv4" {
+            continue;
+        }
+        for (i, e) in s.endpoints.iter().flatten().enumerate() {
+            if e.addresses
+                .first()
+                .is_some_and(|a| a.parse::<Ipv4Addr>().is_err())
+            {
+                plan.problems.push(Problem {
+                    origin: slice.origin.clone(),
+                    object: format!("EndpointSlice {}", object_ref(&s.metadata)),
+                    field: format!("endpoints[{i}].addresses[0]"),
+                    message: format!(
+                        "{:?} is not an IPv4 address; endpoint ignored",
+                        e.addresses[0]
+                    ),
+                    refuses_service: false,
+                });
+            }
+        }
+    }
+
+    let mut sorted: Vec<&Sourced<Service>> = services.iter().collect();
+    sorted.sort_by_key(|s| object_ref(&s.object.metadata));
+    let mut owner: BTreeMap<FrontendKey, String> = BTreeMap::new();
+    for svc in sorted {
+        let name = object_ref(&svc.object.metadata);
+        let mut ctx = Ctx {
+            svc,
+            name: name.clone(),
+            problems: vec![],
+        };
+        let ns = svc
+            .object
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let svc_name = svc.object.metadata.name.clone().unwrap_or_default();
+        let slices = by_service
+            .get(&(ns, svc_name))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        match compile_service(&mut ctx, slices, node) {
+            Ok(Compiled::Skipped(reason)) => plan.skipped.push(Skipped {
+                service: name.clone(),
+                reason,
+            }),
+            Ok(Compiled::Frontends(fes)) => {
+                let mut clash = None;
+                for (key, _) in &fes {
+                    if let Some(other) = owner.get(key)
+                        && *other != name
+                    {
+                        clash = Some((*key, other.clone()));
+                        break;
+                    }
+                }
+                if let Some((key, other)) = clash {
+                    ctx.problem(
+                        "spec",
+                        format!("frontend {key} is already used by Service {other}; Service not programmed"),
+                        true,
+                    );
+                } else {
+                    for (key, fe) in fes {
+                        owner.insert(key, name.clone());
+                        plan.frontends.insert(key, fe);
+                    }
+                }
+            }
+            Err(()) => {}
+        }
+        if ctx.problems.iter().any(|p| p.refuses_service) {
+            plan.refused.insert(name.clone());
+            plan.frontends.retain(|_, f| f.service != name);
+        }
+        plan.problems.extend(ctx.problems);
+    }
+    plan
+}
+
+enum Compiled {
+    Skipped(String),
+    Frontends(Vec<(FrontendKey, FrontendPlan)>),
+}
+
+fn compile_service(
+    ctx: &mut Ctx<'_>,
+    slices: &[&Sourced<EndpointSlice>],
+    node: &NodeContext,
+) -> Result<Compiled, ()> {
+    let svc = &ctx.svc.object;
+    let labels = svc.metadata.labels.clone().unwrap_or_default();
+    if let Some(proxy) = labels.get(SERVICE_PROXY_NAME_LABEL) {
+        return Ok(Compiled::Skipped(format!(
+            "label {SERVICE_PROXY_NAME_LABEL}={proxy}: handled by another proxy"
+        )));
+    }
+    if labels.contains_key(HEADLESS_LABEL) {
+        return Ok(Compiled::Skipped(format!(
+            "label {HEADLESS_LABEL}: headless"
+        )));
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        ctx.problem("spec", "missing", true);
+        return Err(());
+    };
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if svc_type == "ExternalName" {
+        return Ok(Compiled::Skipped("type ExternalName: DNS only".into()));
+    }
+    let cluster_ip = match spec.cluster_ip.as_deref() {
+        Some("None") => return Ok(Compiled::Skipped("clusterIP None: headless".into())),
+        None | Some("") => {
+            ctx.problem(
+                "spec.clusterIP",
+                "missing: the manifest source does not allocate ClusterIPs, set one",
+                true,
+            );
+            return Err(());
+        }
+        Some(ip) => match ip.parse::<Ipv4Addr>() {
+            Ok(a) if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() => a,
+            Ok(_) => {
+                ctx.problem(
+                    "spec.clusterIP",
+                    format!("{ip} cannot be a Service address"),
+                    true,
+                );
+                return Err(());
+            }
+            Err(_) if ip.contains(':') => {
+                return Ok(Compiled::Skipped(format!(
+                    "clusterIP {ip}: IPv6 is not supported by this dataplane"
+                )));
+            }
+            Err(_) => {
+                ctx.problem(
+                    "spec.clusterIP",
+                    format!("{ip:?} is not an IPv4 address"),
+                    true,
+                );
+                return Err(());
+            }
+        },
+    };
+    let affinity = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT_S => Some(t as u32),
+                Some(t) => {
+                    ctx.problem(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is outside 1..={MAX_AFFINITY_TIMEOUT_S}"),
+                        true,
+                    );
+                    return Err(());
+                }
+            }
+        }
+        Some(other) => {
+            ctx.problem(
+                "spec.sessionAffinity",
+                format!("unknown value {other:?}"),
+                true,
+            );
+            return Err(());
+        }
+    };
+    let node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+
+    let mut external_addrs: Vec<(Ipv4Addr, FrontendKind)> = vec![];
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        let field = format!("spec.externalIPs[{i}]");
+        match ip.parse::<Ipv4Addr>() {
+            Ok(a) => match &node.external_ip_allow {
+                Some(allow) if !allow.iter().any(|n| n.contains(a)) => ctx.problem(
+                    field,
+                    format!("{a} is not in the --external-ip-allow list; not programmed"),
+                    false,
+                ),
+                _ => external_addrs.push((a, FrontendKind::ExternalIp)),
+            },
+            Err(_) => ctx.problem(field, format!("{ip:?} is not an IPv4 address"), false),
+        }
+    }
+    if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            if let Some(ip) = &ing.ip {
+                match ip.parse::<Ipv4Addr>() {
+                    Ok(a) => external_addrs.push((a, FrontendKind::LoadBalancer)),
+                    Err(_) => ctx.problem(
+                        format!("status.loadBalancer.ingress[{i}].ip"),
+                        format!("{ip:?} is not an IPv4 address"),
+                        false,
+                    ),
+                }
+            }
+        }
+    }
+
+    let mut out = vec![];
+    let mut seen_ports: BTreeSet<(u16, Protocol)> = BTreeSet::new();
+    for (i, sp) in spec.ports.iter().flatten().enumerate() {
+        let field = |f: &str| format!("spec.ports[{i}].{f}");
+        let proto = match protocol_of(sp) {
+            Ok(p) => p,
+            Err(m) => {
+                ctx.problem(field("protocol"), m, false);
+                continue;
+            }
+        };
+        let Some(port) = port_u16(sp.port) else {
+            ctx.problem(
+                field("port"),
+                format!("{} is outside 1..=65535", sp.port),
+                true,
+            );
+            return Err(());
+        };
+        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(t)) =
+            &sp.target_port
+            && port_u16(*t).is_none()
+        {
+            ctx.problem(
+                field("targetPort"),
+                format!("{t} is outside 1..=65535"),
+                true,
+            );
+            return Err(());
+        }
+        if !seen_ports.insert((port, proto)) {
+            ctx.problem(field("port"), format!("{port}/{proto} appears twice"), true);
+            return Err(());
+        }
+        let port_name = sp.name.clone().unwrap_or_default();
+        // The EndpointSlice port carrying this Service port has its name and protocol.
+        let mut eps: Vec<(&Endpoint, u16, &str)> = vec![];
+        for slice in slices {
+            let s = &slice.object;
+            if s.address_type != "IPv4" {
+                continue;
+            }
+            let Some(ep_port) = s.ports.iter().flatten().find(|p| {
+                p.name.clone().unwrap_or_default() == port_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == proto.to_string()
+            }) else {
+                continue;
+            };
+            let Some(target) = ep_port.port.and_then(port_u16) else {
+                continue;
+            };
+            eps.extend(
+                s.endpoints
+                    .iter()
+                    .flatten()
+                    .map(|e| (e, target, slice.origin.as_str())),
+            );
+        }
+        let local_node = node.name.as_deref();
+        let cluster_backends = pick_endpoints(&eps, if internal_local { local_node } else { None });
+        let external_backends =
+            pick_endpoints(&eps, if external_local { local_node } else { None });
+        let service = ctx.name.clone();
+        let fe = |kind, backends: &Vec<BackendAddr>| FrontendPlan {
+            service: service.clone(),
+            port_name: port_name.clone(),
+            kind,
+            backends: backends.clone(),
+            affinity_timeout_s: affinity,
+        };
+        out.push((
+            FrontendKey {
+                addr: cluster_ip,
+                port,
+                proto,
+            },
+            fe(FrontendKind::ClusterIp, &cluster_backends),
+        ));
+        if node_ports {
+            match sp.node_port {
+                Some(np) => match port_u16(np) {
+                    Some(np) => out.push((
+                        FrontendKey {
+                            addr: Ipv4Addr::UNSPECIFIED,
+                            port: np,
+                            proto,
+                        },
+                        fe(FrontendKind::NodePort, &external_backends),
+                    )),
+                    None => {
+                        ctx.problem(
+                            field("nodePort"),
+                            format!("{np} is outside 1..=65535"),
+                            true,
+                        );
+                        return Err(());
+                    }
+                },
+                None => ctx.problem(
+                    field("nodePort"),
+                    "missing: the manifest source does not allocate NodePorts, set one",
+                    false,
+                ),
+            }
+        }
+        for (addr, kind) in &external_addrs {
+            out.push((
+                FrontendKey {
+                    addr: *addr,
+                    port,
+                    proto,
+                },
+                fe(*kind, &external_backends),
+            ));
+        }
+    }
+    Ok(Compiled::Frontends(out))
+}

@@ -1,0 +1,142 @@
+//! Reading the programmed state back from the pinned maps, for `list`,
+//! `stats` and `dump`: what the kernel has, not what the agent meant.
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use serde::Serialize;
+use service_common::*;
+
+use crate::{
+    dataplane::tables::Tables,
+    plan::{BackendAddr, FrontendKey, Protocol},
+    status::Status,
+};
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProgrammedFrontend {
+    pub frontend: String,
+    pub svc_id: u32,
+    pub backends: Vec<String>,
+    pub affinity_timeout_s: Option<u32>,
+    /// `namespace/name` from the agent's status file, when present.
+    pub service: Option<String>,
+    pub port_name: Option<String>,
+}
+
+pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<ProgrammedFrontend>> {
+    let mut masters = BTreeMap::new();
+    let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, u32>> = BTreeMap::new();
+    for e in t.services.iter() {
+        let (k, v) = e?;
+        if k.slot == 0 {
+            masters.insert(k, v);
+        } else {
+            slots
+                .entry(ServiceKey { slot: 0, ..k })
+                .or_default()
+                .insert(k.slot, v.backend_id);
+        }
+    }
+    let mut out = vec![];
+    for (k, m) in masters {
+        let Some(proto) = Protocol::from_number(k.proto) else {
+            continue;
+        };
+        let key = FrontendKey {
+            addr: Ipv4Addr::from(k.addr),
+            port: k.port,
+            proto,
+        };
+        let mut backends = vec![];
+        let mine = slots.get(&k);
+        for slot in 1..=m.count {
+            match mine.and_then(|s| s.get(&slot)) {
+                Some(id) => match t.backends.get(id, 0) {
+                    Ok(b) => backends.push(
+                        BackendAddr {
+                            addr: Ipv4Addr::from(b.addr),
+                            port: b.port,
+                        }
+                        .to_string(),
+                    ),
+                    Err(_) => backends.push(format!("<backend {id} missing>")),
+                },
+                None => backends.push(format!("<slot {slot} missing>")),
+            }
+        }
+        backends.sort();
+        let frontend = key.to_string();
+        let named = status.and_then(|s| s.frontends.iter().find(|f| f.frontend == frontend));
+        out.push(ProgrammedFrontend {
+            frontend,
+            svc_id: m.svc_id,
+            backends,
+            affinity_timeout_s: (m.flags & SVC_F_AFFINITY != 0).then_some(m.affinity_timeout_s),
+            service: named.map(|n| n.service.clone()),
+            port_name: named.map(|n| n.port_name.clone()),
+        });
+    }
+    Ok(out)
+}
+
+/// `ipvsadm -Ln`-like text: one frontend a line.
+pub fn render_list(frontends: &[ProgrammedFrontend], status: Option<&Status>) -> String {
+    let mut s = String::new();
+    for f in frontends {
+        let backends = if f.backends.is_empty() {
+            "(no endpoints: rejects)".to_string()
+        } else {
+            f.backends.join(", ")
+        };
+        let _ = write!(s, "{} -> {}", f.frontend, backends);
+        let mut notes = vec![];
+        if let Some(svc) = &f.service {
+            match f.port_name.as_deref() {
+                Some("") | None => notes.push(svc.clone()),
+                Some(p) => notes.push(format!("{svc} port {p}")),
+            }
+        }
+        if let Some(t) = f.affinity_timeout_s {
+            notes.push(format!("affinity ClientIP {t}s"));
+        }
+        if !notes.is_empty() {
+            let _ = write!(s, "    # {}", notes.join(", "));
+        }
+        s.push('\n');
+    }
+    if let Some(st) = status {
+        for sk in &st.skipped {
+            let _ = writeln!(s, "skipped {}: {}", sk.service, sk.reason);
+        }
+        for p in &st.problems {
+            let _ = writeln!(s, "problem: {p}");
+        }
+    }
+    s
+}
+
+/// Sums the per-CPU counters of every programmed frontend and every reason.
+pub type FrontendCounters = Vec<(String, SvcStats)>;
+
+pub fn counters(
+    t: &Tables,
+    frontends: &[ProgrammedFrontend],
+) -> anyhow::Result<(FrontendCounters, Vec<(Reason, u64)>)> {
+    let mut per = vec![];
+    for f in frontends {
+        let vals = t.svc_stats.get(&f.svc_id, 0)?;
+        let mut sum = SvcStats::default();
+        for v in vals.iter() {
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+            sum.new_flows += v.new_flows;
+            sum.rejected += v.rejected;
+        }
+        per.push((f.frontend.clone(), sum));
+    }
+    let mut reasons = vec![];
+    for r in Reason::ALL {
+        let vals = t.reasons.get(&(r as u32), 0)?;
+        reasons.push((r, vals.iter().sum()));
+    }
+    Ok((per, reasons))
+}

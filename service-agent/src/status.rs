@@ -1,0 +1,88 @@
+//! What the agent knows beyond the maps (Service names, skipped Services,
+//! problems), written to a JSON file beside the pins so that `list` can show
+//! it without asking the agent. bpffs holds only BPF objects, hence a file
+//! under the state directory.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Plan;
+
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    /// Frontend (as `list` prints it) → `namespace/name` and port name.
+    pub frontends: Vec<FrontendStatus>,
+    pub skipped: Vec<SkippedStatus>,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FrontendStatus {
+    pub frontend: String,
+    pub service: String,
+    pub port_name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SkippedStatus {
+    pub service: String,
+    pub reason: String,
+}
+
+impl Status {
+    pub fn from_plan(plan: &Plan, extra_problems: &[String]) -> Self {
+        Self {
+            frontends: plan
+                .frontends
+                .iter()
+                .map(|(k, f)| FrontendStatus {
+                    frontend: k.to_string(),
+                    service: f.service.clone(),
+                    port_name: f.port_name.clone(),
+                })
+                .collect(),
+            skipped: plan
+                .skipped
+                .iter()
+                .map(|s| SkippedStatus {
+                    service: s.service.clone(),
+                    reason: s.reason.clone(),
+                })
+                .collect(),
+            problems: extra_problems
+                .iter()
+                .cloned()
+                .chain(plan.problems.iter().map(|p| p.to_string()))
+                .collect(),
+        }
+    }
+}
+
+/// The state directory that goes with a pin directory, unless given.
+pub fn default_state_dir(pin_dir: &Path) -> PathBuf {
+    let tag: String = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "_");
+    PathBuf::from("/run/service-agent").join(tag)
+}
+
+pub fn status_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("status.json")
+}
+
+/// Writes atomically (temp file + rename): readers never see half a file.
+pub fn write(state_dir: &Path, status: &Status) -> std::io::Result<()> {
+    fs::create_dir_all(state_dir)?;
+    let tmp = state_dir.join(".status.json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
+    fs::rename(tmp, status_path(state_dir))
+}
+
+pub fn read(state_dir: &Path) -> Option<Status> {
+    let bytes = fs::read(status_path(state_dir)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
