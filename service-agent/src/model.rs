@@ -92,18 +92,13 @@ pub fn resolve_target_port(sp: &ServicePort, pod: &Pod) -> Option<i32> {
     match &sp.target_port {
         None => Some(sp.port),
         Some(IntOrString::Int(p)) => Some(*p),
-        Some(IntOrString::String(name)) => {
-            if let Ok(p) = name.parse::<i32>() {
-                return Some(p);
-            }
-            pod.spec.as_ref()?.containers.iter().find_map(|c| {
-                c.ports.as_ref()?.iter().find_map(|cp| {
-                    let cp_proto = cp.protocol.as_deref().unwrap_or("TCP");
-                    (cp.name.as_deref() == Some(name.as_str()) && cp_proto == protocol)
-                        .then_some(cp.container_port)
-                })
+        Some(IntOrString::String(name)) => pod.spec.as_ref()?.containers.iter().find_map(|c| {
+            c.ports.as_ref()?.iter().find_map(|cp| {
+                let cp_proto = cp.protocol.as_deref().unwrap_or("TCP");
+                (cp.name.as_deref() == Some(name.as_str()) && cp_proto == protocol)
+                    .then_some(cp.container_port)
             })
-        }
+        }),
     }
 }
 

@@ -8,9 +8,12 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
-    discovery::v1::{Endpoint, EndpointSlice},
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort},
+        discovery::v1::{Endpoint, EndpointSlice},
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use crate::model::{SERVICE_NAME_LABEL, Sourced, object_ref};
@@ -208,6 +211,18 @@ impl Ctx<'_> {
             refuses_service: refuses,
         });
     }
+}
+
+/// Kubernetes' IANA_SVC_NAME rule for named ports.
+pub fn is_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
 }
 
 fn port_u16(v: i32) -> Option<u16> {

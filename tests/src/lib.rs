@@ -1,1 +1,18 @@
+//! Test hosts in network namespaces: topologies joined by veth pairs with no
+//! route out, traffic helpers that run inside them, and a guard for the agent.
+//! Everything made here is removed on drop, also when a test fails.
+pub mod agent;
+pub mod manifests;
+pub mod netns;
+pub mod topology;
+pub mod traffic;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, short enough for netns and pin paths.
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{prefix}{}x{n}", std::process::id())
+}

@@ -1,0 +1,222 @@
+//! The agent as a child process in a node namespace, stopped and cleaned up on drop.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{netns::Netns, unique};
+
+/// The service-agent binary: $SERVICE_AGENT_BIN, else the workspace's target dir.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SERVICE_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join("service-agent");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "service-agent binary not found: run `cargo xtask test` (it builds it) or set SERVICE_AGENT_BIN"
+    );
+}
+
+/// A directory of manifests, removed on drop.
+pub struct ManifestDir {
+    pub path: PathBuf,
+}
+
+impl ManifestDir {
+    pub fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(unique("svc-manifests-"));
+        fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    /// Replaces a file atomically, as `kubectl apply` replaces an object.
+    pub fn write(&self, name: &str, text: &str) -> anyhow::Result<()> {
+        let tmp = self.path.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.path.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove(&self, name: &str) -> anyhow::Result<()> {
+        fs::remove_file(self.path.join(name))?;
+        Ok(())
+    }
+}
+
+impl Drop for ManifestDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    netns_path: String,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    manifests: PathBuf,
+    args: Vec<String>,
+}
+
+impl Agent {
+    /// Starts the agent in `node` with the usual interfaces (eth0 external,
+    /// vp* pods) plus `extra` flags, and waits until it has programmed the maps.
+    pub fn start(node: &Netns, manifests: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let id = unique("svca");
+        let mut args: Vec<String> = vec![
+            "--external-iface".into(),
+            "eth0".into(),
+            "--pod-iface".into(),
+            "vp*".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut agent = Self {
+            child: None,
+            netns_path: node.path(),
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&id),
+            state_dir: std::env::temp_dir().join(format!("{id}-state")),
+            log: std::env::temp_dir().join(format!("{id}.log")),
+            manifests: manifests.to_path_buf(),
+            args,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// (Re)starts the process on the same pins, as a restarted agent would.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let start_len = log.metadata()?.len();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path))
+            .arg(agent_bin())
+            .arg("run")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(cmd.spawn().context("starting service-agent")?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = fs::read_to_string(&self.log).unwrap_or_default();
+            if text
+                .get(start_len as usize..)
+                .is_some_and(|t| t.contains("agent running"))
+            {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("service-agent exited with {status}:\n{text}");
+            }
+            if Instant::now() > deadline {
+                bail!("service-agent did not come up in 30 s:\n{text}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, no goodbye: what a crash or an OOM kill does.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a CLI subcommand against this agent's pins.
+    pub fn cli(&self, sub: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(agent_bin())
+            .arg(sub)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(extra)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "service-agent {sub} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    pub fn list(&self) -> anyhow::Result<String> {
+        self.cli("list", &[])
+    }
+
+    /// Waits until `list` output satisfies `pred` (the agent applies changes asynchronously).
+    pub fn wait_list(&self, what: &str, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = self.list()?;
+            if pred(&l) {
+                return Ok(l);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {what}; list says:\n{l}\nlog:\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() {
+            eprintln!(
+                "--- agent log {} ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+        let _ = Command::new(agent_bin())
+            .args(["cleanup", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output();
+        let _ = fs::remove_dir_all(&self.pin_dir);
+        let _ = fs::remove_dir_all(&self.state_dir);
+        let _ = fs::remove_file(&self.log);
+    }
+}

@@ -1,0 +1,226 @@
+//! Servers and clients that run inside test namespaces. Every server answers
+//! with its own name and the source address it saw, so a test can assert on
+//! which backend served and what client address reached it.
+use std::{
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use crate::netns::Netns;
+
+/// What a server said: its name and the client address it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub server: String,
+    pub seen_from: SocketAddr,
+}
+
+fn parse_reply(line: &str) -> std::io::Result<Reply> {
+    let mut it = line.split_whitespace();
+    let (Some(server), Some(from)) = (it.next(), it.next()) else {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("bad reply {line:?}"),
+        ));
+    };
+    let seen_from = from
+        .parse()
+        .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, format!("{from}: {e}")))?;
+    Ok(Reply {
+        server: server.to_string(),
+        seen_from,
+    })
+}
+
+/// A TCP and a UDP server on one address and port in a namespace; stops on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+fn serve_tcp_conn(mut s: TcpStream, name: String, stop: Arc<AtomicBool>) {
+    let peer = match s.peer_addr() {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut reader = BufReader::new(match s.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if line.starts_with("GET ") {
+                    // Enough HTTP for curl: the body is the pod name.
+                    let body = format!("{name}\n");
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return;
+                }
+                if s.write_all(format!("{name} {peer}\n").as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Server {
+    pub fn start(ns: &Netns, addr: Ipv4Addr, port: u16, name: &str) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bind = SocketAddrV4::new(addr, port);
+        let (tcp, udp) = ns.within(move || -> std::io::Result<(TcpListener, UdpSocket)> {
+            Ok((TcpListener::bind(bind)?, UdpSocket::bind(bind)?))
+        })??;
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let mut threads = vec![];
+        {
+            let stop = stop.clone();
+            let name = name.to_string();
+            threads.push(thread::spawn(move || {
+                let mut conns = vec![];
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let (name, stop) = (name.clone(), stop.clone());
+                            conns.push(thread::spawn(move || serve_tcp_conn(s, name, stop)));
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2))
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(10)),
+                    }
+                    conns.retain(|c| !c.is_finished());
+                }
+                for c in conns {
+                    let _ = c.join();
+                }
+            }));
+        }
+        {
+            let stop = stop.clone();
+            let name = name.to_string();
+            threads.push(thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(format!("{name} {from}\n").as_bytes(), from);
+                    }
+                }
+            }));
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One TCP request on a new connection.
+pub fn tcp_ask(to: SocketAddrV4, timeout: Duration) -> std::io::Result<Reply> {
+    let mut s = TcpStream::connect_timeout(&to.into(), timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    parse_reply(&line)
+}
+
+/// A TCP connection kept open across many requests.
+pub struct HeldConnection {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl HeldConnection {
+    pub fn open(ns: &Netns, to: SocketAddrV4) -> anyhow::Result<Self> {
+        let stream =
+            ns.within(move || TcpStream::connect_timeout(&to.into(), Duration::from_secs(3)))??;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
+    pub fn ask(&mut self) -> std::io::Result<Reply> {
+        self.stream.write_all(b"ping\n")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        parse_reply(&line)
+    }
+}
+
+/// One UDP request from a new socket.
+pub fn udp_ask(to: SocketAddrV4, timeout: Duration) -> std::io::Result<(Reply, SocketAddr)> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(to)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send(b"hello")?;
+    let mut buf = [0u8; 512];
+    let (n, from) = s.recv_from(&mut buf)?;
+    Ok((parse_reply(&String::from_utf8_lossy(&buf[..n]))?, from))
+}
+
+/// A connected UDP socket that keeps its source port, like a long-lived client.
+pub struct UdpFlow {
+    sock: UdpSocket,
+}
+
+impl UdpFlow {
+    pub fn open(ns: &Netns, to: SocketAddrV4) -> anyhow::Result<Self> {
+        let sock = ns.within(move || -> std::io::Result<UdpSocket> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(to)?;
+            Ok(s)
+        })??;
+        sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+        Ok(Self { sock })
+    }
+
+    pub fn ask(&self) -> std::io::Result<Reply> {
+        self.sock.send(b"hello")?;
+        let mut buf = [0u8; 512];
+        let n = self.sock.recv(&mut buf)?;
+        parse_reply(&String::from_utf8_lossy(&buf[..n]))
+    }
+}
+
+/// Reads everything from an HTTP/1.0-style response (for the demo's curl-like client).
+pub fn http_get(to: SocketAddrV4, path: &str, timeout: Duration) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&to.into(), timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}

@@ -1,0 +1,408 @@
+//! ClusterIP end to end: a client pod, backend pods and the node in network
+//! namespaces, the agent in the node namespace, real TCP and UDP.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    agent::{Agent, ManifestDir},
+    manifests,
+    topology::Topology,
+    traffic::{self, HeldConnection, Server, UdpFlow},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const T: Duration = Duration::from_secs(3);
+
+struct Fixture {
+    // Drop order: agent first, then servers, then namespaces, then files.
+    agent: Agent,
+    _servers: Vec<Server>,
+    topo: Topology,
+    dir: ManifestDir,
+}
+
+/// A node with a client pod `client` and backend pods `web-1..=web-<backends>`
+/// (all serving on 8080), and a Service `web` on VIP:80 (TCP, targetPort by
+/// name) and VIP:53 (UDP) selecting the first `ready` of them.
+fn fixture(backends: usize, ready: usize) -> Fixture {
+    let mut topo = Topology::new().unwrap();
+    topo.add_node().unwrap();
+    topo.add_pod(0, "client").unwrap();
+    let mut servers = vec![];
+    for i in 1..=backends {
+        let name = format!("web-{i}");
+        let k = topo.add_pod(0, &name).unwrap();
+        let p = &topo.pods[k];
+        servers.push(Server::start(&p.ns, p.ip, 8080, &name).unwrap());
+    }
+    let dir = ManifestDir::new().unwrap();
+    write_pods(&topo, &dir, ready);
+    dir.write(
+        "svc.yaml",
+        &manifests::service(
+            "web",
+            "web",
+            &VIP.to_string(),
+            &[("http", "TCP", 80, "http"), ("dns", "UDP", 53, "8080")],
+            "",
+        ),
+    )
+    .unwrap();
+    let node = &topo.nodes[0].ns;
+    let agent = Agent::start(node, &dir.path, &["--node-name", "node-1"]).unwrap();
+    Fixture {
+        agent,
+        _servers: servers,
+        topo,
+        dir,
+    }
+}
+
+/// Marks web-1..=web-<ready> ready and the others not ready.
+fn write_pods(topo: &Topology, dir: &ManifestDir, ready: usize) {
+    let mut text = String::new();
+    for p in topo.pods.iter().filter(|p| p.name.starts_with("web-")) {
+        let i: usize = p.name[4..].parse().unwrap();
+        text.push_str(&manifests::pod(&p.name, "web", p.ip, i <= ready, "node-1"));
+        text.push_str("---\n");
+    }
+    dir.write("pods.yaml", &text).unwrap();
+}
+
+fn backends_listed(list: &str, n: usize) -> bool {
+    list.lines()
+        .find(|l| l.starts_with("10.96.0.10:80/TCP"))
+        .is_some_and(|l| l.matches(":8080").count() == n)
+}
+
+#[test]
+fn tcp_connections_spread_over_ready_backends_and_keep_the_client_address() {
+    let f = fixture(3, 3);
+    let client = f.topo.pod("client");
+    let client_ip = client.ip;
+    let counts = client
+        .ns
+        .within(move || {
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for _ in 0..300 {
+                let r = traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T)
+                    .expect("connection through the ClusterIP");
+                assert_eq!(
+                    r.seen_from.ip(),
+                    client_ip,
+                    "the backend sees the client pod's own address"
+                );
+                *counts.entry(r.server).or_default() += 1;
+            }
+            counts
+        })
+        .unwrap();
+    assert_eq!(counts.len(), 3, "all three backends served: {counts:?}");
+    for (name, n) in &counts {
+        assert!(
+            *n >= 60,
+            "{name} got {n} of 300 connections, under 20%: {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn udp_request_gets_a_reply_from_the_service_address() {
+    let f = fixture(3, 3);
+    let client = f.topo.pod("client");
+    let (reply, from) = client
+        .ns
+        .within(|| traffic::udp_ask(SocketAddrV4::new(VIP, 53), T))
+        .unwrap()
+        .expect("UDP reply through the ClusterIP");
+    assert!(reply.server.starts_with("web-"), "{reply:?}");
+    assert_eq!(
+        from,
+        SocketAddrV4::new(VIP, 53).into(),
+        "the reply comes from ClusterIP:port"
+    );
+    assert_eq!(reply.seen_from.ip(), client.ip);
+}
+
+#[test]
+fn list_shows_what_the_manifests_say_and_skips_not_ready_pods() {
+    let f = fixture(3, 2);
+    let list = f
+        .agent
+        .wait_list("two backends", |l| backends_listed(l, 2))
+        .unwrap();
+    let web1 = f.topo.pod("web-1").ip;
+    let web2 = f.topo.pod("web-2").ip;
+    let want_tcp = format!("10.96.0.10:80/TCP -> {web1}:8080, {web2}:8080");
+    let want_udp = format!("10.96.0.10:53/UDP -> {web1}:8080, {web2}:8080");
+    assert!(list.contains(&want_tcp), "{list}");
+    assert!(list.contains(&want_udp), "{list}");
+    assert!(
+        !list.contains(&f.topo.pod("web-3").ip.to_string()),
+        "not-ready pod listed:\n{list}"
+    );
+    // bpftool prints the BTF field names of the pinned maps.
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(f.agent.pin_dir.join("SERVICES"))
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    for field in [
+        "\"addr\"",
+        "\"port\"",
+        "\"slot\"",
+        "\"backend_id\"",
+        "\"count\"",
+        "\"svc_id\"",
+    ] {
+        assert!(dump.contains(field), "bpftool dump lacks {field}:\n{dump}");
+    }
+}
+
+#[test]
+fn a_long_connection_keeps_its_backend_while_the_service_scales() {
+    let f = fixture(5, 3);
+    let client = f.topo.pod("client");
+    let mut held = HeldConnection::open(&client.ns, SocketAddrV4::new(VIP, 80)).unwrap();
+    let first = held.ask().unwrap().server;
+    let serving: usize = first[4..].parse().unwrap();
+    // 3 -> 5 backends.
+    write_pods(&f.topo, &f.dir, 5);
+    f.agent
+        .wait_list("five backends", |l| backends_listed(l, 5))
+        .unwrap();
+    assert_eq!(held.ask().unwrap().server, first);
+    // 5 -> 1 backend: keep only the one serving the held connection.
+    let mut text = String::new();
+    for p in f.topo.pods.iter().filter(|p| p.name.starts_with("web-")) {
+        let i: usize = p.name[4..].parse().unwrap();
+        text.push_str(&manifests::pod(
+            &p.name,
+            "web",
+            p.ip,
+            i == serving,
+            "node-1",
+        ));
+        text.push_str("---\n");
+    }
+    f.dir.write("pods.yaml", &text).unwrap();
+    f.agent
+        .wait_list("one backend", |l| backends_listed(l, 1))
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            held.ask().unwrap().server,
+            first,
+            "the held connection stays on its backend"
+        );
+    }
+    // New connections now all land on the remaining backend.
+    let r = client
+        .ns
+        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.server, first);
+}
+
+#[test]
+fn a_client_looping_while_backends_scale_sees_no_failure() {
+    let f = fixture(5, 3);
+    let client = f.topo.pod("client");
+    let looping = client
+        .ns
+        .spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(6);
+            let (mut ok, mut failed) = (0usize, vec![]);
+            while Instant::now() < deadline && ok + failed.len() < 5000 {
+                match traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+        .unwrap();
+    for ready in [5, 1, 4, 2, 3] {
+        std::thread::sleep(Duration::from_millis(800));
+        write_pods(&f.topo, &f.dir, ready);
+        f.agent
+            .wait_list("scaled", |l| backends_listed(l, ready))
+            .unwrap();
+    }
+    let (ok, failed) = looping.join().unwrap();
+    assert!(ok > 50, "the loop made only {ok} connections");
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+#[test]
+fn a_service_without_ready_endpoints_refuses_at_once() {
+    let f = fixture(2, 0);
+    let client = f.topo.pod("client");
+    f.agent
+        .wait_list("rejecting frontend", |l| {
+            l.contains("10.96.0.10:80/TCP -> (no endpoints: rejects)")
+        })
+        .unwrap();
+    let started = Instant::now();
+    let tcp = client
+        .ns
+        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
+        .unwrap();
+    let err = tcp.expect_err("no endpoint: the connection must fail");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let udp = client
+        .ns
+        .within(|| traffic::udp_ask(SocketAddrV4::new(VIP, 53), T))
+        .unwrap();
+    let err = udp.expect_err("no endpoint: UDP must get port unreachable");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refusals took {:?}",
+        started.elapsed()
+    );
+    let stats = f.agent.cli("stats", &["-o", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        v["reasons"]["rejected_no_backend"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_gets_the_reply() {
+    let f = fixture(1, 1);
+    let me = f.topo.pod("web-1");
+    for _ in 0..5 {
+        let r = me
+            .ns
+            .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
+            .unwrap()
+            .expect("hairpin connection");
+        assert_eq!(r.server, "web-1");
+        let (u, from) = me
+            .ns
+            .within(|| traffic::udp_ask(SocketAddrV4::new(VIP, 53), T))
+            .unwrap()
+            .expect("hairpin UDP");
+        assert_eq!(u.server, "web-1");
+        assert_eq!(from, SocketAddrV4::new(VIP, 53).into());
+    }
+}
+
+#[test]
+fn a_bad_manifest_is_reported_and_the_previous_state_keeps_serving() {
+    let f = fixture(3, 3);
+    let before = f
+        .agent
+        .wait_list("three backends", |l| backends_listed(l, 3))
+        .unwrap();
+    f.dir
+        .write("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: eighty}]\n")
+        .unwrap();
+    let after = f
+        .agent
+        .wait_list("the problem reported", |l| l.contains("problem:"))
+        .unwrap();
+    assert!(
+        after.contains("svc.yaml document 1 (Service default/web): field spec.ports[0].port"),
+        "{after}"
+    );
+    let programmed = |l: &str| {
+        l.lines()
+            .filter(|x| x.contains(" -> "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(programmed(&before), programmed(&after));
+    let client = f.topo.pod("client");
+    let r = client
+        .ns
+        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
+        .unwrap();
+    assert!(r.is_ok(), "still serving: {r:?}");
+    // A Service the dataplane cannot express keeps its previous state too.
+    f.dir
+        .write(
+            "svc.yaml",
+            &manifests::service(
+                "web",
+                "web",
+                "10.96.0.10",
+                &[("http", "TCP", 80, "70000")],
+                "",
+            ),
+        )
+        .unwrap();
+    let l = f
+        .agent
+        .wait_list("range problem", |l| l.contains("spec.ports[0].targetPort"))
+        .unwrap();
+    assert_eq!(programmed(&before), programmed(&l), "{l}");
+}
+
+#[test]
+fn udp_clients_move_off_a_removed_backend() {
+    let f = fixture(3, 3);
+    let client = f.topo.pod("client");
+    let flow = UdpFlow::open(&client.ns, SocketAddrV4::new(VIP, 53)).unwrap();
+    let first = flow.ask().unwrap().server;
+    for _ in 0..3 {
+        assert_eq!(
+            flow.ask().unwrap().server,
+            first,
+            "a UDP flow sticks to its backend"
+        );
+    }
+    // Take the flow's backend out of the Service (the pod keeps running, as a
+    // terminating pod would): the next datagram must reach a remaining backend.
+    let gone: usize = first[4..].parse().unwrap();
+    let mut text = String::new();
+    for p in f.topo.pods.iter().filter(|p| p.name.starts_with("web-")) {
+        let i: usize = p.name[4..].parse().unwrap();
+        text.push_str(&manifests::pod(&p.name, "web", p.ip, i != gone, "node-1"));
+        text.push_str("---\n");
+    }
+    f.dir.write("pods.yaml", &text).unwrap();
+    f.agent
+        .wait_list("two backends", |l| backends_listed(l, 2))
+        .unwrap();
+    for _ in 0..5 {
+        let r = flow.ask().unwrap();
+        assert_ne!(
+            r.server, first,
+            "the UDP flow still goes to the removed backend"
+        );
+    }
+}
+
+#[test]
+fn pods_created_after_the_agent_started_are_served() {
+    let mut f = fixture(1, 1);
+    let k = f.topo.add_pod(0, "late").unwrap();
+    let late = &f.topo.pods[k];
+    f.agent
+        .wait_list("attached", |_| {
+            f.agent
+                .log_text()
+                .contains(&format!("attached tc ingress iface={}", late.host_if))
+        })
+        .unwrap();
+    let r = late
+        .ns
+        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
+        .unwrap()
+        .expect("the new pod reaches the Service");
+    assert_eq!(r.server, "web-1");
+}
