@@ -47,7 +47,7 @@ impl Agent {
         let manifest_errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
         let slices = cluster.all_endpoint_slices();
         let mut plan = plan::compile(&cluster.services, &slices, &self.cfg.node);
-        self.dp.writer.keep_refused(&mut plan, &self.previous);
+        plan.keep_refused_from(&self.previous);
         let report = self.dp.writer.apply(&mut self.dp.tables, &plan);
         let mut problems = manifest_errors.clone();
         problems.extend(report.errors.iter().cloned());

@@ -1,1 +1,105 @@
-fn main() {}
+//! `cargo xtask setup | build | test | demo | bench`: everything beyond `cargo build`.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project tasks for the Service dataplane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (idempotent): Debian packages,
+    /// nightly rust-src, bpf-linker against LLVM 22, a bpffs mount.
+    Setup,
+    /// Build the agent (and with it the BPF programs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, then formatting, lints, unit, BPF and namespace integration tests.
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Setup, then the two-node NodePort / ClusterIP / headless walk-through.
+    Demo,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("+ {shown}");
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }))
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Build { release } => build(release).map(|_| ()),
+        Task::Test { filter, no_lint } => {
+            setup::setup()?;
+            let bin_dir = build(false)?;
+            if !no_lint {
+                run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+                run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            }
+            let mut c = cargo();
+            c.args(["test"])
+                .env("SERVICE_AGENT_BIN", bin_dir.join("service-agent"));
+            if let Some(f) = filter {
+                c.arg(f);
+            }
+            run(&mut c)
+        }
+        Task::Demo => {
+            setup::setup()?;
+            let bin_dir = build(false)?;
+            run(Command::new(bin_dir.join("demo"))
+                .env("SERVICE_AGENT_BIN", bin_dir.join("service-agent")))
+        }
+    }
+}

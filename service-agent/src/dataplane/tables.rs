@@ -39,7 +39,7 @@ impl Tables {
     /// Takes the maps out of a loaded object.
     pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, TablesError> {
         let mut get = |name: &'static str| ebpf.take_map(name).ok_or(TablesError::Missing(name));
-        Self::from_maps(|name| get(name))
+        Self::from_maps(&mut get)
     }
 
     /// Opens the maps pinned in `dir`.

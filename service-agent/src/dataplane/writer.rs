@@ -229,16 +229,6 @@ impl Writer {
         report
     }
 
-    /// Keeps the previous frontends of refused Services in `plan`, so that a
-    /// bad edit leaves the last good state serving.
-    pub fn keep_refused(&self, plan: &mut Plan, previous: &Plan) {
-        for (k, f) in &previous.frontends {
-            if plan.refused.contains(&f.service) && !plan.frontends.contains_key(k) {
-                plan.frontends.insert(*k, f.clone());
-            }
-        }
-    }
-
     fn write_frontend(
         &mut self,
         t: &mut Tables,

@@ -160,6 +160,18 @@ pub struct Plan {
     pub refused: BTreeSet<String>,
 }
 
+impl Plan {
+    /// Puts back the frontends that refused Services had in `previous`, so
+    /// that a bad edit leaves the last good state serving.
+    pub fn keep_refused_from(&mut self, previous: &Plan) {
+        for (k, f) in &previous.frontends {
+            if self.refused.contains(&f.service) && !self.frontends.contains_key(k) {
+                self.frontends.insert(*k, f.clone());
+            }
+        }
+    }
+}
+
 pub mod ipnet_lite {
     //! A CIDR for allow-lists; two fields do not warrant a crate.
     use std::{net::Ipv4Addr, str::FromStr};
@@ -528,16 +540,27 @@ fn compile_service(
             );
             return Err(());
         };
-        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(t)) =
-            &sp.target_port
-            && port_u16(*t).is_none()
-        {
-            ctx.problem(
-                field("targetPort"),
-                format!("{t} is outside 1..=65535"),
-                true,
-            );
-            return Err(());
+        match &sp.target_port {
+            Some(IntOrString::Int(t)) if port_u16(*t).is_none() => {
+                ctx.problem(
+                    field("targetPort"),
+                    format!("{t} is outside 1..=65535"),
+                    true,
+                );
+                return Err(());
+            }
+            Some(IntOrString::String(name)) if !is_port_name(name) => {
+                ctx.problem(
+                    field("targetPort"),
+                    format!(
+                        "{name:?} is neither a number nor a port name \
+                         (1-15 lowercase letters, digits and '-', with a letter)"
+                    ),
+                    true,
+                );
+                return Err(());
+            }
+            _ => {}
         }
         if !seen_ports.insert((port, proto)) {
             ctx.problem(field("port"), format!("{port}/{proto} appears twice"), true);
@@ -627,3 +650,6 @@ fn compile_service(
     }
     Ok(Compiled::Frontends(out))
 }
+
+#[cfg(test)]
+mod tests;

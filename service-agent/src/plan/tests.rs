@@ -1,0 +1,475 @@
+//! Planner semantics, from YAML as a user would write it.
+use super::*;
+use crate::{manifest::parse_str, model::Cluster};
+
+fn cluster(yaml: &str) -> Cluster {
+    let o = parse_str(yaml, "t.yaml").expect("test YAML parses");
+    Cluster {
+        services: o.services,
+        endpoint_slices: o.endpoint_slices,
+        endpoints: o.endpoints,
+        pods: o.pods,
+    }
+}
+
+fn plan_for(yaml: &str, node: &NodeContext) -> Plan {
+    let c = cluster(yaml);
+    compile(&c.services, &c.all_endpoint_slices(), node)
+}
+
+fn plan(yaml: &str) -> Plan {
+    plan_for(yaml, &NodeContext::default())
+}
+
+fn key(addr: &str, port: u16, proto: Protocol) -> FrontendKey {
+    FrontendKey {
+        addr: addr.parse().unwrap(),
+        port,
+        proto,
+    }
+}
+
+fn backends(p: &Plan, k: FrontendKey) -> Vec<String> {
+    p.frontends
+        .get(&k)
+        .unwrap_or_else(|| panic!("no frontend {k}: {p:#?}"))
+        .backends
+        .iter()
+        .map(|b| b.to_string())
+        .collect()
+}
+
+const SVC: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#;
+
+fn slice(endpoints: &str) -> String {
+    format!(
+        r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-abc, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+{endpoints}"#
+    )
+}
+
+#[test]
+fn ready_endpoints_of_the_matching_slice_become_backends() {
+    let p = plan(&format!(
+        "{SVC}{}",
+        slice(
+            "- {addresses: [10.0.0.2]}\n- {addresses: [10.0.0.1], conditions: {ready: true}}\n- {addresses: [10.0.0.3], conditions: {ready: false}}\n"
+        )
+    ));
+    assert_eq!(
+        backends(&p, key("10.96.0.10", 80, Protocol::Tcp)),
+        ["10.0.0.1:8080", "10.0.0.2:8080"],
+        "nil ready counts as ready; ready false is left out; sorted"
+    );
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+}
+
+#[test]
+fn terminating_serving_endpoints_are_a_fallback_only() {
+    let eps = "- {addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}}\n- {addresses: [10.0.0.2], conditions: {ready: false, serving: false, terminating: true}}\n";
+    let p = plan(&format!("{SVC}{}", slice(eps)));
+    assert_eq!(
+        backends(&p, key("10.96.0.10", 80, Protocol::Tcp)),
+        ["10.0.0.1:8080"]
+    );
+    let with_ready = format!("{eps}- {{addresses: [10.0.0.9]}}\n");
+    let p = plan(&format!("{SVC}{}", slice(&with_ready)));
+    assert_eq!(
+        backends(&p, key("10.96.0.10", 80, Protocol::Tcp)),
+        ["10.0.0.9:8080"]
+    );
+}
+
+#[test]
+fn no_usable_endpoint_leaves_a_rejecting_frontend() {
+    let p = plan(SVC);
+    assert!(backends(&p, key("10.96.0.10", 80, Protocol::Tcp)).is_empty());
+}
+
+#[test]
+fn slice_ports_are_matched_by_name_and_protocol() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns}
+spec:
+  clusterIP: 10.96.0.53
+  ports:
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+  - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354, protocol: TCP}]
+endpoints: [{addresses: [10.0.0.5]}]
+"#;
+    let p = plan(yaml);
+    assert_eq!(
+        backends(&p, key("10.96.0.53", 53, Protocol::Udp)),
+        ["10.0.0.5:5353"]
+    );
+    assert_eq!(
+        backends(&p, key("10.96.0.53", 53, Protocol::Tcp)),
+        ["10.0.0.5:5354"]
+    );
+}
+
+#[test]
+fn slices_of_another_namespace_or_service_are_ignored() {
+    let other = r#"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: x, namespace: other, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.9.9.9]}]
+"#;
+    let p = plan(&format!("{SVC}{other}"));
+    assert!(backends(&p, key("10.96.0.10", 80, Protocol::Tcp)).is_empty());
+}
+
+#[test]
+fn services_the_dataplane_leaves_alone_are_skipped_with_a_reason() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: foo}}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: labelled, labels: {service.kubernetes.io/headless: ""}}
+spec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}
+"#;
+    let p = plan(yaml);
+    assert!(p.frontends.is_empty(), "{:?}", p.frontends);
+    let reasons: Vec<(&str, &str)> = p
+        .skipped
+        .iter()
+        .map(|s| (s.service.as_str(), s.reason.as_str()))
+        .collect();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(reasons.contains(&("default/headless", "clusterIP None: headless")));
+    assert!(reasons.contains(&("default/ext", "type ExternalName: DNS only")));
+    assert!(
+        reasons
+            .iter()
+            .any(|(s, r)| *s == "default/other" && r.contains("another proxy"))
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(s, r)| *s == "default/labelled" && r.contains("headless"))
+    );
+}
+
+#[test]
+fn client_ip_affinity_defaults_to_three_hours_and_is_validated() {
+    let with = |extra: &str| {
+        plan(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{port: 80}}]\n{extra}"
+        ))
+    };
+    let p = with("  sessionAffinity: ClientIP\n");
+    let fe = &p.frontends[&key("10.96.0.10", 80, Protocol::Tcp)];
+    assert_eq!(fe.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+    let p = with(
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+    );
+    assert_eq!(
+        p.frontends[&key("10.96.0.10", 80, Protocol::Tcp)].affinity_timeout_s,
+        Some(60)
+    );
+    let p = with("  sessionAffinity: None\n");
+    assert_eq!(
+        p.frontends[&key("10.96.0.10", 80, Protocol::Tcp)].affinity_timeout_s,
+        None
+    );
+    let p = with(
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n",
+    );
+    assert!(p.frontends.is_empty());
+    assert!(p.refused.contains("default/a"));
+    assert_eq!(
+        p.problems[0].field,
+        "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+    );
+}
+
+#[test]
+fn two_services_on_one_frontend_refuse_the_second_and_name_the_first() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+"#;
+    let p = plan(yaml);
+    assert_eq!(p.frontends.len(), 1);
+    assert_eq!(p.frontends.values().next().unwrap().service, "default/a");
+    assert!(p.refused.contains("default/b"));
+    let msg = p.problems[0].to_string();
+    assert!(
+        msg.contains("Service default/b") && msg.contains("already used by Service default/a"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unsupported_protocols_and_bad_fields_are_named() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: mixed}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: a, port: 80}, {name: s, port: 90, protocol: SCTP}]
+"#;
+    let p = plan(yaml);
+    assert_eq!(p.frontends.len(), 1, "the TCP port is still served");
+    assert_eq!(p.problems.len(), 1);
+    assert_eq!(p.problems[0].field, "spec.ports[1].protocol");
+    assert!(!p.problems[0].refuses_service);
+
+    for (spec, field) in [
+        ("{ports: [{port: 80}]}", "spec.clusterIP"),
+        (
+            "{clusterIP: 10.96.0.300, ports: [{port: 80}]}",
+            "spec.clusterIP",
+        ),
+        (
+            "{clusterIP: 10.96.0.10, ports: [{port: 0}]}",
+            "spec.ports[0].port",
+        ),
+        (
+            "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 70000}]}",
+            "spec.ports[0].targetPort",
+        ),
+        (
+            "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: \"Bad_Name\"}]}",
+            "spec.ports[0].targetPort",
+        ),
+        (
+            "{clusterIP: 10.96.0.10, ports: [{name: a, port: 80}, {name: b, port: 80}]}",
+            "spec.ports[1].port",
+        ),
+    ] {
+        let p = plan(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: x}}\nspec: {spec}\n"
+        ));
+        assert!(p.frontends.is_empty(), "{spec}");
+        assert_eq!(p.problems.len(), 1, "{spec}: {:?}", p.problems);
+        assert_eq!(p.problems[0].field, field, "{spec}");
+        assert!(
+            p.problems[0]
+                .to_string()
+                .contains("t.yaml#1 (Service default/x)")
+        );
+    }
+}
+
+#[test]
+fn ipv6_cluster_ips_are_skipped_not_failed() {
+    let p = plan(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: v6}\nspec: {clusterIP: 'fd00::10', ports: [{port: 80}]}\n",
+    );
+    assert!(p.problems.is_empty());
+    assert!(p.skipped[0].reason.contains("IPv6"));
+}
+
+const NODEPORT: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  externalTrafficPolicy: Local
+  externalIPs: [203.0.113.7, 198.51.100.1]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-1, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-1}
+- {addresses: [10.244.2.5], nodeName: node-2}
+"#;
+
+#[test]
+fn node_ports_and_external_ips_follow_the_external_traffic_policy() {
+    let node = NodeContext {
+        name: Some("node-1".into()),
+        external_ip_allow: Some(vec!["203.0.113.0/24".parse().unwrap()]),
+    };
+    let p = plan_for(NODEPORT, &node);
+    assert_eq!(
+        backends(&p, key("10.96.0.30", 80, Protocol::Tcp)),
+        ["10.244.1.5:8080", "10.244.2.5:8080"],
+        "the ClusterIP keeps every endpoint"
+    );
+    assert_eq!(
+        backends(&p, key("0.0.0.0", 30080, Protocol::Tcp)),
+        ["10.244.1.5:8080"]
+    );
+    assert_eq!(
+        backends(&p, key("203.0.113.7", 80, Protocol::Tcp)),
+        ["10.244.1.5:8080"]
+    );
+    assert!(
+        !p.frontends
+            .contains_key(&key("198.51.100.1", 80, Protocol::Tcp)),
+        "outside the allow-list"
+    );
+    assert_eq!(p.problems.len(), 1);
+    assert_eq!(p.problems[0].field, "spec.externalIPs[1]");
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+    let yaml = NODEPORT.replace(
+        "externalTrafficPolicy: Local",
+        "internalTrafficPolicy: Local",
+    );
+    let node = NodeContext {
+        name: Some("node-2".into()),
+        external_ip_allow: None,
+    };
+    let p = plan_for(&yaml, &node);
+    assert_eq!(
+        backends(&p, key("10.96.0.30", 80, Protocol::Tcp)),
+        ["10.244.2.5:8080"]
+    );
+    assert_eq!(
+        backends(&p, key("0.0.0.0", 30080, Protocol::Tcp)),
+        ["10.244.1.5:8080", "10.244.2.5:8080"]
+    );
+}
+
+#[test]
+fn pods_selected_by_a_service_become_endpoints_with_named_ports_resolved() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: redis}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: redis}
+  ports: [{name: redis, port: 6379, targetPort: client}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: r1, labels: {app: redis, tier: db}}
+spec:
+  containers: [{name: c, ports: [{name: client, containerPort: 7000}]}]
+status: {podIP: 10.244.0.5, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: r2, labels: {app: redis}}
+spec:
+  containers: [{name: c, ports: [{name: client, containerPort: 7001}]}]
+status: {podIP: 10.244.0.6, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unready, labels: {app: redis}}
+spec:
+  containers: [{name: c, ports: [{name: client, containerPort: 7000}]}]
+status: {podIP: 10.244.0.7, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: noport, labels: {app: redis}}
+spec:
+  containers: [{name: c}]
+status: {podIP: 10.244.0.8, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, labels: {app: web}}
+spec:
+  containers: [{name: c, ports: [{name: client, containerPort: 7000}]}]
+status: {podIP: 10.244.0.9, conditions: [{type: Ready, status: "True"}]}
+"#;
+    let p = plan(yaml);
+    assert_eq!(
+        backends(&p, key("10.96.0.20", 6379, Protocol::Tcp)),
+        ["10.244.0.5:7000", "10.244.0.6:7001"]
+    );
+    let p = plan(&yaml.replace(
+        "  selector: {app: redis}",
+        "  selector: {app: redis}\n  publishNotReadyAddresses: true",
+    ));
+    assert_eq!(
+        backends(&p, key("10.96.0.20", 6379, Protocol::Tcp)),
+        ["10.244.0.5:7000", "10.244.0.6:7001", "10.244.0.7:7000"]
+    );
+}
+
+#[test]
+fn endpoints_of_a_selectorless_service_are_mirrored() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext-db}
+spec: {clusterIP: 10.96.0.40, ports: [{name: pg, port: 5432}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: ext-db}
+subsets:
+- addresses: [{ip: 192.0.2.10}]
+  notReadyAddresses: [{ip: 192.0.2.11}]
+  ports: [{name: pg, port: 5433}]
+"#;
+    let p = plan(yaml);
+    assert_eq!(
+        backends(&p, key("10.96.0.40", 5432, Protocol::Tcp)),
+        ["192.0.2.10:5433"]
+    );
+}
+
+#[test]
+fn a_refused_service_keeps_its_previous_frontends() {
+    let good = plan(&format!("{SVC}{}", slice("- {addresses: [10.0.0.1]}\n")));
+    let mut bad = plan(&SVC.replace("targetPort: 8080", "targetPort: 0"));
+    assert!(bad.refused.contains("shop/web"), "{bad:?}");
+    assert!(bad.frontends.is_empty());
+    bad.keep_refused_from(&good);
+    assert_eq!(bad.frontends, good.frontends);
+}
