@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod manifests;
 pub mod netns;
+pub mod packet;
 pub mod topology;
 pub mod traffic;
 

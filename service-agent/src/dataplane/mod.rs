@@ -128,7 +128,8 @@ impl Dataplane {
         })
     }
 
-    fn program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+    /// The loaded tc program (for BPF_PROG_TEST_RUN in tests and benchmarks).
+    pub fn program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
         Ok(self
             .ebpf
             .program_mut(PROG_TC_INGRESS)
