@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{Dataplane, MapSizes, interfaces, writer},
+    dataplane::{Dataplane, IfaceRole, MapSizes, interfaces, writer},
     manifest::ManifestDir,
     plan::{self, NodeContext, Plan},
     status,
@@ -97,17 +97,20 @@ impl Agent {
             info!(iface = %gone, "interface gone");
         }
         for name in &names {
-            let wanted = self.cfg.external_ifaces.contains(name)
-                || self
-                    .cfg
-                    .pod_iface_globs
-                    .iter()
-                    .any(|g| interfaces::glob_match(g, name));
-            if !wanted {
+            let role = if self.cfg.external_ifaces.contains(name) {
+                IfaceRole::External
+            } else if self
+                .cfg
+                .pod_iface_globs
+                .iter()
+                .any(|g| interfaces::glob_match(g, name))
+            {
+                IfaceRole::Pod
+            } else {
                 continue;
-            }
-            match self.dp.attach(name) {
-                Ok(true) => info!(iface = %name, "attached tc ingress"),
+            };
+            match self.dp.attach(name, role) {
+                Ok(true) => info!(iface = %name, ?role, "attached tc ingress"),
                 Ok(false) => {}
                 Err(e) => warn!(iface = %name, "{e:#}"),
             }
@@ -120,6 +123,25 @@ impl Agent {
         if let Err(e) = self.dp.writer.set_node_addrs(&mut self.dp.tables, &addrs) {
             warn!("updating NODE_ADDRS: {e}");
         }
+        let snat = self.snat_address(&addrs);
+        if let Err(e) = self.dp.writer.set_snat_addr(&mut self.dp.tables, snat) {
+            warn!("setting the SNAT address: {e}");
+        }
+    }
+}
+
+impl Agent {
+    /// The first --node-ip, else the first address of the first external
+    /// interface: where replies of source-NATed flows come back to.
+    fn snat_address(&self, node_addrs: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+        if let Some(a) = self.cfg.node_ips.first() {
+            return Some(*a);
+        }
+        self.cfg
+            .external_ifaces
+            .iter()
+            .find_map(|i| interfaces::interface_addresses(i).ok()?.into_iter().next())
+            .or_else(|| node_addrs.first().copied())
     }
 }
 

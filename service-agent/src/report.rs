@@ -55,6 +55,7 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
                         BackendAddr {
                             addr: Ipv4Addr::from(b.addr),
                             port: b.port,
+                            local: b.flags & BE_F_LOCAL != 0,
                         }
                         .to_string(),
                     ),

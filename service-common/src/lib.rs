@@ -33,7 +33,16 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_META,
 ];
 
-pub const PROG_TC_INGRESS: &str = "svc_tc_ingress";
+/// tc ingress on pod-facing host veths.
+pub const PROG_TC_POD: &str = "svc_tc_pod";
+/// tc ingress on the node's external interfaces: also source-NATs traffic
+/// from outside that goes to a backend on another node.
+pub const PROG_TC_EXTERNAL: &str = "svc_tc_external";
+
+/// Source ports for NodePort/LoadBalancer traffic source-NATed to the node,
+/// above Linux's default ephemeral range so the node's own sockets never collide.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_COUNT: u16 = 4_535;
 
 /// Default capacities, sized for about 10,000 Services with 10 endpoints each.
 pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
@@ -75,10 +84,6 @@ pub const SVC_F_REJECT_EMPTY: u16 = 1 << 0;
 pub const SVC_F_AFFINITY: u16 = 1 << 1;
 /// The frontend is a NodePort (addr 0 in the key).
 pub const SVC_F_NODEPORT: u16 = 1 << 2;
-/// externalTrafficPolicy / internalTrafficPolicy Local: use SCOPE_LOCAL slots.
-pub const SVC_F_LOCAL: u16 = 1 << 3;
-/// Sources outside the node are source-NATed to the node (policy Cluster, remote backend).
-pub const SVC_F_SNAT_REMOTE: u16 = 1 << 4;
 
 /// Value of the SERVICES map. In the master entry (slot 0) `count`, `flags`
 /// and `affinity_timeout_s` are meaningful and `backend_id` is 0; in a slot
@@ -126,8 +131,11 @@ pub const CT_F_REPLY: u16 = 1 << 0;
 pub const CT_F_HAIRPIN: u16 = 1 << 1;
 /// A TCP FIN or RST was seen; the agent expires the entry sooner.
 pub const CT_F_CLOSING: u16 = 1 << 2;
-/// The entry carries a source NAT to the node address (NodePort to a remote backend).
+/// The entry carries a source NAT to the node address (from outside to a remote backend).
 pub const CT_F_SNAT: u16 = 1 << 3;
+/// After rewriting, the packet's source is an address of this node: it is
+/// sent to its next hop directly rather than through IP input (martian check).
+pub const CT_F_LOCAL_SOURCE: u16 = 1 << 4;
 
 /// What to write into a packet whose 5-tuple matches a CONNTRACK key. Both
 /// directions of a translated flow have an entry; each says the whole
@@ -183,6 +191,8 @@ pub struct SvcStats {
 
 /// META map slots (array of u64).
 pub const META_LAYOUT_VERSION: u32 = 0;
+/// The node address (as `u32::from_ne_bytes(octets)`) used as SNAT source.
+pub const META_SNAT_ADDR: u32 = 1;
 pub const META_MAX: u32 = 8;
 
 /// Why a packet was not translated normally. Each has a per-CPU counter in
@@ -221,10 +231,17 @@ pub enum Reason {
     AffinityStale = 13,
     /// A UDP flow whose backend is gone was moved to a live backend.
     StaleFlowMoved = 14,
+    /// externalTrafficPolicy Local and no endpoint on this node: dropped, as
+    /// kube-proxy does, so load balancers' health checks steer traffic away.
+    NoLocalEndpoint = 15,
+    /// A new flow was source-NATed to the node address (remote backend).
+    SnatFlow = 16,
+    /// No free SNAT port, or no SNAT address configured: dropped.
+    SnatFailed = 17,
 }
 
 impl Reason {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 18;
     pub const ALL: [Reason; Self::COUNT] = [
         Reason::RejectedNoBackend,
         Reason::RejectFailed,
@@ -241,6 +258,9 @@ impl Reason {
         Reason::AffinityHit,
         Reason::AffinityStale,
         Reason::StaleFlowMoved,
+        Reason::NoLocalEndpoint,
+        Reason::SnatFlow,
+        Reason::SnatFailed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -260,6 +280,9 @@ impl Reason {
             Reason::AffinityHit => "affinity_hit",
             Reason::AffinityStale => "affinity_stale",
             Reason::StaleFlowMoved => "stale_flow_moved",
+            Reason::NoLocalEndpoint => "no_local_endpoint",
+            Reason::SnatFlow => "snat_flow",
+            Reason::SnatFailed => "snat_failed",
         }
     }
 
@@ -271,6 +294,8 @@ impl Reason {
                 | Reason::NoBackendEntry
                 | Reason::CtInsertFailed
                 | Reason::RewriteFailed
+                | Reason::NoLocalEndpoint
+                | Reason::SnatFailed
         )
     }
 }

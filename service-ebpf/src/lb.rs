@@ -12,6 +12,8 @@ use crate::{
 pub struct Frontend {
     pub key: ServiceKey,
     pub master: ServiceValue,
+    /// The packet is addressed to one of this node's own addresses.
+    pub to_node_addr: bool,
 }
 
 #[inline(always)]
@@ -28,6 +30,7 @@ fn master_of(addr: [u8; 4], flow: &Flow) -> Option<Frontend> {
     Some(Frontend {
         key,
         master: *master,
+        to_node_addr: false,
     })
 }
 
@@ -35,11 +38,13 @@ fn master_of(addr: [u8; 4], flow: &Flow) -> Option<Frontend> {
 /// entry first, then a NodePort entry when the destination is a node address.
 #[inline(always)]
 pub fn lookup_frontend(flow: &Flow) -> Option<Frontend> {
-    if let Some(f) = master_of(flow.daddr, flow) {
-        return Some(f);
-    }
-    unsafe { NODE_ADDRS.get(flow.daddr) }?;
-    master_of([0; 4], flow)
+    let to_node_addr = unsafe { NODE_ADDRS.get(flow.daddr) }.is_some();
+    let found = match master_of(flow.daddr, flow) {
+        Some(f) => Some(f),
+        None if to_node_addr => master_of([0; 4], flow),
+        None => None,
+    };
+    found.map(|f| Frontend { to_node_addr, ..f })
 }
 
 #[inline(always)]

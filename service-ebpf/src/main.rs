@@ -4,6 +4,7 @@
 #![no_main]
 
 mod conntrack;
+mod forward;
 mod lb;
 mod maps;
 mod nat;
@@ -16,7 +17,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use service_common::{IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY};
+use service_common::{BE_F_LOCAL, CT_F_LOCAL_SOURCE, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY};
 
 use crate::{
     conntrack::CtLookup,
@@ -29,11 +30,23 @@ use crate::{
 const PASS: i32 = TC_ACT_OK as i32;
 const DROP: i32 = TC_ACT_SHOT as i32;
 
-/// tc ingress on pod-facing veths and on the node's external interfaces:
-/// translates requests to Service frontends and the replies of their backends.
+/// tc ingress on pod-facing host veths: translates pods' requests to Service
+/// frontends and the replies of local backends.
 #[classifier]
-pub fn svc_tc_ingress(ctx: TcContext) -> i32 {
-    let flow = match packet::parse(&ctx) {
+pub fn svc_tc_pod(ctx: TcContext) -> i32 {
+    ingress(&ctx, false)
+}
+
+/// tc ingress on the node's external interfaces: NodePort, LoadBalancer and
+/// externalIP traffic from outside, and replies of backends on other nodes.
+#[classifier]
+pub fn svc_tc_external(ctx: TcContext) -> i32 {
+    ingress(&ctx, true)
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext, from_outside: bool) -> i32 {
+    let flow = match packet::parse(ctx) {
         Parsed::Other => return PASS,
         Parsed::Untouchable(reason) => {
             count_reason(reason);
@@ -46,36 +59,40 @@ pub fn svc_tc_ingress(ctx: TcContext) -> i32 {
             target,
             svc_id,
             reply,
+            local_source,
         } => {
             count_reason(if reply {
                 Reason::ReplyTranslated
             } else {
                 Reason::CtHit
             });
-            return translate(&ctx, &flow, &target, svc_id);
+            return translate(ctx, &flow, &target, svc_id, local_source);
         }
         CtLookup::Stale => count_reason(Reason::StaleFlowMoved),
         CtLookup::Miss => {}
     }
     match lb::lookup_frontend(&flow) {
-        Some(fe) => start_flow(&ctx, &flow, &fe),
+        Some(fe) => start_flow(ctx, &flow, &fe, from_outside),
         None => PASS,
     }
 }
 
 #[inline(always)]
-fn translate(ctx: &TcContext, flow: &Flow, to: &Target, svc_id: u32) -> i32 {
+fn translate(ctx: &TcContext, flow: &Flow, to: &Target, svc_id: u32, local_source: bool) -> i32 {
     if rewrite_tuple(ctx, flow, to).is_err() {
         count_reason(Reason::RewriteFailed);
         return DROP;
     }
     count_packet(svc_id, ctx.len());
+    if local_source {
+        return forward::to_next_hop(ctx, to.saddr, to.daddr, flow.proto, flow.ip_len);
+    }
     PASS
 }
 
 /// The first packet of a flow to a frontend: pick a backend, record the flow, rewrite.
 #[inline(always)]
-fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend) -> i32 {
+fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend, from_outside: bool) -> i32 {
     let svc_id = fe.master.svc_id;
     let Some((backend_id, backend)) = lb::select_backend(fe, flow) else {
         if fe.master.count == 0 {
@@ -88,25 +105,47 @@ fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend) -> i32 {
     // itself to itself and drop it as a martian; its source becomes the
     // frontend address instead, and the reply entry undoes both rewrites.
     let hairpin = backend.addr == flow.saddr;
-    let to = Target {
+    let mut to = Target {
         saddr: if hairpin { flow.daddr } else { flow.saddr },
         sport: flow.sport,
         daddr: backend.addr,
         dport: backend.port,
     };
-    if conntrack::create(flow, &to, backend_id, svc_id, hairpin).is_err() {
+    // From outside to a backend on another node: the backend's reply would
+    // go straight back to the client, past this node's reverse translation,
+    // so the source becomes this node (kube-proxy masquerades the same way).
+    // Replies to a frontend on a node address leave with that address as source.
+    let reply_flags = if fe.to_node_addr {
+        CT_F_LOCAL_SOURCE
+    } else {
+        0
+    };
+    let mut local_source = hairpin && fe.to_node_addr;
+    if from_outside && !hairpin && backend.flags & BE_F_LOCAL == 0 {
+        let Some(addr) = conntrack::snat_address() else {
+            count_reason(Reason::SnatFailed);
+            return DROP;
+        };
+        to.saddr = addr;
+        if conntrack::create_snat(flow, &mut to, backend_id, svc_id, reply_flags).is_err() {
+            count_reason(Reason::SnatFailed);
+            return DROP;
+        }
+        count_reason(Reason::SnatFlow);
+        local_source = true;
+    } else if conntrack::create(flow, &to, backend_id, svc_id, hairpin, reply_flags).is_err() {
         count_reason(Reason::CtInsertFailed);
         return DROP;
     }
     count_reason(Reason::NewFlow);
     count_new_flow(svc_id);
-    translate(ctx, flow, &to, svc_id)
+    translate(ctx, flow, &to, svc_id, local_source)
 }
 
 #[inline(always)]
 fn reject(ctx: &TcContext, flow: &Flow, fe: &Frontend) -> i32 {
     if fe.master.flags & SVC_F_REJECT_EMPTY == 0 {
-        count_reason(Reason::NoBackendEntry);
+        count_reason(Reason::NoLocalEndpoint);
         return DROP;
     }
     let answered = if flow.proto == IPPROTO_TCP {

@@ -60,6 +60,13 @@ fn serve_tcp_conn(mut s: TcpStream, name: String, stop: Arc<AtomicBool>) {
             Ok(0) => return,
             Ok(_) => {
                 if line.starts_with("GET ") {
+                    // Read the headers out first: closing a socket with unread
+                    // data sends a reset instead of the response.
+                    let mut header = String::new();
+                    while reader.read_line(&mut header).is_ok_and(|n| n > 0) && header.trim() != ""
+                    {
+                        header.clear();
+                    }
                     // Enough HTTP for curl: the body is the pod name.
                     let body = format!("{name}\n");
                     let _ = write!(

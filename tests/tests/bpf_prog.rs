@@ -8,7 +8,7 @@ use integration_tests::{
     unique,
 };
 use service_agent::{
-    dataplane::{Dataplane, MapSizes, pins},
+    dataplane::{Dataplane, IfaceRole, MapSizes, pins},
     plan::{BackendAddr, FrontendKey, FrontendKind, FrontendPlan, Plan, Protocol},
 };
 use service_common::*;
@@ -38,9 +38,11 @@ fn frontend(service: &str, backends: &[(&str, u16)], affinity: Option<u32>) -> F
             .map(|(a, p)| BackendAddr {
                 addr: a.parse().unwrap(),
                 port: *p,
+                local: true,
             })
             .collect(),
         affinity_timeout_s: affinity,
+        reject_when_empty: true,
     }
 }
 
@@ -73,7 +75,7 @@ fn load(frontends: Vec<(FrontendKey, FrontendPlan)>) -> Loaded {
 
 fn run(l: &mut Loaded, pkt: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; 1600];
-    let prog = l.dp.program().unwrap();
+    let prog = l.dp.program(IfaceRole::Pod).unwrap();
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(pkt),

@@ -28,8 +28,18 @@ pub fn interface_names() -> std::io::Result<Vec<String>> {
 /// IPv4 addresses assigned in this namespace, loopback excluded: the
 /// addresses NodePorts answer on.
 pub fn node_addresses() -> std::io::Result<Vec<Ipv4Addr>> {
+    addresses(|_| true)
+}
+
+/// IPv4 addresses of one interface, in the kernel's order.
+pub fn interface_addresses(iface: &str) -> std::io::Result<Vec<Ipv4Addr>> {
+    addresses(|name| name == iface)
+}
+
+fn addresses(keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<Ipv4Addr>> {
     let mut out: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
         .map_err(std::io::Error::from)?
+        .filter(|ifa| keep(&ifa.interface_name))
         .filter_map(|ifa| {
             let a = ifa.address?;
             let sin = a.as_sockaddr_in()?;

@@ -59,7 +59,23 @@ pub struct Dataplane {
     pub tables: Tables,
     pub writer: Writer,
     pub pin_dir: PathBuf,
-    links: BTreeMap<String, SchedClassifierLinkId>,
+    links: BTreeMap<String, (IfaceRole, SchedClassifierLinkId)>,
+}
+
+/// Which side of the node an interface faces; it decides the program attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IfaceRole {
+    Pod,
+    External,
+}
+
+impl IfaceRole {
+    pub fn program(self) -> &'static str {
+        match self {
+            IfaceRole::Pod => PROG_TC_POD,
+            IfaceRole::External => PROG_TC_EXTERNAL,
+        }
+    }
 }
 
 fn pinned_layout_version(dir: &std::path::Path) -> Option<u64> {
@@ -101,12 +117,14 @@ impl Dataplane {
         let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .context("loading the BPF object (is this kernel built with BTF and bpf support?)")?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC_INGRESS)
-            .ok_or_else(|| anyhow!("program {PROG_TC_INGRESS} missing from the BPF object"))?
-            .try_into()?;
-        prog.load()
-            .context("the kernel verifier rejected the tc program")?;
+        for name in [PROG_TC_POD, PROG_TC_EXTERNAL] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel verifier rejected the tc program {name}"))?;
+        }
         let mut tables = Tables::take(&mut ebpf)?;
         tables
             .meta
@@ -128,12 +146,13 @@ impl Dataplane {
         })
     }
 
-    /// The loaded tc program (for BPF_PROG_TEST_RUN in tests and benchmarks).
-    pub fn program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+    /// A loaded tc program (also for BPF_PROG_TEST_RUN in tests and benchmarks).
+    pub fn program(&mut self, role: IfaceRole) -> anyhow::Result<&mut SchedClassifier> {
+        let name = role.program();
         Ok(self
             .ebpf
-            .program_mut(PROG_TC_INGRESS)
-            .ok_or_else(|| anyhow!("program {PROG_TC_INGRESS} missing"))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
             .try_into()?)
     }
 
@@ -141,16 +160,16 @@ impl Dataplane {
         self.links.keys().map(String::as_str)
     }
 
-    /// Attaches the ingress program to `iface` (once).
-    pub fn attach(&mut self, iface: &str) -> anyhow::Result<bool> {
+    /// Attaches the program for `role` to the tc ingress of `iface` (once).
+    pub fn attach(&mut self, iface: &str, role: IfaceRole) -> anyhow::Result<bool> {
         if self.links.contains_key(iface) {
             return Ok(false);
         }
         let id = self
-            .program()?
+            .program(role)?
             .attach(iface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching to tc ingress of {iface}"))?;
-        self.links.insert(iface.to_string(), id);
+            .with_context(|| format!("attaching {} to tc ingress of {iface}", role.program()))?;
+        self.links.insert(iface.to_string(), (role, id));
         Ok(true)
     }
 
@@ -164,8 +183,8 @@ impl Dataplane {
             .cloned()
             .collect();
         for iface in &gone {
-            if let Some(id) = self.links.remove(iface)
-                && let Ok(prog) = self.program()
+            if let Some((role, id)) = self.links.remove(iface)
+                && let Ok(prog) = self.program(role)
             {
                 // Dropping the link releases our reference; the device took the rest.
                 drop(prog.take_link(id));

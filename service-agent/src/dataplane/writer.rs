@@ -244,7 +244,7 @@ impl Writer {
                 addr: b.addr.octets(),
                 port: b.port,
                 proto,
-                flags: 0,
+                flags: if b.local { BE_F_LOCAL } else { 0 },
             };
             ids.push(self.backend_id(t, backend, report)?);
         }
@@ -261,7 +261,10 @@ impl Writer {
                 .alloc_svc_id()
                 .ok_or_else(|| format!("more than {} frontends", SVC_STATS_MAX - 1))?,
         };
-        let mut flags = SVC_F_REJECT_EMPTY;
+        let mut flags = 0;
+        if fe.reject_when_empty {
+            flags |= SVC_F_REJECT_EMPTY;
+        }
         if mk.addr == [0; 4] {
             flags |= SVC_F_NODEPORT;
         }
@@ -418,6 +421,13 @@ impl Writer {
             }
         }
         n
+    }
+
+    /// Sets the address traffic from outside is source-NATed to when its
+    /// backend runs on another node.
+    pub fn set_snat_addr(&self, t: &mut Tables, addr: Option<Ipv4Addr>) -> Result<(), MapError> {
+        let v = addr.map_or(0, |a| u32::from_ne_bytes(a.octets()) as u64);
+        t.meta.set(META_SNAT_ADDR, v, 0)
     }
 
     /// Keeps NODE_ADDRS equal to `addrs`.

@@ -83,6 +83,9 @@ impl fmt::Display for FrontendKey {
 pub struct BackendAddr {
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// The endpoint runs on this node (its `nodeName` is this node's name).
+    /// Traffic from outside to a backend that is not local is source-NATed.
+    pub local: bool,
 }
 
 impl fmt::Display for BackendAddr {
@@ -109,6 +112,9 @@ pub struct FrontendPlan {
     pub backends: Vec<BackendAddr>,
     /// ClientIP affinity timeout, when the Service asks for affinity.
     pub affinity_timeout_s: Option<u32>,
+    /// With no backend: answer with a reject (the Service has no endpoint
+    /// at all), or drop (policy Local and no endpoint on this node).
+    pub reject_when_empty: bool,
 }
 
 /// A Service the dataplane deliberately leaves alone, and why.
@@ -253,13 +259,23 @@ fn protocol_of(sp: &ServicePort) -> Result<Protocol, String> {
 /// Endpoints of one Service port, as kube-proxy picks them: ready ones; when
 /// none is ready, serving-and-terminating ones (KEP-1669); only this node's
 /// when `local_only`.
-fn pick_endpoints(eps: &[(&Endpoint, u16, &str)], local_only: Option<&str>) -> Vec<BackendAddr> {
+fn pick_endpoints(
+    eps: &[(&Endpoint, u16, &str)],
+    this_node: Option<&str>,
+    local_only: bool,
+) -> Vec<BackendAddr> {
+    let is_local = |e: &Endpoint| this_node.is_some() && e.node_name.as_deref() == this_node;
+    let backend = |e: &Endpoint, port: u16| {
+        let addr = e.addresses.first()?.parse().ok()?;
+        Some(BackendAddr {
+            addr,
+            port,
+            local: is_local(e),
+        })
+    };
     let usable: Vec<_> = eps
         .iter()
-        .filter(|(e, _, _)| match local_only {
-            Some(node) => e.node_name.as_deref() == Some(node),
-            None => true,
-        })
+        .filter(|(e, _, _)| !local_only || is_local(e))
         .collect();
     let cond = |e: &Endpoint| e.conditions.clone().unwrap_or_default();
     let ready: BTreeSet<BackendAddr> = usable
@@ -280,11 +296,6 @@ fn pick_endpoints(eps: &[(&Endpoint, u16, &str)], local_only: Option<&str>) -> V
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
-}
-
-fn backend(e: &Endpoint, port: u16) -> Option<BackendAddr> {
-    let addr = e.addresses.first()?.parse().ok()?;
-    Some(BackendAddr { addr, port })
 }
 
 /// Compiles the cluster's Services and EndpointSlices into the frontend table.
@@ -590,10 +601,19 @@ fn compile_service(
                     .map(|e| (e, target, slice.origin.as_str())),
             );
         }
-        let local_node = node.name.as_deref();
-        let cluster_backends = pick_endpoints(&eps, if internal_local { local_node } else { None });
-        let external_backends =
-            pick_endpoints(&eps, if external_local { local_node } else { None });
+        let this_node = node.name.as_deref();
+        let all_backends = pick_endpoints(&eps, this_node, false);
+        let local_backends = pick_endpoints(&eps, this_node, true);
+        let cluster_backends = if internal_local {
+            &local_backends
+        } else {
+            &all_backends
+        };
+        let external_backends = if external_local {
+            &local_backends
+        } else {
+            &all_backends
+        };
         let service = ctx.name.clone();
         let fe = |kind, backends: &Vec<BackendAddr>| FrontendPlan {
             service: service.clone(),
@@ -601,6 +621,7 @@ fn compile_service(
             kind,
             backends: backends.clone(),
             affinity_timeout_s: affinity,
+            reject_when_empty: all_backends.is_empty(),
         };
         out.push((
             FrontendKey {
@@ -608,7 +629,7 @@ fn compile_service(
                 port,
                 proto,
             },
-            fe(FrontendKind::ClusterIp, &cluster_backends),
+            fe(FrontendKind::ClusterIp, cluster_backends),
         ));
         if node_ports {
             match sp.node_port {
@@ -619,7 +640,7 @@ fn compile_service(
                             port: np,
                             proto,
                         },
-                        fe(FrontendKind::NodePort, &external_backends),
+                        fe(FrontendKind::NodePort, external_backends),
                     )),
                     None => {
                         ctx.problem(
@@ -644,7 +665,7 @@ fn compile_service(
                     port,
                     proto,
                 },
-                fe(*kind, &external_backends),
+                fe(*kind, external_backends),
             ));
         }
     }

@@ -1,0 +1,267 @@
+//! `cargo xtask demo`: the scenario a new user tries first, on a two-node
+//! cluster built from network namespaces. Prints what a person at a terminal
+//! would see and exits non-zero when what it shows is not what it claims.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use integration_tests::{
+    agent::{Agent, ManifestDir},
+    topology::Topology,
+    traffic::{self, Server},
+};
+
+const REDIS_IP: &str = "10.96.0.20";
+
+fn heading(s: &str) {
+    println!("\n\x1b[1m== {s}\x1b[0m");
+}
+
+fn myapp_service(affinity: bool) -> String {
+    let aff = if affinity {
+        "  sessionAffinity: ClientIP\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: myapp
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.80
+  selector: {{app: myapp}}
+{aff}  ports:
+  - {{port: 80, targetPort: 80, nodePort: 30080}}
+"#
+    )
+}
+
+fn pod(name: &str, app: &str, ip: Ipv4Addr, node: &str, port: u16) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: {app}}}}}
+spec:
+  nodeName: {node}
+  containers: [{{name: main, image: example/{app}, ports: [{{containerPort: {port}}}]}}]
+status:
+  podIP: {ip}
+  conditions: [{{type: Ready, status: "True"}}]
+---
+"#
+    )
+}
+
+const OTHER_SERVICES: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: redis}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: redis}
+  ports: [{name: redis, port: 6379, targetPort: 6379}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: myapp-headless}
+spec:
+  clusterIP: None
+  selector: {app: myapp}
+  ports: [{port: 80}]
+"#;
+
+/// `curl -s http://ADDR/hostname.html` from the outside client, 12 times.
+fn curl_loop(client_ns: &str, node_ip: Ipv4Addr) -> anyhow::Result<Vec<String>> {
+    println!("$ for i in $(seq 12); do curl -s http://{node_ip}:30080/hostname.html; done");
+    let mut answers = vec![];
+    for _ in 0..12 {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{client_ns}"))
+            .args(["curl", "-s", "--max-time", "3"])
+            .arg(format!("http://{node_ip}:30080/hostname.html"))
+            .output()
+            .context("running curl (cargo xtask setup installs it)")?;
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ensure!(
+            out.status.success() && !body.is_empty(),
+            "curl to {node_ip}:30080 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{body}");
+        answers.push(body);
+    }
+    Ok(answers)
+}
+
+fn tally(answers: &[String]) -> BTreeMap<&str, usize> {
+    let mut t = BTreeMap::new();
+    for a in answers {
+        *t.entry(a.as_str()).or_default() += 1;
+    }
+    t
+}
+
+/// Checks the spread claim: the 12 shown came from more than one pod, and
+/// a larger quiet sample reaches all three.
+fn check_spread(
+    client: &integration_tests::netns::Netns,
+    node_ip: Ipv4Addr,
+    shown: &[String],
+) -> anyhow::Result<()> {
+    let t = tally(shown);
+    println!("   -> {} answers from {} pods: {t:?}", shown.len(), t.len());
+    ensure!(
+        t.len() >= 2,
+        "12 requests all went to one pod without affinity"
+    );
+    let to = SocketAddrV4::new(node_ip, 30080);
+    let more = client.within(move || {
+        (0..90)
+            .map(|_| traffic::http_get(to, "/hostname.html", Duration::from_secs(3)))
+            .collect::<Result<Vec<_>, _>>()
+    })??;
+    let all = tally(&more);
+    println!("   -> 90 more requests: {all:?}");
+    ensure!(
+        all.len() == 3,
+        "90 requests did not reach all 3 pods: {all:?}"
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    heading("A two-node cluster in network namespaces (nothing leaves this machine)");
+    let mut topo = Topology::new()?;
+    let n1 = topo.add_node()?;
+    let n2 = topo.add_node()?;
+    let c = topo.add_client()?;
+    // Deployment myapp: pods on both nodes; redis on node 2; a client pod on node 1.
+    let placement = [
+        ("myapp-6d8f7-hx2lq", n1),
+        ("myapp-6d8f7-p9zkt", n2),
+        ("myapp-6d8f7-w4rmd", n1),
+    ];
+    let mut servers = vec![];
+    let mut manifests = String::new();
+    for (name, node) in placement {
+        let k = topo.add_pod(node, name)?;
+        let p = &topo.pods[k];
+        servers.push(Server::start(&p.ns, p.ip, 80, name)?);
+        manifests.push_str(&pod(name, "myapp", p.ip, &format!("node-{}", node + 1), 80));
+    }
+    let r = topo.add_pod(n2, "redis-0")?;
+    let rp = &topo.pods[r];
+    servers.push(Server::start(&rp.ns, rp.ip, 6379, "redis-0")?);
+    manifests.push_str(&pod("redis-0", "redis", rp.ip, "node-2", 6379));
+    let cp = topo.add_pod(n1, "toolbox")?;
+    for n in &topo.nodes {
+        println!("  node-{} {} (pods 10.244.{}.0/24)", n.index, n.ip, n.index);
+    }
+    for p in &topo.pods {
+        println!(
+            "  pod {:<20} {:<12} on node-{}",
+            p.name,
+            p.ip.to_string(),
+            p.node + 1
+        );
+    }
+    println!(
+        "  client {} (a laptop on the node network, outside the cluster)",
+        topo.clients[c].ip
+    );
+
+    let dir = ManifestDir::new()?;
+    dir.write("pods.yaml", &manifests)?;
+    dir.write("myapp.yaml", &myapp_service(false))?;
+    dir.write("other.yaml", OTHER_SERVICES)?;
+    heading("service-agent on each node, same manifests, its own pin directory");
+    let a1 = Agent::start(&topo.nodes[n1].ns, &dir.path, &["--node-name", "node-1"])?;
+    let a2 = Agent::start(&topo.nodes[n2].ns, &dir.path, &["--node-name", "node-2"])?;
+    println!(
+        "  node-1: {}\n  node-2: {}",
+        a1.pin_dir.display(),
+        a2.pin_dir.display()
+    );
+
+    let client_ns = topo.clients[c].ns.name.clone();
+    for (i, node) in [n1, n2].into_iter().enumerate() {
+        let ip = topo.nodes[node].ip;
+        heading(&format!(
+            "NodePort 30080 on node-{} from outside the cluster",
+            i + 1
+        ));
+        let shown = curl_loop(&client_ns, ip)?;
+        check_spread(&topo.clients[c].ns, ip, &shown)?;
+    }
+
+    heading("kubectl patch service myapp -p '{\"spec\":{\"sessionAffinity\":\"ClientIP\"}}'");
+    dir.write("myapp.yaml", &myapp_service(true))?;
+    a1.wait_list("affinity programmed", |l| {
+        l.contains("affinity ClientIP 10800s")
+    })?;
+    let shown = curl_loop(&client_ns, topo.nodes[n1].ip)?;
+    let t = tally(&shown);
+    println!("   -> {} answers from {} pod: {t:?}", shown.len(), t.len());
+    ensure!(
+        t.len() == 1,
+        "with ClientIP affinity every answer must come from one pod: {t:?}"
+    );
+
+    heading(&format!(
+        "ClusterIP redis {REDIS_IP}:6379 from pod toolbox on node-1"
+    ));
+    let to = SocketAddrV4::new(REDIS_IP.parse()?, 6379);
+    let reply = topo.pods[cp]
+        .ns
+        .within(move || traffic::tcp_ask(to, Duration::from_secs(3)))??;
+    println!(
+        "  toolbox -> {REDIS_IP}:6379 answered by {} (it saw the client as {}, the pod's own address)",
+        reply.server, reply.seen_from
+    );
+    ensure!(
+        reply.server == "redis-0",
+        "redis answered by {}",
+        reply.server
+    );
+    ensure!(
+        reply.seen_from.ip() == std::net::IpAddr::V4(topo.pods[cp].ip),
+        "source address not preserved"
+    );
+
+    heading("service-agent list (node-1), read back from the pinned maps");
+    let list = a1.list()?;
+    print!("{list}");
+    ensure!(
+        list.contains("skipped default/myapp-headless: clusterIP None: headless"),
+        "headless Service not shown as skipped"
+    );
+    ensure!(
+        list.contains("*:30080/TCP ->") && list.contains("10.96.0.20:6379/TCP ->"),
+        "list lacks the NodePort or redis"
+    );
+
+    heading(&format!(
+        "bpftool map dump pinned {}/SERVICES (first entry)",
+        a1.pin_dir.display()
+    ));
+    let dump = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(a1.pin_dir.join("SERVICES"))
+        .output()?;
+    let text = String::from_utf8_lossy(&dump.stdout);
+    let excerpt: Vec<&str> = text.lines().take(18).collect();
+    println!("{}", excerpt.join("\n"));
+    if !text.contains("\"backend_id\"") {
+        bail!("bpftool did not print the map's field names");
+    }
+    heading("stats (node-1)");
+    print!("{}", a1.cli("stats", &[])?);
+    drop((a1, a2, servers));
+    heading("done: every namespace, pin and process made here is removed");
+    Ok(())
+}
