@@ -2,7 +2,7 @@
 //! a two-node topology, with both traffic policies.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddrV4},
     time::Duration,
 };
 
@@ -115,4 +115,203 @@ fn node_port_with_cluster_policy_reaches_pods_on_both_nodes_from_either_node() {
             }
         }
     }
+}
+
+fn counter(agent: &Agent, reason: &str) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&agent.cli("stats", &["-o", "json"]).unwrap()).unwrap();
+    v["reasons"][reason].as_u64().unwrap()
+}
+
+#[test]
+fn node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node() {
+    let t = two_nodes("  externalTrafficPolicy: Local\n");
+    let client_ip = IpAddr::V4(t.topo.clients[0].ip);
+    for (node, only) in [(0, "web-1"), (1, "web-2")] {
+        let seen = ask_many(&t, SocketAddrV4::new(t.topo.nodes[node].ip, 30080), 20);
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            [only],
+            "via node-{}",
+            node + 1
+        );
+        assert!(
+            seen[only].iter().all(|s| *s == client_ip),
+            "source kept: {seen:?}"
+        );
+    }
+    // web-2 stops being ready: node-2 has no local endpoint and must not forward.
+    let mut pods = String::new();
+    for p in &t.topo.pods {
+        pods.push_str(&manifests::pod(
+            &p.name,
+            "web",
+            p.ip,
+            p.name == "web-1",
+            &format!("node-{}", p.node + 1),
+        ));
+        pods.push_str("---\n");
+    }
+    t.dir.write("pods.yaml", &pods).unwrap();
+    t.agents[1]
+        .wait_list("no local endpoint", |l| {
+            l.contains("*:30080/TCP -> (no endpoints")
+        })
+        .unwrap();
+    let to = SocketAddrV4::new(t.topo.nodes[1].ip, 30080);
+    let r = t.topo.clients[0]
+        .ns
+        .within(move || traffic::tcp_ask(to, Duration::from_millis(700)))
+        .unwrap();
+    assert_eq!(
+        r.unwrap_err().kind(),
+        std::io::ErrorKind::TimedOut,
+        "dropped, not rejected and not forwarded"
+    );
+    assert!(counter(&t.agents[1], "no_local_endpoint") >= 1);
+    // The ClusterIP is unaffected by the external policy: from a pod on node-2 it reaches web-1.
+    let pod2 = t.topo.pod("web-2");
+    let r = pod2
+        .ns
+        .within(|| traffic::tcp_ask(SocketAddrV4::new("10.96.0.10".parse().unwrap(), 80), T))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.server, "web-1");
+}
+
+#[test]
+fn node_port_udp_and_node_port_from_a_pod() {
+    let t = two_nodes("");
+    let to = SocketAddrV4::new(t.topo.nodes[1].ip, 30053);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let (r, from) = t.topo.clients[0]
+            .ns
+            .within(move || traffic::udp_ask(to, T))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            from,
+            to.into(),
+            "the reply comes from the node address and NodePort"
+        );
+        seen.insert(r.server);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // A pod on node-1 to node-2's NodePort.
+    let pod = t.topo.pod("web-1");
+    let to = SocketAddrV4::new(t.topo.nodes[1].ip, 30080);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(
+            pod.ns
+                .within(move || traffic::tcp_ask(to, T))
+                .unwrap()
+                .unwrap()
+                .server,
+        );
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+#[test]
+fn node_ports_answer_on_addresses_the_node_gains_later() {
+    let t = two_nodes("");
+    let extra = "192.168.77.50";
+    t.topo.nodes[1]
+        .ns
+        .ip(&["addr", "add", &format!("{extra}/24"), "dev", "eth0"])
+        .unwrap();
+    t.agents[1]
+        .wait_list("address learnt", |_| {
+            t.agents[1]
+                .cli("dump", &["NODE_ADDRS"])
+                .unwrap()
+                .contains(extra)
+        })
+        .unwrap();
+    let to = SocketAddrV4::new(extra.parse().unwrap(), 30080);
+    let r = t.topo.clients[0]
+        .ns
+        .within(move || traffic::tcp_ask(to, T))
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    // An address node-1 does not own is not a NodePort there.
+    assert!(
+        !t.agents[0]
+            .cli("dump", &["NODE_ADDRS"])
+            .unwrap()
+            .contains(extra)
+    );
+}
+
+#[test]
+fn external_ips_and_load_balancer_ips_are_served_with_the_service_port() {
+    let lb = "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20}]\n";
+    let t = two_nodes("  externalIPs: [203.0.113.10]\n");
+    let svc = manifests::service(
+        "web",
+        "web",
+        "10.96.0.10",
+        &[("http", "TCP", 80, "http")],
+        "  type: LoadBalancer\n  externalIPs: [203.0.113.10]\n",
+    )
+    .replace(
+        "targetPort: \"http\"}",
+        "targetPort: \"http\", nodePort: 30080}",
+    );
+    t.dir.write("svc.yaml", &format!("{svc}{lb}")).unwrap();
+    t.agents[0]
+        .wait_list("lb ip", |l| l.contains("198.51.100.20:80/TCP"))
+        .unwrap();
+    let client = &t.topo.clients[0];
+    for ip in ["203.0.113.10", "198.51.100.20"] {
+        // The outside world routes these addresses to node-1 (what an L2 or BGP announcer would arrange).
+        client
+            .ns
+            .ip(&["route", "add", ip, "via", &t.topo.nodes[0].ip.to_string()])
+            .unwrap();
+        let to = SocketAddrV4::new(ip.parse().unwrap(), 80);
+        let seen = ask_many(&t, to, 30);
+        assert_eq!(seen.len(), 2, "{ip}: {seen:?}");
+    }
+}
+
+#[test]
+fn session_affinity_switches_on_and_off_on_a_live_service() {
+    let t = two_nodes("");
+    let to = SocketAddrV4::new(t.topo.nodes[0].ip, 30080);
+    assert_eq!(ask_many(&t, to, 30).len(), 2);
+    let svc = |extra: &str| {
+        manifests::service(
+            "web",
+            "web",
+            "10.96.0.10",
+            &[("http", "TCP", 80, "http")],
+            &format!("  type: NodePort\n{extra}"),
+        )
+        .replace(
+            "targetPort: \"http\"}",
+            "targetPort: \"http\", nodePort: 30080}",
+        )
+    };
+    t.dir.write("svc.yaml", &svc("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n")).unwrap();
+    t.agents[0]
+        .wait_list("affinity on", |l| l.contains("affinity ClientIP 2s"))
+        .unwrap();
+    let seen = ask_many(&t, to, 30);
+    assert_eq!(
+        seen.len(),
+        1,
+        "affinity: one backend for every new connection: {seen:?}"
+    );
+    // The timeout passes without a new connection: the next pick is free again.
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = ask_many(&t, to, 1);
+    assert!(counter(&t.agents[0], "affinity_stale") >= 1);
+    t.dir.write("svc.yaml", &svc("")).unwrap();
+    t.agents[0]
+        .wait_list("affinity off", |l| !l.contains("affinity ClientIP"))
+        .unwrap();
+    assert_eq!(ask_many(&t, to, 30).len(), 2, "affinity off: spread again");
 }
