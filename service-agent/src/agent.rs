@@ -110,8 +110,11 @@ impl Agent {
                 continue;
             };
             match self.dp.attach(name, role) {
-                Ok(true) => info!(iface = %name, ?role, "attached tc ingress"),
-                Ok(false) => {}
+                Ok(Some(false)) => info!(iface = %name, ?role, "attached tc ingress"),
+                Ok(Some(true)) => {
+                    info!(iface = %name, ?role, "attached tc ingress (adopted the pinned link)")
+                }
+                Ok(None) => {}
                 Err(e) => warn!(iface = %name, "{e:#}"),
             }
         }

@@ -1,17 +1,18 @@
 //! The only part of the agent that touches BPF: loading and attaching the
 //! programs, adopting pinned maps, and writing plans into them.
 pub mod interfaces;
+pub mod links;
 pub mod pins;
 pub mod tables;
 pub mod writer;
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, os::unix::fs::DirBuilderExt as _, path::PathBuf};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     EbpfLoader,
     maps::{Array, MapData},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{SchedClassifier, links::PinnedLink},
 };
 use service_common::*;
 use tracing::{info, warn};
@@ -59,7 +60,7 @@ pub struct Dataplane {
     pub tables: Tables,
     pub writer: Writer,
     pub pin_dir: PathBuf,
-    links: BTreeMap<String, (IfaceRole, SchedClassifierLinkId)>,
+    links: BTreeMap<String, (IfaceRole, PinnedLink)>,
 }
 
 /// Which side of the node an interface faces; it decides the program attached.
@@ -160,21 +161,28 @@ impl Dataplane {
         self.links.keys().map(String::as_str)
     }
 
-    /// Attaches the program for `role` to the tc ingress of `iface` (once).
-    pub fn attach(&mut self, iface: &str, role: IfaceRole) -> anyhow::Result<bool> {
+    /// Attaches the program for `role` to the tc ingress of `iface` (once),
+    /// through a pinned link that outlives this process. Returns whether a
+    /// link left by a previous agent was adopted.
+    pub fn attach(&mut self, iface: &str, role: IfaceRole) -> anyhow::Result<Option<bool>> {
         if self.links.contains_key(iface) {
-            return Ok(false);
+            return Ok(None);
         }
-        let id = self
-            .program(role)?
-            .attach(iface, TcAttachType::Ingress)
+        let dir = links::links_dir(&self.pin_dir);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| dir.display().to_string())?;
+        let pin = links::link_pin_path(&self.pin_dir, iface);
+        let (link, adopted) = links::attach_pinned(self.program(role)?, iface, &pin)
             .with_context(|| format!("attaching {} to tc ingress of {iface}", role.program()))?;
-        self.links.insert(iface.to_string(), (role, id));
-        Ok(true)
+        self.links.insert(iface.to_string(), (role, link));
+        Ok(Some(adopted))
     }
 
-    /// Forgets interfaces that no longer exist (the kernel already dropped
-    /// their attachment with the device).
+    /// Forgets interfaces that no longer exist; their devices took the
+    /// attachment with them, the pins go too.
     pub fn forget_missing(&mut self, present: &[String]) -> Vec<String> {
         let gone: Vec<String> = self
             .links
@@ -183,11 +191,8 @@ impl Dataplane {
             .cloned()
             .collect();
         for iface in &gone {
-            if let Some((role, id)) = self.links.remove(iface)
-                && let Ok(prog) = self.program(role)
-            {
-                // Dropping the link releases our reference; the device took the rest.
-                drop(prog.take_link(id));
+            if let Some((_, link)) = self.links.remove(iface) {
+                drop(link.unpin());
             }
         }
         gone

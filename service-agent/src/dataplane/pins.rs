@@ -102,8 +102,16 @@ pub fn incompatible_pins(dir: &Path, max_entries: impl Fn(&str) -> u32) -> Optio
     None
 }
 
-/// Removes every pin this agent makes (maps and the directory itself).
+/// Removes every pin this agent makes: links first (which detaches the
+/// programs), then maps, then the directory itself.
 pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    let links = dir.join("links");
+    if links.exists() {
+        for e in fs::read_dir(&links)? {
+            fs::remove_file(e?.path())?;
+        }
+        fs::remove_dir(&links)?;
+    }
     for name in ALL_MAPS {
         let p = map_pin_path(dir, name);
         if p.exists() {

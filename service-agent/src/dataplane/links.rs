@@ -1,0 +1,128 @@
+//! Pinned tc links: the programs stay attached while the agent is down, and a
+//! restarted agent swaps its new program into the same links atomically, so
+//! translation never stops across a restart.
+use std::{
+    ffi::CString,
+    fs, io,
+    mem::size_of,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    SchedClassifier, TcAttachType,
+    links::{FdLink, PinnedLink},
+    tc::SchedClassifierLink,
+};
+
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+pub fn link_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
+    links_dir(pin_dir).join(iface)
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info` and its `tcx` member.
+#[repr(C)]
+#[derive(Default)]
+struct TcxLinkInfo {
+    type_: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    ifindex: u32,
+    attach_type: u32,
+    _rest: [u64; 6],
+}
+
+fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// The interface a pinned TCX link is attached to; 0 once its device is gone.
+/// (aya does not expose the tcx part of the link info.)
+pub fn pinned_link_ifindex(path: &Path) -> io::Result<u32> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut get = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = sys_bpf(BPF_OBJ_GET, &mut get)? as i32;
+    let mut info = TcxLinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: size_of::<TcxLinkInfo>() as u32,
+        info: &mut info as *mut TcxLinkInfo as u64,
+    };
+    let r = sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr);
+    unsafe { libc::close(fd) };
+    r?;
+    if info.type_ != BPF_LINK_TYPE_TCX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a tcx link (type {})", path.display(), info.type_),
+        ));
+    }
+    Ok(info.ifindex)
+}
+
+/// Attaches `prog` to the tc ingress of `iface` through a link pinned at
+/// `pin`: an existing pinned link on the same device gets the new program
+/// swapped in (no moment without a program); otherwise a new link is made
+/// and pinned. Returns the pinned link and whether it was adopted.
+pub fn attach_pinned(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    pin: &Path,
+) -> anyhow::Result<(PinnedLink, bool)> {
+    let ifindex = nix::net::if_::if_nametoindex(iface)?;
+    if pin.exists() {
+        match pinned_link_ifindex(pin) {
+            Ok(i) if i == ifindex => {
+                let pinned = PinnedLink::from_pin(pin)?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
+                let id = prog.attach_to_link(link)?;
+                let fd: FdLink = prog.take_link(id)?.try_into()?;
+                // Re-pinning the same link would fail: keep our own handle on it
+                // and leave the existing pin in place.
+                fs::remove_file(pin)?;
+                return Ok((fd.pin(pin)?, true));
+            }
+            // A link of a deleted interface (ifindex 0), or of an older
+            // interface that had the same name: replace it.
+            _ => fs::remove_file(pin)?,
+        }
+    }
+    let id = prog.attach(iface, TcAttachType::Ingress)?;
+    let fd: FdLink = prog.take_link(id)?.try_into()?;
+    Ok((fd.pin(pin)?, false))
+}

@@ -1,0 +1,187 @@
+//! Restarting the agent: SIGKILL while clients keep talking, then start it
+//! again on the same pins. Nothing a client does may notice.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    agent::{Agent, ManifestDir},
+    manifests,
+    topology::Topology,
+    traffic::{self, HeldConnection, Server, UdpFlow},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const T: Duration = Duration::from_secs(3);
+
+fn map_id(agent: &Agent, map: &str) -> String {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(agent.pin_dir.join(map))
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["id"].to_string()
+}
+
+fn pods(topo: &Topology, ready: usize) -> String {
+    let mut text = String::new();
+    for p in topo.pods.iter().filter(|p| p.name.starts_with("web-")) {
+        let i: usize = p.name[4..].parse().unwrap();
+        text.push_str(&manifests::pod(&p.name, "web", p.ip, i <= ready, "node-1"));
+        text.push_str("---\n");
+    }
+    text
+}
+
+#[test]
+fn sigkill_and_restart_break_no_connection_and_keep_the_maps() {
+    let mut topo = Topology::new().unwrap();
+    topo.add_node().unwrap();
+    topo.add_pod(0, "client").unwrap();
+    let mut servers = vec![];
+    for i in 1..=3 {
+        let k = topo.add_pod(0, &format!("web-{i}")).unwrap();
+        let p = &topo.pods[k];
+        servers.push(Server::start(&p.ns, p.ip, 8080, &p.name).unwrap());
+    }
+    let dir = ManifestDir::new().unwrap();
+    dir.write("pods.yaml", &pods(&topo, 3)).unwrap();
+    dir.write(
+        "svc.yaml",
+        &manifests::service(
+            "web",
+            "web",
+            &VIP.to_string(),
+            &[("http", "TCP", 80, "http"), ("dns", "UDP", 53, "8080")],
+            "",
+        ),
+    )
+    .unwrap();
+    let mut agent = Agent::start(&topo.nodes[0].ns, &dir.path, &["--node-name", "node-1"]).unwrap();
+    let ids_before = (map_id(&agent, "SERVICES"), map_id(&agent, "CONNTRACK"));
+
+    let client = topo.pod("client");
+    let mut held = HeldConnection::open(&client.ns, SocketAddrV4::new(VIP, 80)).unwrap();
+    let held_backend = held.ask().unwrap().server;
+    let udp = UdpFlow::open(&client.ns, SocketAddrV4::new(VIP, 53)).unwrap();
+    let udp_backend = udp.ask().unwrap().server;
+
+    let looping = client
+        .ns
+        .spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let (mut ok, mut failed) = (0usize, vec![]);
+            while Instant::now() < deadline && ok + failed.len() < 20_000 {
+                let tcp = traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T).map(|_| ());
+                let udp = traffic::udp_ask(SocketAddrV4::new(VIP, 53), T).map(|_| ());
+                for r in [tcp, udp] {
+                    match r {
+                        Ok(()) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+            }
+            (ok, failed)
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    agent.kill();
+    // The agent is gone: the pinned links keep the programs attached.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        held.ask().unwrap().server,
+        held_backend,
+        "held connection while the agent is down"
+    );
+    assert_eq!(
+        udp.ask().unwrap().server,
+        udp_backend,
+        "UDP flow while the agent is down"
+    );
+    agent.spawn().unwrap();
+    let (ok, failed) = looping.join().unwrap();
+    assert!(ok > 100, "only {ok} requests made");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the restart: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(
+        held.ask().unwrap().server,
+        held_backend,
+        "held connection after the restart"
+    );
+    assert_eq!(
+        udp.ask().unwrap().server,
+        udp_backend,
+        "UDP flow keeps its backend"
+    );
+    assert_eq!(
+        (map_id(&agent, "SERVICES"), map_id(&agent, "CONNTRACK")),
+        ids_before,
+        "the restarted agent adopted the maps"
+    );
+    assert!(
+        agent.log_text().contains("adopted the pinned link"),
+        "{}",
+        agent.log_text()
+    );
+
+    // Changes made while the agent is down are applied when it is back.
+    agent.kill();
+    dir.write("pods.yaml", &pods(&topo, 1)).unwrap();
+    agent.spawn().unwrap();
+    let l = agent
+        .wait_list("one backend", |l| {
+            l.lines()
+                .any(|x| x.starts_with("10.96.0.10:80/TCP") && x.matches(":8080").count() == 1)
+        })
+        .unwrap();
+    assert!(l.contains(&format!("{}:8080", topo.pod("web-1").ip)), "{l}");
+}
+
+#[test]
+fn cleanup_detaches_everything_it_made() {
+    let mut topo = Topology::new().unwrap();
+    topo.add_node().unwrap();
+    topo.add_pod(0, "client").unwrap();
+    let k = topo.add_pod(0, "web-1").unwrap();
+    let web = &topo.pods[k];
+    let _server = Server::start(&web.ns, web.ip, 8080, "web-1").unwrap();
+    let dir = ManifestDir::new().unwrap();
+    dir.write("pods.yaml", &pods(&topo, 1)).unwrap();
+    dir.write(
+        "svc.yaml",
+        &manifests::service(
+            "web",
+            "web",
+            &VIP.to_string(),
+            &[("http", "TCP", 80, "8080")],
+            "",
+        ),
+    )
+    .unwrap();
+    let mut agent = Agent::start(&topo.nodes[0].ns, &dir.path, &[]).unwrap();
+    agent.kill();
+    let links = agent.pin_dir.join("links");
+    assert!(links.join("eth0").exists() && links.join("vp1").exists());
+    let client = topo.pod("client");
+    let ask = || {
+        client
+            .ns
+            .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), Duration::from_millis(500)))
+            .unwrap()
+    };
+    assert!(ask().is_ok(), "programs stay attached after the agent died");
+    agent.cli("cleanup", &[]).unwrap();
+    assert!(!agent.pin_dir.exists(), "pins removed");
+    assert!(
+        ask().is_err(),
+        "programs detached by cleanup: the ClusterIP is no longer translated"
+    );
+}
