@@ -238,10 +238,15 @@ pub enum Reason {
     SnatFlow = 16,
     /// No free SNAT port, or no SNAT address configured: dropped.
     SnatFailed = 17,
+    /// An ICMP error quoting a translated flow was translated too.
+    IcmpErrorTranslated = 18,
+    /// A TCP segment without SYN for a frontend, with no conntrack entry
+    /// (conntrack's INVALID): dropped rather than sent to a random backend.
+    CtInvalid = 19,
 }
 
 impl Reason {
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 20;
     pub const ALL: [Reason; Self::COUNT] = [
         Reason::RejectedNoBackend,
         Reason::RejectFailed,
@@ -261,6 +266,8 @@ impl Reason {
         Reason::NoLocalEndpoint,
         Reason::SnatFlow,
         Reason::SnatFailed,
+        Reason::IcmpErrorTranslated,
+        Reason::CtInvalid,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -283,6 +290,8 @@ impl Reason {
             Reason::NoLocalEndpoint => "no_local_endpoint",
             Reason::SnatFlow => "snat_flow",
             Reason::SnatFailed => "snat_failed",
+            Reason::IcmpErrorTranslated => "icmp_error_translated",
+            Reason::CtInvalid => "ct_invalid",
         }
     }
 
@@ -296,6 +305,7 @@ impl Reason {
                 | Reason::RewriteFailed
                 | Reason::NoLocalEndpoint
                 | Reason::SnatFailed
+                | Reason::CtInvalid
         )
     }
 }

@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod forward;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -23,7 +24,7 @@ use crate::{
     conntrack::CtLookup,
     lb::Frontend,
     nat::{Target, rewrite_tuple},
-    packet::{Flow, Parsed},
+    packet::{Flow, Parsed, TCP_ACK, TCP_SYN},
     stats::{count_new_flow, count_packet, count_reason, count_rejected},
 };
 
@@ -53,6 +54,20 @@ fn ingress(ctx: &TcContext, from_outside: bool) -> i32 {
             return PASS;
         }
         Parsed::Flow(flow) => flow,
+        Parsed::IcmpError(e) => {
+            return match icmp::translate(ctx, &e) {
+                icmp::IcmpVerdict::NotOurs => PASS,
+                icmp::IcmpVerdict::Translated { svc_id } => {
+                    count_reason(Reason::IcmpErrorTranslated);
+                    count_packet(svc_id, ctx.len());
+                    PASS
+                }
+                icmp::IcmpVerdict::Failed => {
+                    count_reason(Reason::RewriteFailed);
+                    DROP
+                }
+            };
+        }
     };
     match conntrack::lookup(&flow) {
         CtLookup::Hit {
@@ -94,6 +109,13 @@ fn translate(ctx: &TcContext, flow: &Flow, to: &Target, svc_id: u32, local_sourc
 #[inline(always)]
 fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend, from_outside: bool) -> i32 {
     let svc_id = fe.master.svc_id;
+    // Only a SYN opens a TCP flow. Anything else without a conntrack entry
+    // belongs to a flow this node does not know (conntrack's INVALID): a
+    // random backend would answer it with a reset, so it is dropped.
+    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        count_reason(Reason::CtInvalid);
+        return DROP;
+    }
     let Some((backend_id, backend)) = lb::select_backend(fe, flow) else {
         if fe.master.count == 0 {
             return reject(ctx, flow, fe);

@@ -2,7 +2,9 @@
 //! `bpf_skb_load_bytes`, so headers outside the linear area are still seen.
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
-use service_common::{IPPROTO_TCP, IPPROTO_UDP, Reason};
+use service_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
+
+use crate::icmp::{self, IcmpError};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
@@ -49,6 +51,8 @@ pub enum Parsed {
     /// IPv4 the dataplane must not rewrite; passed on, counted.
     Untouchable(Reason),
     Flow(Flow),
+    /// An ICMP error quoting a TCP/UDP packet.
+    IcmpError(IcmpError),
 }
 
 #[inline(always)]
@@ -71,7 +75,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         return Parsed::Untouchable(Reason::MalformedIp);
     }
     let proto = ip.proto;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP {
         return Parsed::Other;
     }
     // More-fragments flag or a non-zero offset: the L4 header is not (all) here.
@@ -80,6 +84,12 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         return Parsed::Untouchable(Reason::FragmentPassed);
     }
     let l4_off = ETH_HLEN + ihl;
+    if proto == IPPROTO_ICMP {
+        return match icmp::parse(ctx, ip.dst_addr, l4_off) {
+            Some(e) => Parsed::IcmpError(e),
+            None => Parsed::Other,
+        };
+    }
     let l4_min = if proto == IPPROTO_TCP { 20 } else { 8 };
     if (ip_len as usize) < ihl + l4_min {
         return Parsed::Untouchable(Reason::TruncatedL4);

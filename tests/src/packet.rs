@@ -193,3 +193,50 @@ pub fn parse(pkt: &[u8]) -> Seen {
         l4_csum,
     }
 }
+
+/// An ICMP error (`kind`/`code`) from `from` to `to` quoting `quoted` (an
+/// Ethernet frame; its IP header and the first 8 bytes of L4 are quoted).
+pub fn icmp_error(from: &str, to: &str, kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let inner = &quoted[14..14 + 28];
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(inner);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let total = 20 + icmp.len();
+    let from: Ipv4Addr = from.parse().unwrap();
+    let to: Ipv4Addr = to.parse().unwrap();
+    let mut ip = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        1,
+        0,
+        0,
+        64,
+        ICMP,
+        0,
+        0,
+    ];
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut pkt = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    pkt.extend_from_slice(&ip);
+    pkt.extend_from_slice(&icmp);
+    pkt
+}
+
+/// The quoted tuple of an ICMP error frame, and whether the quoted IP header's checksum holds.
+pub fn quoted(pkt: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16, bool) {
+    let inner = &pkt[14 + 20 + 8..];
+    (
+        Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]),
+        u16::from_be_bytes([inner[20], inner[21]]),
+        Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]),
+        u16::from_be_bytes([inner[22], inner[23]]),
+        checksum(&inner[..20]) == 0,
+    )
+}

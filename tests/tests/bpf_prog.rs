@@ -416,3 +416,73 @@ fn a_restarted_agent_adopts_the_pinned_maps() {
     let fresh = Dataplane::load(l.pin_dir.clone(), &bigger).unwrap();
     assert_eq!(fresh.writer.frontend_count(), 0);
 }
+
+#[test]
+fn icmp_errors_about_a_translated_flow_are_translated_too() {
+    let backend = "10.244.0.11";
+    let mut l = web(&[(backend, 8080)]);
+    let syn = Builder::tcp(CLIENT, 40000, VIP, 80, SYN).build();
+    run(&mut l, &syn);
+    // A reply as the client saw it (from the ClusterIP) was too big for a
+    // router on the way: the router tells its source, the ClusterIP.
+    let reply_seen = Builder::tcp(VIP, 80, CLIENT, 40000, ACK).build();
+    let err = packet::icmp_error("10.0.0.254", VIP, 3, 4, &reply_seen);
+    let (rc, out) = run(&mut l, &err);
+    assert_eq!(rc, TC_ACT_OK);
+    let s = packet::parse(&out);
+    assert_eq!(
+        s.dst,
+        backend.parse::<Ipv4Addr>().unwrap(),
+        "the backend that sent it gets the error"
+    );
+    assert!(
+        s.ip_csum_ok && s.l4_csum_ok == Some(true),
+        "outer and ICMP checksums: {s:?}"
+    );
+    let (qs, qsp, qd, qdp, qok) = packet::quoted(&out);
+    assert_eq!(
+        (qs, qsp, qd, qdp),
+        (
+            backend.parse().unwrap(),
+            8080,
+            CLIENT.parse().unwrap(),
+            40000
+        )
+    );
+    assert!(qok, "the quoted header's checksum holds");
+
+    // The request as the backend got it was too big: the client gets an
+    // error about the packet it sent, to the ClusterIP.
+    let request_sent = Builder::tcp(CLIENT, 40000, backend, 8080, ACK).build();
+    let err = packet::icmp_error("10.0.0.254", CLIENT, 3, 4, &request_sent);
+    let (_, out) = run(&mut l, &err);
+    let s = packet::parse(&out);
+    assert_eq!(s.dst, CLIENT.parse::<Ipv4Addr>().unwrap());
+    assert!(s.ip_csum_ok && s.l4_csum_ok == Some(true), "{s:?}");
+    let (qs, qsp, qd, qdp, qok) = packet::quoted(&out);
+    assert_eq!(
+        (qs, qsp, qd, qdp),
+        (CLIENT.parse().unwrap(), 40000, VIP.parse().unwrap(), 80)
+    );
+    assert!(qok);
+    assert_eq!(reason(&l, Reason::IcmpErrorTranslated), 2);
+
+    // An error about a flow the dataplane did not translate is left alone.
+    let other = Builder::tcp(CLIENT, 41000, "10.244.0.99", 80, ACK).build();
+    let err = packet::icmp_error("10.0.0.254", CLIENT, 3, 4, &other);
+    assert_eq!(run(&mut l, &err), (TC_ACT_OK, err.clone()));
+}
+
+#[test]
+fn tcp_segments_of_unknown_flows_are_dropped_not_sent_to_a_random_backend() {
+    let mut l = web(&[("10.244.0.11", 8080)]);
+    let (rc, _) = run(&mut l, &Builder::tcp(CLIENT, 40000, VIP, 80, ACK).build());
+    assert_eq!(rc, 2, "TC_ACT_SHOT");
+    let (rc, _) = run(
+        &mut l,
+        &Builder::tcp(CLIENT, 40000, VIP, 80, SYN | ACK).build(),
+    );
+    assert_eq!(rc, 2);
+    assert_eq!(reason(&l, Reason::CtInvalid), 2);
+    assert_eq!(reason(&l, Reason::NewFlow), 0);
+}
