@@ -17,6 +17,8 @@ pub struct ProgrammedFrontend {
     pub svc_id: u32,
     pub backends: Vec<String>,
     pub affinity_timeout_s: Option<u32>,
+    /// loadBalancerSourceRanges programmed for the frontend (CIDRs).
+    pub source_ranges: Vec<String>,
     /// `namespace/name` from the agent's status file, when present.
     pub service: Option<String>,
     pub port_name: Option<String>,
@@ -35,6 +37,19 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
                 .or_default()
                 .insert(k.slot, v.backend_id);
         }
+    }
+    let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for key in t.source_ranges.keys() {
+        let key = key?;
+        let d = key.data();
+        ranges
+            .entry(u32::from_be_bytes(d.svc_id))
+            .or_default()
+            .push(format!(
+                "{}/{}",
+                Ipv4Addr::from(d.addr),
+                key.prefix_len().saturating_sub(32)
+            ));
     }
     let mut out = vec![];
     for (k, m) in masters {
@@ -72,6 +87,7 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
             svc_id: m.svc_id,
             backends,
             affinity_timeout_s: (m.flags & SVC_F_AFFINITY != 0).then_some(m.affinity_timeout_s),
+            source_ranges: ranges.remove(&m.svc_id).unwrap_or_default(),
             service: named.map(|n| n.service.clone()),
             port_name: named.map(|n| n.port_name.clone()),
         });
@@ -98,6 +114,9 @@ pub fn render_list(frontends: &[ProgrammedFrontend], status: Option<&Status>) ->
         }
         if let Some(t) = f.affinity_timeout_s {
             notes.push(format!("affinity ClientIP {t}s"));
+        }
+        if !f.source_ranges.is_empty() {
+            notes.push(format!("from {}", f.source_ranges.join(" ")));
         }
         if !notes.is_empty() {
             let _ = write!(s, "    # {}", notes.join(", "));

@@ -19,9 +19,10 @@ pub const MAP_NODE_ADDRS: &str = "NODE_ADDRS";
 pub const MAP_SVC_STATS: &str = "SVC_STATS";
 pub const MAP_REASONS: &str = "REASONS";
 pub const MAP_META: &str = "META";
+pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
 
 /// Every map the programs declare, in the order the agent pins and reports them.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -31,6 +32,7 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_SVC_STATS,
     MAP_REASONS,
     MAP_META,
+    MAP_SOURCE_RANGES,
 ];
 
 /// tc ingress on pod-facing host veths.
@@ -53,6 +55,7 @@ pub const NODE_ADDRS_MAX: u32 = 256;
 /// svc_id indexes SVC_STATS, so it is also the ceiling on frontends.
 pub const SVC_STATS_MAX: u32 = 65_536;
 pub const REASONS_MAX: u32 = 64;
+pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -84,6 +87,9 @@ pub const SVC_F_REJECT_EMPTY: u16 = 1 << 0;
 pub const SVC_F_AFFINITY: u16 = 1 << 1;
 /// The frontend is a NodePort (addr 0 in the key).
 pub const SVC_F_NODEPORT: u16 = 1 << 2;
+/// New flows are accepted only from sources in SOURCE_RANGES for this svc_id
+/// (a LoadBalancer's `loadBalancerSourceRanges`).
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 3;
 
 /// Value of the SERVICES map. In the master entry (slot 0) `count`, `flags`
 /// and `affinity_timeout_s` are meaningful and `backend_id` is 0; in a slot
@@ -179,6 +185,15 @@ pub struct AffinityMatchKey {
     pub backend_id: u32,
 }
 
+/// Data of a SOURCE_RANGES key (an LPM trie): the frontend's svc_id in big
+/// endian, then the source address. The prefix length is 32 + the CIDR's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRange {
+    pub svc_id: [u8; 4],
+    pub addr: [u8; 4],
+}
+
 /// Per-frontend traffic counters (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -243,10 +258,12 @@ pub enum Reason {
     /// A TCP segment without SYN for a frontend, with no conntrack entry
     /// (conntrack's INVALID): dropped rather than sent to a random backend.
     CtInvalid = 19,
+    /// A new flow from outside the frontend's loadBalancerSourceRanges: dropped.
+    SourceRangeDenied = 20,
 }
 
 impl Reason {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 21;
     pub const ALL: [Reason; Self::COUNT] = [
         Reason::RejectedNoBackend,
         Reason::RejectFailed,
@@ -268,6 +285,7 @@ impl Reason {
         Reason::SnatFailed,
         Reason::IcmpErrorTranslated,
         Reason::CtInvalid,
+        Reason::SourceRangeDenied,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -292,6 +310,7 @@ impl Reason {
             Reason::SnatFailed => "snat_failed",
             Reason::IcmpErrorTranslated => "icmp_error_translated",
             Reason::CtInvalid => "ct_invalid",
+            Reason::SourceRangeDenied => "source_range_denied",
         }
     }
 
@@ -306,6 +325,7 @@ impl Reason {
                 | Reason::NoLocalEndpoint
                 | Reason::SnatFailed
                 | Reason::CtInvalid
+                | Reason::SourceRangeDenied
         )
     }
 }
@@ -332,7 +352,8 @@ mod user {
         AffinityKey,
         AffinityValue,
         AffinityMatchKey,
-        SvcStats
+        SvcStats,
+        SourceRange
     );
 }
 
@@ -352,6 +373,7 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<AffinityMatchKey>(), 8);
         assert_eq!(size_of::<SvcStats>(), 32);
+        assert_eq!(size_of::<SourceRange>(), 8);
     }
 
     #[test]

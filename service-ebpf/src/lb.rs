@@ -1,10 +1,13 @@
 //! Finding the frontend a packet is addressed to and picking its backend:
 //! a fixed number of hash lookups, whatever the number of Services or backends.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    btf_maps::lpm_trie::Key,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
 use service_common::*;
 
 use crate::{
-    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, NODE_ADDRS, SERVICES},
+    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, NODE_ADDRS, SERVICES, SOURCE_RANGES},
     packet::Flow,
     stats::count_reason,
 };
@@ -45,6 +48,23 @@ pub fn lookup_frontend(flow: &Flow) -> Option<Frontend> {
         None => None,
     };
     found.map(|f| Frontend { to_node_addr, ..f })
+}
+
+/// Whether a new flow from `client` may use the frontend: always, unless the
+/// frontend lists source ranges and none holds the client.
+#[inline(always)]
+pub fn source_allowed(fe: &Frontend, client: [u8; 4]) -> bool {
+    if fe.master.flags & SVC_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        64,
+        SourceRange {
+            svc_id: fe.master.svc_id.to_be_bytes(),
+            addr: client,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 #[inline(always)]

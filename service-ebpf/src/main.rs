@@ -116,6 +116,10 @@ fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend, from_outside: bool) -
         count_reason(Reason::CtInvalid);
         return DROP;
     }
+    if !lb::source_allowed(fe, flow.saddr) {
+        count_reason(Reason::SourceRangeDenied);
+        return DROP;
+    }
     let Some((backend_id, backend)) = lb::select_backend(fe, flow) else {
         if fe.master.count == 0 {
             return reject(ctx, flow, fe);

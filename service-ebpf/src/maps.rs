@@ -1,7 +1,7 @@
 //! The maps, as the agent pins them. Sizes here are defaults; the agent may
 //! override max_entries at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use service_common::*;
@@ -36,3 +36,7 @@ pub static REASONS: PerCpuArray<u64, { REASONS_MAX as usize }> = PerCpuArray::ne
 
 #[btf_map]
 pub static META: Array<u64, { META_MAX as usize }> = Array::new();
+
+#[btf_map]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { DEFAULT_SOURCE_RANGES_MAX as usize }> =
+    LpmTrie::new();

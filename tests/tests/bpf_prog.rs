@@ -43,6 +43,7 @@ fn frontend(service: &str, backends: &[(&str, u16)], affinity: Option<u32>) -> F
             .collect(),
         affinity_timeout_s: affinity,
         reject_when_empty: true,
+        source_ranges: vec![],
     }
 }
 

@@ -315,3 +315,67 @@ fn session_affinity_switches_on_and_off_on_a_live_service() {
         .unwrap();
     assert_eq!(ask_many(&t, to, 30).len(), 2, "affinity off: spread again");
 }
+
+#[test]
+fn load_balancer_source_ranges_admit_listed_clients_only() {
+    let t = two_nodes("");
+    let lb_ip = "198.51.100.20";
+    let write = |ranges: &str| {
+        let svc = manifests::service(
+            "web",
+            "web",
+            "10.96.0.10",
+            &[("http", "TCP", 80, "http")],
+            &format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [{ranges}]\n"),
+        )
+        .replace(
+            "targetPort: \"http\"}",
+            "targetPort: \"http\", nodePort: 30080}",
+        );
+        t.dir
+            .write(
+                "svc.yaml",
+                &format!("{svc}status:\n  loadBalancer:\n    ingress: [{{ip: {lb_ip}}}]\n"),
+            )
+            .unwrap();
+    };
+    let client = &t.topo.clients[0];
+    client
+        .ns
+        .ip(&[
+            "route",
+            "add",
+            lb_ip,
+            "via",
+            &t.topo.nodes[0].ip.to_string(),
+        ])
+        .unwrap();
+    let to = SocketAddrV4::new(lb_ip.parse().unwrap(), 80);
+    write(&format!("{}/32", client.ip));
+    t.agents[0]
+        .wait_list("lb", |l| l.contains("198.51.100.20:80/TCP"))
+        .unwrap();
+    assert_eq!(
+        ask_many(&t, to, 10).values().map(Vec::len).sum::<usize>(),
+        10
+    );
+    write("10.0.0.0/8");
+    t.agents[0]
+        .wait_list("new ranges", |l| l.contains("from 10.0.0.0/8"))
+        .unwrap();
+    let r = client
+        .ns
+        .within(move || traffic::tcp_ask(to, Duration::from_millis(700)))
+        .unwrap();
+    assert!(r.is_err(), "a client outside the ranges is refused: {r:?}");
+    assert!(counter(&t.agents[0], "source_range_denied") >= 1);
+    // The NodePort of the same Service is not filtered.
+    let np = SocketAddrV4::new(t.topo.nodes[0].ip, 30080);
+    assert!(
+        client
+            .ns
+            .within(move || traffic::tcp_ask(np, T))
+            .unwrap()
+            .is_ok()
+    );
+}

@@ -50,6 +50,7 @@ impl MapSizes {
             MAP_SVC_STATS => SVC_STATS_MAX,
             MAP_REASONS => REASONS_MAX,
             MAP_META => META_MAX,
+            MAP_SOURCE_RANGES => DEFAULT_SOURCE_RANGES_MAX,
             _ => 0,
         }
     }

@@ -68,6 +68,7 @@ pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
         MAP_SVC_STATS => s(4, size_of::<SvcStats>()),
         MAP_REASONS => s(4, 8),
         MAP_META => s(4, 8),
+        MAP_SOURCE_RANGES => s(4 + size_of::<SourceRange>(), 4),
         _ => None,
     }
 }

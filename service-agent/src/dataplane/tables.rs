@@ -2,7 +2,7 @@
 //! or straight from the pins (for `list`, `stats`, `dump`).
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use service_common::*;
 
 use super::pins::map_pin_path;
@@ -17,6 +17,7 @@ pub struct Tables {
     pub svc_stats: PerCpuArray<MapData, SvcStats>,
     pub reasons: PerCpuArray<MapData, u64>,
     pub meta: Array<MapData, u64>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,7 @@ impl Tables {
             svc_stats: open!(PerCpuArray, MAP_SVC_STATS),
             reasons: open!(PerCpuArray, MAP_REASONS),
             meta: open!(Array, MAP_META),
+            source_ranges: open!(LpmTrie, MAP_SOURCE_RANGES),
         })
     }
 }

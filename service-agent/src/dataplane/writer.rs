@@ -5,7 +5,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use aya::maps::{MapError, PerCpuValues};
+use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use service_common::*;
 
 use super::tables::Tables;
@@ -21,6 +21,18 @@ struct Programmed {
     svc_id: u32,
     master: ServiceValue,
     backend_ids: Vec<u32>,
+    /// loadBalancerSourceRanges as (prefix length, network address).
+    source_ranges: BTreeSet<(u8, [u8; 4])>,
+}
+
+fn range_key(svc_id: u32, (prefix, addr): (u8, [u8; 4])) -> Key<SourceRange> {
+    Key::new(
+        32 + prefix as u32,
+        SourceRange {
+            svc_id: svc_id.to_be_bytes(),
+            addr,
+        },
+    )
 }
 
 /// What one apply did.
@@ -96,6 +108,15 @@ impl Writer {
                     .insert(k.slot, v.backend_id);
             }
         }
+        let mut ranges: HashMap<u32, BTreeSet<(u8, [u8; 4])>> = HashMap::new();
+        for key in t.source_ranges.keys() {
+            let key = key?;
+            let data = key.data();
+            ranges
+                .entry(u32::from_be_bytes(data.svc_id))
+                .or_default()
+                .insert(((key.prefix_len().saturating_sub(32)) as u8, data.addr));
+        }
         let mut by_id: HashMap<u32, Backend> = HashMap::new();
         for entry in t.backends.iter() {
             let (id, b) = entry?;
@@ -125,6 +146,7 @@ impl Writer {
                     svc_id: master.svc_id,
                     master,
                     backend_ids: ids,
+                    source_ranges: ranges.remove(&master.svc_id).unwrap_or_default(),
                 },
             );
         }
@@ -271,6 +293,14 @@ impl Writer {
         if fe.affinity_timeout_s.is_some() {
             flags |= SVC_F_AFFINITY;
         }
+        let source_ranges: BTreeSet<(u8, [u8; 4])> = fe
+            .source_ranges
+            .iter()
+            .map(|n| (n.prefix, n.network().octets()))
+            .collect();
+        if !source_ranges.is_empty() {
+            flags |= SVC_F_SOURCE_RANGES;
+        }
         let master = ServiceValue {
             backend_id: 0,
             count: ids.len() as u16,
@@ -282,14 +312,22 @@ impl Writer {
             svc_id,
             master,
             backend_ids: ids.clone(),
+            source_ranges: source_ranges.clone(),
         };
         if existing.as_ref() == Some(&new) {
             return Ok(());
         }
-        let old_ids = existing.map(|p| p.backend_ids).unwrap_or_default();
+        let (old_ids, old_ranges) = existing
+            .map(|p| (p.backend_ids, p.source_ranges))
+            .unwrap_or_default();
         let map_err =
             |what: &str, e: MapError| format!("{what}: {e} (is the map full? raise its size flag)");
-        // 1. Membership for affinity checks, and the new slots.
+        // 1. Allowed sources, membership for affinity checks, and the new slots.
+        for r in source_ranges.difference(&old_ranges) {
+            t.source_ranges
+                .insert(&range_key(svc_id, *r), 1, 0)
+                .map_err(|e| map_err("SOURCE_RANGES", e))?;
+        }
         for id in &ids {
             t.affinity_match
                 .insert(
@@ -316,7 +354,11 @@ impl Writer {
         t.services
             .insert(mk, master, 0)
             .map_err(|e| map_err("SERVICES", e))?;
-        // 3. Surplus slots and memberships.
+        // 3. Surplus slots, memberships and source ranges.
+        for r in old_ranges.difference(&source_ranges) {
+            ignore_missing(t.source_ranges.remove(&range_key(svc_id, *r)))
+                .map_err(|e| e.to_string())?;
+        }
         for slot in ids.len()..old_ids.len() {
             ignore_missing(t.services.remove(&slot_key(&mk, slot as u16 + 1)))
                 .map_err(|e| e.to_string())?;
@@ -369,6 +411,9 @@ impl Writer {
             if let Some(e) = self.backends.values_mut().find(|(i, _)| i == id) {
                 e.1 = e.1.saturating_sub(1);
             }
+        }
+        for r in &p.source_ranges {
+            ignore_missing(t.source_ranges.remove(&range_key(p.svc_id, *r)))?;
         }
         // A reused svc_id must start its counters from zero.
         let zero = PerCpuValues::try_from(vec![SvcStats::default(); nr_cpus()]).ok();

@@ -115,6 +115,9 @@ pub struct FrontendPlan {
     /// With no backend: answer with a reject (the Service has no endpoint
     /// at all), or drop (policy Local and no endpoint on this node).
     pub reject_when_empty: bool,
+    /// New flows only from these sources (loadBalancerSourceRanges, on
+    /// LoadBalancer ingress IPs); empty: from anywhere.
+    pub source_ranges: Vec<ipnet_lite::Ipv4Net>,
 }
 
 /// A Service the dataplane deliberately leaves alone, and why.
@@ -189,13 +192,21 @@ pub mod ipnet_lite {
     }
 
     impl Ipv4Net {
-        pub fn contains(&self, ip: Ipv4Addr) -> bool {
-            let mask = if self.prefix == 0 {
+        /// The network address (host bits cleared).
+        pub fn network(&self) -> Ipv4Addr {
+            Ipv4Addr::from(u32::from(self.addr) & self.mask())
+        }
+
+        fn mask(&self) -> u32 {
+            if self.prefix == 0 {
                 0
             } else {
                 u32::MAX << (32 - self.prefix)
-            };
-            u32::from(ip) & mask == u32::from(self.addr) & mask
+            }
+        }
+
+        pub fn contains(&self, ip: Ipv4Addr) -> bool {
+            u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
         }
     }
 
@@ -532,6 +543,39 @@ fn compile_service(
         }
     }
 
+    let mut source_ranges = vec![];
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match r.trim().parse::<ipnet_lite::Ipv4Net>() {
+            Ok(n) => source_ranges.push(n),
+            Err(_) if r.contains(':') => {} // IPv6 ranges cannot match IPv4 clients.
+            Err(e) => {
+                // Dropping one range would open the Service wider than asked.
+                ctx.problem(
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("not a CIDR: {e}"),
+                    true,
+                );
+                return Err(());
+            }
+        }
+    }
+    if source_ranges.is_empty()
+        && spec
+            .load_balancer_source_ranges
+            .as_ref()
+            .is_some_and(|r| !r.is_empty())
+    {
+        // Only IPv6 ranges: no IPv4 client may pass.
+        source_ranges.push(ipnet_lite::Ipv4Net {
+            addr: Ipv4Addr::BROADCAST,
+            prefix: 32,
+        });
+    }
     let mut out = vec![];
     let mut seen_ports: BTreeSet<(u16, Protocol)> = BTreeSet::new();
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
@@ -615,13 +659,18 @@ fn compile_service(
             &all_backends
         };
         let service = ctx.name.clone();
-        let fe = |kind, backends: &Vec<BackendAddr>| FrontendPlan {
+        let fe = |kind: FrontendKind, backends: &Vec<BackendAddr>| FrontendPlan {
             service: service.clone(),
             port_name: port_name.clone(),
             kind,
             backends: backends.clone(),
             affinity_timeout_s: affinity,
             reject_when_empty: all_backends.is_empty(),
+            source_ranges: if kind == FrontendKind::LoadBalancer {
+                source_ranges.clone()
+            } else {
+                vec![]
+            },
         };
         out.push((
             FrontendKey {

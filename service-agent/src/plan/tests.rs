@@ -473,3 +473,43 @@ fn a_refused_service_keeps_its_previous_frontends() {
     bad.keep_refused_from(&good);
     assert_eq!(bad.frontends, good.frontends);
 }
+
+#[test]
+fn load_balancer_source_ranges_apply_to_load_balancer_ips_only() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  loadBalancerSourceRanges: [192.0.2.0/24, " 198.51.100.7/32"]
+  ports: [{port: 443, nodePort: 30443}]
+status:
+  loadBalancer: {ingress: [{ip: 203.0.113.9}]}
+"#;
+    let p = plan(yaml);
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    let lb = &p.frontends[&key("203.0.113.9", 443, Protocol::Tcp)];
+    assert_eq!(lb.kind, FrontendKind::LoadBalancer);
+    let ranges: Vec<String> = lb
+        .source_ranges
+        .iter()
+        .map(|n| format!("{}/{}", n.addr, n.prefix))
+        .collect();
+    assert_eq!(ranges, ["192.0.2.0/24", "198.51.100.7/32"]);
+    assert!(
+        p.frontends[&key("0.0.0.0", 30443, Protocol::Tcp)]
+            .source_ranges
+            .is_empty()
+    );
+    assert!(
+        p.frontends[&key("10.96.0.50", 443, Protocol::Tcp)]
+            .source_ranges
+            .is_empty()
+    );
+
+    let bad = plan(&yaml.replace("192.0.2.0/24", "192.0.2.0/33"));
+    assert!(bad.refused.contains("default/lb"));
+    assert_eq!(bad.problems[0].field, "spec.loadBalancerSourceRanges[0]");
+}
