@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{Dataplane, IfaceRole, MapSizes, interfaces, writer},
+    health::HealthServers,
     manifest::ManifestDir,
     plan::{self, NodeContext, Plan},
     status,
@@ -37,11 +38,12 @@ struct Agent {
     source: ManifestDir,
     previous: Plan,
     last_errors: Vec<String>,
+    health: HealthServers,
 }
 
 impl Agent {
-    /// Reads the manifests and brings the maps to them.
-    fn sync(&mut self) {
+    /// Reads the manifests and brings the maps (and health checks) to them.
+    async fn sync(&mut self) {
         let started = Instant::now();
         let (cluster, errors) = self.source.load(&self.cfg.manifests);
         let manifest_errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
@@ -51,6 +53,7 @@ impl Agent {
         let report = self.dp.writer.apply(&mut self.dp.tables, &plan);
         let mut problems = manifest_errors.clone();
         problems.extend(report.errors.iter().cloned());
+        problems.extend(self.health.sync(&plan.health_checks).await);
         // Log each distinct problem once, not at every resync.
         let all: Vec<String> = problems
             .iter()
@@ -172,9 +175,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         source: ManifestDir::default(),
         previous: Plan::default(),
         last_errors: vec![],
+        health: HealthServers::default(),
     };
     // Program before attaching, so no packet meets an empty table.
-    agent.sync();
+    agent.sync().await;
     agent.watch_interfaces();
     info!(
         pin_dir = %agent.cfg.pin_dir.display(),
@@ -204,10 +208,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 // Editors write in bursts (truncate, write, rename): settle first.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while changes.try_recv().is_ok() {}
-                agent.sync();
+                agent.sync().await;
             }
             _ = iface_tick.tick() => agent.watch_interfaces(),
-            _ = resync_tick.tick() => agent.sync(),
+            _ = resync_tick.tick() => agent.sync().await,
             _ = gc_tick.tick() => {
                 let n = writer::expire_conntrack(&mut agent.dp.tables, monotonic_ns());
                 if n > 0 {

@@ -2,6 +2,7 @@
 //! of an eBPF Kubernetes Service dataplane.
 pub mod agent;
 pub mod dataplane;
+pub mod health;
 pub mod manifest;
 pub mod model;
 pub mod plan;

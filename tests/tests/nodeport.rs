@@ -379,3 +379,89 @@ fn load_balancer_source_ranges_admit_listed_clients_only() {
             .is_ok()
     );
 }
+
+/// `GET /healthz` on a node port from the outside client: status and body.
+fn http_status(t: &TwoNodes, node: usize, port: u16) -> std::io::Result<(u16, String)> {
+    let to = SocketAddrV4::new(t.topo.nodes[node].ip, port);
+    t.topo.clients[0]
+        .ns
+        .within(move || -> std::io::Result<(u16, String)> {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect_timeout(&to.into(), T)?;
+            s.set_read_timeout(Some(T))?;
+            write!(
+                s,
+                "GET /healthz HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            let code = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            Ok((
+                code,
+                text.split("\r\n\r\n")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string(),
+            ))
+        })
+        .unwrap()
+}
+
+#[test]
+fn health_check_node_port_reports_local_ready_endpoints() {
+    let t = two_nodes("");
+    let svc = manifests::service(
+        "web",
+        "web",
+        "10.96.0.10",
+        &[("http", "TCP", 80, "http")],
+        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n",
+    )
+    .replace(
+        "targetPort: \"http\"}",
+        "targetPort: \"http\", nodePort: 30080}",
+    );
+    t.dir.write("svc.yaml", &svc).unwrap();
+    let wait_for = |node: usize, code: u16| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = http_status(&t, node, 32100);
+            if let Ok((c, body)) = &got
+                && *c == code
+            {
+                return body.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node-{} kept answering {got:?}",
+                node + 1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let body = wait_for(0, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["localEndpoints"], 1, "{body}");
+    assert_eq!(v["service"]["name"], "web");
+    wait_for(1, 200);
+    // web-2 no longer ready: node-2 has nothing local to serve.
+    let mut pods = String::new();
+    for p in &t.topo.pods {
+        pods.push_str(&manifests::pod(
+            &p.name,
+            "web",
+            p.ip,
+            p.name == "web-1",
+            &format!("node-{}", p.node + 1),
+        ));
+        pods.push_str("---\n");
+    }
+    t.dir.write("pods.yaml", &pods).unwrap();
+    let body = wait_for(1, 503);
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    assert_eq!(http_status(&t, 0, 32100).unwrap().0, 200);
+}

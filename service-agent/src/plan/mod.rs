@@ -160,9 +160,22 @@ pub struct NodeContext {
     pub external_ip_allow: Option<Vec<ipnet_lite::Ipv4Net>>,
 }
 
+/// A `healthCheckNodePort` this node answers, as kube-proxy does for
+/// LoadBalancer Services with `externalTrafficPolicy: Local`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    /// `namespace/name`.
+    pub service: String,
+    /// Ready endpoints of the Service on this node. Terminating ones do not
+    /// count: a load balancer should stop sending new traffic here (KEP-1669).
+    pub local_endpoints: usize,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub frontends: BTreeMap<FrontendKey, FrontendPlan>,
+    pub health_checks: Vec<HealthCheck>,
     pub skipped: Vec<Skipped>,
     pub problems: Vec<Problem>,
     /// Services refused as a whole: the agent keeps their previous frontends.
@@ -176,6 +189,13 @@ impl Plan {
         for (k, f) in &previous.frontends {
             if self.refused.contains(&f.service) && !self.frontends.contains_key(k) {
                 self.frontends.insert(*k, f.clone());
+            }
+        }
+        for h in &previous.health_checks {
+            if self.refused.contains(&h.service)
+                && !self.health_checks.iter().any(|x| x.port == h.port)
+            {
+                self.health_checks.push(h.clone());
             }
         }
     }
@@ -375,7 +395,7 @@ pub fn compile(
                 service: name.clone(),
                 reason,
             }),
-            Ok(Compiled::Frontends(fes)) => {
+            Ok(Compiled::Frontends(fes, health)) => {
                 let mut clash = None;
                 for (key, _) in &fes {
                     if let Some(other) = owner.get(key)
@@ -396,6 +416,7 @@ pub fn compile(
                         owner.insert(key, name.clone());
                         plan.frontends.insert(key, fe);
                     }
+                    plan.health_checks.extend(health);
                 }
             }
             Err(()) => {}
@@ -411,7 +432,7 @@ pub fn compile(
 
 enum Compiled {
     Skipped(String),
-    Frontends(Vec<(FrontendKey, FrontendPlan)>),
+    Frontends(Vec<(FrontendKey, FrontendPlan)>, Option<HealthCheck>),
 }
 
 fn compile_service(
@@ -577,6 +598,7 @@ fn compile_service(
         });
     }
     let mut out = vec![];
+    let mut local_ready: BTreeSet<Ipv4Addr> = BTreeSet::new();
     let mut seen_ports: BTreeSet<(u16, Protocol)> = BTreeSet::new();
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
@@ -646,6 +668,13 @@ fn compile_service(
             );
         }
         let this_node = node.name.as_deref();
+        local_ready.extend(eps.iter().filter_map(|(e, _, _)| {
+            let ready = e.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+            let local = this_node.is_some() && e.node_name.as_deref() == this_node;
+            (ready && local)
+                .then(|| e.addresses.first()?.parse::<Ipv4Addr>().ok())
+                .flatten()
+        }));
         let all_backends = pick_endpoints(&eps, this_node, false);
         let local_backends = pick_endpoints(&eps, this_node, true);
         let cluster_backends = if internal_local {
@@ -718,7 +747,25 @@ fn compile_service(
             ));
         }
     }
-    Ok(Compiled::Frontends(out))
+    let health = match spec.health_check_node_port {
+        Some(p) if svc_type == "LoadBalancer" && external_local => match port_u16(p) {
+            Some(port) => Some(HealthCheck {
+                port,
+                service: ctx.name.clone(),
+                local_endpoints: local_ready.len(),
+            }),
+            None => {
+                ctx.problem(
+                    "spec.healthCheckNodePort",
+                    format!("{p} is outside 1..=65535"),
+                    false,
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    Ok(Compiled::Frontends(out, health))
 }
 
 #[cfg(test)]

@@ -513,3 +513,46 @@ status:
     assert!(bad.refused.contains("default/lb"));
     assert_eq!(bad.problems[0].field, "spec.loadBalancerSourceRanges[0]");
 }
+
+#[test]
+fn health_check_node_ports_count_local_ready_endpoints_only() {
+    let yaml = NODEPORT
+        .replace("type: NodePort", "type: LoadBalancer\n  healthCheckNodePort: 32000")
+        .replace(
+            "- {addresses: [10.244.2.5], nodeName: node-2}",
+            "- {addresses: [10.244.2.5], nodeName: node-2}\n- {addresses: [10.244.1.6], nodeName: node-1, conditions: {ready: false, serving: true, terminating: true}}",
+        );
+    let node = |n: &str| NodeContext {
+        name: Some(n.into()),
+        external_ip_allow: None,
+    };
+    let p = plan_for(&yaml, &node("node-1"));
+    assert_eq!(
+        p.health_checks,
+        [HealthCheck {
+            port: 32000,
+            service: "default/np".into(),
+            local_endpoints: 1
+        }]
+    );
+    let p = plan_for(&yaml, &node("node-3"));
+    assert_eq!(p.health_checks[0].local_endpoints, 0);
+    // Only terminating endpoints left on the node: the health check fails,
+    // while the NodePort still serves them (KEP-1669).
+    let only_terminating = yaml.replace("- {addresses: [10.244.1.5], nodeName: node-1}\n", "");
+    let p = plan_for(&only_terminating, &node("node-1"));
+    assert_eq!(p.health_checks[0].local_endpoints, 0);
+    assert_eq!(
+        backends(&p, key("0.0.0.0", 30080, Protocol::Tcp)),
+        ["10.244.1.6:8080"]
+    );
+    // Policy Cluster: no health check.
+    let p = plan_for(
+        &yaml.replace(
+            "externalTrafficPolicy: Local",
+            "externalTrafficPolicy: Cluster",
+        ),
+        &node("node-1"),
+    );
+    assert!(p.health_checks.is_empty());
+}
