@@ -69,6 +69,9 @@ enum Command {
         /// This node's name, for internalTrafficPolicy / externalTrafficPolicy Local.
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
+        /// This node's zone (its topology.kubernetes.io/zone label), for topology hints.
+        #[arg(long)]
+        node_zone: Option<String>,
         /// Addresses NodePorts answer on (default: every non-loopback IPv4 address here).
         #[arg(long = "node-ip")]
         node_ips: Vec<Ipv4Addr>,
@@ -148,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             external_ifaces,
             pod_ifaces,
             node_name,
+            node_zone,
             node_ips,
             external_ip_allow,
             resync_seconds,
@@ -165,6 +169,7 @@ fn main() -> anyhow::Result<()> {
                 node: NodeContext {
                     name: node_name,
                     external_ip_allow: (!external_ip_allow.is_empty()).then_some(external_ip_allow),
+                    zone: node_zone,
                 },
                 node_ips,
                 sizes: MapSizes {

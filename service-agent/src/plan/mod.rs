@@ -158,7 +158,16 @@ pub struct NodeContext {
     pub name: Option<String>,
     /// When set, only these externalIPs are programmed (CVE-2020-8554).
     pub external_ip_allow: Option<Vec<ipnet_lite::Ipv4Net>>,
+    /// The node's `topology.kubernetes.io/zone`, for topology hints.
+    pub zone: Option<String>,
 }
+
+/// Annotations that ask for topology-aware routing (older spellings of
+/// `spec.trafficDistribution`).
+pub const TOPOLOGY_MODE_ANNOTATIONS: [&str; 2] = [
+    "service.kubernetes.io/topology-mode",
+    "service.kubernetes.io/topology-aware-hints",
+];
 
 /// A `healthCheckNodePort` this node answers, as kube-proxy does for
 /// LoadBalancer Services with `externalTrafficPolicy: Local`.
@@ -294,6 +303,7 @@ fn pick_endpoints(
     eps: &[(&Endpoint, u16, &str)],
     this_node: Option<&str>,
     local_only: bool,
+    zone: Option<&str>,
 ) -> Vec<BackendAddr> {
     let is_local = |e: &Endpoint| this_node.is_some() && e.node_name.as_deref() == this_node;
     let backend = |e: &Endpoint, port: u16| {
@@ -304,9 +314,13 @@ fn pick_endpoints(
             local: is_local(e),
         })
     };
+    let in_zone = |e: &Endpoint| match zone {
+        None => true,
+        Some(z) => hinted_zones(e).any(|h| h == z),
+    };
     let usable: Vec<_> = eps
         .iter()
-        .filter(|(e, _, _)| !local_only || is_local(e))
+        .filter(|(e, _, _)| (!local_only || is_local(e)) && in_zone(e))
         .collect();
     let cond = |e: &Endpoint| e.conditions.clone().unwrap_or_default();
     let ready: BTreeSet<BackendAddr> = usable
@@ -327,6 +341,46 @@ fn pick_endpoints(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
+}
+
+fn hinted_zones(e: &Endpoint) -> impl Iterator<Item = &str> {
+    e.hints
+        .iter()
+        .flat_map(|h| h.for_zones.iter().flatten())
+        .map(|z| z.name.as_str())
+}
+
+/// The zone to filter cluster-wide endpoints by, when topology-aware routing
+/// applies as kube-proxy decides it: the Service asks for it
+/// (`trafficDistribution`, or the topology-mode annotation set to Auto), the
+/// node has a zone, every ready endpoint carries zone hints, and at least one
+/// is hinted for this zone. Otherwise every endpoint is used.
+fn topology_zone<'a>(
+    svc: &Service,
+    eps: &[(&Endpoint, u16, &str)],
+    node: &'a NodeContext,
+) -> Option<&'a str> {
+    let spec = svc.spec.as_ref()?;
+    let asked = spec.traffic_distribution.is_some()
+        || svc.metadata.annotations.as_ref().is_some_and(|a| {
+            TOPOLOGY_MODE_ANNOTATIONS
+                .iter()
+                .any(|k| a.get(*k).is_some_and(|v| v.eq_ignore_ascii_case("auto")))
+        });
+    let zone = node.zone.as_deref().filter(|z| !z.is_empty())?;
+    if !asked {
+        return None;
+    }
+    let mut any_for_zone = false;
+    for (e, _, _) in eps {
+        if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            continue;
+        }
+        let mut zones = hinted_zones(e).peekable();
+        zones.peek()?;
+        any_for_zone |= zones.any(|z| z == zone);
+    }
+    any_for_zone.then_some(zone)
 }
 
 /// Compiles the cluster's Services and EndpointSlices into the frontend table.
@@ -675,17 +729,22 @@ fn compile_service(
                 .then(|| e.addresses.first()?.parse::<Ipv4Addr>().ok())
                 .flatten()
         }));
-        let all_backends = pick_endpoints(&eps, this_node, false);
-        let local_backends = pick_endpoints(&eps, this_node, true);
+        let all_backends = pick_endpoints(&eps, this_node, false, None);
+        let local_backends = pick_endpoints(&eps, this_node, true, None);
+        // Topology hints narrow the cluster-wide sets, not the node-local ones.
+        let zoned_backends = match topology_zone(svc, &eps, node) {
+            Some(zone) => pick_endpoints(&eps, this_node, false, Some(zone)),
+            None => all_backends.clone(),
+        };
         let cluster_backends = if internal_local {
             &local_backends
         } else {
-            &all_backends
+            &zoned_backends
         };
         let external_backends = if external_local {
             &local_backends
         } else {
-            &all_backends
+            &zoned_backends
         };
         let service = ctx.name.clone();
         let fe = |kind: FrontendKind, backends: &Vec<BackendAddr>| FrontendPlan {

@@ -335,6 +335,7 @@ fn node_ports_and_external_ips_follow_the_external_traffic_policy() {
     let node = NodeContext {
         name: Some("node-1".into()),
         external_ip_allow: Some(vec!["203.0.113.0/24".parse().unwrap()]),
+        ..Default::default()
     };
     let p = plan_for(NODEPORT, &node);
     assert_eq!(
@@ -367,7 +368,7 @@ fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
     );
     let node = NodeContext {
         name: Some("node-2".into()),
-        external_ip_allow: None,
+        ..Default::default()
     };
     let p = plan_for(&yaml, &node);
     assert_eq!(
@@ -524,7 +525,7 @@ fn health_check_node_ports_count_local_ready_endpoints_only() {
         );
     let node = |n: &str| NodeContext {
         name: Some(n.into()),
-        external_ip_allow: None,
+        ..Default::default()
     };
     let p = plan_for(&yaml, &node("node-1"));
     assert_eq!(
@@ -555,4 +556,66 @@ fn health_check_node_ports_count_local_ready_endpoints_only() {
         &node("node-1"),
     );
     assert!(p.health_checks.is_empty());
+}
+
+#[test]
+fn topology_hints_narrow_endpoints_to_the_zone_when_every_endpoint_has_one() {
+    let yaml = |dist: &str, hint3: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  clusterIP: 10.96.0.10
+{dist}  ports: [{{port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: "", port: 80}}]
+endpoints:
+- {{addresses: [10.0.1.1], zone: a, hints: {{forZones: [{{name: a}}]}}}}
+- {{addresses: [10.0.2.1], zone: b, hints: {{forZones: [{{name: b}}]}}}}
+- {{addresses: [10.0.1.2], zone: a{hint3}}}
+"#
+        )
+    };
+    let in_zone = |z: &str| NodeContext {
+        zone: Some(z.into()),
+        ..Default::default()
+    };
+    let k = key("10.96.0.10", 80, Protocol::Tcp);
+    let hinted = yaml(
+        "  trafficDistribution: PreferClose\n",
+        ", hints: {forZones: [{name: a}]}",
+    );
+    assert_eq!(
+        backends(&plan_for(&hinted, &in_zone("a")), k),
+        ["10.0.1.1:80", "10.0.1.2:80"]
+    );
+    assert_eq!(
+        backends(&plan_for(&hinted, &in_zone("b")), k),
+        ["10.0.2.1:80"]
+    );
+    // No endpoint hinted for the node's zone, no zone, not asked for, or an
+    // endpoint without hints: every endpoint.
+    assert_eq!(backends(&plan_for(&hinted, &in_zone("c")), k).len(), 3);
+    assert_eq!(
+        backends(&plan_for(&hinted, &NodeContext::default()), k).len(),
+        3
+    );
+    let not_asked = yaml("", ", hints: {forZones: [{name: a}]}");
+    assert_eq!(backends(&plan_for(&not_asked, &in_zone("a")), k).len(), 3);
+    let partial = yaml("  trafficDistribution: PreferClose\n", "");
+    assert_eq!(backends(&plan_for(&partial, &in_zone("a")), k).len(), 3);
+    let annotated = not_asked.replace(
+        "metadata: {name: web}",
+        "metadata: {name: web, annotations: {service.kubernetes.io/topology-mode: Auto}}",
+    );
+    assert_eq!(
+        backends(&plan_for(&annotated, &in_zone("b")), k),
+        ["10.0.2.1:80"]
+    );
 }
