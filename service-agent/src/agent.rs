@@ -1,7 +1,8 @@
-//! `service-agent run`: keeps the maps equal to what the manifests say.
+//! `service-agent run`: keeps the maps equal to what the source says.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -13,14 +14,25 @@ use tracing::{error, info, warn};
 use crate::{
     dataplane::{Dataplane, IfaceRole, MapSizes, interfaces, writer},
     health::HealthServers,
-    manifest::ManifestDir,
+    metrics::{self, Metrics},
+    model::Cluster,
     plan::{self, NodeContext, Plan},
+    source::{kube::KubeSource, manifest::ManifestDir},
     status,
 };
 
+/// Where Services and endpoints come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests (the embedded default: no cluster needed).
+    Manifests(PathBuf),
+    /// The Kubernetes API, through a kubeconfig or the in-cluster account.
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub external_ifaces: Vec<String>,
@@ -30,28 +42,55 @@ pub struct RunConfig {
     pub node_ips: Vec<Ipv4Addr>,
     pub sizes: MapSizes,
     pub resync: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+    pub max_pending: Duration,
+}
+
+enum Source {
+    Manifests { dir: PathBuf, files: ManifestDir },
+    Kube(KubeSource),
+}
+
+impl Source {
+    /// The cluster now, and the problems reading it.
+    fn read(&mut self) -> (Cluster, Vec<String>) {
+        match self {
+            Source::Manifests { dir, files } => {
+                let (c, errors) = files.load(dir);
+                (c, errors.iter().map(|e| e.to_string()).collect())
+            }
+            Source::Kube(k) => (k.cluster(), vec![]),
+        }
+    }
 }
 
 struct Agent {
     cfg: RunConfig,
     dp: Dataplane,
-    source: ManifestDir,
+    source: Source,
     previous: Plan,
     last_errors: Vec<String>,
     health: HealthServers,
+    metrics: Arc<Metrics>,
 }
 
 impl Agent {
-    /// Reads the manifests and brings the maps (and health checks) to them.
+    /// Reads the source and brings the maps (and health checks) to it.
     async fn sync(&mut self) {
         let started = Instant::now();
-        let (cluster, errors) = self.source.load(&self.cfg.manifests);
-        let manifest_errors: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        let changed_at = self.metrics.pending_since();
+        let (cluster, source_errors) = self.source.read();
+        let mut node = self.cfg.node.clone();
+        if let Source::Kube(k) = &self.source
+            && node.zone.is_none()
+        {
+            node.zone = k.node_zone();
+        }
         let slices = cluster.all_endpoint_slices();
-        let mut plan = plan::compile(&cluster.services, &slices, &self.cfg.node);
+        let mut plan = plan::compile(&cluster.services, &slices, &node);
         plan.keep_refused_from(&self.previous);
         let report = self.dp.writer.apply(&mut self.dp.tables, &plan);
-        let mut problems = manifest_errors.clone();
+        let mut problems = source_errors;
         problems.extend(report.errors.iter().cloned());
         problems.extend(self.health.sync(&plan.health_checks).await);
         // Log each distinct problem once, not at every resync.
@@ -64,6 +103,9 @@ impl Agent {
             if !self.last_errors.contains(p) {
                 error!("{p}");
             }
+        }
+        if !all.is_empty() {
+            self.metrics.sync_errors.inc();
         }
         self.last_errors = all;
         if report.frontends_written + report.frontends_removed > 0 || report.udp_flows_flushed > 0 {
@@ -78,12 +120,15 @@ impl Agent {
                 "maps synced"
             );
         }
-        if let Err(e) = status::write(
-            &self.cfg.state_dir,
-            &status::Status::from_plan(&plan, &problems),
-        ) {
+        if let Err(e) = status::write(&self.cfg.state_dir, &status::Status::from_plan(&plan, &problems)) {
             warn!("writing {}: {e}", self.cfg.state_dir.display());
         }
+        self.metrics.synced(
+            started.elapsed(),
+            changed_at,
+            self.dp.writer.frontend_count(),
+            self.dp.writer.backend_count(),
+        );
         self.previous = plan;
     }
 
@@ -134,9 +179,7 @@ impl Agent {
             warn!("setting the SNAT address: {e}");
         }
     }
-}
 
-impl Agent {
     /// The first --node-ip, else the first address of the first external
     /// interface: where replies of source-NATed flows come back to.
     fn snat_address(&self, node_addrs: &[Ipv4Addr]) -> Option<Ipv4Addr> {
@@ -160,43 +203,78 @@ fn monotonic_ns() -> u64 {
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let present = interfaces::interface_names()?;
     for iface in &cfg.external_ifaces {
-        if !interfaces::interface_names()?.contains(iface) {
+        if !present.contains(iface) {
             anyhow::bail!("--external-iface {iface}: no such interface in this network namespace");
         }
     }
-    if !cfg.manifests.is_dir() {
-        anyhow::bail!("--manifests {}: not a directory", cfg.manifests.display());
-    }
+    let (tx, mut changes) = mpsc::channel::<()>(64);
+    // Kept alive for the life of the loop: dropping it stops the events.
+    let mut _file_watcher = None;
+    let source = match &cfg.source {
+        SourceConfig::Manifests(dir) => {
+            if !dir.is_dir() {
+                anyhow::bail!("--manifests {}: not a directory", dir.display());
+            }
+            let tx = tx.clone();
+            let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                if res.is_ok() {
+                    let _ = tx.try_send(());
+                }
+            })
+            .context("starting the file watcher")?;
+            w.watch(dir, RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", dir.display()))?;
+            _file_watcher = Some(w);
+            Source::Manifests {
+                dir: dir.clone(),
+                files: ManifestDir::default(),
+            }
+        }
+        SourceConfig::Kube { kubeconfig } => {
+            let client = crate::source::kube::client(kubeconfig.as_deref()).await?;
+            Source::Kube(KubeSource::start(client, cfg.node.name.as_deref(), tx.clone()))
+        }
+    };
     let dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = cfg.metrics_addr {
+        metrics::serve(
+            addr,
+            metrics.clone(),
+            metrics::HttpConfig {
+                pin_dir: cfg.pin_dir.clone(),
+                state_dir: cfg.state_dir.clone(),
+                sizes: cfg.sizes.clone(),
+                max_pending: cfg.max_pending,
+            },
+        )
+        .await?;
+    }
+    if let Source::Kube(k) = &source {
+        // Until the initial lists are in, the maps keep what a previous
+        // agent programmed (and the pinned links keep serving it).
+        k.wait_until_synced().await?;
+    }
     let mut agent = Agent {
         cfg,
         dp,
-        source: ManifestDir::default(),
+        source,
         previous: Plan::default(),
         last_errors: vec![],
         health: HealthServers::default(),
+        metrics,
     };
     // Program before attaching, so no packet meets an empty table.
     agent.sync().await;
     agent.watch_interfaces();
     info!(
         pin_dir = %agent.cfg.pin_dir.display(),
-        manifests = %agent.cfg.manifests.display(),
+        source = ?agent.cfg.source,
         attached = ?agent.dp.attached().collect::<Vec<_>>(),
         "agent running"
     );
-
-    let (tx, mut changes) = mpsc::channel::<()>(16);
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = tx.try_send(());
-        }
-    })
-    .context("starting the file watcher")?;
-    watcher
-        .watch(&agent.cfg.manifests, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", agent.cfg.manifests.display()))?;
 
     let mut iface_tick = tokio::time::interval(Duration::from_millis(500));
     let mut resync_tick = tokio::time::interval(agent.cfg.resync);
@@ -205,7 +283,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             Some(()) = changes.recv() => {
-                // Editors write in bursts (truncate, write, rename): settle first.
+                agent.metrics.change_seen();
+                // Changes come in bursts (an editor's truncate-write-rename, a
+                // watch relist): settle, then reconcile the whole state once.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while changes.try_recv().is_ok() {}
                 agent.sync().await;
@@ -222,6 +302,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    info!("stopping; pinned maps are kept for the next agent");
+    info!("stopping; pinned maps and links keep serving until the next agent");
     Ok(())
 }

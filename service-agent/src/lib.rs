@@ -3,7 +3,8 @@
 pub mod agent;
 pub mod dataplane;
 pub mod health;
-pub mod manifest;
+pub mod metrics;
+pub mod source;
 pub mod model;
 pub mod plan;
 pub mod report;

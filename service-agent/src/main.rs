@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use service_agent::{
-    agent::{self, RunConfig},
+    agent::{self, RunConfig, SourceConfig},
     dataplane::{MapSizes, pins, tables::Tables},
     plan::{NodeContext, ipnet_lite::Ipv4Net},
     report, status,
@@ -44,6 +44,24 @@ impl PinArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum SourceKind {
+    /// Kubernetes YAML files in --manifests (no cluster needed).
+    Manifests,
+    /// The Kubernetes API server (--kubeconfig or in-cluster).
+    Kube,
+}
+
+#[derive(Clone, Copy)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|e| format!("{s}: {e}"))
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Text,
     Json,
@@ -51,11 +69,24 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the programs, attach them, and keep the maps in sync with the manifests.
+    /// Load the programs, attach them, and keep the maps in sync with the source.
     Run {
-        /// Directory of Kubernetes YAML manifests (Service, Pod, EndpointSlice, Endpoints).
-        #[arg(long)]
-        manifests: PathBuf,
+        /// Where Services and endpoints come from: a manifest directory, or the API server.
+        #[arg(long, value_enum, default_value = "manifests")]
+        source: SourceKind,
+        /// Directory of Kubernetes YAML manifests (Service, Pod, EndpointSlice,
+        /// Endpoints), for --source manifests.
+        #[arg(long, required_if_eq("source", "manifests"))]
+        manifests: Option<PathBuf>,
+        /// kubeconfig for --source kube; without it the in-cluster service account is used.
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Serve /metrics, /healthz and /readyz here ("off" to disable).
+        #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_listen)]
+        metrics_addr: Listen,
+        /// /healthz turns 503 when a change has waited this long to be programmed.
+        #[arg(long, default_value_t = 60)]
+        healthz_max_pending_seconds: u64,
         #[command(flatten)]
         pins: PinArgs,
         /// The node's external interface(s): NodePort, LoadBalancer and externalIP
@@ -146,7 +177,11 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run {
+            source,
             manifests,
+            kubeconfig,
+            metrics_addr,
+            healthz_max_pending_seconds,
             pins,
             external_ifaces,
             pod_ifaces,
@@ -160,8 +195,16 @@ fn main() -> anyhow::Result<()> {
             conntrack_max,
             affinity_max,
         } => {
+            let source = match source {
+                SourceKind::Manifests => SourceConfig::Manifests(
+                    manifests.context("--manifests is required with --source manifests")?,
+                ),
+                SourceKind::Kube => SourceConfig::Kube { kubeconfig },
+            };
             let cfg = RunConfig {
-                manifests,
+                source,
+                metrics_addr: metrics_addr.0,
+                max_pending: Duration::from_secs(healthz_max_pending_seconds),
                 state_dir: pins.state_dir(),
                 pin_dir: pins.pin_dir,
                 external_ifaces,

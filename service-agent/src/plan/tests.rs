@@ -1,6 +1,6 @@
 //! Planner semantics, from YAML as a user would write it.
 use super::*;
-use crate::{manifest::parse_str, model::Cluster};
+use crate::{model::Cluster, source::manifest::parse_str};
 
 fn cluster(yaml: &str) -> Cluster {
     let o = parse_str(yaml, "t.yaml").expect("test YAML parses");
