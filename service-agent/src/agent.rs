@@ -120,7 +120,10 @@ impl Agent {
                 "maps synced"
             );
         }
-        if let Err(e) = status::write(&self.cfg.state_dir, &status::Status::from_plan(&plan, &problems)) {
+        if let Err(e) = status::write(
+            &self.cfg.state_dir,
+            &status::Status::from_plan(&plan, &problems),
+        ) {
             warn!("writing {}: {e}", self.cfg.state_dir.display());
         }
         self.metrics.synced(
@@ -234,7 +237,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         SourceConfig::Kube { kubeconfig } => {
             let client = crate::source::kube::client(kubeconfig.as_deref()).await?;
-            Source::Kube(KubeSource::start(client, cfg.node.name.as_deref(), tx.clone()))
+            Source::Kube(KubeSource::start(
+                client,
+                cfg.node.name.as_deref(),
+                tx.clone(),
+            ))
         }
     };
     let dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;

@@ -4,10 +4,10 @@ pub mod agent;
 pub mod dataplane;
 pub mod health;
 pub mod metrics;
-pub mod source;
 pub mod model;
 pub mod plan;
 pub mod report;
+pub mod source;
 pub mod status;
 
 /// The BPF object built by build.rs from the service-ebpf crate.

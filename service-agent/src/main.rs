@@ -58,7 +58,9 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     if s == "off" {
         return Ok(Listen(None));
     }
-    s.parse().map(|a| Listen(Some(a))).map_err(|e| format!("{s}: {e}"))
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("{s}: {e}"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]

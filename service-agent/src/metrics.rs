@@ -63,7 +63,10 @@ struct Health {
 }
 
 fn buckets() -> impl Iterator<Item = f64> {
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter()
+    [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+    .into_iter()
 }
 
 impl Default for Metrics {
@@ -97,13 +100,41 @@ impl Default for Metrics {
             "Time from a change seen by the source to the maps programmed",
             m.programming_duration.clone(),
         );
-        registry.register("sync_errors", "Syncs that reported a problem", m.sync_errors.clone());
-        registry.register("frontends_programmed", "Service frontends in the maps", m.frontends.clone());
-        registry.register("backends_programmed", "Backends in the maps", m.backends.clone());
-        registry.register("map_entries", "Entries in each pinned map", m.map_entries.clone());
-        registry.register("map_capacity", "max_entries of each pinned map", m.map_capacity.clone());
-        registry.register("frontend_packets", "Packets translated per frontend", m.packets.clone());
-        registry.register("frontend_bytes", "Bytes translated per frontend", m.bytes.clone());
+        registry.register(
+            "sync_errors",
+            "Syncs that reported a problem",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "frontends_programmed",
+            "Service frontends in the maps",
+            m.frontends.clone(),
+        );
+        registry.register(
+            "backends_programmed",
+            "Backends in the maps",
+            m.backends.clone(),
+        );
+        registry.register(
+            "map_entries",
+            "Entries in each pinned map",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "map_capacity",
+            "max_entries of each pinned map",
+            m.map_capacity.clone(),
+        );
+        registry.register(
+            "frontend_packets",
+            "Packets translated per frontend",
+            m.packets.clone(),
+        );
+        registry.register(
+            "frontend_bytes",
+            "Bytes translated per frontend",
+            m.bytes.clone(),
+        );
         registry.register(
             "packets_by_reason",
             "Packets counted per reason (drops and notable events)",
@@ -123,7 +154,13 @@ impl Metrics {
     }
 
     /// Records a completed sync; `changed_at` is when the change it applied was seen.
-    pub fn synced(&self, took: Duration, changed_at: Option<Instant>, frontends: usize, backends: usize) {
+    pub fn synced(
+        &self,
+        took: Duration,
+        changed_at: Option<Instant>,
+        frontends: usize,
+        backends: usize,
+    ) {
         self.sync_duration.observe(took.as_secs_f64());
         if let Some(t) = changed_at {
             self.programming_duration.observe(t.elapsed().as_secs_f64());
@@ -153,7 +190,10 @@ impl Metrics {
                 .find(|x| x.frontend == f)
                 .and_then(|x| x.service.clone())
                 .unwrap_or_default();
-            let l = FrontendLabel { frontend: f, service };
+            let l = FrontendLabel {
+                frontend: f,
+                service,
+            };
             self.packets.get_or_create(&l).set(s.packets as i64);
             self.bytes.get_or_create(&l).set(s.bytes as i64);
         }

@@ -69,7 +69,7 @@ pub struct Agent {
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
-    manifests: PathBuf,
+    /// Source flags (`--manifests DIR` or `--source kube --kubeconfig F`) and the rest.
     args: Vec<String>,
 }
 
@@ -77,29 +77,77 @@ impl Agent {
     /// Starts the agent in `node` with the usual interfaces (eth0 external,
     /// vp* pods) plus `extra` flags, and waits until it has programmed the maps.
     pub fn start(node: &Netns, manifests: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let source = ["--manifests".to_string(), manifests.display().to_string()];
+        let mut agent = Self::prepare(node, &source, extra);
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent on the Kubernetes API source, without waiting for it
+    /// to program anything (it waits for its initial lists).
+    pub fn start_kube(node: &Netns, kubeconfig: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let source = [
+            "--source".to_string(),
+            "kube".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+        ];
+        let mut agent = Self::prepare(node, &source, extra);
+        agent.spawn_nowait()?;
+        Ok(agent)
+    }
+
+    fn prepare(node: &Netns, source: &[String], extra: &[&str]) -> Self {
         let id = unique("svca");
-        let mut args: Vec<String> = vec![
+        let mut args: Vec<String> = source.to_vec();
+        args.extend([
             "--external-iface".into(),
             "eth0".into(),
             "--pod-iface".into(),
             "vp*".into(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut agent = Self {
+        Self {
             child: None,
             netns_path: node.path(),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&id),
             state_dir: std::env::temp_dir().join(format!("{id}-state")),
             log: std::env::temp_dir().join(format!("{id}.log")),
-            manifests: manifests.to_path_buf(),
             args,
-        };
-        agent.spawn()?;
-        Ok(agent)
+        }
     }
 
-    /// (Re)starts the process on the same pins, as a restarted agent would.
+    /// (Re)starts the process on the same pins, as a restarted agent would,
+    /// and waits until it has programmed the maps.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let start_len = self.spawn_nowait()?;
+        self.wait_log_from(start_len, "agent running", Duration::from_secs(30))
+    }
+
+    /// Waits until the log, from byte `from` on, contains `what`.
+    pub fn wait_log_from(&mut self, from: u64, what: &str, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let text = fs::read_to_string(&self.log).unwrap_or_default();
+            if text.get(from as usize..).is_some_and(|t| t.contains(what)) {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("service-agent exited with {status}:\n{text}");
+            }
+            if Instant::now() > deadline {
+                bail!("service-agent did not log {what:?} in {limit:?}:\n{text}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the process; returns the log length before it, for `wait_log_from`.
+    pub fn spawn_nowait(&mut self) -> anyhow::Result<u64> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -109,8 +157,6 @@ impl Agent {
         cmd.arg(format!("--net={}", self.netns_path))
             .arg(agent_bin())
             .arg("run")
-            .arg("--manifests")
-            .arg(&self.manifests)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .arg("--state-dir")
@@ -122,27 +168,7 @@ impl Agent {
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(cmd.spawn().context("starting service-agent")?);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = fs::read_to_string(&self.log).unwrap_or_default();
-            if text
-                .get(start_len as usize..)
-                .is_some_and(|t| t.contains("agent running"))
-            {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("service-agent exited with {status}:\n{text}");
-            }
-            if Instant::now() > deadline {
-                bail!("service-agent did not come up in 30 s:\n{text}");
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        Ok(start_len)
     }
 
     /// SIGKILL, no goodbye: what a crash or an OOM kill does.

@@ -2,6 +2,7 @@
 //! route out, traffic helpers that run inside them, and a guard for the agent.
 //! Everything made here is removed on drop, also when a test fails.
 pub mod agent;
+pub mod apiserver;
 pub mod manifests;
 pub mod netns;
 pub mod packet;

@@ -40,9 +40,8 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
                 .await
                 .with_context(|| format!("--kubeconfig {}", path.display()))?
         }
-        None => Config::incluster().context(
-            "no --kubeconfig and not running in a pod (KUBERNETES_SERVICE_HOST unset)",
-        )?,
+        None => Config::incluster()
+            .context("no --kubeconfig and not running in a pod (KUBERNETES_SERVICE_HOST unset)")?,
     };
     Ok(Client::try_from(config)?)
 }
