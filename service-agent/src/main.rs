@@ -69,65 +69,68 @@ enum Output {
     Json,
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Where Services and endpoints come from: a manifest directory, or the API server.
+    #[arg(long, value_enum, default_value = "manifests")]
+    source: SourceKind,
+    /// Directory of Kubernetes YAML manifests (Service, Pod, EndpointSlice,
+    /// Endpoints), for --source manifests.
+    #[arg(long, required_if_eq("source", "manifests"))]
+    manifests: Option<PathBuf>,
+    /// kubeconfig for --source kube; without it the in-cluster service account is used.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz here ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_listen)]
+    metrics_addr: Listen,
+    /// /healthz turns 503 when a change has waited this long to be programmed.
+    #[arg(long, default_value_t = 60)]
+    healthz_max_pending_seconds: u64,
+    #[command(flatten)]
+    pins: PinArgs,
+    /// The node's external interface(s): NodePort, LoadBalancer and externalIP
+    /// traffic arrives here, and replies of backends on other nodes.
+    #[arg(long = "external-iface")]
+    external_ifaces: Vec<String>,
+    /// Glob of the host-side pod interfaces (e.g. 'veth*', 'lxc*'); interfaces
+    /// that appear later are attached too.
+    #[arg(long = "pod-iface")]
+    pod_ifaces: Vec<String>,
+    /// This node's name, for internalTrafficPolicy / externalTrafficPolicy Local.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// This node's zone (its topology.kubernetes.io/zone label), for topology hints.
+    #[arg(long)]
+    node_zone: Option<String>,
+    /// Addresses NodePorts answer on (default: every non-loopback IPv4 address here).
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// Only externalIPs inside these CIDRs are programmed (CVE-2020-8554);
+    /// without it every externalIP is.
+    #[arg(long = "external-ip-allow", value_parser = parse_net)]
+    external_ip_allow: Vec<Ipv4Net>,
+    /// Full resync period in seconds, besides file change events.
+    #[arg(long, default_value_t = 30)]
+    resync_seconds: u64,
+    /// Capacity of the SERVICES map (frontends × (backends + 1)).
+    #[arg(long, default_value_t = DEFAULT_SERVICES_MAX)]
+    services_max: u32,
+    /// Capacity of the BACKENDS map.
+    #[arg(long, default_value_t = DEFAULT_BACKENDS_MAX)]
+    backends_max: u32,
+    /// Capacity of the CONNTRACK map (two entries a flow; LRU).
+    #[arg(long, default_value_t = DEFAULT_CONNTRACK_MAX)]
+    conntrack_max: u32,
+    /// Capacity of the AFFINITY map (LRU).
+    #[arg(long, default_value_t = DEFAULT_AFFINITY_MAX)]
+    affinity_max: u32,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Load the programs, attach them, and keep the maps in sync with the source.
-    Run {
-        /// Where Services and endpoints come from: a manifest directory, or the API server.
-        #[arg(long, value_enum, default_value = "manifests")]
-        source: SourceKind,
-        /// Directory of Kubernetes YAML manifests (Service, Pod, EndpointSlice,
-        /// Endpoints), for --source manifests.
-        #[arg(long, required_if_eq("source", "manifests"))]
-        manifests: Option<PathBuf>,
-        /// kubeconfig for --source kube; without it the in-cluster service account is used.
-        #[arg(long, env = "KUBECONFIG")]
-        kubeconfig: Option<PathBuf>,
-        /// Serve /metrics, /healthz and /readyz here ("off" to disable).
-        #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_listen)]
-        metrics_addr: Listen,
-        /// /healthz turns 503 when a change has waited this long to be programmed.
-        #[arg(long, default_value_t = 60)]
-        healthz_max_pending_seconds: u64,
-        #[command(flatten)]
-        pins: PinArgs,
-        /// The node's external interface(s): NodePort, LoadBalancer and externalIP
-        /// traffic arrives here, and replies of backends on other nodes.
-        #[arg(long = "external-iface")]
-        external_ifaces: Vec<String>,
-        /// Glob of the host-side pod interfaces (e.g. 'veth*', 'lxc*'); interfaces
-        /// that appear later are attached too.
-        #[arg(long = "pod-iface")]
-        pod_ifaces: Vec<String>,
-        /// This node's name, for internalTrafficPolicy / externalTrafficPolicy Local.
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
-        /// This node's zone (its topology.kubernetes.io/zone label), for topology hints.
-        #[arg(long)]
-        node_zone: Option<String>,
-        /// Addresses NodePorts answer on (default: every non-loopback IPv4 address here).
-        #[arg(long = "node-ip")]
-        node_ips: Vec<Ipv4Addr>,
-        /// Only externalIPs inside these CIDRs are programmed (CVE-2020-8554);
-        /// without it every externalIP is.
-        #[arg(long = "external-ip-allow", value_parser = parse_net)]
-        external_ip_allow: Vec<Ipv4Net>,
-        /// Full resync period in seconds, besides file change events.
-        #[arg(long, default_value_t = 30)]
-        resync_seconds: u64,
-        /// Capacity of the SERVICES map (frontends × (backends + 1)).
-        #[arg(long, default_value_t = DEFAULT_SERVICES_MAX)]
-        services_max: u32,
-        /// Capacity of the BACKENDS map.
-        #[arg(long, default_value_t = DEFAULT_BACKENDS_MAX)]
-        backends_max: u32,
-        /// Capacity of the CONNTRACK map (two entries a flow; LRU).
-        #[arg(long, default_value_t = DEFAULT_CONNTRACK_MAX)]
-        conntrack_max: u32,
-        /// Capacity of the AFFINITY map (LRU).
-        #[arg(long, default_value_t = DEFAULT_AFFINITY_MAX)]
-        affinity_max: u32,
-    },
+    Run(Box<RunArgs>),
     /// Print the programmed frontends and their backends, read from the pinned maps.
     List {
         #[command(flatten)]
@@ -178,25 +181,26 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run {
-            source,
-            manifests,
-            kubeconfig,
-            metrics_addr,
-            healthz_max_pending_seconds,
-            pins,
-            external_ifaces,
-            pod_ifaces,
-            node_name,
-            node_zone,
-            node_ips,
-            external_ip_allow,
-            resync_seconds,
-            services_max,
-            backends_max,
-            conntrack_max,
-            affinity_max,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                source,
+                manifests,
+                kubeconfig,
+                metrics_addr,
+                healthz_max_pending_seconds,
+                pins,
+                external_ifaces,
+                pod_ifaces,
+                node_name,
+                node_zone,
+                node_ips,
+                external_ip_allow,
+                resync_seconds,
+                services_max,
+                backends_max,
+                conntrack_max,
+                affinity_max,
+            } = *args;
             let source = match source {
                 SourceKind::Manifests => SourceConfig::Manifests(
                     manifests.context("--manifests is required with --source manifests")?,
