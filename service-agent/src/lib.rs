@@ -1,6 +1,7 @@
 //! The service-agent library: sources, model, planner and dataplane writer
 //! of an eBPF Kubernetes Service dataplane.
 pub mod agent;
+pub mod cli;
 pub mod dataplane;
 pub mod health;
 pub mod metrics;

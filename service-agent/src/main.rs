@@ -1,167 +1,17 @@
 //! service-agent: programs the eBPF Service dataplane from Kubernetes
 //! manifests and shows what is programmed.
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser as _;
 use service_agent::{
     agent::{self, RunConfig, SourceConfig},
+    cli::*,
     dataplane::{MapSizes, pins, tables::Tables},
-    plan::{NodeContext, ipnet_lite::Ipv4Net},
+    plan::NodeContext,
     report, status,
 };
 use service_common::*;
-
-const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/service-agent";
-
-#[derive(Parser)]
-#[command(
-    name = "service-agent",
-    version,
-    about = "eBPF Kubernetes Service dataplane (kube-proxy replacement)"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(clap::Args, Clone)]
-struct PinArgs {
-    /// bpffs directory holding the pinned maps.
-    #[arg(long, default_value = DEFAULT_PIN_DIR, env = "SERVICE_AGENT_PIN_DIR")]
-    pin_dir: PathBuf,
-    /// Directory of the agent's status file (default: derived from --pin-dir under /run/service-agent).
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-}
-
-impl PinArgs {
-    fn state_dir(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(|| status::default_state_dir(&self.pin_dir))
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum SourceKind {
-    /// Kubernetes YAML files in --manifests (no cluster needed).
-    Manifests,
-    /// The Kubernetes API server (--kubeconfig or in-cluster).
-    Kube,
-}
-
-#[derive(Clone, Copy)]
-struct Listen(Option<std::net::SocketAddr>);
-
-fn parse_listen(s: &str) -> Result<Listen, String> {
-    if s == "off" {
-        return Ok(Listen(None));
-    }
-    s.parse()
-        .map(|a| Listen(Some(a)))
-        .map_err(|e| format!("{s}: {e}"))
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Text,
-    Json,
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Where Services and endpoints come from: a manifest directory, or the API server.
-    #[arg(long, value_enum, default_value = "manifests")]
-    source: SourceKind,
-    /// Directory of Kubernetes YAML manifests (Service, Pod, EndpointSlice,
-    /// Endpoints), for --source manifests.
-    #[arg(long, required_if_eq("source", "manifests"))]
-    manifests: Option<PathBuf>,
-    /// kubeconfig for --source kube; without it the in-cluster service account is used.
-    #[arg(long, env = "KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
-    /// Serve /metrics, /healthz and /readyz here ("off" to disable).
-    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_listen)]
-    metrics_addr: Listen,
-    /// /healthz turns 503 when a change has waited this long to be programmed.
-    #[arg(long, default_value_t = 60)]
-    healthz_max_pending_seconds: u64,
-    #[command(flatten)]
-    pins: PinArgs,
-    /// The node's external interface(s): NodePort, LoadBalancer and externalIP
-    /// traffic arrives here, and replies of backends on other nodes.
-    #[arg(long = "external-iface")]
-    external_ifaces: Vec<String>,
-    /// Glob of the host-side pod interfaces (e.g. 'veth*', 'lxc*'); interfaces
-    /// that appear later are attached too.
-    #[arg(long = "pod-iface")]
-    pod_ifaces: Vec<String>,
-    /// This node's name, for internalTrafficPolicy / externalTrafficPolicy Local.
-    #[arg(long, env = "NODE_NAME")]
-    node_name: Option<String>,
-    /// This node's zone (its topology.kubernetes.io/zone label), for topology hints.
-    #[arg(long)]
-    node_zone: Option<String>,
-    /// Addresses NodePorts answer on (default: every non-loopback IPv4 address here).
-    #[arg(long = "node-ip")]
-    node_ips: Vec<Ipv4Addr>,
-    /// Only externalIPs inside these CIDRs are programmed (CVE-2020-8554);
-    /// without it every externalIP is.
-    #[arg(long = "external-ip-allow", value_parser = parse_net)]
-    external_ip_allow: Vec<Ipv4Net>,
-    /// Full resync period in seconds, besides file change events.
-    #[arg(long, default_value_t = 30)]
-    resync_seconds: u64,
-    /// Capacity of the SERVICES map (frontends × (backends + 1)).
-    #[arg(long, default_value_t = DEFAULT_SERVICES_MAX)]
-    services_max: u32,
-    /// Capacity of the BACKENDS map.
-    #[arg(long, default_value_t = DEFAULT_BACKENDS_MAX)]
-    backends_max: u32,
-    /// Capacity of the CONNTRACK map (two entries a flow; LRU).
-    #[arg(long, default_value_t = DEFAULT_CONNTRACK_MAX)]
-    conntrack_max: u32,
-    /// Capacity of the AFFINITY map (LRU).
-    #[arg(long, default_value_t = DEFAULT_AFFINITY_MAX)]
-    affinity_max: u32,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Load the programs, attach them, and keep the maps in sync with the source.
-    Run(Box<RunArgs>),
-    /// Print the programmed frontends and their backends, read from the pinned maps.
-    List {
-        #[command(flatten)]
-        pins: PinArgs,
-        #[arg(short, long, value_enum, default_value = "text")]
-        output: Output,
-    },
-    /// Print per-frontend packet counters and per-reason counters.
-    Stats {
-        #[command(flatten)]
-        pins: PinArgs,
-        #[arg(short, long, value_enum, default_value = "text")]
-        output: Output,
-    },
-    /// Print the raw entries of one pinned map (as `bpftool map dump` would, decoded).
-    Dump {
-        #[command(flatten)]
-        pins: PinArgs,
-        /// One of SERVICES, BACKENDS, CONNTRACK, AFFINITY, NODE_ADDRS.
-        map: String,
-    },
-    /// Remove every pin and the status file this agent made (run after stopping it).
-    Cleanup {
-        #[command(flatten)]
-        pins: PinArgs,
-    },
-}
-
-fn parse_net(s: &str) -> Result<Ipv4Net, String> {
-    s.parse()
-}
 
 fn open(pins: &PinArgs) -> anyhow::Result<Tables> {
     Tables::open_pinned(&pins.pin_dir).with_context(|| {

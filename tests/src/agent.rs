@@ -71,14 +71,27 @@ pub struct Agent {
     pub log: PathBuf,
     /// Source flags (`--manifests DIR` or `--source kube --kubeconfig F`) and the rest.
     args: Vec<String>,
+    /// A command the agent runs under (e.g. `setpriv` limiting capabilities).
+    pub wrapper: Vec<String>,
 }
 
 impl Agent {
     /// Starts the agent in `node` with the usual interfaces (eth0 external,
     /// vp* pods) plus `extra` flags, and waits until it has programmed the maps.
     pub fn start(node: &Netns, manifests: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_wrapped(node, manifests, extra, &[])
+    }
+
+    /// Like `start`, with the agent run under `wrapper` (a command prefix).
+    pub fn start_wrapped(
+        node: &Netns,
+        manifests: &Path,
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> anyhow::Result<Self> {
         let source = ["--manifests".to_string(), manifests.display().to_string()];
         let mut agent = Self::prepare(node, &source, extra);
+        agent.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
         agent.spawn()?;
         Ok(agent)
     }
@@ -114,6 +127,7 @@ impl Agent {
             state_dir: std::env::temp_dir().join(format!("{id}-state")),
             log: std::env::temp_dir().join(format!("{id}.log")),
             args,
+            wrapper: vec![],
         }
     }
 
@@ -155,6 +169,7 @@ impl Agent {
         let start_len = log.metadata()?.len();
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns_path))
+            .args(&self.wrapper)
             .arg(agent_bin())
             .arg("run")
             .arg("--pin-dir")

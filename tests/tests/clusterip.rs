@@ -406,3 +406,71 @@ fn pods_created_after_the_agent_started_are_served() {
         .expect("the new pod reaches the Service");
     assert_eq!(r.server, "web-1");
 }
+
+/// GET on the agent's metrics address, from inside the node namespace.
+fn http_get_local(f: &Fixture, path: &str) -> (u16, String) {
+    let path = path.to_string();
+    f.topo.nodes[0]
+        .ns
+        .within(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:10249").unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+            (
+                code,
+                text.split("\r\n\r\n")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .unwrap()
+}
+
+#[test]
+fn metrics_health_and_readiness_are_served() {
+    let f = fixture(3, 3);
+    let client = f.topo.pod("client");
+    client
+        .ns
+        .within(|| {
+            for _ in 0..10 {
+                traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T).unwrap();
+            }
+        })
+        .unwrap();
+    assert_eq!(http_get_local(&f, "/readyz").0, 200);
+    assert_eq!(http_get_local(&f, "/healthz").0, 200);
+    let (code, text) = http_get_local(&f, "/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "service_agent_frontends_programmed 2",
+        "service_agent_backends_programmed 6",
+        "service_agent_sync_proxy_rules_duration_seconds_count",
+        "service_agent_network_programming_duration_seconds_bucket",
+        "service_agent_map_entries{map=\"SERVICES\"} 8",
+        "service_agent_map_capacity{map=\"CONNTRACK\"}",
+        "service_agent_packets_by_reason{reason=\"new_flow\",verdict=\"passed\"} 10",
+    ] {
+        assert!(
+            text.contains(want),
+            "{want:?} missing from /metrics:\n{text}"
+        );
+    }
+    let packets = text
+        .lines()
+        .find(|l| {
+            l.starts_with("service_agent_frontend_packets{") && l.contains("10.96.0.10:80/TCP")
+        })
+        .unwrap_or_else(|| panic!("no per-frontend packets:\n{text}"));
+    let n: u64 = packets.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 40, "{packets}");
+    assert!(packets.contains("service=\"default/web\""), "{packets}");
+}

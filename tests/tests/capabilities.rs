@@ -1,0 +1,70 @@
+//! The agent works with exactly the capabilities deploy/service-agent.yaml
+//! gives it (BPF, NET_ADMIN, PERFMON; the deploy test checks the manifest
+//! names these), and not with fewer.
+use std::{net::SocketAddrV4, time::Duration};
+
+use integration_tests::{
+    agent::{Agent, ManifestDir},
+    manifests,
+    topology::Topology,
+    traffic::{self, Server},
+};
+
+fn with_caps(caps: &str) -> Vec<String> {
+    vec![
+        "setpriv".into(),
+        "--inh-caps=-all".into(),
+        "--ambient-caps=-all".into(),
+        format!("--bounding-set=-all,{caps}"),
+    ]
+}
+
+#[test]
+fn bpf_net_admin_and_perfmon_are_enough_and_needed() {
+    let mut topo = Topology::new().unwrap();
+    topo.add_node().unwrap();
+    topo.add_pod(0, "client").unwrap();
+    let k = topo.add_pod(0, "web-1").unwrap();
+    let web = &topo.pods[k];
+    let _server = Server::start(&web.ns, web.ip, 8080, "web-1").unwrap();
+    let dir = ManifestDir::new().unwrap();
+    dir.write(
+        "pods.yaml",
+        &manifests::pod("web-1", "web", web.ip, true, "node-1"),
+    )
+    .unwrap();
+    dir.write(
+        "svc.yaml",
+        &manifests::service(
+            "web",
+            "web",
+            "10.96.0.10",
+            &[("http", "TCP", 80, "8080")],
+            "",
+        ),
+    )
+    .unwrap();
+
+    let caps = with_caps("+bpf,+net_admin,+perfmon");
+    let wrapper: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let agent = Agent::start_wrapped(&topo.nodes[0].ns, &dir.path, &[], &wrapper).unwrap();
+    let r = topo
+        .pod("client")
+        .ns
+        .within(|| {
+            traffic::tcp_ask(
+                SocketAddrV4::new("10.96.0.10".parse().unwrap(), 80),
+                Duration::from_secs(3),
+            )
+        })
+        .unwrap();
+    assert_eq!(r.unwrap().server, "web-1");
+    drop(agent);
+
+    let caps = with_caps("+bpf,+net_admin");
+    let wrapper: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let err = Agent::start_wrapped(&topo.nodes[0].ns, &dir.path, &[], &wrapper)
+        .err()
+        .expect("without CAP_PERFMON the verifier refuses the programs");
+    assert!(err.to_string().contains("verifier rejected"), "{err}");
+}
