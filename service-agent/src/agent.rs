@@ -283,7 +283,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         "agent running"
     );
 
-    let mut iface_tick = tokio::time::interval(Duration::from_millis(500));
+    let links =
+        interfaces::LinkEvents::subscribe().context("subscribing to rtnetlink link events")?;
+    // Link events attach new pod interfaces at once; the slow tick is only a
+    // safety net.
+    let mut iface_tick = tokio::time::interval(Duration::from_secs(10));
     let mut resync_tick = tokio::time::interval(agent.cfg.resync);
     let mut gc_tick = tokio::time::interval(Duration::from_secs(10));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -296,6 +300,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while changes.try_recv().is_ok() {}
                 agent.sync().await;
+            }
+            r = links.changed() => {
+                if let Err(e) = r {
+                    warn!("rtnetlink: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                agent.watch_interfaces();
             }
             _ = iface_tick.tick() => agent.watch_interfaces(),
             _ = resync_tick.tick() => agent.sync().await,

@@ -180,8 +180,13 @@ fn cleanup_detaches_everything_it_made() {
     assert!(ask().is_ok(), "programs stay attached after the agent died");
     agent.cli("cleanup", &[]).unwrap();
     assert!(!agent.pin_dir.exists(), "pins removed");
-    assert!(
-        ask().is_err(),
-        "programs detached by cleanup: the ClusterIP is no longer translated"
-    );
+    // The kernel drops an unpinned link after an RCU grace period: allow it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while ask().is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "programs detached by cleanup: the ClusterIP is no longer translated"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

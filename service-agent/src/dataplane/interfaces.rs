@@ -52,6 +52,63 @@ fn addresses(keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
+/// Link and address changes of this network namespace, from rtnetlink
+/// multicast groups: a pod veth appearing wakes the agent at once instead of
+/// at the next poll. The messages are only a trigger; the agent then lists
+/// the interfaces itself (level-triggered), so a lost message costs nothing.
+pub struct LinkEvents {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl LinkEvents {
+    pub fn subscribe() -> std::io::Result<Self> {
+        use nix::sys::socket::{
+            AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
+        };
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &NetlinkAddr::new(0, groups),
+        )?;
+        // SAFETY: the OwnedFd moves into the AsyncFd and stays open, and the
+        // same descriptor, for as long as the AsyncFd lives.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Self { fd })
+    }
+
+    /// Waits for the next batch of link or address messages.
+    pub async fn changed(&self) -> std::io::Result<()> {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(guard.get_inner());
+            let mut got = false;
+            // Drain whatever is queued; one wake-up covers the whole burst.
+            loop {
+                match nix::sys::socket::recv(fd, &mut buf, nix::sys::socket::MsgFlags::empty()) {
+                    Ok(0) => break,
+                    Ok(_) => got = true,
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    // Overrun: messages were lost, which a relist makes good.
+                    Err(nix::errno::Errno::ENOBUFS) => got = true,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            guard.clear_ready();
+            if got {
+                return Ok(());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::glob_match;
