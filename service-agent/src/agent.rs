@@ -87,7 +87,7 @@ impl Agent {
             node.zone = k.node_zone();
         }
         let slices = cluster.all_endpoint_slices();
-        let mut plan = plan::compile(&cluster.services, &slices, &node);
+        let mut plan = plan::compile_after(&cluster.services, &slices, &node, &self.previous);
         plan.keep_refused_from(&self.previous);
         let report = self.dp.writer.apply(&mut self.dp.tables, &plan);
         let mut problems = source_errors;

@@ -100,10 +100,15 @@ pub struct RunArgs {
     /// Addresses NodePorts answer on (default: every non-loopback IPv4 address here).
     #[arg(long = "node-ip")]
     pub node_ips: Vec<Ipv4Addr>,
-    /// Only externalIPs inside these CIDRs are programmed (CVE-2020-8554);
-    /// without it every externalIP is.
+    /// Only externalIPs inside these CIDRs are programmed; without it none
+    /// is (anyone allowed to set spec.externalIPs could otherwise intercept
+    /// traffic to any address, CVE-2020-8554).
     #[arg(long = "external-ip-allow", value_parser = parse_net)]
     pub external_ip_allow: Vec<Ipv4Net>,
+    /// The ClusterIP range(s) of the cluster; a Service with a ClusterIP
+    /// outside them is refused. Without it any address is accepted.
+    #[arg(long = "service-cidr", value_parser = parse_net)]
+    pub service_cidrs: Vec<Ipv4Net>,
     /// Full resync period in seconds, besides file change events.
     #[arg(long, default_value_t = 30)]
     pub resync_seconds: u64,

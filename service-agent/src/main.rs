@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
                 node_zone,
                 node_ips,
                 external_ip_allow,
+                service_cidrs,
                 resync_seconds,
                 services_max,
                 backends_max,
@@ -67,7 +68,8 @@ fn main() -> anyhow::Result<()> {
                 pod_iface_globs: pod_ifaces,
                 node: NodeContext {
                     name: node_name,
-                    external_ip_allow: (!external_ip_allow.is_empty()).then_some(external_ip_allow),
+                    external_ip_allow,
+                    service_cidrs,
                     zone: node_zone,
                 },
                 node_ips,

@@ -186,6 +186,19 @@ impl Agent {
         Ok(start_len)
     }
 
+    /// The agent's resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
     /// SIGKILL, no goodbye: what a crash or an OOM kill does.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -26,6 +26,11 @@ struct TwoNodes {
 /// serving on 8080; a NodePort Service `web` (80 -> http, nodePort 30080)
 /// with `extra_spec` added.
 fn two_nodes(extra_spec: &str) -> TwoNodes {
+    two_nodes_with(extra_spec, &[])
+}
+
+/// `two_nodes` with extra agent flags.
+fn two_nodes_with(extra_spec: &str, flags: &[&str]) -> TwoNodes {
     let mut topo = Topology::new().unwrap();
     topo.add_node().unwrap();
     topo.add_node().unwrap();
@@ -62,12 +67,10 @@ fn two_nodes(extra_spec: &str) -> TwoNodes {
     dir.write("svc.yaml", &svc).unwrap();
     let agents = (0..2)
         .map(|i| {
-            Agent::start(
-                &topo.nodes[i].ns,
-                &dir.path,
-                &["--node-name", &format!("node-{}", i + 1)],
-            )
-            .unwrap()
+            let node = format!("node-{}", i + 1);
+            let mut args = vec!["--node-name", node.as_str()];
+            args.extend_from_slice(flags);
+            Agent::start(&topo.nodes[i].ns, &dir.path, &args).unwrap()
         })
         .collect();
     TwoNodes {
@@ -248,7 +251,10 @@ fn node_ports_answer_on_addresses_the_node_gains_later() {
 #[test]
 fn external_ips_and_load_balancer_ips_are_served_with_the_service_port() {
     let lb = "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20}]\n";
-    let t = two_nodes("  externalIPs: [203.0.113.10]\n");
+    let t = two_nodes_with(
+        "  externalIPs: [203.0.113.10]\n",
+        &["--external-ip-allow", "203.0.113.0/24"],
+    );
     let svc = manifests::service(
         "web",
         "web",

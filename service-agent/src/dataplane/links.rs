@@ -95,6 +95,11 @@ pub fn pinned_link_ifindex(path: &Path) -> io::Result<u32> {
     Ok(info.ifindex)
 }
 
+fn private(pin: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(pin, fs::Permissions::from_mode(0o600))
+}
+
 /// Attaches `prog` to the tc ingress of `iface` through a link pinned at
 /// `pin`: an existing pinned link on the same device gets the new program
 /// swapped in (no moment without a program); otherwise a new link is made
@@ -115,7 +120,9 @@ pub fn attach_pinned(
                 // Re-pinning the same link would fail: keep our own handle on it
                 // and leave the existing pin in place.
                 fs::remove_file(pin)?;
-                return Ok((fd.pin(pin)?, true));
+                let pinned = fd.pin(pin)?;
+                private(pin)?;
+                return Ok((pinned, true));
             }
             // A link of a deleted interface (ifindex 0), or of an older
             // interface that had the same name: replace it.
@@ -124,5 +131,7 @@ pub fn attach_pinned(
     }
     let id = prog.attach(iface, TcAttachType::Ingress)?;
     let fd: FdLink = prog.take_link(id)?.try_into()?;
-    Ok((fd.pin(pin)?, false))
+    let pinned = fd.pin(pin)?;
+    private(pin)?;
+    Ok((pinned, false))
 }

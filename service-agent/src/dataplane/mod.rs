@@ -6,7 +6,11 @@ pub mod pins;
 pub mod tables;
 pub mod writer;
 
-use std::{collections::BTreeMap, os::unix::fs::DirBuilderExt as _, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -126,6 +130,11 @@ impl Dataplane {
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("the kernel verifier rejected the tc program {name}"))?;
+        }
+        // Pins are the agent's alone: maps hold every flow of the node.
+        for (_, path) in &paths {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("chmod 600 {}", path.display()))?;
         }
         let mut tables = Tables::take(&mut ebpf)?;
         tables

@@ -156,8 +156,13 @@ impl fmt::Display for Problem {
 pub struct NodeContext {
     /// The node's name, for traffic policy Local (endpoints' `nodeName`).
     pub name: Option<String>,
-    /// When set, only these externalIPs are programmed (CVE-2020-8554).
-    pub external_ip_allow: Option<Vec<ipnet_lite::Ipv4Net>>,
+    /// Only externalIPs inside these ranges are programmed; none without
+    /// any: whoever may set `spec.externalIPs` could otherwise intercept
+    /// traffic to any address (CVE-2020-8554).
+    pub external_ip_allow: Vec<ipnet_lite::Ipv4Net>,
+    /// The ranges ClusterIPs are allocated from (`--service-cluster-ip-range`);
+    /// empty: any address is accepted.
+    pub service_cidrs: Vec<ipnet_lite::Ipv4Net>,
     /// The node's `topology.kubernetes.io/zone`, for topology hints.
     pub zone: Option<String>,
 }
@@ -389,6 +394,24 @@ pub fn compile(
     slices: &[Sourced<EndpointSlice>],
     node: &NodeContext,
 ) -> Plan {
+    compile_after(services, slices, node, &Plan::default())
+}
+
+/// Like [`compile`], where `previous` is the plan in force: when two Services
+/// claim one frontend, the one already serving it keeps it (then the older
+/// by creationTimestamp, then by name), so a new mistake never takes traffic
+/// from a working Service.
+pub fn compile_after(
+    services: &[Sourced<Service>],
+    slices: &[Sourced<EndpointSlice>],
+    node: &NodeContext,
+    previous: &Plan,
+) -> Plan {
+    let incumbents: BTreeSet<&str> = previous
+        .frontends
+        .values()
+        .map(|f| f.service.as_str())
+        .collect();
     let mut plan = Plan::default();
     let mut by_service: BTreeMap<(String, String), Vec<&Sourced<EndpointSlice>>> = BTreeMap::new();
     for s in slices {
@@ -423,8 +446,41 @@ pub fn compile(
         }
     }
 
+    let known: BTreeSet<(String, String)> = services
+        .iter()
+        .map(|s| {
+            let m = &s.object.metadata;
+            (
+                m.namespace.clone().unwrap_or_else(|| "default".into()),
+                m.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for ((ns, svc), group) in &by_service {
+        if known.contains(&(ns.clone(), svc.clone())) {
+            continue;
+        }
+        for slice in group {
+            plan.problems.push(Problem {
+                origin: slice.origin.clone(),
+                object: format!("EndpointSlice {}", object_ref(&slice.object.metadata)),
+                field: format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                message: format!("no Service {ns}/{svc}; the slice is ignored"),
+                refuses_service: false,
+            });
+        }
+    }
     let mut sorted: Vec<&Sourced<Service>> = services.iter().collect();
-    sorted.sort_by_key(|s| object_ref(&s.object.metadata));
+    sorted.sort_by_key(|s| {
+        let name = object_ref(&s.object.metadata);
+        let created = s.object.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        (
+            !incumbents.contains(name.as_str()),
+            created.is_none(),
+            created,
+            name,
+        )
+    });
     let mut owner: BTreeMap<FrontendKey, String> = BTreeMap::new();
     for svc in sorted {
         let name = object_ref(&svc.object.metadata);
@@ -525,6 +581,22 @@ fn compile_service(
             return Err(());
         }
         Some(ip) => match ip.parse::<Ipv4Addr>() {
+            Ok(a)
+                if !node.service_cidrs.is_empty()
+                    && !node.service_cidrs.iter().any(|n| n.contains(a)) =>
+            {
+                let ranges: Vec<String> = node
+                    .service_cidrs
+                    .iter()
+                    .map(|n| format!("{}/{}", n.addr, n.prefix))
+                    .collect();
+                ctx.problem(
+                    "spec.clusterIP",
+                    format!("{ip} is outside the service range {}", ranges.join(", ")),
+                    true,
+                );
+                return Err(());
+            }
             Ok(a) if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() => a,
             Ok(_) => {
                 ctx.problem(
@@ -587,14 +659,17 @@ fn compile_service(
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
         match ip.parse::<Ipv4Addr>() {
-            Ok(a) => match &node.external_ip_allow {
-                Some(allow) if !allow.iter().any(|n| n.contains(a)) => ctx.problem(
-                    field,
-                    format!("{a} is not in the --external-ip-allow list; not programmed"),
-                    false,
+            Ok(a) if node.external_ip_allow.iter().any(|n| n.contains(a)) => {
+                external_addrs.push((a, FrontendKind::ExternalIp))
+            }
+            Ok(a) => ctx.problem(
+                field,
+                format!(
+                    "{a} is not in an --external-ip-allow range; not programmed \
+                     (externalIPs are refused by default, CVE-2020-8554)"
                 ),
-                _ => external_addrs.push((a, FrontendKind::ExternalIp)),
-            },
+                false,
+            ),
             Err(_) => ctx.problem(field, format!("{ip:?} is not an IPv4 address"), false),
         }
     }

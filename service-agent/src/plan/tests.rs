@@ -334,7 +334,7 @@ endpoints:
 fn node_ports_and_external_ips_follow_the_external_traffic_policy() {
     let node = NodeContext {
         name: Some("node-1".into()),
-        external_ip_allow: Some(vec!["203.0.113.0/24".parse().unwrap()]),
+        external_ip_allow: vec!["203.0.113.0/24".parse().unwrap()],
         ..Default::default()
     };
     let p = plan_for(NODEPORT, &node);
@@ -617,5 +617,94 @@ endpoints:
     assert_eq!(
         backends(&plan_for(&annotated, &in_zone("b")), k),
         ["10.0.2.1:80"]
+    );
+}
+
+#[test]
+fn external_ips_are_refused_without_an_allow_list() {
+    let p = plan(NODEPORT);
+    assert!(
+        !p.frontends
+            .keys()
+            .any(|k| k.addr == "203.0.113.7".parse::<std::net::Ipv4Addr>().unwrap())
+    );
+    assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
+    assert!(p.problems[0].message.contains("CVE-2020-8554"));
+}
+
+#[test]
+fn cluster_ips_outside_the_service_range_are_refused() {
+    let node = NodeContext {
+        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+        ..Default::default()
+    };
+    assert_eq!(plan_for(SVC, &node).frontends.len(), 1);
+    let p = plan_for(&SVC.replace("10.96.0.10", "10.100.0.10"), &node);
+    assert!(p.frontends.is_empty());
+    assert_eq!(p.problems[0].field, "spec.clusterIP");
+    assert!(
+        p.problems[0]
+            .message
+            .contains("outside the service range 10.96.0.0/16"),
+        "{}",
+        p.problems[0]
+    );
+}
+
+#[test]
+fn the_service_already_serving_a_frontend_keeps_it() {
+    let svc = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: 80}}]}}\n---\n"
+        )
+    };
+    let c = cluster(&svc("zeta"));
+    let before = compile(&c.services, &[], &NodeContext::default());
+    let c = cluster(&(svc("alpha") + &svc("zeta")));
+    let after = compile_after(&c.services, &[], &NodeContext::default(), &before);
+    assert_eq!(
+        after.frontends.values().next().unwrap().service,
+        "default/zeta"
+    );
+    assert!(after.refused.contains("default/alpha"));
+    // Without history the older Service wins, then the name.
+    let dated = |name: &str, t: &str| {
+        svc(name).replace(
+            &format!("name: {name}}}"),
+            &format!("name: {name}, creationTimestamp: \"{t}\"}}"),
+        )
+    };
+    let c =
+        cluster(&(dated("alpha", "2026-02-01T00:00:00Z") + &dated("zeta", "2026-01-01T00:00:00Z")));
+    let p = compile(&c.services, &[], &NodeContext::default());
+    assert_eq!(p.frontends.values().next().unwrap().service, "default/zeta");
+}
+
+#[test]
+fn two_services_claiming_one_node_port_refuse_the_second() {
+    let np = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{type: NodePort, clusterIP: {ip}, ports: [{{port: 80, nodePort: 30080}}]}}\n---\n"
+        )
+    };
+    let p = plan(&(np("a", "10.96.0.1") + &np("b", "10.96.0.2")));
+    assert!(p.refused.contains("default/b"));
+    assert!(
+        p.problems[0]
+            .message
+            .contains("*:30080/TCP is already used by Service default/a"),
+        "{}",
+        p.problems[0]
+    );
+}
+
+#[test]
+fn endpoint_slices_of_unknown_services_are_reported() {
+    let p = plan(&slice("- {addresses: [10.0.0.1]}\n"));
+    assert_eq!(p.problems.len(), 1);
+    let shown = p.problems[0].to_string();
+    assert!(
+        shown.contains("EndpointSlice shop/web-abc") && shown.contains("no Service shop/web"),
+        "{shown}"
     );
 }
