@@ -20,9 +20,10 @@ pub const MAP_SVC_STATS: &str = "SVC_STATS";
 pub const MAP_REASONS: &str = "REASONS";
 pub const MAP_META: &str = "META";
 pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
+pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 
 /// Every map the programs declare, in the order the agent pins and reports them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -33,6 +34,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_REASONS,
     MAP_META,
     MAP_SOURCE_RANGES,
+    MAP_FRAGMENTS,
 ];
 
 /// tc ingress on pod-facing host veths.
@@ -56,6 +58,7 @@ pub const NODE_ADDRS_MAX: u32 = 256;
 pub const SVC_STATS_MAX: u32 = 65_536;
 pub const REASONS_MAX: u32 = 64;
 pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;
+pub const DEFAULT_FRAGMENTS_MAX: u32 = 16_384;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -185,6 +188,30 @@ pub struct AffinityMatchKey {
     pub backend_id: u32,
 }
 
+/// A fragmented datagram: what the fragments share (RFC 791 reassembly key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The addresses the first fragment was rewritten to; later fragments (which
+/// carry no ports) get the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub nat_saddr: [u8; 4],
+    pub nat_daddr: [u8; 4],
+    pub svc_id: u32,
+    /// CT_F_LOCAL_SOURCE when the rewritten source is a node address.
+    pub flags: u16,
+    pub _pad: u16,
+}
+
 /// Data of a SOURCE_RANGES key (an LPM trie): the frontend's svc_id in big
 /// endian, then the source address. The prefix length is 32 + the CIDR's.
 #[repr(C)]
@@ -220,7 +247,8 @@ pub enum Reason {
     RejectedNoBackend = 0,
     /// The reject could not be built; the packet was dropped.
     RejectFailed = 1,
-    /// IPv4 fragment: passed on untouched (fragment tracking is not implemented).
+    /// A later IPv4 fragment of a datagram whose first fragment was not seen
+    /// (or not translated): passed on untouched, never guessed at.
     FragmentPassed = 2,
     /// IPv4 header shorter than 20 bytes or longer than the packet: passed untouched.
     MalformedIp = 3,
@@ -260,10 +288,12 @@ pub enum Reason {
     CtInvalid = 19,
     /// A new flow from outside the frontend's loadBalancerSourceRanges: dropped.
     SourceRangeDenied = 20,
+    /// A later fragment followed its first fragment's translation.
+    FragmentTranslated = 21,
 }
 
 impl Reason {
-    pub const COUNT: usize = 21;
+    pub const COUNT: usize = 22;
     pub const ALL: [Reason; Self::COUNT] = [
         Reason::RejectedNoBackend,
         Reason::RejectFailed,
@@ -286,6 +316,7 @@ impl Reason {
         Reason::IcmpErrorTranslated,
         Reason::CtInvalid,
         Reason::SourceRangeDenied,
+        Reason::FragmentTranslated,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -311,6 +342,7 @@ impl Reason {
             Reason::IcmpErrorTranslated => "icmp_error_translated",
             Reason::CtInvalid => "ct_invalid",
             Reason::SourceRangeDenied => "source_range_denied",
+            Reason::FragmentTranslated => "fragment_translated",
         }
     }
 
@@ -353,7 +385,9 @@ mod user {
         AffinityValue,
         AffinityMatchKey,
         SvcStats,
-        SourceRange
+        SourceRange,
+        FragKey,
+        FragValue
     );
 }
 
@@ -374,6 +408,8 @@ mod tests {
         assert_eq!(size_of::<AffinityMatchKey>(), 8);
         assert_eq!(size_of::<SvcStats>(), 32);
         assert_eq!(size_of::<SourceRange>(), 8);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragValue>(), 16);
     }
 
     #[test]

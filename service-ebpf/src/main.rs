@@ -18,11 +18,14 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use service_common::{BE_F_LOCAL, CT_F_LOCAL_SOURCE, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY};
+use service_common::{
+    BE_F_LOCAL, CT_F_LOCAL_SOURCE, FragKey, FragValue, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
+};
 
 use crate::{
     conntrack::CtLookup,
     lb::Frontend,
+    maps::FRAGMENTS,
     nat::{Target, rewrite_tuple},
     packet::{Flow, Parsed, TCP_ACK, TCP_SYN},
     stats::{count_new_flow, count_packet, count_reason, count_rejected},
@@ -54,6 +57,7 @@ fn ingress(ctx: &TcContext, from_outside: bool) -> i32 {
             return PASS;
         }
         Parsed::Flow(flow) => flow,
+        Parsed::LaterFragment(key) => return follow_first_fragment(ctx, &key),
         Parsed::IcmpError(e) => {
             return match icmp::translate(ctx, &e) {
                 icmp::IcmpVerdict::NotOurs => PASS,
@@ -99,8 +103,55 @@ fn translate(ctx: &TcContext, flow: &Flow, to: &Target, svc_id: u32, local_sourc
         return DROP;
     }
     count_packet(svc_id, ctx.len());
+    if flow.first_fragment {
+        remember_fragments(flow, to, svc_id, local_source);
+    }
     if local_source {
         return forward::to_next_hop(ctx, to.saddr, to.daddr, flow.proto, flow.ip_len);
+    }
+    PASS
+}
+
+/// Records how a first fragment was rewritten, for the rest of its datagram.
+#[inline(always)]
+fn remember_fragments(flow: &Flow, to: &Target, svc_id: u32, local_source: bool) {
+    let key = FragKey {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        id: flow.ip_id,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    let value = FragValue {
+        nat_saddr: to.saddr,
+        nat_daddr: to.daddr,
+        svc_id,
+        flags: if local_source { CT_F_LOCAL_SOURCE } else { 0 },
+        _pad: 0,
+    };
+    // LRU: a failed insert only leaves the later fragments untranslated
+    // (passed and counted), never sent elsewhere.
+    let _ = FRAGMENTS.insert(key, value, 0);
+}
+
+/// A later fragment gets the addresses its first fragment got; without a
+/// record of the first it is passed untouched and counted.
+#[inline(always)]
+fn follow_first_fragment(ctx: &TcContext, key: &FragKey) -> i32 {
+    let Some(v) = (unsafe { FRAGMENTS.get(*key) }).copied() else {
+        count_reason(Reason::FragmentPassed);
+        return PASS;
+    };
+    if nat::rewrite_addresses(ctx, (&key.saddr, &key.daddr), (&v.nat_saddr, &v.nat_daddr)).is_err()
+    {
+        count_reason(Reason::RewriteFailed);
+        return DROP;
+    }
+    count_reason(Reason::FragmentTranslated);
+    count_packet(v.svc_id, ctx.len());
+    if v.flags & CT_F_LOCAL_SOURCE != 0 {
+        let ip_len = ctx.len().saturating_sub(packet::ETH_HLEN as u32) as u16;
+        return forward::to_next_hop(ctx, v.nat_saddr, v.nat_daddr, key.proto, ip_len);
     }
     PASS
 }

@@ -40,3 +40,7 @@ pub static META: Array<u64, { META_MAX as usize }> = Array::new();
 #[btf_map]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { DEFAULT_SOURCE_RANGES_MAX as usize }> =
     LpmTrie::new();
+
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue, { DEFAULT_FRAGMENTS_MAX as usize }> =
+    LruHashMap::new();

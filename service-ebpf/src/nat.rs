@@ -74,6 +74,24 @@ fn rewrite_port(
         .map_err(|_| RewriteFailed)
 }
 
+/// Rewrites only the addresses (a later fragment has no L4 header to fix).
+#[inline(always)]
+pub fn rewrite_addresses(
+    ctx: &TcContext,
+    old: (&[u8; 4], &[u8; 4]),
+    new: (&[u8; 4], &[u8; 4]),
+) -> Result<(), RewriteFailed> {
+    for (off, o, n) in [(IP_SRC_OFF, old.0, new.0), (IP_DST_OFF, old.1, new.1)] {
+        if o != n {
+            let (ow, nw) = (u32::from_ne_bytes(*o) as u64, u32::from_ne_bytes(*n) as u64);
+            ctx.l3_csum_replace(IP_CSUM_OFF, ow, nw, 4)
+                .map_err(|_| RewriteFailed)?;
+            ctx.store(off, n, 0).map_err(|_| RewriteFailed)?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `to` into the packet's addresses and ports.
 #[inline(always)]
 pub fn rewrite_tuple(ctx: &TcContext, flow: &Flow, to: &Target) -> Result<(), RewriteFailed> {

@@ -2,7 +2,7 @@
 //! `bpf_skb_load_bytes`, so headers outside the linear area are still seen.
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
-use service_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
+use service_common::{FragKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
 use crate::icmp::{self, IcmpError};
 
@@ -30,6 +30,10 @@ pub struct Flow {
     pub ihl: usize,
     /// IPv4 total length, as the header says.
     pub ip_len: u16,
+    /// The IPv4 identification, for fragments.
+    pub ip_id: u16,
+    /// The first fragment of a fragmented datagram: later ones follow it.
+    pub first_fragment: bool,
 }
 
 impl Flow {
@@ -53,6 +57,8 @@ pub enum Parsed {
     Flow(Flow),
     /// An ICMP error quoting a TCP/UDP packet.
     IcmpError(IcmpError),
+    /// A fragment after the first: no L4 header.
+    LaterFragment(FragKey),
 }
 
 #[inline(always)]
@@ -78,11 +84,22 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP {
         return Parsed::Other;
     }
-    // More-fragments flag or a non-zero offset: the L4 header is not (all) here.
+    // A non-zero offset: no L4 header here; the first fragment decided.
     let frags = u16::from_be_bytes(ip.frags);
-    if frags & 0x3fff != 0 {
-        return Parsed::Untouchable(Reason::FragmentPassed);
+    let ip_id = u16::from_be_bytes(ip.id);
+    if frags & 0x1fff != 0 {
+        if proto == IPPROTO_ICMP {
+            return Parsed::Other;
+        }
+        return Parsed::LaterFragment(FragKey {
+            saddr: ip.src_addr,
+            daddr: ip.dst_addr,
+            id: ip_id,
+            proto,
+            _pad: 0,
+        });
     }
+    let first_fragment = frags & 0x2000 != 0;
     let l4_off = ETH_HLEN + ihl;
     if proto == IPPROTO_ICMP {
         return match icmp::parse(ctx, ip.dst_addr, l4_off) {
@@ -113,5 +130,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         tcp_flags,
         ihl,
         ip_len,
+        ip_id,
+        first_fragment,
     })
 }

@@ -22,6 +22,7 @@ pub struct Reply {
 }
 
 fn parse_reply(line: &str) -> std::io::Result<Reply> {
+    // Servers append the request size; only the name and address matter here.
     let mut it = line.split_whitespace();
     let (Some(server), Some(from)) = (it.next(), it.next()) else {
         return Err(std::io::Error::new(
@@ -127,8 +128,14 @@ impl Server {
             threads.push(thread::spawn(move || {
                 let mut buf = [0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok((_, from)) = udp.recv_from(&mut buf) {
-                        let _ = udp.send_to(format!("{name} {from}\n").as_bytes(), from);
+                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        let mut reply = format!("{name} {from} {n}\n").into_bytes();
+                        // "BIG": a reply as large as the request, so both
+                        // directions are fragmented on a 1500-byte MTU.
+                        if buf[..n].starts_with(b"BIG") {
+                            reply.resize(n.max(reply.len()), b'x');
+                        }
+                        let _ = udp.send_to(&reply, from);
                     }
                 }
             }));
@@ -212,6 +219,39 @@ impl UdpFlow {
         let n = self.sock.recv(&mut buf)?;
         parse_reply(&String::from_utf8_lossy(&buf[..n]))
     }
+}
+
+/// One UDP request of `size` bytes (fragmented when larger than the MTU);
+/// the server answers with as many bytes. Returns the reply and its length.
+pub fn udp_ask_big(
+    to: SocketAddrV4,
+    size: usize,
+    timeout: Duration,
+) -> std::io::Result<(Reply, usize)> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(to)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut msg = b"BIG".to_vec();
+    msg.resize(size, b'y');
+    s.send(&msg)?;
+    let mut buf = vec![0u8; 65536];
+    let n = s.recv(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let first = text.lines().next().unwrap_or_default();
+    let mut parts = first.split_whitespace();
+    let reply = parse_reply(&format!(
+        "{} {}",
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or("")
+    ))?;
+    let seen: usize = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if seen != size {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("server got {seen} of {size} bytes"),
+        ));
+    }
+    Ok((reply, n))
 }
 
 /// Reads everything from an HTTP/1.0-style response (for the demo's curl-like client).

@@ -303,15 +303,12 @@ fn packets_the_program_must_not_touch_pass_unchanged_and_counted() {
     // Not addressed to a frontend.
     let other = Builder::tcp(CLIENT, 40000, "10.244.0.11", 8080, SYN).build();
     assert_eq!(run(&mut l, &other), (TC_ACT_OK, other.clone()));
-    // Fragments.
+    // A later fragment whose first fragment was never seen.
     let mut b = Builder::udp(CLIENT, 5000, VIP, 53);
-    b.frag = 0x2000; // more fragments
-    let frag = b.build();
-    assert_eq!(run(&mut l, &frag), (TC_ACT_OK, frag.clone()));
     b.frag = 0x0010; // offset 128 bytes
     let frag = b.build();
     assert_eq!(run(&mut l, &frag), (TC_ACT_OK, frag.clone()));
-    assert_eq!(reason(&l, Reason::FragmentPassed), 2);
+    assert_eq!(reason(&l, Reason::FragmentPassed), 1);
     // IP header length below 20.
     let mut bad = Builder::tcp(CLIENT, 40000, VIP, 80, SYN).build();
     bad[14] = 0x44;
@@ -486,4 +483,45 @@ fn tcp_segments_of_unknown_flows_are_dropped_not_sent_to_a_random_backend() {
     assert_eq!(rc, 2);
     assert_eq!(reason(&l, Reason::CtInvalid), 2);
     assert_eq!(reason(&l, Reason::NewFlow), 0);
+}
+
+#[test]
+fn later_fragments_follow_the_translation_of_their_first_fragment() {
+    let mut l = web(&[("10.244.0.11", 5353)]);
+    let mut first = Builder::udp(CLIENT, 5000, VIP, 53);
+    first.payload = vec![7u8; 64];
+    first.frag = 0x2000; // more fragments, offset 0
+    let (rc, out) = run(&mut l, &first.build());
+    assert_eq!(rc, TC_ACT_OK);
+    let s = packet::parse(&out);
+    assert_eq!((s.dst, s.dport), ("10.244.0.11".parse().unwrap(), 5353));
+    assert!(s.ip_csum_ok);
+    // The rest of the datagram: same IP id, no UDP header, addresses only.
+    let mut later = Builder::udp(CLIENT, 5000, VIP, 53);
+    later.frag = 0x0009; // offset 72 bytes, last fragment
+    let sent = later.build();
+    let (rc, out) = run(&mut l, &sent);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(
+        &out[14 + 16..14 + 20],
+        &[10, 244, 0, 11],
+        "destination follows the first fragment"
+    );
+    assert_eq!(
+        &out[14 + 12..14 + 16],
+        &sent[14 + 12..14 + 16],
+        "source unchanged"
+    );
+    assert_eq!(packet::checksum(&out[14..34]), 0, "IP checksum holds");
+    assert_eq!(&out[34..], &sent[34..], "the payload is not touched");
+    assert_eq!(reason(&l, Reason::FragmentTranslated), 1);
+    // Another datagram (other IP id) without its first fragment: untouched.
+    let mut stray = sent.clone();
+    stray[18] = 0x99;
+    stray[24] = 0;
+    stray[25] = 0;
+    let c = packet::checksum(&stray[14..34]);
+    stray[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(run(&mut l, &stray), (TC_ACT_OK, stray.clone()));
+    assert_eq!(reason(&l, Reason::FragmentPassed), 1);
 }

@@ -474,3 +474,31 @@ fn metrics_health_and_readiness_are_served() {
     assert!(n >= 40, "{packets}");
     assert!(packets.contains("service=\"default/web\""), "{packets}");
 }
+
+#[test]
+fn large_udp_datagrams_are_fragmented_and_reach_one_backend_whole() {
+    let f = fixture(3, 3);
+    let client = f.topo.pod("client");
+    let results = client
+        .ns
+        .within(|| {
+            (0..20)
+                .map(|_| traffic::udp_ask_big(SocketAddrV4::new(VIP, 53), 4000, T))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let mut servers = std::collections::BTreeSet::new();
+    for r in results {
+        let (reply, len) =
+            r.expect("a 4000-byte datagram through the ClusterIP and a 4000-byte reply");
+        assert_eq!(len, 4000);
+        servers.insert(reply.server);
+    }
+    assert!(servers.len() >= 2, "{servers:?}");
+    let stats = f.agent.cli("stats", &["-o", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        v["reasons"]["fragment_translated"].as_u64().unwrap() >= 40,
+        "{stats}"
+    );
+}

@@ -55,6 +55,7 @@ impl MapSizes {
             MAP_REASONS => REASONS_MAX,
             MAP_META => META_MAX,
             MAP_SOURCE_RANGES => DEFAULT_SOURCE_RANGES_MAX,
+            MAP_FRAGMENTS => DEFAULT_FRAGMENTS_MAX,
             _ => 0,
         }
     }

@@ -69,6 +69,7 @@ pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
         MAP_REASONS => s(4, 8),
         MAP_META => s(4, 8),
         MAP_SOURCE_RANGES => s(4 + size_of::<SourceRange>(), 4),
+        MAP_FRAGMENTS => s(size_of::<FragKey>(), size_of::<FragValue>()),
         _ => None,
     }
 }
