@@ -271,3 +271,69 @@ pub fn http_get(to: SocketAddrV4, path: &str, timeout: Duration) -> std::io::Res
         .trim()
         .to_string())
 }
+
+/// Sends up to `count` TCP SYNs to `to` within `limit`, each from a different
+/// forged source in 10.99.0.0/16 (a raw socket, as a SYN flood would): every
+/// one is a new flow for the dataplane. Returns how many were sent.
+pub fn syn_flood(to: SocketAddrV4, count: u32, limit: Duration) -> std::io::Result<u32> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let dest = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let deadline = std::time::Instant::now() + limit;
+    let mut sent = 0;
+    while sent < count && std::time::Instant::now() < deadline {
+        let src = format!("10.99.{}.{}", (sent >> 8) & 0xff, sent & 0xff);
+        let pkt = crate::packet::Builder::tcp(
+            &src,
+            20000 + (sent % 40000) as u16,
+            &to.ip().to_string(),
+            to.port(),
+            crate::packet::SYN,
+        )
+        .build();
+        let ip = &pkt[14..];
+        let r = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                ip.as_ptr().cast(),
+                ip.len(),
+                0,
+                (&dest as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOBUFS) {
+                return Err(e);
+            }
+        }
+        sent += 1;
+    }
+    Ok(sent)
+}
+
+/// Sends up to `count` UDP datagrams to `to` as fast as it can within `limit`.
+pub fn udp_flood(to: SocketAddrV4, count: u32, limit: Duration) -> std::io::Result<u32> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(to)?;
+    let deadline = std::time::Instant::now() + limit;
+    let mut sent = 0;
+    while sent < count && std::time::Instant::now() < deadline {
+        // Refusals and full buffers are part of a flood; keep going.
+        let _ = s.send(b"flood");
+        sent += 1;
+    }
+    Ok(sent)
+}

@@ -79,6 +79,20 @@ fn is_not_found(e: &MapError) -> bool {
         || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
 }
 
+/// A map error as the operator needs to read it: a full map says which flag raises it.
+fn describe(map: &str, e: MapError) -> String {
+    let full =
+        matches!(&e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
+    match (full, map) {
+        (true, MAP_SERVICES) => format!("map {map} is full; raise --services-max"),
+        (true, MAP_BACKENDS | MAP_AFFINITY_MATCH) => {
+            format!("map {map} is full; raise --backends-max")
+        }
+        (true, _) => format!("map {map} is full"),
+        _ => format!("map {map}: {e}"),
+    }
+}
+
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(e) if is_not_found(&e) => Ok(()),
@@ -207,9 +221,7 @@ impl Writer {
         };
         if let Err(e) = t.backends.insert(id, b, 0) {
             self.free_backend_ids.push(id);
-            return Err(format!(
-                "BACKENDS map: {e} (is it full? raise --backends-max)"
-            ));
+            return Err(describe(MAP_BACKENDS, e));
         }
         report.backends_added += 1;
         self.backends.insert(b, (id, 0));
@@ -320,13 +332,12 @@ impl Writer {
         let (old_ids, old_ranges) = existing
             .map(|p| (p.backend_ids, p.source_ranges))
             .unwrap_or_default();
-        let map_err =
-            |what: &str, e: MapError| format!("{what}: {e} (is the map full? raise its size flag)");
+        let map_err = |what: &str, e: MapError| describe(what, e);
         // 1. Allowed sources, membership for affinity checks, and the new slots.
         for r in source_ranges.difference(&old_ranges) {
             t.source_ranges
                 .insert(&range_key(svc_id, *r), 1, 0)
-                .map_err(|e| map_err("SOURCE_RANGES", e))?;
+                .map_err(|e| map_err(MAP_SOURCE_RANGES, e))?;
         }
         for id in &ids {
             t.affinity_match
@@ -338,7 +349,7 @@ impl Writer {
                     1,
                     0,
                 )
-                .map_err(|e| map_err("AFFINITY_MATCH", e))?;
+                .map_err(|e| map_err(MAP_AFFINITY_MATCH, e))?;
         }
         for (i, id) in ids.iter().enumerate() {
             let v = ServiceValue {
@@ -346,14 +357,22 @@ impl Writer {
                 svc_id,
                 ..Default::default()
             };
-            t.services
-                .insert(slot_key(&mk, i as u16 + 1), v, 0)
-                .map_err(|e| map_err("SERVICES", e))?;
+            if let Err(e) = t.services.insert(slot_key(&mk, i as u16 + 1), v, 0) {
+                // Take back the slots beyond what the master counts: they
+                // would only take room. The master still names valid slots.
+                for slot in old_ids.len()..i {
+                    let _ = t.services.remove(&slot_key(&mk, slot as u16 + 1));
+                }
+                if old_ids.is_empty() && !self.frontends.contains_key(&mk) {
+                    self.free_svc_ids.push(svc_id);
+                }
+                return Err(map_err(MAP_SERVICES, e));
+            }
         }
         // 2. The master entry: from here on packets pick among the new slots.
         t.services
             .insert(mk, master, 0)
-            .map_err(|e| map_err("SERVICES", e))?;
+            .map_err(|e| map_err(MAP_SERVICES, e))?;
         // 3. Surplus slots, memberships and source ranges.
         for r in old_ranges.difference(&source_ranges) {
             ignore_missing(t.source_ranges.remove(&range_key(svc_id, *r)))

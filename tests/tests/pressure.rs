@@ -1,0 +1,231 @@
+//! Full maps and floods: a full SERVICES map refuses one Service with a
+//! clear error while the rest serve; LRU conntrack keeps established flows
+//! through a SYN flood; SYN and UDP floods from one client do not break
+//! another client's flows.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    agent::{Agent, ManifestDir},
+    manifests,
+    topology::Topology,
+    traffic::{self, HeldConnection, Server},
+};
+
+const T: Duration = Duration::from_secs(3);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const FLOODED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+
+struct Setup {
+    agent: Agent,
+    _servers: Vec<Server>,
+    topo: Topology,
+    dir: ManifestDir,
+}
+
+fn setup(flags: &[&str]) -> Setup {
+    let mut topo = Topology::new().unwrap();
+    topo.add_node().unwrap();
+    topo.add_pod(0, "good").unwrap();
+    topo.add_pod(0, "flooder").unwrap();
+    let mut servers = vec![];
+    let mut pods = String::new();
+    for i in 1..=2 {
+        let k = topo.add_pod(0, &format!("web-{i}")).unwrap();
+        let p = &topo.pods[k];
+        servers.push(Server::start(&p.ns, p.ip, 8080, &p.name).unwrap());
+        pods.push_str(&manifests::pod(&p.name, "web", p.ip, true, "node-1"));
+        pods.push_str("---\n");
+    }
+    let dir = ManifestDir::new().unwrap();
+    dir.write("pods.yaml", &pods).unwrap();
+    dir.write(
+        "svc.yaml",
+        &manifests::service(
+            "web",
+            "web",
+            &VIP.to_string(),
+            &[("http", "TCP", 80, "8080"), ("dns", "UDP", 53, "8080")],
+            "",
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(&topo.nodes[0].ns, &dir.path, flags).unwrap();
+    Setup {
+        agent,
+        _servers: servers,
+        topo,
+        dir,
+    }
+}
+
+#[test]
+fn a_full_services_map_refuses_one_service_by_name_and_keeps_the_rest() {
+    // web takes 2 frontends × (1 master + 2 slots) = 6 entries of 8.
+    let s = setup(&["--services-max", "8"]);
+    s.agent
+        .wait_list("web", |l| l.contains("10.96.0.10:80/TCP -> 10.244"))
+        .unwrap();
+    s.dir
+        .write(
+            "more.yaml",
+            &manifests::service(
+                "more",
+                "web",
+                "10.96.0.20",
+                &[("http", "TCP", 80, "8080")],
+                "",
+            ),
+        )
+        .unwrap();
+    let l = s
+        .agent
+        .wait_list("refusal", |l| l.contains("map SERVICES is full"))
+        .unwrap();
+    assert!(l.contains("Service default/more frontend 10.96.0.20:80/TCP: map SERVICES is full; raise --services-max"), "{l}");
+    assert!(!l.contains("10.96.0.20:80/TCP ->"), "{l}");
+    let r = s
+        .topo
+        .pod("good")
+        .ns
+        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
+        .unwrap();
+    assert!(
+        r.is_ok(),
+        "the Services already programmed keep serving: {r:?}"
+    );
+    // Room again: the refused Service is programmed at the next sync.
+    s.dir.remove("more.yaml").unwrap();
+    s.dir
+        .write(
+            "svc.yaml",
+            &manifests::service(
+                "web",
+                "web",
+                &VIP.to_string(),
+                &[("http", "TCP", 80, "8080")],
+                "",
+            ),
+        )
+        .unwrap();
+    s.dir
+        .write(
+            "more.yaml",
+            &manifests::service(
+                "more",
+                "web",
+                "10.96.0.20",
+                &[("http", "TCP", 80, "8080")],
+                "",
+            ),
+        )
+        .unwrap();
+    s.agent
+        .wait_list("more", |l| l.contains("10.96.0.20:80/TCP -> 10.244"))
+        .unwrap();
+}
+
+#[test]
+fn floods_from_one_client_do_not_break_another_clients_flows() {
+    // A small LRU conntrack (16384 entries): the 30,000 SYNs want 60,000
+    // entries, so it overflows several times over while the held flow stays
+    // recently used.
+    let s = setup(&["--conntrack-max", "16384"]);
+    s.dir
+        .write(
+            "flooded.yaml",
+            &manifests::service(
+                "flooded",
+                "web",
+                &FLOODED.to_string(),
+                &[("dns", "UDP", 53, "9999")],
+                "",
+            ),
+        )
+        .unwrap();
+    s.agent
+        .wait_list("flooded", |l| l.contains("10.96.0.11:53/UDP -> 10.244"))
+        .unwrap();
+    let good = s.topo.pod("good");
+    let udp_flow = traffic::UdpFlow::open(&good.ns, SocketAddrV4::new(VIP, 53)).unwrap();
+    let udp_backend = udp_flow.ask().unwrap().server;
+    let mut held = HeldConnection::open(&good.ns, SocketAddrV4::new(VIP, 80)).unwrap();
+    let held_backend = held.ask().unwrap().server;
+    let flooding = s
+        .topo
+        .pod("flooder")
+        .ns
+        .spawn(|| {
+            let syn =
+                traffic::syn_flood(SocketAddrV4::new(VIP, 80), 30_000, Duration::from_secs(3))
+                    .unwrap();
+            // At a Service whose backends have no socket on the port, so the
+            // flood loads the dataplane, not the other client's server socket.
+            let udp = traffic::udp_flood(
+                SocketAddrV4::new(FLOODED, 53),
+                50_000,
+                Duration::from_secs(2),
+            )
+            .unwrap();
+            (syn, udp)
+        })
+        .unwrap();
+    let looping = good
+        .ns
+        .spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let (mut ok, mut failed) = (0usize, vec![]);
+            while Instant::now() < deadline && ok + failed.len() < 10_000 {
+                let tcp = traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T).map(|_| ());
+                let udp = traffic::udp_ask(SocketAddrV4::new(VIP, 53), T).map(|_| ());
+                for r in [tcp, udp] {
+                    match r {
+                        Ok(()) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+            }
+            (ok, failed)
+        })
+        .unwrap();
+    let mut held_failures = vec![];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match held.ask() {
+            Ok(r) if r.server == held_backend => {}
+            other => held_failures.push(format!("TCP {other:?}")),
+        }
+        match udp_flow.ask() {
+            Ok(r) if r.server == udp_backend => {}
+            other => held_failures.push(format!("UDP {other:?}")),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (syn, udp) = flooding.join().unwrap();
+    let (ok, failed) = looping.join().unwrap();
+    assert!(
+        syn > 5_000 && udp > 5_000,
+        "the flood was too small: {syn} SYNs, {udp} datagrams"
+    );
+    assert!(
+        held_failures.is_empty(),
+        "an established flow broke: {:?}",
+        &held_failures[..held_failures.len().min(3)]
+    );
+    assert!(ok > 50, "only {ok} requests");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests of the other client failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let stats = s.agent.cli("stats", &["-o", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(
+        v["reasons"]["new_flow"].as_u64().unwrap() > 5_000,
+        "the flood reached the dataplane: {stats}"
+    );
+}
