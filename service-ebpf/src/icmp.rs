@@ -37,9 +37,13 @@ impl IcmpError {
     }
 }
 
-/// Recognises an ICMP error quoting TCP/UDP with a plain 20-byte header.
+/// Recognises an ICMP error quoting TCP/UDP with a plain 20-byte header,
+/// quoted inside the IP packet (not in bytes trailing it).
 #[inline(always)]
-pub fn parse(ctx: &TcContext, daddr: [u8; 4], l4_off: usize) -> Option<IcmpError> {
+pub fn parse(ctx: &TcContext, daddr: [u8; 4], l4_off: usize, ip_end: usize) -> Option<IcmpError> {
+    if l4_off + 8 + 24 > ip_end {
+        return None;
+    }
     let kind = ctx.load::<u8>(l4_off).ok()?;
     if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETER_PROB {
         return None;

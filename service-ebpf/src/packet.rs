@@ -102,7 +102,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     let first_fragment = frags & 0x2000 != 0;
     let l4_off = ETH_HLEN + ihl;
     if proto == IPPROTO_ICMP {
-        return match icmp::parse(ctx, ip.dst_addr, l4_off) {
+        return match icmp::parse(ctx, ip.dst_addr, l4_off, ETH_HLEN + ip_len as usize) {
             Some(e) => Parsed::IcmpError(e),
             None => Parsed::Other,
         };

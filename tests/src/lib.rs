@@ -5,6 +5,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod manifests;
 pub mod netns;
+pub mod oracle;
 pub mod packet;
 pub mod topology;
 pub mod traffic;

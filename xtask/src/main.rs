@@ -36,6 +36,18 @@ enum Task {
     },
     /// Setup, then the two-node NodePort / ClusterIP / headless walk-through.
     Demo,
+    /// A long packet-fuzzing run of the programs against the reference model.
+    Fuzz {
+        /// Packets per program.
+        #[arg(long, default_value_t = 5_000_000)]
+        packets: u64,
+        /// Stop after this many seconds per program, whatever the count.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Seed (default: from the clock; printed for reproduction).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -94,6 +106,34 @@ fn main() -> anyhow::Result<()> {
                 c.arg(f);
             }
             run(&mut c)
+        }
+        Task::Fuzz {
+            packets,
+            seconds,
+            seed,
+        } => {
+            setup::setup()?;
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+            eprintln!("fuzz seed {seed:#x} (rerun with --seed {seed})");
+            run(cargo()
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "integration-tests",
+                    "--test",
+                    "fuzz",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("FUZZ_PACKETS", packets.to_string())
+                .env("FUZZ_SECONDS", seconds.to_string())
+                .env("FUZZ_SEED", seed.to_string()))
         }
         Task::Demo => {
             setup::setup()?;
