@@ -253,7 +253,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             metrics::HttpConfig {
                 pin_dir: cfg.pin_dir.clone(),
                 state_dir: cfg.state_dir.clone(),
-                sizes: cfg.sizes.clone(),
                 max_pending: cfg.max_pending,
             },
         )

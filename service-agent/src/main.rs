@@ -91,14 +91,23 @@ fn main() -> anyhow::Result<()> {
             let t = open(&pins)?;
             let st = status::read(&pins.state_dir());
             let fes = report::programmed(&t, st.as_ref())?;
+            let fill = report::fill(&t, &pins.pin_dir);
             match output {
-                Output::Text => print!("{}", report::render_list(&fes, st.as_ref())),
+                Output::Text => print!(
+                    "{}{}",
+                    report::render_list(&fes, st.as_ref()),
+                    report::render_fill(&fill)
+                ),
                 Output::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "frontends": fes,
                         "skipped": st.as_ref().map(|s| &s.skipped),
                         "problems": st.as_ref().map(|s| &s.problems),
+                        "maps": fill
+                            .iter()
+                            .map(|(n, e, c)| serde_json::json!({"map": n, "entries": e, "capacity": c}))
+                            .collect::<Vec<_>>(),
                     }))?
                 ),
             }

@@ -17,10 +17,9 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use service_common::ALL_MAPS;
 use tracing::{info, warn};
 
-use crate::{dataplane::MapSizes, dataplane::tables::Tables, report, status};
+use crate::{dataplane::tables::Tables, report, status};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabel {
@@ -204,23 +203,10 @@ impl Metrics {
             };
             self.reasons.get_or_create(&l).set(n as i64);
         }
-        let counts = [
-            ("SERVICES", t.services.keys().count()),
-            ("BACKENDS", t.backends.keys().count()),
-            ("CONNTRACK", t.conntrack.keys().count()),
-            ("AFFINITY", t.affinity.keys().count()),
-            ("NODE_ADDRS", t.node_addrs.keys().count()),
-            ("SOURCE_RANGES", t.source_ranges.keys().count()),
-        ];
-        for (map, n) in counts {
+        for (map, entries, capacity) in report::fill(&t, &cfg.pin_dir) {
             let l = MapLabel { map: map.into() };
-            self.map_entries.get_or_create(&l).set(n as i64);
-        }
-        for map in ALL_MAPS {
-            let l = MapLabel { map: map.into() };
-            self.map_capacity
-                .get_or_create(&l)
-                .set(cfg.sizes.max_entries(map) as i64);
+            self.map_entries.get_or_create(&l).set(entries as i64);
+            self.map_capacity.get_or_create(&l).set(capacity as i64);
         }
         Ok(())
     }
@@ -230,7 +216,6 @@ impl Metrics {
 pub struct HttpConfig {
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
-    pub sizes: MapSizes,
     /// /healthz turns 503 when a change has waited longer than this.
     pub max_pending: Duration,
 }

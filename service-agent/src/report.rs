@@ -160,3 +160,34 @@ pub fn counters(
     }
     Ok((per, reasons))
 }
+
+/// How full each table map is: (name, entries, max_entries), read from the
+/// kernel (capacity from the pinned map's info, not from flags).
+pub fn fill(t: &Tables, pin_dir: &std::path::Path) -> Vec<(&'static str, usize, u32)> {
+    let capacity = |name: &str| {
+        aya::maps::MapInfo::from_pin(crate::dataplane::pins::map_pin_path(pin_dir, name))
+            .map(|i| i.max_entries())
+            .unwrap_or(0)
+    };
+    [
+        (MAP_SERVICES, t.services.keys().count()),
+        (MAP_BACKENDS, t.backends.keys().count()),
+        (MAP_CONNTRACK, t.conntrack.keys().count()),
+        (MAP_AFFINITY, t.affinity.keys().count()),
+        (MAP_AFFINITY_MATCH, t.affinity_match.keys().count()),
+        (MAP_NODE_ADDRS, t.node_addrs.keys().count()),
+        (MAP_SOURCE_RANGES, t.source_ranges.keys().count()),
+    ]
+    .into_iter()
+    .map(|(name, n)| (name, n, capacity(name)))
+    .collect()
+}
+
+/// One line: `maps: SERVICES 8/262144, ...`.
+pub fn render_fill(fill: &[(&str, usize, u32)]) -> String {
+    let parts: Vec<String> = fill
+        .iter()
+        .map(|(n, e, c)| format!("{n} {e}/{c}"))
+        .collect();
+    format!("maps: {}\n", parts.join(", "))
+}

@@ -86,6 +86,11 @@ fn a_full_services_map_refuses_one_service_by_name_and_keeps_the_rest() {
         .unwrap();
     assert!(l.contains("Service default/more frontend 10.96.0.20:80/TCP: map SERVICES is full; raise --services-max"), "{l}");
     assert!(!l.contains("10.96.0.20:80/TCP ->"), "{l}");
+    // The refused frontend leaves nothing behind: web's 6 entries remain.
+    assert!(
+        l.contains("maps: SERVICES 6/8,"),
+        "the fill level is shown: {l}"
+    );
     let r = s
         .topo
         .pod("good")

@@ -289,6 +289,7 @@ impl Writer {
             ));
         }
         let existing = self.frontends.get(&mk).cloned();
+        let existing_svc_id = existing.as_ref().map(|p| p.svc_id);
         let svc_id = match &existing {
             Some(p) => p.svc_id,
             None => self
@@ -351,28 +352,42 @@ impl Writer {
                 )
                 .map_err(|e| map_err(MAP_AFFINITY_MATCH, e))?;
         }
-        for (i, id) in ids.iter().enumerate() {
-            let v = ServiceValue {
-                backend_id: *id,
-                svc_id,
-                ..Default::default()
-            };
-            if let Err(e) = t.services.insert(slot_key(&mk, i as u16 + 1), v, 0) {
-                // Take back the slots beyond what the master counts: they
-                // would only take room. The master still names valid slots.
-                for slot in old_ids.len()..i {
-                    let _ = t.services.remove(&slot_key(&mk, slot as u16 + 1));
-                }
-                if old_ids.is_empty() && !self.frontends.contains_key(&mk) {
-                    self.free_svc_ids.push(svc_id);
-                }
-                return Err(map_err(MAP_SERVICES, e));
+        let written = (|| {
+            for (i, id) in ids.iter().enumerate() {
+                let v = ServiceValue {
+                    backend_id: *id,
+                    svc_id,
+                    ..Default::default()
+                };
+                t.services
+                    .insert(slot_key(&mk, i as u16 + 1), v, 0)
+                    .map_err(|e| (i, e))?;
             }
+            // 2. The master entry: from here on packets pick among the new slots.
+            t.services.insert(mk, master, 0).map_err(|e| (ids.len(), e))
+        })();
+        if let Err((reached, e)) = written {
+            // Take back the slots beyond what the old master counts: they
+            // would only take room. The old master still names valid slots.
+            for slot in old_ids.len()..reached {
+                let _ = t.services.remove(&slot_key(&mk, slot as u16 + 1));
+            }
+            // Memberships and ranges the old state does not have would
+            // vouch for backends or sources the frontend does not serve.
+            for id in ids.iter().filter(|i| !old_ids.contains(i)) {
+                let _ = t.affinity_match.remove(&AffinityMatchKey {
+                    svc_id,
+                    backend_id: *id,
+                });
+            }
+            for r in source_ranges.difference(&old_ranges) {
+                let _ = t.source_ranges.remove(&range_key(svc_id, *r));
+            }
+            if existing_svc_id.is_none() {
+                self.free_svc_ids.push(svc_id);
+            }
+            return Err(map_err(MAP_SERVICES, e));
         }
-        // 2. The master entry: from here on packets pick among the new slots.
-        t.services
-            .insert(mk, master, 0)
-            .map_err(|e| map_err(MAP_SERVICES, e))?;
         // 3. Surplus slots, memberships and source ranges.
         for r in old_ranges.difference(&source_ranges) {
             ignore_missing(t.source_ranges.remove(&range_key(svc_id, *r)))
