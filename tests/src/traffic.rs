@@ -337,3 +337,82 @@ pub fn udp_flood(to: SocketAddrV4, count: u32, limit: Duration) -> std::io::Resu
     }
     Ok(sent)
 }
+
+/// What a bounded request loop saw.
+#[derive(Debug, Default)]
+pub struct LoopOutcome {
+    pub ok: usize,
+    pub failed: Vec<String>,
+}
+
+impl LoopOutcome {
+    /// Panics naming the first failures, unless there were none and at least `min_ok` successes.
+    pub fn assert_clean(&self, min_ok: usize, what: &str) {
+        assert!(
+            self.ok >= min_ok,
+            "{what}: only {} requests succeeded",
+            self.ok
+        );
+        assert!(
+            self.failed.is_empty(),
+            "{what}: {} of {} requests failed: {:?}",
+            self.failed.len(),
+            self.ok + self.failed.len(),
+            &self.failed[..self.failed.len().min(5)]
+        );
+    }
+}
+
+/// Runs requests until `limit` passes or `max` were made (bounded in time
+/// and count): new TCP connections to `tcp`, and a UDP request/reply to
+/// `udp` after each when given.
+pub fn request_loop(
+    tcp: SocketAddrV4,
+    udp: Option<SocketAddrV4>,
+    limit: Duration,
+    max: usize,
+) -> LoopOutcome {
+    let deadline = std::time::Instant::now() + limit;
+    let mut out = LoopOutcome::default();
+    let timeout = Duration::from_secs(3);
+    while std::time::Instant::now() < deadline && out.ok + out.failed.len() < max {
+        let mut results = vec![tcp_ask(tcp, timeout).map(|_| ())];
+        if let Some(u) = udp {
+            results.push(udp_ask(u, timeout).map(|_| ()));
+        }
+        for r in results {
+            match r {
+                Ok(()) => out.ok += 1,
+                Err(e) => out.failed.push(e.to_string()),
+            }
+        }
+    }
+    out
+}
+
+/// A GET over HTTP/1.1: the status code and the body.
+pub fn http_request(
+    to: SocketAddrV4,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&to.into(), timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "no status line"))?;
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    Ok((code, body))
+}

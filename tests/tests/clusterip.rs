@@ -216,15 +216,12 @@ fn a_client_looping_while_backends_scale_sees_no_failure() {
     let looping = client
         .ns
         .spawn(|| {
-            let deadline = Instant::now() + Duration::from_secs(6);
-            let (mut ok, mut failed) = (0usize, vec![]);
-            while Instant::now() < deadline && ok + failed.len() < 5000 {
-                match traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T) {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(e.to_string()),
-                }
-            }
-            (ok, failed)
+            traffic::request_loop(
+                SocketAddrV4::new(VIP, 80),
+                None,
+                Duration::from_secs(6),
+                5000,
+            )
         })
         .unwrap();
     for ready in [5, 1, 4, 2, 3] {
@@ -234,15 +231,10 @@ fn a_client_looping_while_backends_scale_sees_no_failure() {
             .wait_list("scaled", |l| backends_listed(l, ready))
             .unwrap();
     }
-    let (ok, failed) = looping.join().unwrap();
-    assert!(ok > 50, "the loop made only {ok} connections");
-    assert!(
-        failed.is_empty(),
-        "{} of {} connections failed: {:?}",
-        failed.len(),
-        ok + failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    looping
+        .join()
+        .unwrap()
+        .assert_clean(50, "connections while backends scale");
 }
 
 #[test]
@@ -413,24 +405,9 @@ fn http_get_local(f: &Fixture, path: &str) -> (u16, String) {
     f.topo.nodes[0]
         .ns
         .within(move || {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect("127.0.0.1:10249").unwrap();
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut text = String::new();
-            s.read_to_string(&mut text).unwrap();
-            let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-            (
-                code,
-                text.split("\r\n\r\n")
-                    .nth(1)
-                    .unwrap_or_default()
-                    .to_string(),
-            )
+            traffic::http_request(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249), &path, T)
         })
+        .unwrap()
         .unwrap()
 }
 

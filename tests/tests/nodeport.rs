@@ -391,29 +391,7 @@ fn http_status(t: &TwoNodes, node: usize, port: u16) -> std::io::Result<(u16, St
     let to = SocketAddrV4::new(t.topo.nodes[node].ip, port);
     t.topo.clients[0]
         .ns
-        .within(move || -> std::io::Result<(u16, String)> {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect_timeout(&to.into(), T)?;
-            s.set_read_timeout(Some(T))?;
-            write!(
-                s,
-                "GET /healthz HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            let code = text
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            Ok((
-                code,
-                text.split("\r\n\r\n")
-                    .nth(1)
-                    .unwrap_or_default()
-                    .to_string(),
-            ))
-        })
+        .within(move || traffic::http_request(to, "/healthz", T))
         .unwrap()
 }
 

@@ -3,7 +3,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
@@ -14,7 +14,6 @@ use integration_tests::{
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const T: Duration = Duration::from_secs(3);
 
 fn map_id(agent: &Agent, map: &str) -> String {
     let out = Command::new("bpftool")
@@ -72,19 +71,12 @@ fn sigkill_and_restart_break_no_connection_and_keep_the_maps() {
     let looping = client
         .ns
         .spawn(|| {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let (mut ok, mut failed) = (0usize, vec![]);
-            while Instant::now() < deadline && ok + failed.len() < 20_000 {
-                let tcp = traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T).map(|_| ());
-                let udp = traffic::udp_ask(SocketAddrV4::new(VIP, 53), T).map(|_| ());
-                for r in [tcp, udp] {
-                    match r {
-                        Ok(()) => ok += 1,
-                        Err(e) => failed.push(e.to_string()),
-                    }
-                }
-            }
-            (ok, failed)
+            traffic::request_loop(
+                SocketAddrV4::new(VIP, 80),
+                Some(SocketAddrV4::new(VIP, 53)),
+                Duration::from_secs(5),
+                20_000,
+            )
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(800));
@@ -102,15 +94,10 @@ fn sigkill_and_restart_break_no_connection_and_keep_the_maps() {
         "UDP flow while the agent is down"
     );
     agent.spawn().unwrap();
-    let (ok, failed) = looping.join().unwrap();
-    assert!(ok > 100, "only {ok} requests made");
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed across the restart: {:?}",
-        failed.len(),
-        ok + failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    looping
+        .join()
+        .unwrap()
+        .assert_clean(100, "requests across the SIGKILL and restart");
     assert_eq!(
         held.ask().unwrap().server,
         held_backend,
