@@ -208,6 +208,34 @@ fn add_document(
 #[derive(Default)]
 pub struct ManifestDir {
     last_good: BTreeMap<PathBuf, FileObjects>,
+    /// What each file looked like when last read, and its error if any: an
+    /// unchanged file is not parsed again, so one edit among thousands of
+    /// files costs one parse.
+    seen: BTreeMap<PathBuf, (FileStamp, Option<ManifestError>)>,
+}
+
+/// Size and a hash of the contents. Timestamps would be cheaper but are
+/// coarse on many filesystems: two writes within a tick would look alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    hash: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::hash::{Hash as _, Hasher as _};
+    let len = fs::metadata(path).ok()?.len();
+    if len > MAX_FILE_BYTES {
+        // Refused by parse_file without reading; the size is its stamp.
+        return Some(FileStamp { len, hash: 0 });
+    }
+    let bytes = fs::read(path).ok()?;
+    let mut h = std::hash::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(FileStamp {
+        len: bytes.len() as u64,
+        hash: h.finish(),
+    })
 }
 
 impl ManifestDir {
@@ -229,12 +257,31 @@ impl ManifestDir {
             }
         };
         self.last_good.retain(|p, _| files.contains(p));
+        self.seen.retain(|p, _| files.contains(p));
         for file in files {
-            match parse_file(&file) {
+            let now = stamp(&file);
+            if let (Some(now), Some((before, error))) = (now, self.seen.get(&file))
+                && now == *before
+            {
+                errors.extend(error.clone());
+                continue;
+            }
+            let result = parse_file(&file);
+            let error = match result {
                 Ok(objects) => {
-                    self.last_good.insert(file, objects);
+                    self.last_good.insert(file.clone(), objects);
+                    None
                 }
-                Err(e) => errors.push(e),
+                Err(e) => Some(e),
+            };
+            errors.extend(error.clone());
+            match now {
+                Some(now) => {
+                    self.seen.insert(file, (now, error));
+                }
+                None => {
+                    self.seen.remove(&file);
+                }
             }
         }
         (self.cluster(), errors)
@@ -334,6 +381,9 @@ ports: [{name: "", port: 9000, protocol: UDP}]
         let (c, errs) = md.load(&dir);
         assert_eq!(errs.len(), 1);
         assert_eq!(c.services.len(), 1, "last good state kept");
+        let (c, errs) = md.load(&dir);
+        assert_eq!(errs.len(), 1, "an unchanged bad file is still reported");
+        assert_eq!(c.services.len(), 1);
         fs::remove_file(&f).unwrap();
         let (c, errs) = md.load(&dir);
         assert!(errs.is_empty());
