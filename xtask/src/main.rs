@@ -36,6 +36,13 @@ enum Task {
     },
     /// Setup, then the two-node NodePort / ClusterIP / headless walk-through.
     Demo,
+    /// Setup, then benchmarks side by side: per-packet cost at 10 to 100,000
+    /// Services, control-plane latency, kube-proxy's layouts for reference.
+    Bench {
+        /// Up to 10,000 Services instead of 100,000.
+        #[arg(long)]
+        quick: bool,
+    },
     /// A long packet-fuzzing run of the programs against the reference model.
     Fuzz {
         /// Packets per program.
@@ -134,6 +141,18 @@ fn main() -> anyhow::Result<()> {
                 .env("FUZZ_PACKETS", packets.to_string())
                 .env("FUZZ_SECONDS", seconds.to_string())
                 .env("FUZZ_SEED", seed.to_string()))
+        }
+        Task::Bench { quick } => {
+            setup::setup()?;
+            run(cargo().args(["build", "--release", "--bins"]))?;
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join("target"));
+            let mut c = Command::new(target.join("release").join("bench"));
+            if quick {
+                c.arg("--quick");
+            }
+            run(&mut c)
         }
         Task::Demo => {
             setup::setup()?;

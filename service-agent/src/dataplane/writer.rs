@@ -52,7 +52,10 @@ pub struct ApplyReport {
 #[derive(Default)]
 pub struct Writer {
     frontends: BTreeMap<ServiceKey, Programmed>,
-    backends: HashMap<Backend, (u32, usize)>,
+    /// Backend → its id in BACKENDS.
+    backends: HashMap<Backend, u32>,
+    /// Backend id → the backend and how many frontend slots use it.
+    refs: HashMap<u32, (Backend, usize)>,
     next_backend_id: u32,
     free_backend_ids: Vec<u32>,
     next_svc_id: u32,
@@ -170,16 +173,18 @@ impl Writer {
         for k in stray_slots {
             ignore_missing(t.services.remove(&k))?;
         }
-        for p in w.frontends.values() {
-            for id in &p.backend_ids {
-                if let Some(b) = by_id.get(id) {
-                    w.backends.entry(*b).or_insert((*id, 0)).1 += 1;
-                }
-            }
-        }
         for (id, b) in by_id {
             // Backends no frontend uses are released at the next apply.
-            w.backends.entry(b).or_insert((id, 0));
+            w.backends.insert(b, id);
+            w.refs.insert(id, (b, 0));
+        }
+        let used: Vec<u32> = w
+            .frontends
+            .values()
+            .flat_map(|p| p.backend_ids.clone())
+            .collect();
+        for id in used {
+            w.add_ref(id, 1);
         }
         Ok(w)
     }
@@ -190,6 +195,12 @@ impl Writer {
 
     pub fn backend_count(&self) -> usize {
         self.backends.len()
+    }
+
+    fn add_ref(&mut self, id: u32, delta: isize) {
+        if let Some(e) = self.refs.get_mut(&id) {
+            e.1 = e.1.saturating_add_signed(delta);
+        }
     }
 
     fn alloc_svc_id(&mut self) -> Option<u32> {
@@ -209,7 +220,7 @@ impl Writer {
         b: Backend,
         report: &mut ApplyReport,
     ) -> Result<u32, String> {
-        if let Some((id, _)) = self.backends.get(&b) {
+        if let Some(id) = self.backends.get(&b) {
             return Ok(*id);
         }
         let id = match self.free_backend_ids.pop() {
@@ -224,7 +235,8 @@ impl Writer {
             return Err(describe(MAP_BACKENDS, e));
         }
         report.backends_added += 1;
-        self.backends.insert(b, (id, 0));
+        self.backends.insert(b, id);
+        self.refs.insert(id, (b, 0));
         Ok(id)
     }
 
@@ -407,14 +419,10 @@ impl Writer {
             removed_pairs.insert((svc_id, *id));
         }
         for id in &ids {
-            if let Some(e) = self.backends.values_mut().find(|(i, _)| i == id) {
-                e.1 += 1;
-            }
+            self.add_ref(*id, 1);
         }
         for id in &old_ids {
-            if let Some(e) = self.backends.values_mut().find(|(i, _)| i == id) {
-                e.1 = e.1.saturating_sub(1);
-            }
+            self.add_ref(*id, -1);
         }
         self.frontends.insert(mk, new);
         report.frontends_written += 1;
@@ -442,9 +450,7 @@ impl Writer {
                 backend_id: *id,
             }))?;
             removed_pairs.insert((p.svc_id, *id));
-            if let Some(e) = self.backends.values_mut().find(|(i, _)| i == id) {
-                e.1 = e.1.saturating_sub(1);
-            }
+            self.add_ref(*id, -1);
         }
         for r in &p.source_ranges {
             ignore_missing(t.source_ranges.remove(&range_key(p.svc_id, *r)))?;
@@ -462,15 +468,16 @@ impl Writer {
 
     fn release_unused_backends(&mut self, t: &mut Tables, report: &mut ApplyReport) {
         let unused: Vec<(Backend, u32)> = self
-            .backends
+            .refs
             .iter()
-            .filter(|(_, (_, refs))| *refs == 0)
-            .map(|(b, (id, _))| (*b, *id))
+            .filter(|(_, (_, n))| *n == 0)
+            .map(|(id, (b, _))| (*b, *id))
             .collect();
         for (b, id) in unused {
             match ignore_missing(t.backends.remove(&id)) {
                 Ok(()) => {
                     self.backends.remove(&b);
+                    self.refs.remove(&id);
                     self.free_backend_ids.push(id);
                     report.backends_removed += 1;
                 }

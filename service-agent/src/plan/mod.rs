@@ -51,12 +51,19 @@ impl Protocol {
     }
 }
 
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Protocol {
+    /// The name Kubernetes uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -301,20 +308,23 @@ fn protocol_of(sp: &ServicePort) -> Result<Protocol, String> {
     }
 }
 
+/// An endpoint of one Service port: the endpoint, its port number for that
+/// Service port, and its address parsed once.
+type PortEndpoint<'a> = (&'a Endpoint, u16, Option<Ipv4Addr>);
+
 /// Endpoints of one Service port, as kube-proxy picks them: ready ones; when
 /// none is ready, serving-and-terminating ones (KEP-1669); only this node's
 /// when `local_only`.
 fn pick_endpoints(
-    eps: &[(&Endpoint, u16, &str)],
+    eps: &[PortEndpoint<'_>],
     this_node: Option<&str>,
     local_only: bool,
     zone: Option<&str>,
 ) -> Vec<BackendAddr> {
     let is_local = |e: &Endpoint| this_node.is_some() && e.node_name.as_deref() == this_node;
-    let backend = |e: &Endpoint, port: u16| {
-        let addr = e.addresses.first()?.parse().ok()?;
+    let backend = |e: &Endpoint, port: u16, addr: Option<Ipv4Addr>| {
         Some(BackendAddr {
-            addr,
+            addr: addr?,
             port,
             local: is_local(e),
         })
@@ -331,7 +341,7 @@ fn pick_endpoints(
     let ready: BTreeSet<BackendAddr> = usable
         .iter()
         .filter(|(e, _, _)| cond(e).ready != Some(false))
-        .filter_map(|(e, port, _)| backend(e, *port))
+        .filter_map(|(e, port, addr)| backend(e, *port, *addr))
         .collect();
     if !ready.is_empty() {
         return ready.into_iter().collect();
@@ -342,7 +352,7 @@ fn pick_endpoints(
             let c = cond(e);
             c.serving != Some(false) && c.terminating == Some(true)
         })
-        .filter_map(|(e, port, _)| backend(e, *port))
+        .filter_map(|(e, port, addr)| backend(e, *port, *addr))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
@@ -362,7 +372,7 @@ fn hinted_zones(e: &Endpoint) -> impl Iterator<Item = &str> {
 /// is hinted for this zone. Otherwise every endpoint is used.
 fn topology_zone<'a>(
     svc: &Service,
-    eps: &[(&Endpoint, u16, &str)],
+    eps: &[PortEndpoint<'_>],
     node: &'a NodeContext,
 ) -> Option<&'a str> {
     let spec = svc.spec.as_ref()?;
@@ -471,7 +481,7 @@ pub fn compile_after(
         }
     }
     let mut sorted: Vec<&Sourced<Service>> = services.iter().collect();
-    sorted.sort_by_key(|s| {
+    sorted.sort_by_cached_key(|s| {
         let name = object_ref(&s.object.metadata);
         let created = s.object.metadata.creation_timestamp.as_ref().map(|t| t.0);
         (
@@ -774,15 +784,15 @@ fn compile_service(
         }
         let port_name = sp.name.clone().unwrap_or_default();
         // The EndpointSlice port carrying this Service port has its name and protocol.
-        let mut eps: Vec<(&Endpoint, u16, &str)> = vec![];
+        let mut eps: Vec<PortEndpoint<'_>> = vec![];
         for slice in slices {
             let s = &slice.object;
             if s.address_type != "IPv4" {
                 continue;
             }
             let Some(ep_port) = s.ports.iter().flatten().find(|p| {
-                p.name.clone().unwrap_or_default() == port_name
-                    && p.protocol.as_deref().unwrap_or("TCP") == proto.to_string()
+                p.name.as_deref().unwrap_or("") == port_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == proto.as_str()
             }) else {
                 continue;
             };
@@ -793,16 +803,14 @@ fn compile_service(
                 s.endpoints
                     .iter()
                     .flatten()
-                    .map(|e| (e, target, slice.origin.as_str())),
+                    .map(|e| (e, target, e.addresses.first().and_then(|a| a.parse().ok()))),
             );
         }
         let this_node = node.name.as_deref();
-        local_ready.extend(eps.iter().filter_map(|(e, _, _)| {
+        local_ready.extend(eps.iter().filter_map(|(e, _, addr)| {
             let ready = e.conditions.as_ref().and_then(|c| c.ready) != Some(false);
             let local = this_node.is_some() && e.node_name.as_deref() == this_node;
-            (ready && local)
-                .then(|| e.addresses.first()?.parse::<Ipv4Addr>().ok())
-                .flatten()
+            if ready && local { *addr } else { None }
         }));
         let all_backends = pick_endpoints(&eps, this_node, false, None);
         let local_backends = pick_endpoints(&eps, this_node, true, None);
