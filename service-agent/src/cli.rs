@@ -112,6 +112,10 @@ pub struct RunArgs {
     /// Full resync period in seconds, besides file change events.
     #[arg(long, default_value_t = 30)]
     pub resync_seconds: u64,
+    /// Most frontends (Service port × address: ClusterIP, NodePort, external);
+    /// each has per-CPU counters.
+    #[arg(long, default_value_t = SVC_STATS_MAX)]
+    pub frontends_max: u32,
     /// Capacity of the SERVICES map (frontends × (backends + 1)).
     #[arg(long, default_value_t = DEFAULT_SERVICES_MAX)]
     pub services_max: u32,

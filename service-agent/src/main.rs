@@ -47,6 +47,7 @@ fn main() -> anyhow::Result<()> {
                 external_ip_allow,
                 service_cidrs,
                 resync_seconds,
+                frontends_max,
                 services_max,
                 backends_max,
                 conntrack_max,
@@ -74,6 +75,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 node_ips,
                 sizes: MapSizes {
+                    frontends: frontends_max,
                     services: services_max,
                     backends: backends_max,
                     conntrack: conntrack_max,

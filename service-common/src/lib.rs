@@ -54,7 +54,8 @@ pub const DEFAULT_BACKENDS_MAX: u32 = 131_072;
 pub const DEFAULT_CONNTRACK_MAX: u32 = 524_288;
 pub const DEFAULT_AFFINITY_MAX: u32 = 131_072;
 pub const NODE_ADDRS_MAX: u32 = 256;
-/// svc_id indexes SVC_STATS, so it is also the ceiling on frontends.
+/// svc_id indexes SVC_STATS, so its size is also the ceiling on frontends
+/// (the agent's --frontends-max overrides it).
 pub const SVC_STATS_MAX: u32 = 65_536;
 pub const REASONS_MAX: u32 = 64;
 pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;

@@ -58,6 +58,7 @@ fn key(addr: &str, port: u16, proto: Protocol) -> FrontendKey {
 fn load(frontends: Vec<(FrontendKey, FrontendPlan)>) -> Loaded {
     let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("svct"));
     let sizes = MapSizes {
+        frontends: 1024,
         services: 1024,
         backends: 1024,
         conntrack: 1024,
@@ -398,6 +399,7 @@ fn client_ip_affinity_pins_new_flows_and_ignores_removed_backends() {
 fn a_restarted_agent_adopts_the_pinned_maps() {
     let l = web(&[("10.244.0.11", 8080), ("10.244.0.12", 8080)]);
     let sizes = MapSizes {
+        frontends: 1024,
         services: 1024,
         backends: 1024,
         conntrack: 1024,

@@ -26,6 +26,9 @@ use self::{pins::*, tables::Tables, writer::Writer};
 /// Map capacities; the defaults are sized for about 10,000 Services.
 #[derive(Clone, Debug)]
 pub struct MapSizes {
+    /// Frontends (each Service port × ClusterIP/NodePort/external address);
+    /// the size of the per-CPU SVC_STATS array.
+    pub frontends: u32,
     pub services: u32,
     pub backends: u32,
     pub conntrack: u32,
@@ -35,6 +38,7 @@ pub struct MapSizes {
 impl Default for MapSizes {
     fn default() -> Self {
         Self {
+            frontends: SVC_STATS_MAX,
             services: DEFAULT_SERVICES_MAX,
             backends: DEFAULT_BACKENDS_MAX,
             conntrack: DEFAULT_CONNTRACK_MAX,
@@ -51,7 +55,7 @@ impl MapSizes {
             MAP_CONNTRACK => self.conntrack,
             MAP_AFFINITY => self.affinity,
             MAP_NODE_ADDRS => NODE_ADDRS_MAX,
-            MAP_SVC_STATS => SVC_STATS_MAX,
+            MAP_SVC_STATS => self.frontends,
             MAP_REASONS => REASONS_MAX,
             MAP_META => META_MAX,
             MAP_SOURCE_RANGES => DEFAULT_SOURCE_RANGES_MAX,
@@ -141,7 +145,8 @@ impl Dataplane {
         tables
             .meta
             .set(META_LAYOUT_VERSION, LAYOUT_VERSION as u64, 0)?;
-        let writer = Writer::adopt(&mut tables).context("reading the pinned maps")?;
+        let writer =
+            Writer::adopt(&mut tables, sizes.frontends).context("reading the pinned maps")?;
         if adopting {
             info!(
                 frontends = writer.frontend_count(),

@@ -59,6 +59,8 @@ pub struct Writer {
     next_backend_id: u32,
     free_backend_ids: Vec<u32>,
     next_svc_id: u32,
+    /// svc_ids index the per-CPU SVC_STATS array: they stay below its size.
+    svc_id_limit: u32,
     free_svc_ids: Vec<u32>,
 }
 
@@ -106,10 +108,11 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 impl Writer {
     /// Rebuilds the bookkeeping from maps that a previous agent left pinned,
     /// so that a restart rewrites only what changed and keeps conntrack.
-    pub fn adopt(t: &mut Tables) -> Result<Self, MapError> {
+    pub fn adopt(t: &mut Tables, svc_id_limit: u32) -> Result<Self, MapError> {
         let mut w = Writer {
             next_backend_id: 1,
             next_svc_id: 1,
+            svc_id_limit,
             ..Default::default()
         };
         let mut masters = BTreeMap::new();
@@ -207,7 +210,7 @@ impl Writer {
         if let Some(id) = self.free_svc_ids.pop() {
             return Some(id);
         }
-        if self.next_svc_id >= SVC_STATS_MAX {
+        if self.next_svc_id >= self.svc_id_limit {
             return None;
         }
         self.next_svc_id += 1;
@@ -304,9 +307,12 @@ impl Writer {
         let existing_svc_id = existing.as_ref().map(|p| p.svc_id);
         let svc_id = match &existing {
             Some(p) => p.svc_id,
-            None => self
-                .alloc_svc_id()
-                .ok_or_else(|| format!("more than {} frontends", SVC_STATS_MAX - 1))?,
+            None => self.alloc_svc_id().ok_or_else(|| {
+                format!(
+                    "more than {} frontends; raise --frontends-max",
+                    self.svc_id_limit - 1
+                )
+            })?,
         };
         let mut flags = 0;
         if fe.reject_when_empty {

@@ -54,6 +54,7 @@ impl Drop for Loaded {
 fn load(services: u32) -> Loaded {
     let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("bench"));
     let sizes = MapSizes {
+        frontends: services + 1024,
         services: services * (BACKENDS_PER_SERVICE + 1) + 1024,
         backends: services * BACKENDS_PER_SERVICE + 1024,
         conntrack: 1 << 20,
@@ -314,6 +315,13 @@ fn iptables_rules(services: u32) -> String {
 fn nft_rules(services: u32) -> String {
     let mut s = String::from("table ip kube-proxy {\n");
     for i in 0..services {
+        for k in 0..BACKENDS_PER_SERVICE {
+            let _ = writeln!(
+                s,
+                " chain sep-{i}-{k} {{ meta l4proto tcp dnat to {}:8080; }}",
+                backend_ip(i, k)
+            );
+        }
         let picks: Vec<String> = (0..BACKENDS_PER_SERVICE)
             .map(|k| format!("{k} : goto sep-{i}-{k}"))
             .collect();
@@ -322,13 +330,6 @@ fn nft_rules(services: u32) -> String {
             " chain svc-{i} {{ numgen random mod {BACKENDS_PER_SERVICE} vmap {{ {} }}; }}",
             picks.join(", ")
         );
-        for k in 0..BACKENDS_PER_SERVICE {
-            let _ = writeln!(
-                s,
-                " chain sep-{i}-{k} {{ dnat to {}:8080; }}",
-                backend_ip(i, k)
-            );
-        }
     }
     let elements: Vec<String> = (0..services)
         .map(|i| format!("{} . tcp . 80 : goto svc-{i}", vip(i)))
