@@ -105,33 +105,38 @@ fn servers_seen(c: &Cluster, from: &str, to: SocketAddrV4, n: usize) -> BTreeSet
 
 const TCP_PORTS: &str = "[{name: http, port: 8080, protocol: TCP}]";
 
+/// Programs Service `web` on 10.96.0.10:80 with `spec` and the endpoints `eps`.
+fn program_web(c: &Cluster, spec: &str, eps: &str) {
+    c.dir
+        .write(
+            "svc.yaml",
+            &(service("web", "10.96.0.10", spec, "[{name: http, port: 80}]")
+                + &slice("web", TCP_PORTS, eps)),
+        )
+        .unwrap();
+    wait(c, "programmed", |l| {
+        l.contains("10.96.0.10:80/TCP -> 10.244")
+    });
+}
+
+/// Each client pod is served only by the backend on its own node.
+fn assert_clients_stay_on_their_node(c: &Cluster) {
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+    for (client, backend) in [("c1", "web-1"), ("c2", "web-2")] {
+        assert_eq!(
+            servers_seen(c, client, vip, 20),
+            BTreeSet::from([backend.to_string()]),
+            "{client}"
+        );
+    }
+}
+
 #[test]
 fn internal_traffic_policy_local_keeps_pod_traffic_on_its_node() {
     let c = cluster();
     let eps = endpoint(&c, "web-1", "ready: true", "") + &endpoint(&c, "web-2", "ready: true", "");
-    c.dir
-        .write(
-            "svc.yaml",
-            &(service(
-                "web",
-                "10.96.0.10",
-                "  internalTrafficPolicy: Local\n",
-                "[{name: http, port: 80}]",
-            ) + &slice("web", TCP_PORTS, &eps)),
-        )
-        .unwrap();
-    wait(&c, "programmed", |l| {
-        l.contains("10.96.0.10:80/TCP -> 10.244")
-    });
-    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
-    assert_eq!(
-        servers_seen(&c, "c1", vip, 20),
-        BTreeSet::from(["web-1".to_string()])
-    );
-    assert_eq!(
-        servers_seen(&c, "c2", vip, 20),
-        BTreeSet::from(["web-2".to_string()])
-    );
+    program_web(&c, "  internalTrafficPolicy: Local\n", &eps);
+    assert_clients_stay_on_their_node(&c);
 }
 
 #[test]
@@ -243,29 +248,8 @@ fn topology_hints_keep_traffic_in_the_clients_zone() {
         "ready: true",
         ", zone: b, hints: {forZones: [{name: b}]}",
     );
-    c.dir
-        .write(
-            "svc.yaml",
-            &(service(
-                "web",
-                "10.96.0.10",
-                "  trafficDistribution: PreferClose\n",
-                "[{name: http, port: 80}]",
-            ) + &slice("web", TCP_PORTS, &eps)),
-        )
-        .unwrap();
-    wait(&c, "programmed", |l| {
-        l.contains("10.96.0.10:80/TCP -> 10.244")
-    });
-    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
-    assert_eq!(
-        servers_seen(&c, "c1", vip, 20),
-        BTreeSet::from(["web-1".to_string()])
-    );
-    assert_eq!(
-        servers_seen(&c, "c2", vip, 20),
-        BTreeSet::from(["web-2".to_string()])
-    );
+    program_web(&c, "  trafficDistribution: PreferClose\n", &eps);
+    assert_clients_stay_on_their_node(&c);
 }
 
 #[test]
