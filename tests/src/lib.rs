@@ -3,6 +3,7 @@
 //! Everything made here is removed on drop, also when a test fails.
 pub mod agent;
 pub mod apiserver;
+pub mod fixture;
 pub mod manifests;
 pub mod netns;
 pub mod oracle;

@@ -3,12 +3,7 @@
 //! names these), and not with fewer.
 use std::{net::SocketAddrV4, time::Duration};
 
-use integration_tests::{
-    agent::{Agent, ManifestDir},
-    manifests,
-    topology::Topology,
-    traffic::{self, Server},
-};
+use integration_tests::{agent::Agent, fixture::OneNode, manifests, traffic};
 
 fn with_caps(caps: &str) -> Vec<String> {
     vec![
@@ -21,18 +16,8 @@ fn with_caps(caps: &str) -> Vec<String> {
 
 #[test]
 fn bpf_net_admin_and_perfmon_are_enough_and_needed() {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
-    topo.add_pod(0, "client").unwrap();
-    let k = topo.add_pod(0, "web-1").unwrap();
-    let web = &topo.pods[k];
-    let _server = Server::start(&web.ns, web.ip, 8080, "web-1").unwrap();
-    let dir = ManifestDir::new().unwrap();
-    dir.write(
-        "pods.yaml",
-        &manifests::pod("web-1", "web", web.ip, true, "node-1"),
-    )
-    .unwrap();
+    let f = OneNode::new(1, 1).unwrap();
+    let (topo, dir) = (&f.topo, &f.dir);
     dir.write(
         "svc.yaml",
         &manifests::service(

@@ -7,54 +7,40 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{
-    agent::{Agent, ManifestDir},
-    manifests,
-    topology::Topology,
-    traffic::{self, Server},
-};
+use integration_tests::{agent::Agent, fixture::OneNode, manifests, traffic};
 
 const T: Duration = Duration::from_secs(3);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 struct Setup {
     agent: Agent,
-    _server: Server,
-    topo: Topology,
-    dir: ManifestDir,
+    fixture: OneNode,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = OneNode;
+    fn deref(&self) -> &OneNode {
+        &self.fixture
+    }
 }
 
 fn setup(flags: &[&str]) -> Setup {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
-    topo.add_pod(0, "client").unwrap();
-    let k = topo.add_pod(0, "web-1").unwrap();
-    let web = &topo.pods[k];
-    let server = Server::start(&web.ns, web.ip, 8080, "web-1").unwrap();
-    let dir = ManifestDir::new().unwrap();
-    dir.write(
-        "pods.yaml",
-        &manifests::pod("web-1", "web", web.ip, true, "node-1"),
-    )
-    .unwrap();
-    dir.write(
-        "good.yaml",
-        &manifests::service(
-            "web",
-            "web",
-            &VIP.to_string(),
-            &[("http", "TCP", 80, "8080")],
-            "",
-        ),
-    )
-    .unwrap();
-    let agent = Agent::start(&topo.nodes[0].ns, &dir.path, flags).unwrap();
-    Setup {
-        agent,
-        _server: server,
-        topo,
-        dir,
-    }
+    let fixture = OneNode::new(1, 1).unwrap();
+    fixture
+        .dir
+        .write(
+            "good.yaml",
+            &manifests::service(
+                "web",
+                "web",
+                &VIP.to_string(),
+                &[("http", "TCP", 80, "8080")],
+                "",
+            ),
+        )
+        .unwrap();
+    let agent = Agent::start(&fixture.topo.nodes[0].ns, &fixture.dir.path, flags).unwrap();
+    Setup { agent, fixture }
 }
 
 fn still_serving(s: &Setup) {
@@ -99,12 +85,7 @@ fn each_mistake_is_named_once_and_the_rest_keeps_serving() {
     still_serving(&s);
     // One log line per problem, not one per resync.
     std::thread::sleep(Duration::from_millis(300));
-    s.dir
-        .write(
-            "pods.yaml",
-            &manifests::pod("web-1", "web", s.topo.pod("web-1").ip, true, "node-1"),
-        )
-        .unwrap();
+    s.write_pods(|_| true).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let log = s.agent.log_text();
     assert_eq!(log.matches("Service default/np-b").count(), 1, "{log}");

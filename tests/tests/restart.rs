@@ -7,10 +7,10 @@ use std::{
 };
 
 use integration_tests::{
-    agent::{Agent, ManifestDir},
+    agent::Agent,
+    fixture::OneNode,
     manifests,
-    topology::Topology,
-    traffic::{self, HeldConnection, Server, UdpFlow},
+    traffic::{self, HeldConnection, UdpFlow},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -25,29 +25,10 @@ fn map_id(agent: &Agent, map: &str) -> String {
     v["id"].to_string()
 }
 
-fn pods(topo: &Topology, ready: usize) -> String {
-    let mut text = String::new();
-    for p in topo.pods.iter().filter(|p| p.name.starts_with("web-")) {
-        let i: usize = p.name[4..].parse().unwrap();
-        text.push_str(&manifests::pod(&p.name, "web", p.ip, i <= ready, "node-1"));
-        text.push_str("---\n");
-    }
-    text
-}
-
 #[test]
 fn sigkill_and_restart_break_no_connection_and_keep_the_maps() {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
-    topo.add_pod(0, "client").unwrap();
-    let mut servers = vec![];
-    for i in 1..=3 {
-        let k = topo.add_pod(0, &format!("web-{i}")).unwrap();
-        let p = &topo.pods[k];
-        servers.push(Server::start(&p.ns, p.ip, 8080, &p.name).unwrap());
-    }
-    let dir = ManifestDir::new().unwrap();
-    dir.write("pods.yaml", &pods(&topo, 3)).unwrap();
+    let f = OneNode::new(3, 3).unwrap();
+    let (topo, dir) = (&f.topo, &f.dir);
     dir.write(
         "svc.yaml",
         &manifests::service(
@@ -121,7 +102,7 @@ fn sigkill_and_restart_break_no_connection_and_keep_the_maps() {
 
     // Changes made while the agent is down are applied when it is back.
     agent.kill();
-    dir.write("pods.yaml", &pods(&topo, 1)).unwrap();
+    f.write_pods(|i| i == 1).unwrap();
     agent.spawn().unwrap();
     let l = agent
         .wait_list("one backend", |l| {
@@ -134,14 +115,8 @@ fn sigkill_and_restart_break_no_connection_and_keep_the_maps() {
 
 #[test]
 fn cleanup_detaches_everything_it_made() {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
-    topo.add_pod(0, "client").unwrap();
-    let k = topo.add_pod(0, "web-1").unwrap();
-    let web = &topo.pods[k];
-    let _server = Server::start(&web.ns, web.ip, 8080, "web-1").unwrap();
-    let dir = ManifestDir::new().unwrap();
-    dir.write("pods.yaml", &pods(&topo, 1)).unwrap();
+    let f = OneNode::new(1, 1).unwrap();
+    let (topo, dir) = (&f.topo, &f.dir);
     dir.write(
         "svc.yaml",
         &manifests::service(
