@@ -25,6 +25,17 @@ struct TwoNodes {
 /// Two nodes and an outside client; `web-1` on node-1 and `web-2` on node-2,
 /// serving on 8080; a NodePort Service `web` (80 -> http, nodePort 30080)
 /// with `extra_spec` added.
+/// Writes the Pods of `topo`, each ready when `ready(name)`, on its own node.
+fn write_pods(topo: &Topology, dir: &ManifestDir, ready: impl Fn(&str) -> bool) {
+    let mut pods = String::new();
+    for p in &topo.pods {
+        let node = format!("node-{}", p.node + 1);
+        pods.push_str(&manifests::pod(&p.name, "web", p.ip, ready(&p.name), &node));
+        pods.push_str("---\n");
+    }
+    dir.write("pods.yaml", &pods).unwrap();
+}
+
 fn two_nodes(extra_spec: &str) -> TwoNodes {
     two_nodes_with(extra_spec, &[])
 }
@@ -36,22 +47,13 @@ fn two_nodes_with(extra_spec: &str, flags: &[&str]) -> TwoNodes {
     topo.add_node().unwrap();
     topo.add_client().unwrap();
     let mut servers = vec![];
-    let mut pods = String::new();
     for (name, node) in [("web-1", 0), ("web-2", 1)] {
         let k = topo.add_pod(node, name).unwrap();
         let p = &topo.pods[k];
         servers.push(Server::start(&p.ns, p.ip, 8080, name).unwrap());
-        pods.push_str(&manifests::pod(
-            name,
-            "web",
-            p.ip,
-            true,
-            &format!("node-{}", node + 1),
-        ));
-        pods.push_str("---\n");
     }
     let dir = ManifestDir::new().unwrap();
-    dir.write("pods.yaml", &pods).unwrap();
+    write_pods(&topo, &dir, |_| true);
     let svc = manifests::service(
         "web",
         "web",
@@ -144,18 +146,7 @@ fn node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node() 
         );
     }
     // web-2 stops being ready: node-2 has no local endpoint and must not forward.
-    let mut pods = String::new();
-    for p in &t.topo.pods {
-        pods.push_str(&manifests::pod(
-            &p.name,
-            "web",
-            p.ip,
-            p.name == "web-1",
-            &format!("node-{}", p.node + 1),
-        ));
-        pods.push_str("---\n");
-    }
-    t.dir.write("pods.yaml", &pods).unwrap();
+    write_pods(&t.topo, &t.dir, |name| name == "web-1");
     t.agents[1]
         .wait_list("no local endpoint", |l| {
             l.contains("*:30080/TCP -> (no endpoints")
@@ -433,18 +424,7 @@ fn health_check_node_port_reports_local_ready_endpoints() {
     assert_eq!(v["service"]["name"], "web");
     wait_for(1, 200);
     // web-2 no longer ready: node-2 has nothing local to serve.
-    let mut pods = String::new();
-    for p in &t.topo.pods {
-        pods.push_str(&manifests::pod(
-            &p.name,
-            "web",
-            p.ip,
-            p.name == "web-1",
-            &format!("node-{}", p.node + 1),
-        ));
-        pods.push_str("---\n");
-    }
-    t.dir.write("pods.yaml", &pods).unwrap();
+    write_pods(&t.topo, &t.dir, |name| name == "web-1");
     let body = wait_for(1, 503);
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
     assert_eq!(http_status(&t, 0, 32100).unwrap().0, 200);
