@@ -68,18 +68,21 @@ fn a_full_services_map_refuses_one_service_by_name_and_keeps_the_rest() {
     s.agent
         .wait_list("web", |l| l.contains("10.96.0.10:80/TCP -> 10.244"))
         .unwrap();
-    s.dir
-        .write(
-            "more.yaml",
-            &manifests::service(
-                "more",
-                "web",
-                "10.96.0.20",
-                &[("http", "TCP", 80, "8080")],
-                "",
-            ),
-        )
-        .unwrap();
+    let write_more = || {
+        s.dir
+            .write(
+                "more.yaml",
+                &manifests::service(
+                    "more",
+                    "web",
+                    "10.96.0.20",
+                    &[("http", "TCP", 80, "8080")],
+                    "",
+                ),
+            )
+            .unwrap()
+    };
+    write_more();
     let l = s
         .agent
         .wait_list("refusal", |l| l.contains("map SERVICES is full"))
@@ -115,18 +118,7 @@ fn a_full_services_map_refuses_one_service_by_name_and_keeps_the_rest() {
             ),
         )
         .unwrap();
-    s.dir
-        .write(
-            "more.yaml",
-            &manifests::service(
-                "more",
-                "web",
-                "10.96.0.20",
-                &[("http", "TCP", 80, "8080")],
-                "",
-            ),
-        )
-        .unwrap();
+    write_more();
     s.agent
         .wait_list("more", |l| l.contains("10.96.0.20:80/TCP -> 10.244"))
         .unwrap();
