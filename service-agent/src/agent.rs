@@ -1,5 +1,6 @@
 //! `service-agent run`: keeps the maps equal to what the source says.
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -12,7 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{Dataplane, IfaceRole, MapSizes, interfaces, writer},
+    dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, writer},
     health::HealthServers,
     metrics::{self, Metrics},
     model::Cluster,
@@ -44,6 +45,8 @@ pub struct RunConfig {
     pub resync: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub max_pending: Duration,
+    /// The XDP fast path on the external interfaces.
+    pub xdp: XdpMode,
 }
 
 enum Source {
@@ -72,6 +75,10 @@ struct Agent {
     last_errors: Vec<String>,
     health: HealthServers,
     metrics: Arc<Metrics>,
+    /// Whether XDP may transmit out of each XDP interface, as last logged.
+    xdp_egress: BTreeMap<String, XdpEgress>,
+    /// XDP attachments that failed at the last scan, by interface.
+    xdp_errors: BTreeMap<String, String>,
 }
 
 impl Agent {
@@ -168,7 +175,26 @@ impl Agent {
                 Ok(None) => {}
                 Err(e) => warn!(iface = %name, "{e:#}"),
             }
+            if role == IfaceRole::External {
+                self.attach_xdp(name);
+            }
         }
+        self.xdp_errors.retain(|i, _| names.contains(i));
+        let standing: BTreeMap<_, _> = self.dp.sync_xdp_egress(self.cfg.xdp).into_iter().collect();
+        for (iface, s) in &standing {
+            if self.xdp_egress.get(iface) != Some(s) {
+                match s {
+                    XdpEgress::Allowed => {
+                        info!(iface = %iface, "XDP forwards out of this interface")
+                    }
+                    XdpEgress::Refused(why) => warn!(
+                        iface = %iface,
+                        "XDP passes flows leaving through this interface to tc: {why}"
+                    ),
+                }
+            }
+        }
+        self.xdp_egress = standing;
         let addrs = if self.cfg.node_ips.is_empty() {
             interfaces::node_addresses().unwrap_or_default()
         } else {
@@ -180,6 +206,24 @@ impl Agent {
         let snat = self.snat_address(&addrs);
         if let Err(e) = self.dp.writer.set_snat_addr(&mut self.dp.tables, snat) {
             warn!("setting the SNAT address: {e}");
+        }
+    }
+
+    fn attach_xdp(&mut self, iface: &str) {
+        let mode = self.cfg.xdp;
+        match self.dp.attach_xdp(iface, mode) {
+            Ok(Some(adopted)) => {
+                self.xdp_errors.remove(iface);
+                info!(iface = %iface, mode = mode.as_str(), adopted, "attached XDP");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.xdp_errors.get(iface) != Some(&e) {
+                    warn!(iface = %iface, "{e}");
+                }
+                self.xdp_errors.insert(iface.to_string(), e);
+            }
         }
     }
 
@@ -271,14 +315,25 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         last_errors: vec![],
         health: HealthServers::default(),
         metrics,
+        xdp_egress: BTreeMap::new(),
+        xdp_errors: BTreeMap::new(),
     };
+    for gone in agent.dp.detach_other_xdp_modes(agent.cfg.xdp) {
+        info!(link = %gone, "detached XDP of another mode");
+    }
     // Program before attaching, so no packet meets an empty table.
     agent.sync().await;
     agent.watch_interfaces();
+    // Asked for XDP and could not have it: say so and stop, rather than run
+    // without the fast path unnoticed.
+    if let Some((iface, e)) = agent.xdp_errors.iter().next() {
+        anyhow::bail!("--xdp {}: {iface}: {e}", agent.cfg.xdp.as_str());
+    }
     info!(
         pin_dir = %agent.cfg.pin_dir.display(),
         source = ?agent.cfg.source,
         attached = ?agent.dp.attached().collect::<Vec<_>>(),
+        xdp = ?agent.dp.xdp_attached().collect::<Vec<_>>(),
         "agent running"
     );
 

@@ -87,6 +87,12 @@ pub struct RunArgs {
     /// traffic arrives here, and replies of backends on other nodes.
     #[arg(long = "external-iface")]
     pub external_ifaces: Vec<String>,
+    /// XDP fast path on the external interfaces for NodePort, LoadBalancer
+    /// and externalIP flows to backends on other nodes: `native` (in the
+    /// driver), `generic` (any device, smaller gain) or `off` (tc only).
+    /// Needs frames with complete checksums, as they arrive from a wire.
+    #[arg(long, value_enum, default_value_t = XdpArg::Off)]
+    pub xdp: XdpArg,
     /// Glob of the host-side pod interfaces (e.g. 'veth*', 'lxc*'); interfaces
     /// that appear later are attached too.
     #[arg(long = "pod-iface")]
@@ -164,4 +170,21 @@ pub enum Command {
 
 pub fn parse_net(s: &str) -> Result<Ipv4Net, String> {
     s.parse()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpArg {
+    Off,
+    Native,
+    Generic,
+}
+
+impl From<XdpArg> for crate::dataplane::XdpMode {
+    fn from(a: XdpArg) -> Self {
+        match a {
+            XdpArg::Off => Self::Off,
+            XdpArg::Native => Self::Native,
+            XdpArg::Generic => Self::Generic,
+        }
+    }
 }

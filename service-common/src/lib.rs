@@ -21,9 +21,10 @@ pub const MAP_REASONS: &str = "REASONS";
 pub const MAP_META: &str = "META";
 pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
+pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
 
 /// Every map the programs declare, in the order the agent pins and reports them.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -35,6 +36,7 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_META,
     MAP_SOURCE_RANGES,
     MAP_FRAGMENTS,
+    MAP_XDP_EGRESS,
 ];
 
 /// tc ingress on pod-facing host veths.
@@ -42,6 +44,12 @@ pub const PROG_TC_POD: &str = "svc_tc_pod";
 /// tc ingress on the node's external interfaces: also source-NATs traffic
 /// from outside that goes to a backend on another node.
 pub const PROG_TC_EXTERNAL: &str = "svc_tc_external";
+/// XDP on the node's external interfaces: the fast path for flows
+/// source-NATed to backends on other nodes; everything else goes on to tc.
+pub const PROG_XDP_EXTERNAL: &str = "svc_xdp_external";
+/// Interfaces XDP may send translated frames out of (a DEVMAP_HASH keyed
+/// and valued by ifindex): the external interfaces that can take them.
+pub const XDP_EGRESS_MAX: u32 = 64;
 
 /// Source ports for NodePort/LoadBalancer traffic source-NATed to the node,
 /// above Linux's default ephemeral range so the node's own sockets never collide.
@@ -291,10 +299,18 @@ pub enum Reason {
     SourceRangeDenied = 20,
     /// A later fragment followed its first fragment's translation.
     FragmentTranslated = 21,
+    /// XDP translated a packet and sent it back out the interface it came in on.
+    XdpTx = 22,
+    /// XDP translated a packet and redirected it to another external interface.
+    XdpRedirect = 23,
+    /// XDP could not forward a flow it would translate (no route, unresolved
+    /// neighbour, TTL about to expire, egress not an XDP target): passed
+    /// untouched to the tc program, which translates it.
+    XdpPassedToTc = 24,
 }
 
 impl Reason {
-    pub const COUNT: usize = 22;
+    pub const COUNT: usize = 25;
     pub const ALL: [Reason; Self::COUNT] = [
         Reason::RejectedNoBackend,
         Reason::RejectFailed,
@@ -318,6 +334,9 @@ impl Reason {
         Reason::CtInvalid,
         Reason::SourceRangeDenied,
         Reason::FragmentTranslated,
+        Reason::XdpTx,
+        Reason::XdpRedirect,
+        Reason::XdpPassedToTc,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -344,6 +363,9 @@ impl Reason {
             Reason::CtInvalid => "ct_invalid",
             Reason::SourceRangeDenied => "source_range_denied",
             Reason::FragmentTranslated => "fragment_translated",
+            Reason::XdpTx => "xdp_tx",
+            Reason::XdpRedirect => "xdp_redirect",
+            Reason::XdpPassedToTc => "xdp_passed_to_tc",
         }
     }
 

@@ -30,6 +30,8 @@ pub enum CtLookup {
         svc_id: u32,
         reply: bool,
         local_source: bool,
+        /// The flow is source-NATed to this node (either direction).
+        snat: bool,
     },
     /// A UDP request entry whose backend is gone: the flow must pick again.
     Stale,
@@ -63,6 +65,7 @@ pub fn lookup(flow: &Flow) -> CtLookup {
         svc_id: entry.svc_id,
         reply,
         local_source: entry.flags & CT_F_LOCAL_SOURCE != 0,
+        snat: entry.flags & CT_F_SNAT != 0,
     }
 }
 

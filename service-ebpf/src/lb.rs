@@ -78,13 +78,38 @@ fn backend_in_slot(fe: &Frontend, scope: u8, slot: u16) -> Option<u32> {
 }
 
 /// The backend a ClientIP-affine client used last, if still valid.
+/// How session affinity took part in a backend choice; acted on (counted,
+/// remembered) only once the flow is really opened, so a choice that XDP
+/// hands on to tc leaves no trace.
+#[derive(Clone, Copy)]
+pub enum AffinityUse {
+    NotApplicable,
+    /// A live affinity entry decided the backend.
+    Hit,
+    /// The backend was picked at random and becomes the client's affinity;
+    /// `stale` when an expired or stale entry was ignored on the way.
+    Fresh {
+        stale: bool,
+    },
+}
+
+pub struct Pick {
+    pub id: u32,
+    pub backend: Backend,
+    pub affinity: AffinityUse,
+}
+
+/// The live affinity entry of `client`, refreshed; `Err(true)` when an
+/// entry exists but has expired or points at a backend no longer in the set.
 #[inline(always)]
-fn affine_backend(fe: &Frontend, client: [u8; 4], now: u64) -> Option<u32> {
+fn affine_backend(fe: &Frontend, client: [u8; 4], now: u64) -> Result<u32, bool> {
     let key = AffinityKey {
         client,
         svc_id: fe.master.svc_id,
     };
-    let entry = AFFINITY.get_ptr_mut(key)?;
+    let Some(entry) = AFFINITY.get_ptr_mut(key) else {
+        return Err(false);
+    };
     let entry = unsafe { &mut *entry };
     let timeout_ns = fe.master.affinity_timeout_s as u64 * 1_000_000_000;
     let member = AffinityMatchKey {
@@ -94,38 +119,56 @@ fn affine_backend(fe: &Frontend, client: [u8; 4], now: u64) -> Option<u32> {
     if now.wrapping_sub(entry.last_used_ns) > timeout_ns
         || unsafe { AFFINITY_MATCH.get(member) }.is_none()
     {
-        count_reason(Reason::AffinityStale);
-        return None;
+        return Err(true);
     }
     entry.last_used_ns = now;
-    count_reason(Reason::AffinityHit);
-    Some(entry.backend_id)
+    Ok(entry.backend_id)
 }
 
+/// Makes `pick` the affinity of `client` when it was a fresh choice, and
+/// counts how affinity took part.
 #[inline(always)]
-fn remember_affinity(fe: &Frontend, client: [u8; 4], backend_id: u32, now: u64) {
-    let key = AffinityKey {
-        client,
-        svc_id: fe.master.svc_id,
-    };
-    let value = AffinityValue {
-        last_used_ns: now,
-        backend_id,
-        _pad: 0,
-    };
-    // LRU map: an insert never fails for lack of room; a failure only
-    // costs stickiness for this client, not the connection.
-    let _ = AFFINITY.insert(key, value, 0);
+pub fn note_affinity(fe: &Frontend, client: [u8; 4], pick: &Pick) {
+    match pick.affinity {
+        AffinityUse::NotApplicable => {}
+        AffinityUse::Hit => count_reason(Reason::AffinityHit),
+        AffinityUse::Fresh { stale } => {
+            if stale {
+                count_reason(Reason::AffinityStale);
+            }
+            let key = AffinityKey {
+                client,
+                svc_id: fe.master.svc_id,
+            };
+            let value = AffinityValue {
+                last_used_ns: unsafe { bpf_ktime_get_ns() },
+                backend_id: pick.id,
+                _pad: 0,
+            };
+            let _ = AFFINITY.insert(key, value, 0);
+        }
+    }
 }
 
-/// Picks the backend of a new flow: the affine one if any, else a random slot.
+/// The backend for a new flow: the client's affinity when it has a live
+/// one, else a random slot of the frontend's scope.
 #[inline(always)]
-pub fn select_backend(fe: &Frontend, flow: &Flow) -> Option<(u32, Backend)> {
-    let affinity = fe.master.flags & SVC_F_AFFINITY != 0;
-    let now = unsafe { bpf_ktime_get_ns() };
-    if affinity && let Some(id) = affine_backend(fe, flow.saddr, now) {
-        if let Some(b) = unsafe { BACKENDS.get(id) } {
-            return Some((id, *b));
+pub fn select_backend(fe: &Frontend, flow: &Flow) -> Option<Pick> {
+    let mut affinity = AffinityUse::NotApplicable;
+    if fe.master.flags & SVC_F_AFFINITY != 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        match affine_backend(fe, flow.saddr, now) {
+            Ok(id) => {
+                if let Some(b) = unsafe { BACKENDS.get(id) } {
+                    return Some(Pick {
+                        id,
+                        backend: *b,
+                        affinity: AffinityUse::Hit,
+                    });
+                }
+                affinity = AffinityUse::Fresh { stale: true };
+            }
+            Err(stale) => affinity = AffinityUse::Fresh { stale },
         }
     }
     let count = fe.master.count as u32;
@@ -135,8 +178,9 @@ pub fn select_backend(fe: &Frontend, flow: &Flow) -> Option<(u32, Backend)> {
     let slot = (unsafe { bpf_get_prandom_u32() } % count) as u16 + 1;
     let id = backend_in_slot(fe, fe.key.scope, slot)?;
     let backend = *unsafe { BACKENDS.get(id) }?;
-    if affinity {
-        remember_affinity(fe, flow.saddr, id, now);
-    }
-    Some((id, backend))
+    Some(Pick {
+        id,
+        backend,
+        affinity,
+    })
 }

@@ -9,17 +9,19 @@ mod icmp;
 mod lb;
 mod maps;
 mod nat;
+mod opening;
 mod packet;
 mod reject;
 mod stats;
+mod xdp;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use service_common::{
-    BE_F_LOCAL, CT_F_LOCAL_SOURCE, FragKey, FragValue, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
+    CT_F_LOCAL_SOURCE, FragKey, FragValue, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
 };
 
 use crate::{
@@ -27,8 +29,9 @@ use crate::{
     lb::Frontend,
     maps::FRAGMENTS,
     nat::{Target, rewrite_tuple},
-    packet::{Flow, Parsed, TCP_ACK, TCP_SYN},
-    stats::{count_new_flow, count_packet, count_reason, count_rejected},
+    opening::Opening,
+    packet::{Flow, Parsed},
+    stats::{count_packet, count_reason, count_rejected},
 };
 
 const PASS: i32 = TC_ACT_OK as i32;
@@ -46,6 +49,13 @@ pub fn svc_tc_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn svc_tc_external(ctx: TcContext) -> i32 {
     ingress(&ctx, true)
+}
+
+/// XDP on the node's external interfaces: the fast path for flows from
+/// outside that are source-NATed to backends on other nodes.
+#[xdp]
+pub fn svc_xdp_external(ctx: XdpContext) -> u32 {
+    xdp::ingress(&ctx)
 }
 
 #[inline(always)]
@@ -79,6 +89,7 @@ fn ingress(ctx: &TcContext, from_outside: bool) -> i32 {
             svc_id,
             reply,
             local_source,
+            ..
         } => {
             count_reason(if reply {
                 Reason::ReplyTranslated
@@ -159,64 +170,20 @@ fn follow_first_fragment(ctx: &TcContext, key: &FragKey) -> i32 {
 /// The first packet of a flow to a frontend: pick a backend, record the flow, rewrite.
 #[inline(always)]
 fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend, from_outside: bool) -> i32 {
-    let svc_id = fe.master.svc_id;
-    // Only a SYN opens a TCP flow. Anything else without a conntrack entry
-    // belongs to a flow this node does not know (conntrack's INVALID): a
-    // random backend would answer it with a reset, so it is dropped.
-    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        count_reason(Reason::CtInvalid);
-        return DROP;
-    }
-    if !lb::source_allowed(fe, flow.saddr) {
-        count_reason(Reason::SourceRangeDenied);
-        return DROP;
-    }
-    let Some((backend_id, backend)) = lb::select_backend(fe, flow) else {
-        if fe.master.count == 0 {
-            return reject(ctx, flow, fe);
+    match opening::choose(flow, fe, from_outside) {
+        Opening::Drop(reason) => {
+            count_reason(reason);
+            DROP
         }
-        count_reason(Reason::NoBackendEntry);
-        return DROP;
-    };
-    // A pod picked as the backend of its own request would see a packet from
-    // itself to itself and drop it as a martian; its source becomes the
-    // frontend address instead, and the reply entry undoes both rewrites.
-    let hairpin = backend.addr == flow.saddr;
-    let mut to = Target {
-        saddr: if hairpin { flow.daddr } else { flow.saddr },
-        sport: flow.sport,
-        daddr: backend.addr,
-        dport: backend.port,
-    };
-    // From outside to a backend on another node: the backend's reply would
-    // go straight back to the client, past this node's reverse translation,
-    // so the source becomes this node (kube-proxy masquerades the same way).
-    // Replies to a frontend on a node address leave with that address as source.
-    let reply_flags = if fe.to_node_addr {
-        CT_F_LOCAL_SOURCE
-    } else {
-        0
-    };
-    let mut local_source = hairpin && fe.to_node_addr;
-    if from_outside && !hairpin && backend.flags & BE_F_LOCAL == 0 {
-        let Some(addr) = conntrack::snat_address() else {
-            count_reason(Reason::SnatFailed);
-            return DROP;
-        };
-        to.saddr = addr;
-        if conntrack::create_snat(flow, &mut to, backend_id, svc_id, reply_flags).is_err() {
-            count_reason(Reason::SnatFailed);
-            return DROP;
-        }
-        count_reason(Reason::SnatFlow);
-        local_source = true;
-    } else if conntrack::create(flow, &to, backend_id, svc_id, hairpin, reply_flags).is_err() {
-        count_reason(Reason::CtInsertFailed);
-        return DROP;
+        Opening::Reject => reject(ctx, flow, fe),
+        Opening::Open(mut c) => match opening::record(flow, fe, &mut c) {
+            Ok(()) => translate(ctx, flow, &c.to, c.svc_id, c.local_source),
+            Err(reason) => {
+                count_reason(reason);
+                DROP
+            }
+        },
     }
-    count_reason(Reason::NewFlow);
-    count_new_flow(svc_id);
-    translate(ctx, flow, &to, svc_id, local_source)
 }
 
 #[inline(always)]

@@ -1,7 +1,7 @@
 //! The maps, as the agent pins them. Sizes here are defaults; the agent may
 //! override max_entries at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use service_common::*;
@@ -44,3 +44,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { DEFAULT_SOURCE_RANGES_MAX 
 #[btf_map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragValue, { DEFAULT_FRAGMENTS_MAX as usize }> =
     LruHashMap::new();
+
+/// ifindex -> itself, for the external interfaces XDP may transmit on.
+#[btf_map]
+pub static XDP_EGRESS: DevMapHash<{ XDP_EGRESS_MAX as usize }> = DevMapHash::new();

@@ -1,6 +1,6 @@
-//! Pinned tc links: the programs stay attached while the agent is down, and a
-//! restarted agent swaps its new program into the same links atomically, so
-//! translation never stops across a restart.
+//! Pinned tc and XDP links: the programs stay attached while the agent is
+//! down, and a restarted agent swaps its new program into the same links
+//! atomically, so translation never stops across a restart.
 use std::{
     ffi::CString,
     fs, io,
@@ -10,10 +10,13 @@ use std::{
 };
 
 use aya::programs::{
-    SchedClassifier, TcAttachType,
+    SchedClassifier, TcAttachType, Xdp,
     links::{FdLink, PinnedLink},
     tc::SchedClassifierLink,
+    xdp::XdpLink,
 };
+
+use super::XdpMode;
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
@@ -23,8 +26,16 @@ pub fn link_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
     links_dir(pin_dir).join(iface)
 }
 
+/// XDP links live apart from the tc ones, one directory per mode: a link's
+/// mode is fixed when it is made, and a restart in another mode must find
+/// and replace the links of the old one.
+pub fn xdp_links_dir(pin_dir: &Path, mode: XdpMode) -> PathBuf {
+    pin_dir.join("xdp-links").join(mode.as_str())
+}
+
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 
 #[repr(C)]
@@ -45,7 +56,8 @@ struct InfoAttr {
     info: u64,
 }
 
-/// The head of `struct bpf_link_info` and its `tcx` member.
+/// The head of `struct bpf_link_info` and its `tcx` member (the `xdp`
+/// member starts the same way, with the ifindex).
 #[repr(C)]
 #[derive(Default)]
 struct TcxLinkInfo {
@@ -70,6 +82,10 @@ fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 /// The interface a pinned TCX link is attached to; 0 once its device is gone.
 /// (aya does not expose the tcx part of the link info.)
 pub fn pinned_link_ifindex(path: &Path) -> io::Result<u32> {
+    pinned_ifindex_of(path, BPF_LINK_TYPE_TCX)
+}
+
+fn pinned_ifindex_of(path: &Path, link_type: u32) -> io::Result<u32> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut get = ObjGetAttr {
@@ -86,10 +102,14 @@ pub fn pinned_link_ifindex(path: &Path) -> io::Result<u32> {
     let r = sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr);
     unsafe { libc::close(fd) };
     r?;
-    if info.type_ != BPF_LINK_TYPE_TCX {
+    if info.type_ != link_type {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is not a tcx link (type {})", path.display(), info.type_),
+            format!(
+                "{} is a link of type {}, not {link_type}",
+                path.display(),
+                info.type_
+            ),
         ));
     }
     Ok(info.ifindex)
@@ -131,6 +151,52 @@ pub fn attach_pinned(
     }
     let id = prog.attach(iface, TcAttachType::Ingress)?;
     let fd: FdLink = prog.take_link(id)?.try_into()?;
+    let pinned = fd.pin(pin)?;
+    private(pin)?;
+    Ok((pinned, false))
+}
+
+/// The XDP counterpart of `attach_pinned`: adopts a pinned XDP link of the
+/// same mode on the same device by swapping the program in, else attaches
+/// in `mode` and pins the new link.
+pub fn attach_pinned_xdp(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: XdpMode,
+    pin: &Path,
+) -> anyhow::Result<(PinnedLink, bool)> {
+    let ifindex = nix::net::if_::if_nametoindex(iface)?;
+    if pin.exists() {
+        match pinned_ifindex_of(pin, BPF_LINK_TYPE_XDP) {
+            Ok(i) if i == ifindex => {
+                let pinned = PinnedLink::from_pin(pin)?;
+                let link = XdpLink::try_from(FdLink::from(pinned))?;
+                let id = prog.attach_to_link(link)?;
+                let fd: FdLink = prog.take_link(id)?.try_into()?;
+                fs::remove_file(pin)?;
+                let pinned = fd.pin(pin)?;
+                private(pin)?;
+                return Ok((pinned, true));
+            }
+            _ => fs::remove_file(pin)?,
+        }
+    }
+    let id = prog.attach(iface, mode.aya()).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (in {} mode{})",
+            mode.as_str(),
+            if mode == XdpMode::Native {
+                "; the driver may lack native XDP: try --xdp generic"
+            } else {
+                ""
+            }
+        )
+    })?;
+    // A netlink attachment (kernels without XDP links) cannot be pinned and
+    // would vanish with this process: refuse it rather than pretend.
+    let fd: FdLink = prog.take_link(id)?.try_into().map_err(|_| {
+        anyhow::anyhow!("the kernel attached XDP without a bpf link; links need Linux 5.9")
+    })?;
     let pinned = fd.pin(pin)?;
     private(pin)?;
     Ok((pinned, false))

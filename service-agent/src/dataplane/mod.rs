@@ -5,6 +5,7 @@ pub mod links;
 pub mod pins;
 pub mod tables;
 pub mod writer;
+pub mod xdp_features;
 
 use std::{
     collections::BTreeMap,
@@ -15,8 +16,8 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     EbpfLoader,
-    maps::{Array, MapData},
-    programs::{SchedClassifier, links::PinnedLink},
+    maps::{Array, DevMapHash, MapData},
+    programs::{SchedClassifier, Xdp, links::PinnedLink},
 };
 use service_common::*;
 use tracing::{info, warn};
@@ -60,6 +61,7 @@ impl MapSizes {
             MAP_META => META_MAX,
             MAP_SOURCE_RANGES => DEFAULT_SOURCE_RANGES_MAX,
             MAP_FRAGMENTS => DEFAULT_FRAGMENTS_MAX,
+            MAP_XDP_EGRESS => XDP_EGRESS_MAX,
             _ => 0,
         }
     }
@@ -71,6 +73,44 @@ pub struct Dataplane {
     pub writer: Writer,
     pub pin_dir: PathBuf,
     links: BTreeMap<String, (IfaceRole, PinnedLink)>,
+    xdp_links: BTreeMap<String, PinnedLink>,
+    xdp_egress: DevMapHash<MapData>,
+}
+
+/// How the XDP fast path is attached to external interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum XdpMode {
+    /// No XDP: tc does everything.
+    #[default]
+    Off,
+    /// In the driver, before an skb exists (veth has it; NICs whose driver supports XDP).
+    Native,
+    /// In the kernel's generic hook, after the skb is built: any device, less gain.
+    Generic,
+}
+
+impl XdpMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Off => "off",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+
+    fn aya(self) -> aya::programs::XdpMode {
+        match self {
+            XdpMode::Native => aya::programs::XdpMode::Driver,
+            _ => aya::programs::XdpMode::Skb,
+        }
+    }
+}
+
+/// Whether XDP may send frames out of an attached interface, and why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XdpEgress {
+    Allowed,
+    Refused(String),
 }
 
 /// Which side of the node an interface faces; it decides the program attached.
@@ -136,12 +176,23 @@ impl Dataplane {
             prog.load()
                 .with_context(|| format!("the kernel verifier rejected the tc program {name}"))?;
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(PROG_XDP_EXTERNAL)
+            .ok_or_else(|| anyhow!("program {PROG_XDP_EXTERNAL} missing from the BPF object"))?
+            .try_into()?;
+        xdp.load().with_context(|| {
+            format!("the kernel verifier rejected the XDP program {PROG_XDP_EXTERNAL}")
+        })?;
         // Pins are the agent's alone: maps hold every flow of the node.
         for (_, path) in &paths {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                 .with_context(|| format!("chmod 600 {}", path.display()))?;
         }
         let mut tables = Tables::take(&mut ebpf)?;
+        let xdp_egress = DevMapHash::try_from(
+            ebpf.take_map(MAP_XDP_EGRESS)
+                .ok_or_else(|| anyhow!("map {MAP_XDP_EGRESS} missing from the BPF object"))?,
+        )?;
         tables
             .meta
             .set(META_LAYOUT_VERSION, LAYOUT_VERSION as u64, 0)?;
@@ -160,6 +211,8 @@ impl Dataplane {
             writer,
             pin_dir,
             links: BTreeMap::new(),
+            xdp_links: BTreeMap::new(),
+            xdp_egress,
         })
     }
 
@@ -173,8 +226,112 @@ impl Dataplane {
             .try_into()?)
     }
 
+    /// The loaded XDP program (also for BPF_PROG_TEST_RUN).
+    pub fn xdp_program(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROG_XDP_EXTERNAL)
+            .ok_or_else(|| anyhow!("program {PROG_XDP_EXTERNAL} missing"))?
+            .try_into()?)
+    }
+
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.links.keys().map(String::as_str)
+    }
+
+    pub fn xdp_attached(&self) -> impl Iterator<Item = &str> {
+        self.xdp_links.keys().map(String::as_str)
+    }
+
+    /// Attaches the XDP fast path to `iface` in `mode` (once), through a
+    /// pinned link, like `attach`. Returns whether a link was adopted.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> anyhow::Result<Option<bool>> {
+        if mode == XdpMode::Off || self.xdp_links.contains_key(iface) {
+            return Ok(None);
+        }
+        let dir = links::xdp_links_dir(&self.pin_dir, mode);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| dir.display().to_string())?;
+        let pin = dir.join(iface);
+        let (link, adopted) = links::attach_pinned_xdp(self.xdp_program()?, iface, mode, &pin)
+            .with_context(|| format!("attaching {PROG_XDP_EXTERNAL} to {iface}"))?;
+        self.xdp_links.insert(iface.to_string(), link);
+        Ok(Some(adopted))
+    }
+
+    /// Detaches XDP links a previous agent left in another mode (or in any
+    /// mode when XDP is now off): tc handles their traffic meanwhile.
+    pub fn detach_other_xdp_modes(&mut self, mode: XdpMode) -> Vec<String> {
+        let mut gone = vec![];
+        for other in [XdpMode::Native, XdpMode::Generic] {
+            if other == mode {
+                continue;
+            }
+            let dir = links::xdp_links_dir(&self.pin_dir, other);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                // Removing the pin drops the last reference: the link detaches.
+                if std::fs::remove_file(e.path()).is_ok() {
+                    gone.push(format!(
+                        "{} ({})",
+                        e.file_name().to_string_lossy(),
+                        other.as_str()
+                    ));
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        gone
+    }
+
+    /// Fills XDP_EGRESS with the XDP interfaces that can transmit XDP frames
+    /// (in native mode: the device reports NDO_XMIT; a veth does only while
+    /// its peer can receive them). Returns each interface's standing.
+    pub fn sync_xdp_egress(&mut self, mode: XdpMode) -> Vec<(String, XdpEgress)> {
+        let mut out = vec![];
+        let mut keep = std::collections::BTreeSet::new();
+        for iface in self.xdp_links.keys() {
+            let standing = match nix::net::if_::if_nametoindex(iface.as_str()) {
+                Err(e) => XdpEgress::Refused(format!("no ifindex: {e}")),
+                Ok(ifindex) => {
+                    let ok = match mode {
+                        XdpMode::Generic => Ok(()),
+                        _ => match xdp_features::xdp_features(ifindex) {
+                            Ok(bits) if bits & xdp_features::XDP_ACT_NDO_XMIT != 0 => Ok(()),
+                            Ok(_) => Err("the device cannot transmit XDP frames (for a veth: its peer needs an XDP program or GRO on)".to_string()),
+                            Err(e) => Err(format!("XDP features unknown: {e}")),
+                        },
+                    };
+                    match ok.and_then(|()| {
+                        self.xdp_egress
+                            .insert(ifindex, ifindex, None, 0)
+                            .map_err(|e| format!("{MAP_XDP_EGRESS}: {e}"))
+                    }) {
+                        Ok(()) => {
+                            keep.insert(ifindex);
+                            XdpEgress::Allowed
+                        }
+                        Err(why) => XdpEgress::Refused(why),
+                    }
+                }
+            };
+            out.push((iface.clone(), standing));
+        }
+        let stale: Vec<u32> = self
+            .xdp_egress
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for k in stale {
+            let _ = self.xdp_egress.remove(k);
+        }
+        out
     }
 
     /// Attaches the program for `role` to the tc ingress of `iface` (once),
@@ -208,6 +365,9 @@ impl Dataplane {
             .collect();
         for iface in &gone {
             if let Some((_, link)) = self.links.remove(iface) {
+                drop(link.unpin());
+            }
+            if let Some(link) = self.xdp_links.remove(iface) {
                 drop(link.unpin());
             }
         }

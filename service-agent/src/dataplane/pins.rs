@@ -70,6 +70,8 @@ pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
         MAP_META => s(4, 8),
         MAP_SOURCE_RANGES => s(4 + size_of::<SourceRange>(), 4),
         MAP_FRAGMENTS => s(size_of::<FragKey>(), size_of::<FragValue>()),
+        // struct bpf_devmap_val: ifindex and a program fd/id.
+        MAP_XDP_EGRESS => s(4, 8),
         _ => None,
     }
 }
@@ -113,6 +115,17 @@ pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
             fs::remove_file(e?.path())?;
         }
         fs::remove_dir(&links)?;
+    }
+    let xdp = dir.join("xdp-links");
+    if xdp.exists() {
+        for mode in fs::read_dir(&xdp)? {
+            let mode = mode?.path();
+            for e in fs::read_dir(&mode)? {
+                fs::remove_file(e?.path())?;
+            }
+            fs::remove_dir(&mode)?;
+        }
+        fs::remove_dir(&xdp)?;
     }
     for name in ALL_MAPS {
         let p = map_pin_path(dir, name);

@@ -1,0 +1,106 @@
+//! Opening a flow to a frontend: deciding its backend and its translation
+//! (`choose`), then pinning it in conntrack (`record`). The two are apart so
+//! XDP can check that it is able to forward the packet before anything is
+//! written, and hand the untouched packet to tc when it is not.
+use service_common::{BE_F_LOCAL, CT_F_LOCAL_SOURCE, IPPROTO_TCP, Reason};
+
+use crate::{
+    conntrack,
+    lb::{self, Frontend, Pick},
+    nat::Target,
+    packet::{Flow, TCP_ACK, TCP_SYN},
+    stats::{count_new_flow, count_reason},
+};
+
+pub struct Choice {
+    pub pick: Pick,
+    pub to: Target,
+    pub svc_id: u32,
+    /// A pod picked as the backend of its own request.
+    pub hairpin: bool,
+    /// From outside to a backend on another node: the source becomes this node.
+    pub snat: bool,
+    /// Flags the reply entry carries.
+    reply_flags: u16,
+    /// The translated packet leaves with one of this node's addresses as source.
+    pub local_source: bool,
+}
+
+pub enum Opening {
+    Open(Choice),
+    /// No backend at all: answer as kube-proxy's REJECT does (or drop, per the frontend).
+    Reject,
+    Drop(Reason),
+}
+
+#[inline(always)]
+pub fn choose(flow: &Flow, fe: &Frontend, from_outside: bool) -> Opening {
+    // Only a SYN opens a TCP flow. Anything else without a conntrack entry
+    // belongs to a flow this node does not know (conntrack's INVALID): a
+    // random backend would answer it with a reset, so it is dropped.
+    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return Opening::Drop(Reason::CtInvalid);
+    }
+    if !lb::source_allowed(fe, flow.saddr) {
+        return Opening::Drop(Reason::SourceRangeDenied);
+    }
+    let Some(pick) = lb::select_backend(fe, flow) else {
+        if fe.master.count == 0 {
+            return Opening::Reject;
+        }
+        return Opening::Drop(Reason::NoBackendEntry);
+    };
+    // A pod picked as the backend of its own request would see a packet from
+    // itself to itself and drop it as a martian; its source becomes the
+    // frontend address instead, and the reply entry undoes both rewrites.
+    let hairpin = pick.backend.addr == flow.saddr;
+    // From outside to a backend on another node: the backend's reply would
+    // go straight back to the client, past this node's reverse translation,
+    // so the source becomes this node (kube-proxy masquerades the same way).
+    let snat = from_outside && !hairpin && pick.backend.flags & BE_F_LOCAL == 0;
+    let mut to = Target {
+        saddr: if hairpin { flow.daddr } else { flow.saddr },
+        sport: flow.sport,
+        daddr: pick.backend.addr,
+        dport: pick.backend.port,
+    };
+    if snat {
+        let Some(addr) = conntrack::snat_address() else {
+            return Opening::Drop(Reason::SnatFailed);
+        };
+        to.saddr = addr;
+    }
+    // Replies to a frontend on a node address leave with that address as source.
+    let reply_flags = if fe.to_node_addr {
+        CT_F_LOCAL_SOURCE
+    } else {
+        0
+    };
+    Opening::Open(Choice {
+        svc_id: fe.master.svc_id,
+        to,
+        hairpin,
+        snat,
+        reply_flags,
+        local_source: snat || (hairpin && fe.to_node_addr),
+        pick,
+    })
+}
+
+/// Pins the flow to its backend in conntrack (picking the SNAT source port)
+/// and notes its affinity; from here on the packet must be translated.
+#[inline(always)]
+pub fn record(flow: &Flow, fe: &Frontend, c: &mut Choice) -> Result<(), Reason> {
+    if c.snat {
+        conntrack::create_snat(flow, &mut c.to, c.pick.id, c.svc_id, c.reply_flags)
+            .map_err(|_| Reason::SnatFailed)?;
+        count_reason(Reason::SnatFlow);
+    } else {
+        conntrack::create(flow, &c.to, c.pick.id, c.svc_id, c.hairpin, c.reply_flags)
+            .map_err(|_| Reason::CtInsertFailed)?;
+    }
+    lb::note_affinity(fe, flow.saddr, &c.pick);
+    count_reason(Reason::NewFlow);
+    count_new_flow(c.svc_id);
+    Ok(())
+}
