@@ -8,7 +8,8 @@ use crate::run;
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool to inspect maps,
 /// iproute2/util-linux/procps for namespaces, curl for the demo's client,
-/// iptables/nftables for side-by-side comparisons.
+/// iptables/nftables for side-by-side comparisons, ethtool to make test
+/// veths behave like wires for XDP (complete checksums, NAPI on the peer).
 const DEB_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -19,6 +20,7 @@ const DEB_PACKAGES: &[&str] = &[
     "curl",
     "iptables",
     "nftables",
+    "ethtool",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
