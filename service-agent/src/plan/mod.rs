@@ -159,7 +159,7 @@ impl fmt::Display for Problem {
 }
 
 /// What this node is, as far as the planner cares.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
     /// The node's name, for traffic policy Local (endpoints' `nodeName`).
     pub name: Option<String>,
@@ -398,6 +398,52 @@ fn topology_zone<'a>(
     any_for_zone.then_some(zone)
 }
 
+/// Endpoints of an IPv4 slice whose address is not IPv4: ignored, and said so.
+fn slice_address_problems(slice: &Sourced<EndpointSlice>) -> Vec<Problem> {
+    let s = &slice.object;
+    if s.address_type != "IPv4" {
+        return vec![];
+    }
+    let mut out = vec![];
+    for (i, e) in s.endpoints.iter().flatten().enumerate() {
+        if e.addresses
+            .first()
+            .is_some_and(|a| a.parse::<Ipv4Addr>().is_err())
+        {
+            out.push(Problem {
+                origin: slice.origin.clone(),
+                object: format!("EndpointSlice {}", object_ref(&s.metadata)),
+                field: format!("endpoints[{i}].addresses[0]"),
+                message: format!(
+                    "{:?} is not an IPv4 address; endpoint ignored",
+                    e.addresses[0]
+                ),
+                refuses_service: false,
+            });
+        }
+    }
+    out
+}
+
+/// A slice whose Service does not exist.
+fn orphan_problem(ns: &str, svc: &str, slice: &Sourced<EndpointSlice>) -> Problem {
+    Problem {
+        origin: slice.origin.clone(),
+        object: format!("EndpointSlice {}", object_ref(&slice.object.metadata)),
+        field: format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+        message: format!("no Service {ns}/{svc}; the slice is ignored"),
+        refuses_service: false,
+    }
+}
+
+/// Who claims a contested frontend first, after the Services already
+/// serving one: the older by creationTimestamp (those without one last),
+/// then by `namespace/name`.
+fn claim_order(svc: &Service) -> (bool, Option<k8s_openapi::jiff::Timestamp>, String) {
+    let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    (created.is_none(), created, object_ref(&svc.metadata))
+}
+
 /// Compiles the cluster's Services and EndpointSlices into the frontend table.
 pub fn compile(
     services: &[Sourced<Service>],
@@ -433,27 +479,7 @@ pub fn compile_after(
         by_service.entry((ns, svc.clone())).or_default().push(s);
     }
     for slice in slices {
-        let s = &slice.object;
-        if s.address_type != "IPv4" {
-            continue;
-        }
-        for (i, e) in s.endpoints.iter().flatten().enumerate() {
-            if e.addresses
-                .first()
-                .is_some_and(|a| a.parse::<Ipv4Addr>().is_err())
-            {
-                plan.problems.push(Problem {
-                    origin: slice.origin.clone(),
-                    object: format!("EndpointSlice {}", object_ref(&s.metadata)),
-                    field: format!("endpoints[{i}].addresses[0]"),
-                    message: format!(
-                        "{:?} is not an IPv4 address; endpoint ignored",
-                        e.addresses[0]
-                    ),
-                    refuses_service: false,
-                });
-            }
-        }
+        plan.problems.extend(slice_address_problems(slice));
     }
 
     let known: BTreeSet<(String, String)> = services
@@ -471,22 +497,15 @@ pub fn compile_after(
             continue;
         }
         for slice in group {
-            plan.problems.push(Problem {
-                origin: slice.origin.clone(),
-                object: format!("EndpointSlice {}", object_ref(&slice.object.metadata)),
-                field: format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
-                message: format!("no Service {ns}/{svc}; the slice is ignored"),
-                refuses_service: false,
-            });
+            plan.problems.push(orphan_problem(ns, svc, slice));
         }
     }
     let mut sorted: Vec<&Sourced<Service>> = services.iter().collect();
     sorted.sort_by_cached_key(|s| {
-        let name = object_ref(&s.object.metadata);
-        let created = s.object.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let (created_none, created, name) = claim_order(&s.object);
         (
             !incumbents.contains(name.as_str()),
-            created.is_none(),
+            created_none,
             created,
             name,
         )
@@ -909,6 +928,9 @@ fn compile_service(
     };
     Ok(Compiled::Frontends(out, health))
 }
+
+mod incremental;
+pub use incremental::{Incremental, ServiceId};
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,560 @@
+//! The planner, kept current one Service at a time.
+//!
+//! [`compile_after`](super::compile_after) looks at every Service on every
+//! change; with 10,000 Services that is most of the time a change takes to
+//! reach the maps. [`Incremental`] holds the objects grouped by Service (the
+//! Service objects of one `namespace/name` and the EndpointSlices labelled
+//! with it), recompiles only the groups a change touched, and says which
+//! frontends came out different, so the writer touches only those.
+//!
+//! Its plan is, after every [`Incremental::commit`], equal to what
+//! `compile_after(services, slices, node, previous)` followed by
+//! `keep_refused_from(previous)` gives for the same objects (services in any
+//! order, slices grouped by Service in [`ServiceId`] order and the unlabelled
+//! ones last), including the order of problems, skipped Services and health
+//! checks. The unit tests check that over random sequences of changes.
+//!
+//! Two decisions involve more than one Service:
+//! - A contested frontend goes to the first claimant in the full compile's
+//!   order (Services already serving something first, then older, then by
+//!   name). Only Services claiming a common frontend can influence each
+//!   other, so the claim is replayed over the connected group of Services
+//!   that share a contested frontend with a changed one, in that order. A
+//!   Service's place in the order depends on whether it served anything in
+//!   the previous plan, so a group is replayed again when that flips.
+//! - A refused Service keeps its previous frontends unless another Service
+//!   now wins them: the frontends re-examined are those any replayed Service
+//!   held, wins, or kept.
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    jiff::Timestamp,
+};
+
+use super::{
+    Compiled, Ctx, FrontendKey, FrontendPlan, HealthCheck, NodeContext, Plan, Problem, Skipped,
+    claim_order, compile_service, orphan_problem, slice_address_problems,
+};
+use crate::model::{SERVICE_NAME_LABEL, Sourced, object_ref};
+
+/// What joins a Service and its EndpointSlices: the namespace (`default`
+/// when missing) and the name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceId {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The id of a Service (or of the Endpoints object mirroring one).
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self {
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The Service a slice belongs to, by its `kubernetes.io/service-name` label.
+    pub fn of_slice(slice: &EndpointSlice) -> Option<Self> {
+        let meta = &slice.metadata;
+        let svc = meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        Some(Self {
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: svc.clone(),
+        })
+    }
+}
+
+/// What one Service object contributed in the last replay of its group.
+#[derive(Clone, Debug, Default)]
+struct ObjectOutput {
+    order: (bool, Option<Timestamp>, String),
+    skipped: Option<Skipped>,
+    health: Option<HealthCheck>,
+    problems: Vec<Problem>,
+}
+
+impl ObjectOutput {
+    fn is_empty(&self) -> bool {
+        self.skipped.is_none() && self.health.is_none() && self.problems.is_empty()
+    }
+}
+
+/// One Service id: its objects and what they came to.
+#[derive(Default)]
+struct Unit {
+    services: Vec<Sourced<Service>>,
+    slices: Vec<Sourced<EndpointSlice>>,
+    /// Problems of its slices' endpoints, and of slices without a Service.
+    slice_problems: Vec<Problem>,
+    orphan_problems: Vec<Problem>,
+    /// Every frontend its objects asked for in the last compile.
+    keys: BTreeSet<FrontendKey>,
+    /// The frontends it won in the last replay.
+    won: BTreeMap<FrontendKey, FrontendPlan>,
+    refused: bool,
+    outputs: Vec<ObjectOutput>,
+}
+
+impl Unit {
+    fn is_noisy(&self) -> bool {
+        !self.slice_problems.is_empty()
+            || !self.orphan_problems.is_empty()
+            || self.outputs.iter().any(|o| !o.is_empty())
+    }
+}
+
+/// The planner's state between changes. See the module documentation.
+pub struct Incremental {
+    node: NodeContext,
+    units: BTreeMap<ServiceId, Unit>,
+    /// Slices without a Service label: only their addresses are checked.
+    unlabeled: Vec<Sourced<EndpointSlice>>,
+    unlabeled_problems: Vec<Problem>,
+    /// Frontend → the Services whose objects ask for it.
+    claims: BTreeMap<FrontendKey, BTreeSet<ServiceId>>,
+    /// Frontend → the Service that won it.
+    winners: BTreeMap<FrontendKey, ServiceId>,
+    /// The plan in force, and whose each of its frontends is (won or kept).
+    plan: Plan,
+    holder: BTreeMap<FrontendKey, ServiceId>,
+    held: BTreeMap<ServiceId, BTreeSet<FrontendKey>>,
+    /// Services with problems, skips or health checks, for assembling the
+    /// plan's lists without visiting every Service.
+    noisy: BTreeSet<ServiceId>,
+    /// Changed since the last commit: to compile again.
+    dirty: BTreeSet<ServiceId>,
+    /// Started or stopped holding frontends at the last commit: their place
+    /// in the claim order changed, so their groups are replayed.
+    flipped: BTreeSet<ServiceId>,
+    everything: bool,
+}
+
+impl Incremental {
+    /// An empty planner whose first commit starts from `previous`, the plan
+    /// in force (as `compile_after` would be given it).
+    pub fn new(node: NodeContext, previous: Plan) -> Self {
+        let mut holder = BTreeMap::new();
+        let mut held: BTreeMap<ServiceId, BTreeSet<FrontendKey>> = BTreeMap::new();
+        for (k, f) in &previous.frontends {
+            let id = id_of_name(&f.service);
+            holder.insert(*k, id.clone());
+            held.entry(id).or_default().insert(*k);
+        }
+        // Services in `previous` that no longer exist must lose their
+        // frontends at the first commit: give them (empty) units to replay.
+        let units = held
+            .keys()
+            .map(|id| (id.clone(), Unit::default()))
+            .collect();
+        let dirty = held.keys().cloned().collect();
+        Self {
+            node,
+            units,
+            unlabeled: vec![],
+            unlabeled_problems: vec![],
+            claims: BTreeMap::new(),
+            winners: BTreeMap::new(),
+            plan: previous,
+            holder,
+            held,
+            noisy: BTreeSet::new(),
+            dirty,
+            flipped: BTreeSet::new(),
+            everything: true,
+        }
+    }
+
+    /// The plan as of the last commit.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn node(&self) -> &NodeContext {
+        &self.node
+    }
+
+    /// A different node context (addresses, zone) changes every Service.
+    pub fn set_node(&mut self, node: NodeContext) {
+        if node != self.node {
+            self.node = node;
+            self.everything = true;
+        }
+    }
+
+    /// Every Service id known, with or without objects.
+    pub fn ids(&self) -> impl Iterator<Item = &ServiceId> {
+        self.units.keys()
+    }
+
+    /// Replaces the objects of one Service id: its Service objects (more
+    /// than one only when a manifest repeats it; in source order) and the
+    /// EndpointSlices labelled with it. Both empty: it is gone.
+    pub fn set(
+        &mut self,
+        id: ServiceId,
+        services: Vec<Sourced<Service>>,
+        slices: Vec<Sourced<EndpointSlice>>,
+    ) {
+        let unit = self.units.entry(id.clone()).or_default();
+        unit.services = services;
+        unit.slices = slices;
+        self.dirty.insert(id);
+    }
+
+    /// Replaces the slices that name no Service.
+    pub fn set_unlabeled(&mut self, slices: Vec<Sourced<EndpointSlice>>) {
+        self.unlabeled_problems = slices.iter().flat_map(slice_address_problems).collect();
+        self.unlabeled = slices;
+    }
+
+    /// Brings the plan up to the objects set since the last commit; returns
+    /// the frontends whose plan changed (added, removed or different).
+    pub fn commit(&mut self) -> BTreeSet<FrontendKey> {
+        let incumbent = |held: &BTreeMap<ServiceId, BTreeSet<FrontendKey>>, id: &ServiceId| {
+            held.get(id).is_some_and(|k| !k.is_empty())
+        };
+        let recompile: BTreeSet<ServiceId> = if std::mem::take(&mut self.everything) {
+            self.dirty.clear();
+            self.units.keys().cloned().collect()
+        } else {
+            std::mem::take(&mut self.dirty)
+        };
+        let mut seeds: BTreeSet<ServiceId> = std::mem::take(&mut self.flipped);
+        seeds.retain(|id| self.units.contains_key(id));
+        // 1. Compile the changed Services; note who shared a frontend with
+        //    them before, since those may win what the change gave up.
+        for id in &recompile {
+            let Some(unit) = self.units.get(id) else {
+                continue;
+            };
+            for k in &unit.keys {
+                if let Some(c) = self.claims.get(k) {
+                    seeds.extend(c.iter().cloned());
+                }
+            }
+            let keys = self.candidate_keys(id);
+            let unit = self.units.get_mut(id).expect("looked up above");
+            for k in &unit.keys {
+                if let Some(c) = self.claims.get_mut(k) {
+                    c.remove(id);
+                    if c.is_empty() {
+                        self.claims.remove(k);
+                    }
+                }
+            }
+            for k in &keys {
+                self.claims.entry(*k).or_default().insert(id.clone());
+            }
+            unit.keys = keys;
+            unit.slice_problems = unit
+                .slices
+                .iter()
+                .flat_map(slice_address_problems)
+                .collect();
+            unit.orphan_problems = if unit.services.is_empty() {
+                unit.slices
+                    .iter()
+                    .map(|s| orphan_problem(&id.namespace, &id.name, s))
+                    .collect()
+            } else {
+                vec![]
+            };
+            seeds.insert(id.clone());
+        }
+        // 2. Replay the claims of every group a seed belongs to.
+        let mut replayed: BTreeSet<ServiceId> = BTreeSet::new();
+        let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
+        for seed in &seeds {
+            if replayed.contains(seed) {
+                continue;
+            }
+            let group = self.group_of(seed);
+            replayed.extend(group.iter().cloned());
+            for id in &group {
+                let unit = &self.units[id];
+                touched.extend(unit.won.keys().copied());
+                touched.extend(self.held.get(id).into_iter().flatten().copied());
+            }
+            self.replay(&group);
+            for id in &group {
+                let unit = &self.units[id];
+                touched.extend(unit.won.keys().copied());
+                if unit.is_noisy() {
+                    self.noisy.insert(id.clone());
+                } else {
+                    self.noisy.remove(id);
+                }
+                let name = object_ref_of(id);
+                if unit.refused {
+                    self.plan.refused.insert(name);
+                } else {
+                    self.plan.refused.remove(&name);
+                }
+            }
+        }
+        // 3. The lists, in the order the full compile makes them (by the
+        //    previous plan's incumbents, so before the frontends change).
+        self.assemble_lists(&incumbent);
+        // 4. The frontends: won ones, then refused Services' kept ones.
+        let mut changed = BTreeSet::new();
+        for k in touched {
+            let want: Option<(ServiceId, FrontendPlan)> = match self.winners.get(&k) {
+                Some(id) => Some((id.clone(), self.units[id].won[&k].clone())),
+                None => match self.holder.get(&k) {
+                    Some(id) if self.units.get(id).is_some_and(|u| u.refused) => {
+                        Some((id.clone(), self.plan.frontends[&k].clone()))
+                    }
+                    _ => None,
+                },
+            };
+            let had = self.plan.frontends.get(&k);
+            if want.as_ref().map(|(_, f)| f) == had
+                && want.as_ref().map(|(id, _)| id) == self.holder.get(&k)
+            {
+                continue;
+            }
+            if had.is_some() || want.is_some() {
+                changed.insert(k);
+            }
+            if let Some(old) = self.holder.remove(&k) {
+                let before = incumbent(&self.held, &old);
+                if let Some(set) = self.held.get_mut(&old) {
+                    set.remove(&k);
+                    if set.is_empty() {
+                        self.held.remove(&old);
+                    }
+                }
+                if before != incumbent(&self.held, &old) {
+                    self.flipped.insert(old);
+                }
+                self.plan.frontends.remove(&k);
+            }
+            if let Some((id, fe)) = want {
+                let before = incumbent(&self.held, &id);
+                self.held.entry(id.clone()).or_default().insert(k);
+                if !before {
+                    self.flipped.insert(id.clone());
+                }
+                self.holder.insert(k, id);
+                self.plan.frontends.insert(k, fe);
+            }
+        }
+        // Forget Services that are gone and hold nothing.
+        for id in &replayed {
+            if self
+                .units
+                .get(id)
+                .is_some_and(|u| u.services.is_empty() && u.slices.is_empty() && u.keys.is_empty())
+                && !self.held.contains_key(id)
+            {
+                self.units.remove(id);
+                self.noisy.remove(id);
+                self.flipped.remove(id);
+            }
+        }
+        changed
+    }
+
+    /// Every frontend the objects of `id` ask for, whoever wins them.
+    fn candidate_keys(&self, id: &ServiceId) -> BTreeSet<FrontendKey> {
+        let unit = &self.units[id];
+        let slices: Vec<&Sourced<EndpointSlice>> = unit.slices.iter().collect();
+        let mut keys = BTreeSet::new();
+        for svc in &unit.services {
+            let mut ctx = Ctx {
+                svc,
+                name: object_ref(&svc.object.metadata),
+                problems: vec![],
+            };
+            if let Ok(Compiled::Frontends(fes, _)) = compile_service(&mut ctx, &slices, &self.node)
+            {
+                keys.extend(fes.into_iter().map(|(k, _)| k));
+            }
+        }
+        keys
+    }
+
+    /// The Services linked to `seed` through frontends more than one claims.
+    fn group_of(&self, seed: &ServiceId) -> Vec<ServiceId> {
+        let mut seen = BTreeSet::from([seed.clone()]);
+        let mut stack = vec![seed.clone()];
+        while let Some(id) = stack.pop() {
+            let Some(unit) = self.units.get(&id) else {
+                continue;
+            };
+            for k in &unit.keys {
+                let Some(c) = self.claims.get(k).filter(|c| c.len() > 1) else {
+                    continue;
+                };
+                for other in c {
+                    if seen.insert(other.clone()) {
+                        stack.push(other.clone());
+                    }
+                }
+            }
+        }
+        seen.into_iter().collect()
+    }
+
+    /// `compile_after`'s claim loop over one group, in its order.
+    fn replay(&mut self, group: &[ServiceId]) {
+        let mut order: Vec<(bool, (bool, Option<Timestamp>, String), &ServiceId, usize)> = vec![];
+        for id in group {
+            let incumbent = self.held.get(id).is_some_and(|k| !k.is_empty());
+            for (i, svc) in self.units[id].services.iter().enumerate() {
+                order.push((!incumbent, claim_order(&svc.object), id, i));
+            }
+        }
+        order.sort();
+        let mut owner: BTreeMap<FrontendKey, String> = BTreeMap::new();
+        let mut results: BTreeMap<ServiceId, (BTreeMap<FrontendKey, FrontendPlan>, bool)> = group
+            .iter()
+            .map(|id| (id.clone(), (BTreeMap::new(), false)))
+            .collect();
+        let mut outputs: BTreeMap<ServiceId, Vec<ObjectOutput>> = group
+            .iter()
+            .map(|id| {
+                let n = self.units[id].services.len();
+                (id.clone(), vec![ObjectOutput::default(); n])
+            })
+            .collect();
+        for (_, claim, id, i) in order {
+            let unit = &self.units[id];
+            let svc = &unit.services[i];
+            let slices: Vec<&Sourced<EndpointSlice>> = unit.slices.iter().collect();
+            let name = object_ref(&svc.object.metadata);
+            let mut ctx = Ctx {
+                svc,
+                name: name.clone(),
+                problems: vec![],
+            };
+            let out = &mut outputs.get_mut(id).expect("one per member")[i];
+            let (won, refused) = results.get_mut(id).expect("one per member");
+            match compile_service(&mut ctx, &slices, &self.node) {
+                Ok(Compiled::Skipped(reason)) => {
+                    out.skipped = Some(Skipped {
+                        service: name.clone(),
+                        reason,
+                    })
+                }
+                Ok(Compiled::Frontends(fes, health)) => {
+                    let clash = fes.iter().find_map(|(key, _)| {
+                        owner
+                            .get(key)
+                            .filter(|other| **other != name)
+                            .map(|other| (*key, other.clone()))
+                    });
+                    if let Some((key, other)) = clash {
+                        ctx.problem(
+                            "spec",
+                            format!("frontend {key} is already used by Service {other}; Service not programmed"),
+                            true,
+                        );
+                    } else {
+                        for (key, fe) in fes {
+                            owner.insert(key, name.clone());
+                            won.insert(key, fe);
+                        }
+                        out.health = health;
+                    }
+                }
+                Err(()) => {}
+            }
+            if ctx.problems.iter().any(|p| p.refuses_service) {
+                *refused = true;
+                won.clear();
+            }
+            out.problems = ctx.problems;
+            out.order = claim;
+        }
+        for (id, (won, refused)) in results {
+            for k in self.units[&id].won.keys() {
+                if self.winners.get(k) == Some(&id) {
+                    self.winners.remove(k);
+                }
+            }
+            for k in won.keys() {
+                self.winners.insert(*k, id.clone());
+            }
+            let unit = self.units.get_mut(&id).expect("a member");
+            unit.won = won;
+            unit.refused = refused;
+            unit.outputs = outputs.remove(&id).unwrap_or_default();
+        }
+    }
+
+    /// Rebuilds problems, skipped Services and health checks from the
+    /// Services that have any.
+    fn assemble_lists(
+        &mut self,
+        incumbent: &dyn Fn(&BTreeMap<ServiceId, BTreeSet<FrontendKey>>, &ServiceId) -> bool,
+    ) {
+        let mut problems: Vec<Problem> = vec![];
+        for id in &self.noisy {
+            problems.extend(self.units[id].slice_problems.iter().cloned());
+        }
+        problems.extend(self.unlabeled_problems.iter().cloned());
+        for id in &self.noisy {
+            problems.extend(self.units[id].orphan_problems.iter().cloned());
+        }
+        let mut objects: Vec<(bool, &(bool, Option<Timestamp>, String), &ServiceId, usize)> =
+            vec![];
+        for id in &self.noisy {
+            let inc = incumbent(&self.held, id);
+            for (i, o) in self.units[id].outputs.iter().enumerate() {
+                if !o.is_empty() {
+                    objects.push((!inc, &o.order, id, i));
+                }
+            }
+        }
+        objects.sort();
+        let mut skipped = vec![];
+        let mut health = vec![];
+        for (_, _, id, i) in objects {
+            let o = &self.units[id].outputs[i];
+            skipped.extend(o.skipped.clone());
+            health.extend(o.health.clone());
+            problems.extend(o.problems.iter().cloned());
+        }
+        for h in &self.plan.health_checks {
+            if self.plan.refused.contains(&h.service)
+                && !health.iter().any(|x: &HealthCheck| x.port == h.port)
+            {
+                health.push(h.clone());
+            }
+        }
+        self.plan.problems = problems;
+        self.plan.skipped = skipped;
+        self.plan.health_checks = health;
+    }
+}
+
+/// The id behind a plan's `namespace/name`.
+fn id_of_name(name: &str) -> ServiceId {
+    let (ns, n) = name.split_once('/').unwrap_or(("default", name));
+    let n = if n == "<unnamed>" { "" } else { n };
+    ServiceId::new(ns, n)
+}
+
+/// `namespace/name` as the plan names a Service.
+fn object_ref_of(id: &ServiceId) -> String {
+    object_ref(&ObjectMeta {
+        namespace: Some(id.namespace.clone()),
+        name: (!id.name.is_empty()).then(|| id.name.clone()),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+#[path = "incremental_tests.rs"]
+mod tests;
