@@ -299,7 +299,8 @@ pub enum Reason {
     SourceRangeDenied = 20,
     /// A later fragment followed its first fragment's translation.
     FragmentTranslated = 21,
-    /// XDP translated a packet and sent it back out the interface it came in on.
+    /// XDP translated a packet and sent it back out the interface it came in on
+    /// (through the XDP_EGRESS devmap, not XDP_TX).
     XdpTx = 22,
     /// XDP translated a packet and redirected it to another external interface.
     XdpRedirect = 23,

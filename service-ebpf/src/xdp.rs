@@ -211,11 +211,15 @@ fn forward(ctx: &XdpContext, flow: &Flow, to: &Target, hop: &NextHop, svc_id: u3
         return DROP;
     }
     count_packet(svc_id, (ctx.data_end() - ctx.data()) as u32);
-    if hop.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
-        count_reason(Reason::XdpTx);
-        return xdp_action::XDP_TX;
-    }
-    count_reason(Reason::XdpRedirect);
+    // Out of the arrival interface too through the devmap rather than
+    // XDP_TX: a veth flushes XDP_TX frames to its peer only when the peer
+    // runs XDP itself, while the devmap's transmit path works whenever the
+    // device reports NDO_XMIT, which is what the agent checked.
+    count_reason(if hop.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+        Reason::XdpTx
+    } else {
+        Reason::XdpRedirect
+    });
     XDP_EGRESS
         .redirect(hop.ifindex, 0)
         .unwrap_or(xdp_action::XDP_ABORTED)

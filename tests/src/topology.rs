@@ -177,6 +177,26 @@ impl Topology {
         Ok(k - 1)
     }
 
+    /// Makes the segment's veths behave like wires for XDP, which sees raw
+    /// frames: senders fill in their checksums (a veth otherwise passes
+    /// "checksum to be completed" packets, which a wire never carries), and
+    /// the segment's ports run NAPI so native XDP can transmit to them.
+    pub fn emulate_wires(&self) -> anyhow::Result<()> {
+        let hosts = self
+            .nodes
+            .iter()
+            .map(|n| &n.ns)
+            .chain(self.clients.iter().map(|c| &c.ns));
+        for ns in hosts {
+            ns.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+        }
+        for k in 1..=self.lan_ports {
+            self.lan
+                .exec("ethtool", &["-K", &format!("p{k}"), "gro", "on"])?;
+        }
+        Ok(())
+    }
+
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods
             .iter()

@@ -36,12 +36,12 @@ fn write_pods(topo: &Topology, dir: &ManifestDir, ready: impl Fn(&str) -> bool) 
     dir.write("pods.yaml", &pods).unwrap();
 }
 
-fn two_nodes(extra_spec: &str) -> TwoNodes {
-    two_nodes_with(extra_spec, &[])
+fn two_nodes(xdp: &str, extra_spec: &str) -> TwoNodes {
+    two_nodes_with(xdp, extra_spec, &[])
 }
 
-/// `two_nodes` with extra agent flags.
-fn two_nodes_with(extra_spec: &str, flags: &[&str]) -> TwoNodes {
+/// `two_nodes` with extra agent flags; `xdp` is the agents' --xdp mode.
+fn two_nodes_with(xdp: &str, extra_spec: &str, flags: &[&str]) -> TwoNodes {
     let mut topo = Topology::new().unwrap();
     topo.add_node().unwrap();
     topo.add_node().unwrap();
@@ -51,6 +51,9 @@ fn two_nodes_with(extra_spec: &str, flags: &[&str]) -> TwoNodes {
         let k = topo.add_pod(node, name).unwrap();
         let p = &topo.pods[k];
         servers.push(Server::start(&p.ns, p.ip, 8080, name).unwrap());
+    }
+    if xdp != "off" {
+        topo.emulate_wires().unwrap();
     }
     let dir = ManifestDir::new().unwrap();
     write_pods(&topo, &dir, |_| true);
@@ -70,7 +73,7 @@ fn two_nodes_with(extra_spec: &str, flags: &[&str]) -> TwoNodes {
     let agents = (0..2)
         .map(|i| {
             let node = format!("node-{}", i + 1);
-            let mut args = vec!["--node-name", node.as_str()];
+            let mut args = vec!["--node-name", node.as_str(), "--xdp", xdp];
             args.extend_from_slice(flags);
             Agent::start(&topo.nodes[i].ns, &dir.path, &args).unwrap()
         })
@@ -97,9 +100,8 @@ fn ask_many(t: &TwoNodes, to: SocketAddrV4, n: usize) -> BTreeMap<String, Vec<Ip
         .unwrap()
 }
 
-#[test]
-fn node_port_with_cluster_policy_reaches_pods_on_both_nodes_from_either_node() {
-    let t = two_nodes("");
+fn node_port_with_cluster_policy_reaches_pods_on_both_nodes_from_either_node(xdp: &str) {
+    let t = two_nodes(xdp, "");
     let client_ip = IpAddr::V4(t.topo.clients[0].ip);
     for node in 0..2 {
         let node_ip = t.topo.nodes[node].ip;
@@ -120,6 +122,31 @@ fn node_port_with_cluster_policy_reaches_pods_on_both_nodes_from_either_node() {
             }
         }
     }
+    assert_xdp_forwarded(&t, xdp, &[0, 1]);
+}
+
+/// With XDP on, the source-NATed flows through `nodes` went through it
+/// (requests and replies sent back out of eth0), not through tc behind it.
+fn assert_xdp_forwarded(t: &TwoNodes, xdp: &str, nodes: &[usize]) {
+    for &n in nodes {
+        let a = &t.agents[n];
+        let (tx, passed) = (counter(a, "xdp_tx"), counter(a, "xdp_passed_to_tc"));
+        if xdp == "off" {
+            assert_eq!(tx, 0);
+        } else {
+            assert!(
+                tx > 0,
+                "--xdp {xdp}: nothing went out through XDP on node-{}",
+                n + 1
+            );
+            // Only packets meeting a neighbour not yet resolved go to tc.
+            assert!(
+                passed * 4 < tx,
+                "--xdp {xdp}: node-{}: {passed} packets passed to tc, {tx} sent by XDP",
+                n + 1
+            );
+        }
+    }
 }
 
 fn counter(agent: &Agent, reason: &str) -> u64 {
@@ -128,9 +155,8 @@ fn counter(agent: &Agent, reason: &str) -> u64 {
     v["reasons"][reason].as_u64().unwrap()
 }
 
-#[test]
-fn node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node() {
-    let t = two_nodes("  externalTrafficPolicy: Local\n");
+fn node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node(xdp: &str) {
+    let t = two_nodes(xdp, "  externalTrafficPolicy: Local\n");
     let client_ip = IpAddr::V4(t.topo.clients[0].ip);
     for (node, only) in [(0, "web-1"), (1, "web-2")] {
         let seen = ask_many(&t, SocketAddrV4::new(t.topo.nodes[node].ip, 30080), 20);
@@ -173,9 +199,8 @@ fn node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node() 
     assert_eq!(r.server, "web-1");
 }
 
-#[test]
-fn node_port_udp_and_node_port_from_a_pod() {
-    let t = two_nodes("");
+fn node_port_udp_and_node_port_from_a_pod(xdp: &str) {
+    let t = two_nodes(xdp, "");
     let to = SocketAddrV4::new(t.topo.nodes[1].ip, 30053);
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..30 {
@@ -192,6 +217,7 @@ fn node_port_udp_and_node_port_from_a_pod() {
         seen.insert(r.server);
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_xdp_forwarded(&t, xdp, &[1]);
     // A pod on node-1 to node-2's NodePort.
     let pod = t.topo.pod("web-1");
     let to = SocketAddrV4::new(t.topo.nodes[1].ip, 30080);
@@ -208,9 +234,8 @@ fn node_port_udp_and_node_port_from_a_pod() {
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
 
-#[test]
-fn node_ports_answer_on_addresses_the_node_gains_later() {
-    let t = two_nodes("");
+fn node_ports_answer_on_addresses_the_node_gains_later(xdp: &str) {
+    let t = two_nodes(xdp, "");
     let extra = "192.168.77.50";
     t.topo.nodes[1]
         .ns
@@ -239,10 +264,10 @@ fn node_ports_answer_on_addresses_the_node_gains_later() {
     );
 }
 
-#[test]
-fn external_ips_and_load_balancer_ips_are_served_with_the_service_port() {
+fn external_ips_and_load_balancer_ips_are_served_with_the_service_port(xdp: &str) {
     let lb = "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20}]\n";
     let t = two_nodes_with(
+        xdp,
         "  externalIPs: [203.0.113.10]\n",
         &["--external-ip-allow", "203.0.113.0/24"],
     );
@@ -274,9 +299,8 @@ fn external_ips_and_load_balancer_ips_are_served_with_the_service_port() {
     }
 }
 
-#[test]
-fn session_affinity_switches_on_and_off_on_a_live_service() {
-    let t = two_nodes("");
+fn session_affinity_switches_on_and_off_on_a_live_service(xdp: &str) {
+    let t = two_nodes(xdp, "");
     let to = SocketAddrV4::new(t.topo.nodes[0].ip, 30080);
     assert_eq!(ask_many(&t, to, 30).len(), 2);
     let svc = |extra: &str| {
@@ -313,9 +337,8 @@ fn session_affinity_switches_on_and_off_on_a_live_service() {
     assert_eq!(ask_many(&t, to, 30).len(), 2, "affinity off: spread again");
 }
 
-#[test]
-fn load_balancer_source_ranges_admit_listed_clients_only() {
-    let t = two_nodes("");
+fn load_balancer_source_ranges_admit_listed_clients_only(xdp: &str) {
+    let t = two_nodes(xdp, "");
     let lb_ip = "198.51.100.20";
     let write = |ranges: &str| {
         let svc = manifests::service(
@@ -386,9 +409,8 @@ fn http_status(t: &TwoNodes, node: usize, port: u16) -> std::io::Result<(u16, St
         .unwrap()
 }
 
-#[test]
-fn health_check_node_port_reports_local_ready_endpoints() {
-    let t = two_nodes("");
+fn health_check_node_port_reports_local_ready_endpoints(xdp: &str) {
+    let t = two_nodes(xdp, "");
     let svc = manifests::service(
         "web",
         "web",
@@ -429,3 +451,30 @@ fn health_check_node_port_reports_local_ready_endpoints() {
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
     assert_eq!(http_status(&t, 0, 32100).unwrap().0, 200);
 }
+
+/// Every test runs with tc only, and with the XDP fast path in native and
+/// in generic mode in front of it.
+macro_rules! in_every_mode {
+    ($($name:ident),* $(,)?) => {
+        mod tc_only {
+            $(#[test] fn $name() { super::$name("off") })*
+        }
+        mod xdp_native {
+            $(#[test] fn $name() { super::$name("native") })*
+        }
+        mod xdp_generic {
+            $(#[test] fn $name() { super::$name("generic") })*
+        }
+    };
+}
+
+in_every_mode!(
+    node_port_with_cluster_policy_reaches_pods_on_both_nodes_from_either_node,
+    node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node,
+    node_port_udp_and_node_port_from_a_pod,
+    node_ports_answer_on_addresses_the_node_gains_later,
+    external_ips_and_load_balancer_ips_are_served_with_the_service_port,
+    session_affinity_switches_on_and_off_on_a_live_service,
+    load_balancer_source_ranges_admit_listed_clients_only,
+    health_check_node_port_reports_local_ready_endpoints,
+);
