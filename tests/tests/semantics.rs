@@ -23,8 +23,9 @@ struct Cluster {
 }
 
 /// Two nodes (zones a and b), backends web-1 on node-1 and web-2 on node-2
-/// serving TCP and UDP on 8080 and 9090, a client pod on each node.
-fn cluster() -> Cluster {
+/// serving TCP and UDP on 8080 and 9090, a client pod on each node; `xdp`
+/// is the agents' --xdp mode (pod traffic between nodes crosses it).
+fn cluster(xdp: &str) -> Cluster {
     let mut topo = Topology::new().unwrap();
     topo.add_node().unwrap();
     topo.add_node().unwrap();
@@ -37,6 +38,9 @@ fn cluster() -> Cluster {
     }
     topo.add_pod(0, "c1").unwrap();
     topo.add_pod(1, "c2").unwrap();
+    if xdp != "off" {
+        topo.emulate_wires().unwrap();
+    }
     let dir = ManifestDir::new().unwrap();
     let agents = (0..2)
         .map(|i| {
@@ -45,7 +49,7 @@ fn cluster() -> Cluster {
             Agent::start(
                 &topo.nodes[i].ns,
                 &dir.path,
-                &["--node-name", &node, "--node-zone", zone],
+                &["--node-name", &node, "--node-zone", zone, "--xdp", xdp],
             )
             .unwrap()
         })
@@ -131,17 +135,15 @@ fn assert_clients_stay_on_their_node(c: &Cluster) {
     }
 }
 
-#[test]
-fn internal_traffic_policy_local_keeps_pod_traffic_on_its_node() {
-    let c = cluster();
+fn internal_traffic_policy_local_keeps_pod_traffic_on_its_node(xdp: &str) {
+    let c = cluster(xdp);
     let eps = endpoint(&c, "web-1", "ready: true", "") + &endpoint(&c, "web-2", "ready: true", "");
     program_web(&c, "  internalTrafficPolicy: Local\n", &eps);
     assert_clients_stay_on_their_node(&c);
 }
 
-#[test]
-fn terminating_endpoints_serve_only_when_nothing_is_ready_and_held_connections_continue() {
-    let c = cluster();
+fn terminating_endpoints_serve_only_when_nothing_is_ready_and_held_connections_continue(xdp: &str) {
+    let c = cluster(xdp);
     let write = |c1: &str, c2: &str| {
         let eps = endpoint(&c, "web-1", c1, "") + &endpoint(&c, "web-2", c2, "");
         c.dir
@@ -196,9 +198,8 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready_and_held_connections_c
     assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
-#[test]
-fn multi_port_services_resolve_each_port_including_one_number_for_two_protocols() {
-    let c = cluster();
+fn multi_port_services_resolve_each_port_including_one_number_for_two_protocols(xdp: &str) {
+    let c = cluster(xdp);
     let eps = endpoint(&c, "web-1", "ready: true", "") + &endpoint(&c, "web-2", "ready: true", "");
     let ports = "[{name: http, port: 80}, {name: alt, port: 81}, {name: dns-udp, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]";
     let slice_ports = "[{name: http, port: 8080}, {name: alt, port: 9090}, {name: dns-udp, port: 8080, protocol: UDP}, {name: dns-tcp, port: 9090, protocol: TCP}]";
@@ -234,9 +235,8 @@ fn multi_port_services_resolve_each_port_including_one_number_for_two_protocols(
     assert_eq!(from, SocketAddrV4::new(ip, 53).into());
 }
 
-#[test]
-fn topology_hints_keep_traffic_in_the_clients_zone() {
-    let c = cluster();
+fn topology_hints_keep_traffic_in_the_clients_zone(xdp: &str) {
+    let c = cluster(xdp);
     let eps = endpoint(
         &c,
         "web-1",
@@ -252,9 +252,8 @@ fn topology_hints_keep_traffic_in_the_clients_zone() {
     assert_clients_stay_on_their_node(&c);
 }
 
-#[test]
-fn services_the_dataplane_leaves_alone_are_listed_as_skipped() {
-    let c = cluster();
+fn services_the_dataplane_leaves_alone_are_listed_as_skipped(xdp: &str) {
+    let c = cluster(xdp);
     let text = [
         "apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\n",
         "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: db.example.com}\n---\n",
@@ -283,3 +282,24 @@ fn services_the_dataplane_leaves_alone_are_listed_as_skipped() {
         "{l}"
     );
 }
+
+/// Every test runs with tc only and with native XDP in front of it, which
+/// must hand everything that is not a source-NATed external flow to tc.
+macro_rules! with_and_without_xdp {
+    ($($name:ident),* $(,)?) => {
+        mod tc_only {
+            $(#[test] fn $name() { super::$name("off") })*
+        }
+        mod xdp_native {
+            $(#[test] fn $name() { super::$name("native") })*
+        }
+    };
+}
+
+with_and_without_xdp!(
+    internal_traffic_policy_local_keeps_pod_traffic_on_its_node,
+    terminating_endpoints_serve_only_when_nothing_is_ready_and_held_connections_continue,
+    multi_port_services_resolve_each_port_including_one_number_for_two_protocols,
+    topology_hints_keep_traffic_in_the_clients_zone,
+    services_the_dataplane_leaves_alone_are_listed_as_skipped,
+);
