@@ -131,6 +131,14 @@ impl Agent {
         }
     }
 
+    /// Sets `flag` to `value` for the next start (a restart with other options).
+    pub fn set_flag(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.to_string(),
+            _ => self.args.extend([flag.to_string(), value.to_string()]),
+        }
+    }
+
     /// (Re)starts the process on the same pins, as a restarted agent would,
     /// and waits until it has programmed the maps.
     pub fn spawn(&mut self) -> anyhow::Result<()> {
@@ -193,6 +201,19 @@ impl Agent {
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// A field of the agent's /proc status in KiB (`VmRSS`, `VmHWM`, ...).
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
             .split_whitespace()
             .next()?
             .parse()

@@ -10,7 +10,7 @@ use integration_tests::{
     agent::{Agent, ManifestDir},
     manifests,
     topology::Topology,
-    traffic::{self, Server},
+    traffic::{self, HeldConnection, Server},
 };
 
 const T: Duration = Duration::from_secs(3);
@@ -450,6 +450,57 @@ fn health_check_node_port_reports_local_ready_endpoints(xdp: &str) {
     let body = wait_for(1, 503);
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
     assert_eq!(http_status(&t, 0, 32100).unwrap().0, 200);
+}
+
+/// Whether an XDP program is attached to the node's eth0.
+fn xdp_attached(t: &TwoNodes, node: usize) -> bool {
+    let out = t.topo.nodes[node].ns.ip(&["link", "show", "eth0"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+#[test]
+fn xdp_keeps_forwarding_across_a_restart_and_leaves_when_switched_off() {
+    let mut t = two_nodes("native", "");
+    let to = SocketAddrV4::new(t.topo.nodes[0].ip, 30080);
+    let client = t.topo.clients[0].ns.name.clone();
+    // A connection source-NATed to the backend on node-2: XDP's to carry.
+    let mut held = (0..40)
+        .find_map(|_| {
+            let mut c = HeldConnection::open(&t.topo.clients[0].ns, to).unwrap();
+            (c.ask().unwrap().server == "web-2").then_some(c)
+        })
+        .expect("a connection to web-2 within 40 tries");
+    t.agents[0].kill();
+    assert!(
+        xdp_attached(&t, 0),
+        "the pinned XDP link outlives the agent"
+    );
+    let before = counter(&t.agents[0], "xdp_tx");
+    assert_eq!(held.ask().unwrap().server, "web-2", "{client}");
+    assert!(
+        counter(&t.agents[0], "xdp_tx") > before,
+        "XDP forwarded while the agent was down"
+    );
+    t.agents[0].spawn().unwrap();
+    assert!(
+        t.agents[0].log_text().contains("adopted=true"),
+        "the restarted agent adopted the XDP link: {}",
+        t.agents[0].log_text()
+    );
+    assert_eq!(held.ask().unwrap().server, "web-2");
+    // Switched off: the link goes, tc carries the same flow on.
+    t.agents[0].kill();
+    t.agents[0].set_flag("--xdp", "off");
+    t.agents[0].spawn().unwrap();
+    assert!(!xdp_attached(&t, 0), "--xdp off detaches the old link");
+    let tx = counter(&t.agents[0], "xdp_tx");
+    assert_eq!(held.ask().unwrap().server, "web-2");
+    assert_eq!(ask_many(&t, to, 20).len(), 2);
+    assert_eq!(
+        counter(&t.agents[0], "xdp_tx"),
+        tx,
+        "nothing through XDP any more"
+    );
 }
 
 /// Every test runs with tc only, and with the XDP fast path in native and
