@@ -4,7 +4,9 @@
 //! translated and forwarded before the kernel builds an skb. Everything else,
 //! and whatever this path cannot forward (fragments, IP options, ICMP, an
 //! unresolved neighbour, a route out of an interface that cannot take XDP
-//! frames), goes on to the tc program untouched, which handles all of it.
+//! frames), goes on to the tc program untouched, which handles all of it. A
+//! new flow's backend is chosen and recorded here even when tc carries it,
+//! so each flow is balanced by one draw.
 use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
@@ -69,16 +71,22 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
         }
         // tc builds the reset or port-unreachable.
         Opening::Reject => PASS,
-        Opening::Open(c) if !c.snat => PASS,
         Opening::Open(mut c) => {
-            let Some(hop) = next_hop(ctx, &flow, &c.to) else {
-                count_reason(Reason::XdpPassedToTc);
-                return PASS;
-            };
+            // The backend is drawn once, here, and recorded whoever carries
+            // the packet: tc finds the flow in conntrack and follows it. (A
+            // second draw in tc for the flows XDP hands on would skew the
+            // spread towards the backends tc carries.)
             if let Err(reason) = opening::record(&flow, &fe, &mut c) {
                 count_reason(reason);
                 return DROP;
             }
+            if !c.snat {
+                return PASS;
+            }
+            let Some(hop) = next_hop(ctx, &flow, &c.to) else {
+                count_reason(Reason::XdpPassedToTc);
+                return PASS;
+            };
             forward(ctx, &flow, &c.to, &hop, c.svc_id)
         }
     }

@@ -2,9 +2,9 @@
 //! whose routes and neighbours the program's FIB lookups see: what it
 //! forwards (source-NATed NodePort flows and their replies) comes out
 //! translated with valid checksums, the next hop's MACs and a decremented
-//! TTL; everything else comes out untouched for tc, and nothing is recorded
-//! for a flow it hands on. Ends with generated packets checked against
-//! these rules.
+//! TTL; everything else comes out untouched for tc, which follows the
+//! backend XDP recorded for a new flow. Ends with generated packets checked
+//! against these rules.
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, sync::mpsc, thread};
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -14,7 +14,7 @@ use integration_tests::{
     unique,
 };
 use service_agent::{
-    dataplane::{Dataplane, MapSizes, XdpMode, pins},
+    dataplane::{Dataplane, IfaceRole, MapSizes, XdpMode, pins},
     plan::{BackendAddr, FrontendKey, FrontendKind, FrontendPlan, Plan, Protocol},
 };
 use service_common::*;
@@ -46,6 +46,8 @@ const PORTS: [(u16, Protocol, &str, u16, bool); 5] = [
 /// the world's namespace, where the FIB lookups happen).
 enum Ask {
     Run(Vec<u8>, mpsc::Sender<(u32, Vec<u8>)>),
+    /// Through the tc program of external interfaces, which runs after XDP.
+    RunTc(Vec<u8>, mpsc::Sender<(u32, Vec<u8>)>),
     Reason(Reason, mpsc::Sender<u64>),
     Conntrack(CtKey, mpsc::Sender<Option<CtValue>>),
 }
@@ -209,6 +211,20 @@ fn world() -> World {
                         out.truncate(r.data_size_out as usize);
                         let _ = reply.send((r.return_value, out));
                     }
+                    Ask::RunTc(pkt, reply) => {
+                        let mut out = vec![0u8; 2048];
+                        let r = dp
+                            .program(IfaceRole::External)
+                            .unwrap()
+                            .test_run(TestRunOptions {
+                                data_in: Some(&pkt),
+                                data_out: Some(&mut out),
+                                ..Default::default()
+                            })
+                            .expect("BPF_PROG_TEST_RUN");
+                        out.truncate(r.data_size_out as usize);
+                        let _ = reply.send((r.return_value, out));
+                    }
                     Ask::Reason(reason, reply) => {
                         let n = dp
                             .tables
@@ -256,6 +272,11 @@ impl World {
             assert_eq!(out, input, "a passed packet is untouched");
         }
         (rc, out)
+    }
+
+    fn run_tc(&self, pkt: &[u8]) -> (u32, Vec<u8>) {
+        let pkt = pkt.to_vec();
+        self.ask(|tx| Ask::RunTc(pkt, tx))
     }
 
     fn reason(&self, r: Reason) -> u64 {
@@ -356,94 +377,93 @@ fn udp_checksums_are_updated_and_a_zero_checksum_stays_zero() {
 }
 
 #[test]
-fn what_xdp_cannot_forward_goes_to_tc_untouched_and_unrecorded() {
+fn flows_xdp_cannot_forward_go_to_tc_untouched_with_their_backend_recorded() {
     let w = world();
-    let cases: Vec<(&str, Vec<u8>, Option<Reason>)> = vec![
-        (
-            "backend on this node",
-            Builder::tcp(CLIENT, 42001, NODE, 30081, SYN).build(),
-            None,
-        ),
-        (
-            "next hop not resolved",
-            Builder::tcp(CLIENT, 42002, NODE, 30082, SYN).build(),
-            Some(Reason::XdpPassedToTc),
-        ),
-        (
-            "egress without XDP",
-            Builder::tcp(CLIENT, 42003, NODE, 30083, SYN).build(),
-            Some(Reason::XdpPassedToTc),
-        ),
-        (
-            "IP options",
-            {
-                let mut b = Builder::tcp(CLIENT, 42004, NODE, 30080, SYN);
-                b.ip_options = 4;
-                b.build()
-            },
-            None,
-        ),
-        (
-            "first fragment",
-            {
-                let mut b = Builder::udp(CLIENT, 42005, NODE, 30053);
-                b.frag = 0x2000;
-                b.build()
-            },
-            None,
-        ),
-        (
-            "TTL about to expire",
-            {
-                let mut p = Builder::tcp(CLIENT, 42006, NODE, 30080, SYN).build();
-                p[22] = 1;
-                p[24] = 0;
-                p[25] = 0;
-                let c = packet::checksum(&p[14..34]);
-                p[24..26].copy_from_slice(&c.to_be_bytes());
-                p
-            },
-            None,
-        ),
+    // (what, port, backend, counted as passed to tc)
+    let cases = [
+        ("backend on this node", 30081, "10.244.1.5", false),
+        ("next hop not resolved", 30082, "10.244.3.7", true),
+        ("egress without XDP", 30083, "10.244.4.7", true),
+    ];
+    for (k, (what, port, backend, counted)) in cases.into_iter().enumerate() {
+        let sport = 42100 + k as u16;
+        let syn = Builder::tcp(CLIENT, sport, NODE, port, SYN).build();
+        let passed = w.reason(Reason::XdpPassedToTc);
+        let (rc, _) = w.run(&syn);
+        assert_eq!(rc, XDP_PASS, "{what}");
+        assert_eq!(
+            w.reason(Reason::XdpPassedToTc),
+            passed + counted as u64,
+            "{what}"
+        );
+        // The backend was drawn once, in XDP; tc follows the record.
+        let ct = w
+            .conntrack(ct_key(CLIENT, sport, NODE, port, IPPROTO_TCP))
+            .unwrap_or_else(|| panic!("{what}: no conntrack entry"));
+        assert_eq!(ct.nat_daddr, backend.parse::<Ipv4Addr>().unwrap().octets());
+        let hits = w.reason(Reason::CtHit);
+        let (_, out) = w.run_tc(&syn);
+        let s = packet::parse(&out);
+        assert_eq!(s.dst, backend.parse::<Ipv4Addr>().unwrap(), "{what}");
+        assert!(s.ip_csum_ok && s.l4_csum_ok == Some(true), "{what}: {s:?}");
+        assert_eq!(
+            w.reason(Reason::CtHit),
+            hits + 1,
+            "{what}: tc found the flow"
+        );
+    }
+}
+
+#[test]
+fn packets_xdp_leaves_alone_go_to_tc_untouched_and_unrecorded() {
+    let w = world();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("IP options", {
+            let mut b = Builder::tcp(CLIENT, 42004, NODE, 30080, SYN);
+            b.ip_options = 4;
+            b.build()
+        }),
+        ("first fragment", {
+            let mut b = Builder::udp(CLIENT, 42005, NODE, 30053);
+            b.frag = 0x2000;
+            b.build()
+        }),
+        ("TTL about to expire", {
+            let mut p = Builder::tcp(CLIENT, 42006, NODE, 30080, SYN).build();
+            p[22] = 1;
+            p[24] = 0;
+            p[25] = 0;
+            let c = packet::checksum(&p[14..34]);
+            p[24..26].copy_from_slice(&c.to_be_bytes());
+            p
+        }),
         (
             "not a frontend",
             Builder::tcp(CLIENT, 42007, NODE, 22, SYN).build(),
-            None,
         ),
-        (
-            "ICMP error",
-            {
-                let quoted = Builder::tcp(NODE, 30080, CLIENT, 42008, ACK).build();
-                packet::icmp_error("10.0.0.254", NODE, 3, 4, &quoted)
-            },
-            None,
-        ),
-        (
-            "not IPv4",
-            {
-                let mut p = Builder::tcp(CLIENT, 42009, NODE, 30080, SYN).build();
-                p[12..14].copy_from_slice(&[0x86, 0xdd]);
-                p
-            },
-            None,
-        ),
+        ("ICMP error", {
+            let quoted = Builder::tcp(NODE, 30080, CLIENT, 42008, ACK).build();
+            packet::icmp_error("10.0.0.254", NODE, 3, 4, &quoted)
+        }),
+        ("not IPv4", {
+            let mut p = Builder::tcp(CLIENT, 42009, NODE, 30080, SYN).build();
+            p[12..14].copy_from_slice(&[0x86, 0xdd]);
+            p
+        }),
     ];
-    for (what, pkt, counted) in cases {
-        let before = counted.map(|r| w.reason(r));
+    for (what, pkt) in cases {
         let (rc, _) = w.run(&pkt);
         assert_eq!(rc, XDP_PASS, "{what}");
-        if let (Some(r), Some(n)) = (counted, before) {
-            assert_eq!(w.reason(r), n + 1, "{what}: counted as {r:?}");
-        }
-        // Nothing was recorded: tc decides the flow afresh.
-        let sport = u16::from_be_bytes([pkt[34], pkt[35]]);
-        let dport = u16::from_be_bytes([pkt[36], pkt[37]]);
+        let ihl = ((pkt[14] & 0x0f) as usize) * 4;
+        let sport = u16::from_be_bytes([pkt[14 + ihl], pkt[15 + ihl]]);
+        let dport = u16::from_be_bytes([pkt[16 + ihl], pkt[17 + ihl]]);
         assert!(
             w.conntrack(ct_key(CLIENT, sport, NODE, dport, pkt[23]))
                 .is_none(),
             "{what}: a conntrack entry was left behind"
         );
     }
+    assert_eq!(w.reason(Reason::NewFlow), 0);
 }
 
 #[test]
