@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod fixture;
+pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod oracle;
