@@ -1,6 +1,6 @@
 //! `service-agent run`: keeps the maps equal to what the source says.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -16,9 +17,9 @@ use crate::{
     dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, writer},
     health::HealthServers,
     metrics::{self, Metrics},
-    model::Cluster,
-    plan::{self, NodeContext, Plan},
-    source::{kube::KubeSource, manifest::ManifestDir},
+    model::{Cluster, Sourced},
+    plan::{self, FrontendKey, Incremental, NodeContext, Plan, ServiceId},
+    source::{Pending, SharedPending, kube::KubeSource, manifest::ManifestDir},
     status,
 };
 
@@ -50,19 +51,68 @@ pub struct RunConfig {
 }
 
 enum Source {
-    Manifests { dir: PathBuf, files: ManifestDir },
+    Manifests {
+        dir: PathBuf,
+        files: Box<ManifestDir>,
+    },
     Kube(KubeSource),
 }
 
 impl Source {
-    /// The cluster now, and the problems reading it.
-    fn read(&mut self) -> (Cluster, Vec<String>) {
+    /// Reads what changed (everything when `all`) and names the Services
+    /// whose objects may differ; `None` stands for all of them.
+    fn refresh(&mut self, pending: &Pending, all: bool) -> Option<BTreeSet<ServiceId>> {
         match self {
             Source::Manifests { dir, files } => {
-                let (c, errors) = files.load(dir);
-                (c, errors.iter().map(|e| e.to_string()).collect())
+                if all {
+                    files.load_all(dir);
+                    None
+                } else {
+                    Some(files.load_paths(dir, &pending.files).services)
+                }
             }
-            Source::Kube(k) => (k.cluster(), vec![]),
+            Source::Kube(_) if all => None,
+            Source::Kube(_) => Some(pending.services.clone()),
+        }
+    }
+
+    fn ids(&self) -> BTreeSet<ServiceId> {
+        match self {
+            Source::Manifests { files, .. } => files.ids().cloned().collect(),
+            Source::Kube(k) => k.ids(),
+        }
+    }
+
+    fn objects(&self, id: &ServiceId) -> (Vec<Sourced<Service>>, Vec<Sourced<EndpointSlice>>) {
+        match self {
+            Source::Manifests { files, .. } => files.objects(id),
+            Source::Kube(k) => k.objects(id),
+        }
+    }
+
+    fn unlabeled_slices(&self) -> Vec<Sourced<EndpointSlice>> {
+        match self {
+            Source::Manifests { files, .. } => files.unlabeled_slices(),
+            // The watch selects labelled slices only.
+            Source::Kube(_) => vec![],
+        }
+    }
+
+    fn errors(&self) -> Vec<String> {
+        match self {
+            Source::Manifests { files, .. } => {
+                files.errors().iter().map(|e| e.to_string()).collect()
+            }
+            Source::Kube(_) => vec![],
+        }
+    }
+
+    /// Everything as one cluster, for the full compile that checks the
+    /// incremental one in debug builds.
+    fn cluster(&self) -> Cluster {
+        match self {
+            Source::Manifests { files, .. } => files.cluster(),
+            Source::Kube(k) => k.cluster(),
         }
     }
 }
@@ -71,8 +121,13 @@ struct Agent {
     cfg: RunConfig,
     dp: Dataplane,
     source: Source,
-    previous: Plan,
+    pending: SharedPending,
+    planner: Incremental,
     last_errors: Vec<String>,
+    /// (Service, port name) of each frontend in the last status file: the
+    /// file is rewritten only when these, skips or problems change.
+    status_names: BTreeMap<FrontendKey, (String, String)>,
+    last_skipped: Vec<plan::Skipped>,
     health: HealthServers,
     metrics: Arc<Metrics>,
     /// Whether XDP may transmit out of each XDP interface, as last logged.
@@ -82,22 +137,59 @@ struct Agent {
 }
 
 impl Agent {
-    /// Reads the source and brings the maps (and health checks) to it.
-    async fn sync(&mut self) {
+    /// Brings the maps (and health checks) to the source. `full`: read and
+    /// compile everything and compare every frontend with the maps (start
+    /// and periodic resync, the safety net); otherwise only what the
+    /// watchers noted since the last sync.
+    async fn sync(&mut self, full: bool) {
         let started = Instant::now();
         let changed_at = self.metrics.pending_since();
-        let (cluster, source_errors) = self.source.read();
+        let pending = self.pending.take();
         let mut node = self.cfg.node.clone();
         if let Source::Kube(k) = &self.source
             && node.zone.is_none()
         {
             node.zone = k.node_zone();
         }
-        let slices = cluster.all_endpoint_slices();
-        let mut plan = plan::compile_after(&cluster.services, &slices, &node, &self.previous);
-        plan.keep_refused_from(&self.previous);
-        let report = self.dp.writer.apply(&mut self.dp.tables, &plan);
-        let mut problems = source_errors;
+        // Node context (zone) changes every Service: compile all of them.
+        let full = full || pending.everything || node != *self.planner.node();
+        let dirty = self.source.refresh(&pending, full);
+        let changed = match dirty {
+            Some(ids) => {
+                for id in ids {
+                    let (services, slices) = self.source.objects(&id);
+                    self.planner.set(id, services, slices);
+                }
+                self.planner.set_unlabeled(self.source.unlabeled_slices());
+                self.planner.commit()
+            }
+            None => {
+                // A fresh planner from the plan in force: every Service
+                // compiled again, every clash decided again.
+                let previous = std::mem::take(&mut self.planner).into_plan();
+                let mut planner = Incremental::new(node, previous.clone());
+                for id in self.source.ids() {
+                    let (services, slices) = self.source.objects(&id);
+                    planner.set(id, services, slices);
+                }
+                planner.set_unlabeled(self.source.unlabeled_slices());
+                let changed = planner.commit();
+                if cfg!(debug_assertions) {
+                    self.check_against_full_compile(&previous, &planner);
+                }
+                self.planner = planner;
+                changed
+            }
+        };
+        let plan = self.planner.plan();
+        let report = if full {
+            self.dp.writer.apply(&mut self.dp.tables, plan)
+        } else {
+            self.dp
+                .writer
+                .apply_changes(&mut self.dp.tables, plan, &changed)
+        };
+        let mut problems = self.source.errors();
         problems.extend(report.errors.iter().cloned());
         problems.extend(self.health.sync(&plan.health_checks).await);
         // Log each distinct problem once, not at every resync.
@@ -114,7 +206,6 @@ impl Agent {
         if !all.is_empty() {
             self.metrics.sync_errors.inc();
         }
-        self.last_errors = all;
         if report.frontends_written + report.frontends_removed > 0 || report.udp_flows_flushed > 0 {
             info!(
                 written = report.frontends_written,
@@ -127,19 +218,67 @@ impl Agent {
                 "maps synced"
             );
         }
-        if let Err(e) = status::write(
-            &self.cfg.state_dir,
-            &status::Status::from_plan(&plan, &problems),
-        ) {
-            warn!("writing {}: {e}", self.cfg.state_dir.display());
+        // The status file names every frontend: rewriting it for a change
+        // of backends only would cost more than the change itself.
+        let mut names_changed = full;
+        for k in &changed {
+            let now = plan
+                .frontends
+                .get(k)
+                .map(|f| (f.service.clone(), f.port_name.clone()));
+            if now.as_ref() != self.status_names.get(k) {
+                names_changed = true;
+                match now {
+                    Some(n) => self.status_names.insert(*k, n),
+                    None => self.status_names.remove(k),
+                };
+            }
         }
+        if full {
+            self.status_names = plan
+                .frontends
+                .iter()
+                .map(|(k, f)| (*k, (f.service.clone(), f.port_name.clone())))
+                .collect();
+        }
+        if names_changed || all != self.last_errors || plan.skipped != self.last_skipped {
+            if let Err(e) = status::write(
+                &self.cfg.state_dir,
+                &status::Status::from_plan(plan, &problems),
+            ) {
+                warn!("writing {}: {e}", self.cfg.state_dir.display());
+            }
+            self.last_skipped = plan.skipped.clone();
+        }
+        self.last_errors = all;
         self.metrics.synced(
             started.elapsed(),
             changed_at,
             self.dp.writer.frontend_count(),
             self.dp.writer.backend_count(),
         );
-        self.previous = plan;
+    }
+
+    /// The incremental planner must agree with `compile_after` over the same
+    /// objects; debug builds (the tests) check it at every full sync. The
+    /// lists are compared as sets: the source's order of slices differs.
+    fn check_against_full_compile(&self, previous: &Plan, planner: &Incremental) {
+        let incremental = planner.plan();
+        let cluster = self.source.cluster();
+        let slices = cluster.all_endpoint_slices();
+        let mut full = plan::compile_after(&cluster.services, &slices, planner.node(), previous);
+        full.keep_refused_from(previous);
+        let sorted = |p: &Plan| {
+            let mut v: Vec<String> = p.problems.iter().map(|x| x.to_string()).collect();
+            v.sort();
+            v
+        };
+        if full.frontends != incremental.frontends
+            || full.refused != incremental.refused
+            || sorted(&full) != sorted(incremental)
+        {
+            error!("the incremental plan differs from the full compile; please report this");
+        }
     }
 
     /// Attaches to new interfaces and keeps NODE_ADDRS current.
@@ -256,7 +395,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             anyhow::bail!("--external-iface {iface}: no such interface in this network namespace");
         }
     }
-    let (tx, mut changes) = mpsc::channel::<()>(64);
+    // Wakes the loop; what changed is in `pending`.
+    let (tx, mut changes) = mpsc::channel::<()>(1);
+    let pending = SharedPending::default();
     // Kept alive for the life of the loop: dropping it stops the events.
     let mut _file_watcher = None;
     let source = match &cfg.source {
@@ -265,10 +406,32 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 anyhow::bail!("--manifests {}: not a directory", dir.display());
             }
             let tx = tx.clone();
+            let pending = pending.clone();
             let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                if res.is_ok() {
-                    let _ = tx.try_send(());
+                use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+                let event = match res {
+                    Ok(e) => e,
+                    Err(_) => {
+                        pending.note(|p| p.everything = true);
+                        let _ = tx.try_send(());
+                        return;
+                    }
+                };
+                if event.need_rescan() {
+                    pending.note(|p| p.everything = true);
+                } else {
+                    // A file is read when its writer is done with it (closed
+                    // after writing, renamed into place, removed): reading
+                    // at the first write could see it truncated and empty.
+                    match event.kind {
+                        EventKind::Access(AccessKind::Close(AccessMode::Write))
+                        | EventKind::Modify(ModifyKind::Name(_))
+                        | EventKind::Remove(_) => {}
+                        _ => return,
+                    }
+                    pending.note(|p| p.files.extend(event.paths));
                 }
+                let _ = tx.try_send(());
             })
             .context("starting the file watcher")?;
             w.watch(dir, RecursiveMode::NonRecursive)
@@ -276,7 +439,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _file_watcher = Some(w);
             Source::Manifests {
                 dir: dir.clone(),
-                files: ManifestDir::default(),
+                files: Box::default(),
             }
         }
         SourceConfig::Kube { kubeconfig } => {
@@ -285,6 +448,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 client,
                 cfg.node.name.as_deref(),
                 tx.clone(),
+                pending.clone(),
             ))
         }
     };
@@ -311,8 +475,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cfg,
         dp,
         source,
-        previous: Plan::default(),
+        pending,
+        planner: Incremental::default(),
         last_errors: vec![],
+        status_names: BTreeMap::new(),
+        last_skipped: vec![],
         health: HealthServers::default(),
         metrics,
         xdp_egress: BTreeMap::new(),
@@ -322,7 +489,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         info!(link = %gone, "detached XDP of another mode");
     }
     // Program before attaching, so no packet meets an empty table.
-    agent.sync().await;
+    agent.sync(true).await;
     agent.watch_interfaces();
     // Asked for XDP and could not have it: say so and stop, rather than run
     // without the fast path unnoticed.
@@ -349,11 +516,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tokio::select! {
             Some(()) = changes.recv() => {
                 agent.metrics.change_seen();
-                // Changes come in bursts (an editor's truncate-write-rename, a
-                // watch relist): settle, then reconcile the whole state once.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                while changes.try_recv().is_ok() {}
-                agent.sync().await;
+                // No settling delay: a sync costs what the change touches,
+                // and events that arrive meanwhile are handled together at
+                // the next one.
+                agent.sync(false).await;
             }
             r = links.changed() => {
                 if let Err(e) = r {
@@ -363,7 +529,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 agent.watch_interfaces();
             }
             _ = iface_tick.tick() => agent.watch_interfaces(),
-            _ = resync_tick.tick() => agent.sync().await,
+            _ = resync_tick.tick() => agent.sync(true).await,
             _ = gc_tick.tick() => {
                 let n = writer::expire_conntrack(&mut agent.dp.tables, monotonic_ns());
                 if n > 0 {

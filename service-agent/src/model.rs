@@ -19,7 +19,7 @@ use k8s_openapi::{
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// An object and where it was read from (`file.yaml#2`, `api`), for messages.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Sourced<T> {
     pub origin: String,
     pub object: T,
@@ -77,7 +77,9 @@ fn pod_is_finished(pod: &Pod) -> bool {
     )
 }
 
-fn selector_matches(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
+/// Whether a selector picks this Pod by its labels (the namespace is the
+/// caller's to check).
+pub fn selector_matches(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
     let labels = pod.metadata.labels.as_ref();
     selector
         .iter()
@@ -119,90 +121,15 @@ impl Cluster {
     pub fn all_endpoint_slices(&self) -> Vec<Sourced<EndpointSlice>> {
         let mut out = self.endpoint_slices.clone();
         for svc in &self.services {
-            out.extend(self.slices_from_pods(svc));
+            out.extend(slices_from_pods(svc, &self.pods));
         }
-        out.extend(self.slices_from_endpoints());
-        out
-    }
-
-    fn slices_from_pods(&self, svc: &Sourced<Service>) -> Vec<Sourced<EndpointSlice>> {
-        let s = &svc.object;
-        let Some(spec) = s.spec.as_ref() else {
-            return vec![];
-        };
-        let Some(selector) = spec.selector.as_ref().filter(|sel| !sel.is_empty()) else {
-            return vec![];
-        };
-        let ports = spec.ports.clone().unwrap_or_default();
-        let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
-        let ns = namespace(&s.metadata);
-        // Pods whose ports resolve alike share a slice, as in the controller.
-        let mut groups: BTreeMap<Vec<Option<i32>>, Vec<Endpoint>> = BTreeMap::new();
-        for pod in &self.pods {
-            let p = &pod.object;
-            if namespace(&p.metadata) != ns || !selector_matches(selector, p) || pod_is_finished(p)
-            {
-                continue;
-            }
-            let Some(ip) = pod_ip(p) else { continue };
-            let resolved: Vec<Option<i32>> =
-                ports.iter().map(|sp| resolve_target_port(sp, p)).collect();
-            let ready = pod_is_ready(p);
-            let terminating = p.metadata.deletion_timestamp.is_some();
-            groups.entry(resolved).or_default().push(Endpoint {
-                addresses: vec![ip.to_string()],
-                conditions: Some(EndpointConditions {
-                    ready: Some((ready && !terminating) || publish_not_ready),
-                    serving: Some(ready || publish_not_ready),
-                    terminating: Some(terminating),
-                }),
-                node_name: p.spec.as_ref().and_then(|sp| sp.node_name.clone()),
-                target_ref: None,
-                ..Default::default()
-            });
-        }
-        groups
-            .into_iter()
-            .enumerate()
-            .map(|(i, (resolved, endpoints))| {
-                let ports = ports
-                    .iter()
-                    .zip(resolved)
-                    .filter_map(|(sp, port)| {
-                        Some(EndpointPort {
-                            name: Some(sp.name.clone().unwrap_or_default()),
-                            port: Some(port?),
-                            protocol: Some(sp.protocol.clone().unwrap_or_else(|| "TCP".into())),
-                            app_protocol: sp.app_protocol.clone(),
-                        })
-                    })
-                    .collect();
-                Sourced::new(
-                    format!("pods selected by Service {}", object_ref(&s.metadata)),
-                    EndpointSlice {
-                        metadata: slice_meta(s, i),
-                        address_type: "IPv4".into(),
-                        endpoints: Some(endpoints),
-                        ports: Some(ports),
-                    },
-                )
-            })
-            .collect()
-    }
-
-    fn slices_from_endpoints(&self) -> Vec<Sourced<EndpointSlice>> {
-        let mut out = vec![];
         for ep in &self.endpoints {
             let e = &ep.object;
             let key = object_ref(&e.metadata);
-            let selectorless = self.services.iter().any(|s| {
-                object_ref(&s.object.metadata) == key
-                    && s.object
-                        .spec
-                        .as_ref()
-                        .and_then(|sp| sp.selector.as_ref())
-                        .is_none_or(|sel| sel.is_empty())
-            });
+            let selectorless = self
+                .services
+                .iter()
+                .any(|s| object_ref(&s.object.metadata) == key && is_selectorless(&s.object));
             let has_slice = self.endpoint_slices.iter().any(|sl| {
                 namespace(&sl.object.metadata) == namespace(&e.metadata)
                     && sl
@@ -213,54 +140,153 @@ impl Cluster {
                         .and_then(|l| l.get(SERVICE_NAME_LABEL))
                         == e.metadata.name.as_ref()
             });
-            if !selectorless || has_slice {
-                continue;
-            }
-            let svc_like = Service {
-                metadata: e.metadata.clone(),
-                ..Default::default()
-            };
-            for (i, subset) in e.subsets.iter().flatten().enumerate() {
-                let mut endpoints = vec![];
-                for (addrs, ready) in [
-                    (&subset.addresses, true),
-                    (&subset.not_ready_addresses, false),
-                ] {
-                    for a in addrs.iter().flatten() {
-                        endpoints.push(Endpoint {
-                            addresses: vec![a.ip.clone()],
-                            conditions: Some(EndpointConditions {
-                                ready: Some(ready),
-                                serving: Some(ready),
-                                terminating: Some(false),
-                            }),
-                            node_name: a.node_name.clone(),
-                            ..Default::default()
-                        });
-                    }
-                }
-                let ports = subset
-                    .ports
-                    .iter()
-                    .flatten()
-                    .map(|p| EndpointPort {
-                        name: Some(p.name.clone().unwrap_or_default()),
-                        port: Some(p.port),
-                        protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
-                        app_protocol: p.app_protocol.clone(),
-                    })
-                    .collect();
-                out.push(Sourced::new(
-                    ep.origin.clone(),
-                    EndpointSlice {
-                        metadata: slice_meta(&svc_like, i),
-                        address_type: "IPv4".into(),
-                        endpoints: Some(endpoints),
-                        ports: Some(ports),
-                    },
-                ));
+            if selectorless && !has_slice {
+                out.extend(mirror_endpoints(ep));
             }
         }
         out
     }
+}
+
+/// A Service without a selector: its endpoints come from Endpoints objects.
+pub fn is_selectorless(svc: &Service) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|sp| sp.selector.as_ref())
+        .is_none_or(|sel| sel.is_empty())
+}
+
+/// The namespace a Service's selector looks in, and the selector, when it
+/// has a non-empty one (only those make endpoints from Pods).
+pub fn pod_selector(svc: &Service) -> Option<(&str, &BTreeMap<String, String>)> {
+    let selector = svc.spec.as_ref()?.selector.as_ref()?;
+    (!selector.is_empty()).then(|| (namespace(&svc.metadata), selector))
+}
+
+/// The namespace of a Pod (`default` when missing).
+pub fn pod_namespace(pod: &Pod) -> &str {
+    namespace(&pod.metadata)
+}
+
+/// What the EndpointSlice controller makes of the Pods a Service selects.
+/// `pods` in source order; those outside the Service's namespace or not
+/// matching its selector are passed over, so a pre-filtered list gives the
+/// same slices as all of them.
+pub fn slices_from_pods<'a>(
+    svc: &Sourced<Service>,
+    pods: impl IntoIterator<Item = &'a Sourced<Pod>>,
+) -> Vec<Sourced<EndpointSlice>> {
+    let s = &svc.object;
+    let Some(spec) = s.spec.as_ref() else {
+        return vec![];
+    };
+    let Some(selector) = spec.selector.as_ref().filter(|sel| !sel.is_empty()) else {
+        return vec![];
+    };
+    let ports = spec.ports.clone().unwrap_or_default();
+    let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
+    let ns = namespace(&s.metadata);
+    // Pods whose ports resolve alike share a slice, as in the controller.
+    let mut groups: BTreeMap<Vec<Option<i32>>, Vec<Endpoint>> = BTreeMap::new();
+    for pod in pods {
+        let p = &pod.object;
+        if namespace(&p.metadata) != ns || !selector_matches(selector, p) || pod_is_finished(p) {
+            continue;
+        }
+        let Some(ip) = pod_ip(p) else { continue };
+        let resolved: Vec<Option<i32>> =
+            ports.iter().map(|sp| resolve_target_port(sp, p)).collect();
+        let ready = pod_is_ready(p);
+        let terminating = p.metadata.deletion_timestamp.is_some();
+        groups.entry(resolved).or_default().push(Endpoint {
+            addresses: vec![ip.to_string()],
+            conditions: Some(EndpointConditions {
+                ready: Some((ready && !terminating) || publish_not_ready),
+                serving: Some(ready || publish_not_ready),
+                terminating: Some(terminating),
+            }),
+            node_name: p.spec.as_ref().and_then(|sp| sp.node_name.clone()),
+            target_ref: None,
+            ..Default::default()
+        });
+    }
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (resolved, endpoints))| {
+            let ports = ports
+                .iter()
+                .zip(resolved)
+                .filter_map(|(sp, port)| {
+                    Some(EndpointPort {
+                        name: Some(sp.name.clone().unwrap_or_default()),
+                        port: Some(port?),
+                        protocol: Some(sp.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                        app_protocol: sp.app_protocol.clone(),
+                    })
+                })
+                .collect();
+            Sourced::new(
+                format!("pods selected by Service {}", object_ref(&s.metadata)),
+                EndpointSlice {
+                    metadata: slice_meta(s, i),
+                    address_type: "IPv4".into(),
+                    endpoints: Some(endpoints),
+                    ports: Some(ports),
+                },
+            )
+        })
+        .collect()
+}
+
+/// What the mirroring controller makes of the Endpoints of a selector-less
+/// Service (the caller checks that it is one and has no slice of its own).
+pub fn mirror_endpoints(ep: &Sourced<Endpoints>) -> Vec<Sourced<EndpointSlice>> {
+    let e = &ep.object;
+    let svc_like = Service {
+        metadata: e.metadata.clone(),
+        ..Default::default()
+    };
+    let mut out = vec![];
+    for (i, subset) in e.subsets.iter().flatten().enumerate() {
+        let mut endpoints = vec![];
+        for (addrs, ready) in [
+            (&subset.addresses, true),
+            (&subset.not_ready_addresses, false),
+        ] {
+            for a in addrs.iter().flatten() {
+                endpoints.push(Endpoint {
+                    addresses: vec![a.ip.clone()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(ready),
+                        serving: Some(ready),
+                        terminating: Some(false),
+                    }),
+                    node_name: a.node_name.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        let ports = subset
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| EndpointPort {
+                name: Some(p.name.clone().unwrap_or_default()),
+                port: Some(p.port),
+                protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect();
+        out.push(Sourced::new(
+            ep.origin.clone(),
+            EndpointSlice {
+                metadata: slice_meta(&svc_like, i),
+                address_type: "IPv4".into(),
+                endpoints: Some(endpoints),
+                ports: Some(ports),
+            },
+        ));
+    }
+    out
 }

@@ -56,6 +56,13 @@ pub struct Writer {
     backends: HashMap<Backend, u32>,
     /// Backend id → the backend and how many frontend slots use it.
     refs: HashMap<u32, (Backend, usize)>,
+    /// Frontends whose last write failed: retried at every apply, so a
+    /// frontend refused by a full map gets in once there is room, and its
+    /// error keeps being reported until then.
+    failed: BTreeSet<FrontendKey>,
+    /// Backend ids whose count fell to zero since the last release: the
+    /// only candidates for removal, so a change does not scan every backend.
+    unused: BTreeSet<u32>,
     next_backend_id: u32,
     free_backend_ids: Vec<u32>,
     next_svc_id: u32,
@@ -180,6 +187,7 @@ impl Writer {
             // Backends no frontend uses are released at the next apply.
             w.backends.insert(b, id);
             w.refs.insert(id, (b, 0));
+            w.unused.insert(id);
         }
         let used: Vec<u32> = w
             .frontends
@@ -203,6 +211,9 @@ impl Writer {
     fn add_ref(&mut self, id: u32, delta: isize) {
         if let Some(e) = self.refs.get_mut(&id) {
             e.1 = e.1.saturating_add_signed(delta);
+            if e.1 == 0 {
+                self.unused.insert(id);
+            }
         }
     }
 
@@ -240,6 +251,8 @@ impl Writer {
         report.backends_added += 1;
         self.backends.insert(b, id);
         self.refs.insert(id, (b, 0));
+        // Released again if the frontend that asked for it fails to write.
+        self.unused.insert(id);
         Ok(id)
     }
 
@@ -253,8 +266,10 @@ impl Writer {
             .iter()
             .map(|(k, f)| (master_key(k), (k, f)))
             .collect();
+        self.failed.clear();
         for (mk, (fk, fe)) in &desired {
             if let Err(e) = self.write_frontend(t, *mk, fe, &mut removed_pairs, &mut report) {
+                self.failed.insert(**fk);
                 report
                     .errors
                     .push(format!("Service {} frontend {fk}: {e}", fe.service));
@@ -271,6 +286,48 @@ impl Writer {
         for mk in gone {
             if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {
                 report.errors.push(format!("removing frontend {mk:?}: {e}"));
+            }
+        }
+        report.udp_flows_flushed = self.flush_udp_flows(t, &removed_pairs);
+        self.release_unused_backends(t, &mut report);
+        report
+    }
+
+    /// Brings only the frontends named in `changed` to `plan` (written when
+    /// the plan has them, removed when not): what an incremental plan
+    /// reports after a change. The other frontends are not looked at.
+    pub fn apply_changes(
+        &mut self,
+        t: &mut Tables,
+        plan: &Plan,
+        changed: &BTreeSet<FrontendKey>,
+    ) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut removed_pairs: BTreeSet<(u32, u32)> = BTreeSet::new();
+        let keys: BTreeSet<FrontendKey> = changed.union(&self.failed).copied().collect();
+        // Removals first: the room they free may be what a write needs.
+        for fk in keys.iter().filter(|k| !plan.frontends.contains_key(k)) {
+            self.failed.remove(fk);
+            let mk = master_key(fk);
+            if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {
+                report.errors.push(format!("removing frontend {fk}: {e}"));
+            }
+        }
+        for (fk, fe) in keys
+            .iter()
+            .filter_map(|k| Some((k, plan.frontends.get(k)?)))
+        {
+            let mk = master_key(fk);
+            match self.write_frontend(t, mk, fe, &mut removed_pairs, &mut report) {
+                Ok(()) => {
+                    self.failed.remove(fk);
+                }
+                Err(e) => {
+                    self.failed.insert(*fk);
+                    report
+                        .errors
+                        .push(format!("Service {} frontend {fk}: {e}", fe.service));
+                }
             }
         }
         report.udp_flows_flushed = self.flush_udp_flows(t, &removed_pairs);
@@ -473,11 +530,12 @@ impl Writer {
     }
 
     fn release_unused_backends(&mut self, t: &mut Tables, report: &mut ApplyReport) {
-        let unused: Vec<(Backend, u32)> = self
-            .refs
-            .iter()
-            .filter(|(_, (_, n))| *n == 0)
-            .map(|(id, (b, _))| (*b, *id))
+        let unused: Vec<(Backend, u32)> = std::mem::take(&mut self.unused)
+            .into_iter()
+            .filter_map(|id| match self.refs.get(&id) {
+                Some((b, 0)) => Some((*b, id)),
+                _ => None,
+            })
             .collect();
         for (b, id) in unused {
             match ignore_missing(t.backends.remove(&id)) {
@@ -487,7 +545,10 @@ impl Writer {
                     self.free_backend_ids.push(id);
                     report.backends_removed += 1;
                 }
-                Err(e) => report.errors.push(format!("removing backend {id}: {e}")),
+                Err(e) => {
+                    self.unused.insert(id);
+                    report.errors.push(format!("removing backend {id}: {e}"));
+                }
             }
         }
     }

@@ -30,12 +30,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    jiff::Timestamp,
 };
 
 use super::{
-    Compiled, Ctx, FrontendKey, FrontendPlan, HealthCheck, NodeContext, Plan, Problem, Skipped,
-    claim_order, compile_service, orphan_problem, slice_address_problems,
+    ClaimOrder, Compiled, Ctx, FrontendKey, FrontendPlan, HealthCheck, NodeContext, Plan, Problem,
+    Skipped, claim_order, compile_service, orphan_problem, slice_address_problems,
 };
 use crate::model::{SERVICE_NAME_LABEL, Sourced, object_ref};
 
@@ -77,7 +76,7 @@ impl ServiceId {
 /// What one Service object contributed in the last replay of its group.
 #[derive(Clone, Debug, Default)]
 struct ObjectOutput {
-    order: (bool, Option<Timestamp>, String),
+    order: ClaimOrder,
     skipped: Option<Skipped>,
     health: Option<HealthCheck>,
     problems: Vec<Problem>,
@@ -110,6 +109,12 @@ impl Unit {
         !self.slice_problems.is_empty()
             || !self.orphan_problems.is_empty()
             || self.outputs.iter().any(|o| !o.is_empty())
+    }
+}
+
+impl Default for Incremental {
+    fn default() -> Self {
+        Self::new(NodeContext::default(), Plan::default())
     }
 }
 
@@ -179,6 +184,10 @@ impl Incremental {
         &self.plan
     }
 
+    pub fn into_plan(self) -> Plan {
+        self.plan
+    }
+
     pub fn node(&self) -> &NodeContext {
         &self.node
     }
@@ -220,9 +229,6 @@ impl Incremental {
     /// Brings the plan up to the objects set since the last commit; returns
     /// the frontends whose plan changed (added, removed or different).
     pub fn commit(&mut self) -> BTreeSet<FrontendKey> {
-        let incumbent = |held: &BTreeMap<ServiceId, BTreeSet<FrontendKey>>, id: &ServiceId| {
-            held.get(id).is_some_and(|k| !k.is_empty())
-        };
         let recompile: BTreeSet<ServiceId> = if std::mem::take(&mut self.everything) {
             self.dirty.clear();
             self.units.keys().cloned().collect()
@@ -304,7 +310,7 @@ impl Incremental {
         }
         // 3. The lists, in the order the full compile makes them (by the
         //    previous plan's incumbents, so before the frontends change).
-        self.assemble_lists(&incumbent);
+        self.assemble_lists();
         // 4. The frontends: won ones, then refused Services' kept ones.
         let mut changed = BTreeSet::new();
         for k in touched {
@@ -408,7 +414,7 @@ impl Incremental {
 
     /// `compile_after`'s claim loop over one group, in its order.
     fn replay(&mut self, group: &[ServiceId]) {
-        let mut order: Vec<(bool, (bool, Option<Timestamp>, String), &ServiceId, usize)> = vec![];
+        let mut order: Vec<(bool, ClaimOrder, &ServiceId, usize)> = vec![];
         for id in group {
             let incumbent = self.held.get(id).is_some_and(|k| !k.is_empty());
             for (i, svc) in self.units[id].services.iter().enumerate() {
@@ -495,10 +501,7 @@ impl Incremental {
 
     /// Rebuilds problems, skipped Services and health checks from the
     /// Services that have any.
-    fn assemble_lists(
-        &mut self,
-        incumbent: &dyn Fn(&BTreeMap<ServiceId, BTreeSet<FrontendKey>>, &ServiceId) -> bool,
-    ) {
+    fn assemble_lists(&mut self) {
         let mut problems: Vec<Problem> = vec![];
         for id in &self.noisy {
             problems.extend(self.units[id].slice_problems.iter().cloned());
@@ -507,8 +510,7 @@ impl Incremental {
         for id in &self.noisy {
             problems.extend(self.units[id].orphan_problems.iter().cloned());
         }
-        let mut objects: Vec<(bool, &(bool, Option<Timestamp>, String), &ServiceId, usize)> =
-            vec![];
+        let mut objects: Vec<(bool, &ClaimOrder, &ServiceId, usize)> = vec![];
         for id in &self.noisy {
             let inc = incumbent(&self.held, id);
             for (i, o) in self.units[id].outputs.iter().enumerate() {
@@ -537,6 +539,12 @@ impl Incremental {
         self.plan.skipped = skipped;
         self.plan.health_checks = health;
     }
+}
+
+/// Whether `id` holds a frontend in the plan in force: such Services claim
+/// contested frontends first.
+fn incumbent(held: &BTreeMap<ServiceId, BTreeSet<FrontendKey>>, id: &ServiceId) -> bool {
+    held.get(id).is_some_and(|k| !k.is_empty())
 }
 
 /// The id behind a plan's `namespace/name`.

@@ -436,10 +436,13 @@ fn orphan_problem(ns: &str, svc: &str, slice: &Sourced<EndpointSlice>) -> Proble
     }
 }
 
+/// Without a creationTimestamp, the timestamp, `namespace/name`.
+type ClaimOrder = (bool, Option<k8s_openapi::jiff::Timestamp>, String);
+
 /// Who claims a contested frontend first, after the Services already
 /// serving one: the older by creationTimestamp (those without one last),
 /// then by `namespace/name`.
-fn claim_order(svc: &Service) -> (bool, Option<k8s_openapi::jiff::Timestamp>, String) {
+fn claim_order(svc: &Service) -> ClaimOrder {
     let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
     (created.is_none(), created, object_ref(&svc.metadata))
 }
