@@ -37,9 +37,12 @@ enum Task {
     /// Setup, then the two-node NodePort / ClusterIP / headless walk-through.
     Demo,
     /// Setup, then benchmarks side by side: per-packet cost at 10 to 100,000
-    /// Services, control-plane latency, kube-proxy's layouts for reference.
+    /// Services, control-plane latency, end-to-end rates through namespaces
+    /// against kube-proxy's iptables and nftables layouts; writes
+    /// bench/results/<date>.md and its PNG plots.
     Bench {
-        /// Up to 10,000 Services instead of 100,000.
+        /// Per-packet cost up to 10,000 Services instead of 100,000, and
+        /// shorter end-to-end rounds.
         #[arg(long)]
         quick: bool,
     },
@@ -149,6 +152,11 @@ fn main() -> anyhow::Result<()> {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| workspace_root().join("target"));
             let mut c = Command::new(target.join("release").join("bench"));
+            // The end-to-end paths start this build's agent, not a stale one.
+            c.env(
+                "SERVICE_AGENT_BIN",
+                target.join("release").join("service-agent"),
+            );
             if quick {
                 c.arg("--quick");
             }

@@ -21,6 +21,9 @@ const DEB_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "ethtool",
+    // The bench's PNG plots render text with this TTF, loaded from its
+    // file (no fontconfig).
+    "fonts-dejavu-core",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
