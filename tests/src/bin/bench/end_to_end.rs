@@ -67,11 +67,14 @@ pub struct Target {
     pub load_ms: Option<f64>,
 }
 
+/// Sets a path up with the given number of Services loaded.
+pub type Setup = fn(u32) -> anyhow::Result<Target>;
+
 pub struct PathSpec {
     pub name: &'static str,
     /// Services loaded in the dataplane under test (0: no Service involved).
     pub services: u32,
-    pub setup: fn(u32) -> anyhow::Result<Target>,
+    pub setup: Setup,
 }
 
 /// Every path at `sizes` Services loaded; the no-Service baselines once.
@@ -88,7 +91,7 @@ pub fn paths(sizes: &[u32]) -> Vec<PathSpec> {
             setup: routed,
         },
     ];
-    let per_size: [(&'static str, fn(u32) -> anyhow::Result<Target>); 4] = [
+    let per_size: [(&'static str, Setup); 4] = [
         (CLUSTER_IP, cluster_ip),
         (NODE_PORT_TC, |n| node_port(n, &[])),
         (IPTABLES, iptables),

@@ -29,6 +29,9 @@ pub fn register_fonts() -> anyhow::Result<()> {
         .map_err(|_| anyhow!("{path} is not a font ab_glyph can read"))
 }
 
+type CostOf = fn(&PacketCost) -> f64;
+type RateOf = fn(&PathResult) -> f64;
+
 fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e:?}")
 }
@@ -61,7 +64,7 @@ pub fn packet_cost(costs: &[PacketCost], out: &Path) -> anyhow::Result<()> {
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(plot_err)?;
-    let series: [(&str, RGBColor, fn(&PacketCost) -> f64); 3] = [
+    let series: [(&str, RGBColor, CostOf); 3] = [
         (
             "first packet, 16 hot frontends (target row)",
             RGBColor(0, 110, 60),
@@ -122,7 +125,7 @@ pub fn end_to_end(results: &[PathResult], sizes: &[u32], out: &Path) -> anyhow::
     let root = BitMapBackend::new(out, (1400, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let panels = root.split_evenly((2, sizes.len().max(1)));
-    let metrics: [(&str, fn(&PathResult) -> f64); 2] = [
+    let metrics: [(&str, RateOf); 2] = [
         ("short connections/s", |r| r.short_rate),
         ("kept-alive requests/s", |r| r.kept_rate),
     ];
@@ -140,7 +143,10 @@ pub fn end_to_end(results: &[PathResult], sizes: &[u32], out: &Path) -> anyhow::
                 .margin(12)
                 .x_label_area_size(35)
                 .y_label_area_size(300)
-                .build_cartesian_2d(0f64..x_max, (0u32..rows.len() as u32).into_segmented())
+                .build_cartesian_2d(
+                    0f64..x_max,
+                    (0u32..(rows.len() as u32).saturating_sub(1)).into_segmented(),
+                )
                 .map_err(plot_err)?;
             chart
                 .configure_mesh()
