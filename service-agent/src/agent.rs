@@ -160,7 +160,7 @@ impl Agent {
                     let (services, slices) = self.source.objects(&id);
                     self.planner.set(id, services, slices);
                 }
-                self.planner.set_unlabeled(self.source.unlabeled_slices());
+                self.planner.set_unlabeled(&self.source.unlabeled_slices());
                 self.planner.commit()
             }
             None => {
@@ -172,7 +172,7 @@ impl Agent {
                     let (services, slices) = self.source.objects(&id);
                     planner.set(id, services, slices);
                 }
-                planner.set_unlabeled(self.source.unlabeled_slices());
+                planner.set_unlabeled(&self.source.unlabeled_slices());
                 let changed = planner.commit();
                 if cfg!(debug_assertions) {
                     self.check_against_full_compile(&previous, &planner);

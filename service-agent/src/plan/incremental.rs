@@ -88,11 +88,24 @@ impl ObjectOutput {
     }
 }
 
-/// One Service id: its objects and what they came to.
+/// One Service object, compiled: what the claim replay needs of it.
+struct CompiledObject {
+    order: ClaimOrder,
+    /// `namespace/name` and where it was read, for the clash problem.
+    name: String,
+    origin: String,
+    result: Result<Compiled, ()>,
+    problems: Vec<Problem>,
+}
+
+/// One Service id: what its objects compiled to, and what they came to.
+/// The objects themselves are not kept: the source has them, and the
+/// compiled frontends are a fraction of their size.
 #[derive(Default)]
 struct Unit {
-    services: Vec<Sourced<Service>>,
-    slices: Vec<Sourced<EndpointSlice>>,
+    /// It has Service objects or slices.
+    exists: bool,
+    compiled: Vec<CompiledObject>,
     /// Problems of its slices' endpoints, and of slices without a Service.
     slice_problems: Vec<Problem>,
     orphan_problems: Vec<Problem>,
@@ -122,8 +135,8 @@ impl Default for Incremental {
 pub struct Incremental {
     node: NodeContext,
     units: BTreeMap<ServiceId, Unit>,
-    /// Slices without a Service label: only their addresses are checked.
-    unlabeled: Vec<Sourced<EndpointSlice>>,
+    /// Problems of the slices without a Service label (only their
+    /// addresses are checked).
     unlabeled_problems: Vec<Problem>,
     /// Frontend → the Services whose objects ask for it.
     claims: BTreeMap<FrontendKey, BTreeSet<ServiceId>>,
@@ -136,18 +149,21 @@ pub struct Incremental {
     /// Services with problems, skips or health checks, for assembling the
     /// plan's lists without visiting every Service.
     noisy: BTreeSet<ServiceId>,
-    /// Changed since the last commit: to compile again.
+    /// Changed since the last commit, or sharing a frontend with one that
+    /// did: their groups are replayed.
     dirty: BTreeSet<ServiceId>,
     /// Started or stopped holding frontends at the last commit: their place
     /// in the claim order changed, so their groups are replayed.
     flipped: BTreeSet<ServiceId>,
-    everything: bool,
 }
 
 impl Incremental {
     /// An empty planner whose first commit starts from `previous`, the plan
-    /// in force (as `compile_after` would be given it).
-    pub fn new(node: NodeContext, previous: Plan) -> Self {
+    /// in force (as `compile_after` would be given it). It must be given
+    /// every Service before that commit: what it is not given is gone.
+    pub fn new(node: NodeContext, mut previous: Plan) -> Self {
+        // Refusals are decided again for every Service given.
+        previous.refused.clear();
         let mut holder = BTreeMap::new();
         let mut held: BTreeMap<ServiceId, BTreeSet<FrontendKey>> = BTreeMap::new();
         for (k, f) in &previous.frontends {
@@ -165,7 +181,6 @@ impl Incremental {
         Self {
             node,
             units,
-            unlabeled: vec![],
             unlabeled_problems: vec![],
             claims: BTreeMap::new(),
             winners: BTreeMap::new(),
@@ -175,7 +190,6 @@ impl Incremental {
             noisy: BTreeSet::new(),
             dirty,
             flipped: BTreeSet::new(),
-            everything: true,
         }
     }
 
@@ -192,14 +206,6 @@ impl Incremental {
         &self.node
     }
 
-    /// A different node context (addresses, zone) changes every Service.
-    pub fn set_node(&mut self, node: NodeContext) {
-        if node != self.node {
-            self.node = node;
-            self.everything = true;
-        }
-    }
-
     /// Every Service id known, with or without objects.
     pub fn ids(&self) -> impl Iterator<Item = &ServiceId> {
         self.units.keys()
@@ -207,77 +213,84 @@ impl Incremental {
 
     /// Replaces the objects of one Service id: its Service objects (more
     /// than one only when a manifest repeats it; in source order) and the
-    /// EndpointSlices labelled with it. Both empty: it is gone.
+    /// EndpointSlices labelled with it. Both empty: it is gone. The node
+    /// context is fixed: when it changes, every Service changes, and the
+    /// caller starts a new planner from the plan in force.
     pub fn set(
         &mut self,
         id: ServiceId,
         services: Vec<Sourced<Service>>,
         slices: Vec<Sourced<EndpointSlice>>,
     ) {
+        let refs: Vec<&Sourced<EndpointSlice>> = slices.iter().collect();
+        let compiled: Vec<CompiledObject> = services
+            .iter()
+            .map(|svc| {
+                let name = object_ref(&svc.object.metadata);
+                let mut ctx = Ctx {
+                    svc,
+                    name: name.clone(),
+                    problems: vec![],
+                };
+                let result = compile_service(&mut ctx, &refs, &self.node);
+                CompiledObject {
+                    order: claim_order(&svc.object),
+                    name,
+                    origin: svc.origin.clone(),
+                    result,
+                    problems: ctx.problems,
+                }
+            })
+            .collect();
+        let keys: BTreeSet<FrontendKey> = compiled
+            .iter()
+            .filter_map(|c| match &c.result {
+                Ok(Compiled::Frontends(fes, _)) => Some(fes.iter().map(|(k, _)| *k)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
         let unit = self.units.entry(id.clone()).or_default();
-        unit.services = services;
-        unit.slices = slices;
+        // Who shared a frontend with it before may win what it gave up.
+        for k in &unit.keys {
+            if let Some(c) = self.claims.get_mut(k) {
+                self.dirty.extend(c.iter().cloned());
+                c.remove(&id);
+                if c.is_empty() {
+                    self.claims.remove(k);
+                }
+            }
+        }
+        for k in &keys {
+            self.claims.entry(*k).or_default().insert(id.clone());
+        }
+        unit.keys = keys;
+        unit.exists = !services.is_empty() || !slices.is_empty();
+        unit.compiled = compiled;
+        unit.slice_problems = slices.iter().flat_map(slice_address_problems).collect();
+        unit.orphan_problems = if services.is_empty() {
+            slices
+                .iter()
+                .map(|s| orphan_problem(&id.namespace, &id.name, s))
+                .collect()
+        } else {
+            vec![]
+        };
         self.dirty.insert(id);
     }
 
     /// Replaces the slices that name no Service.
-    pub fn set_unlabeled(&mut self, slices: Vec<Sourced<EndpointSlice>>) {
+    pub fn set_unlabeled(&mut self, slices: &[Sourced<EndpointSlice>]) {
         self.unlabeled_problems = slices.iter().flat_map(slice_address_problems).collect();
-        self.unlabeled = slices;
     }
 
     /// Brings the plan up to the objects set since the last commit; returns
     /// the frontends whose plan changed (added, removed or different).
     pub fn commit(&mut self) -> BTreeSet<FrontendKey> {
-        let recompile: BTreeSet<ServiceId> = if std::mem::take(&mut self.everything) {
-            self.dirty.clear();
-            self.units.keys().cloned().collect()
-        } else {
-            std::mem::take(&mut self.dirty)
-        };
-        let mut seeds: BTreeSet<ServiceId> = std::mem::take(&mut self.flipped);
+        let mut seeds: BTreeSet<ServiceId> = std::mem::take(&mut self.dirty);
+        seeds.extend(std::mem::take(&mut self.flipped));
         seeds.retain(|id| self.units.contains_key(id));
-        // 1. Compile the changed Services; note who shared a frontend with
-        //    them before, since those may win what the change gave up.
-        for id in &recompile {
-            let Some(unit) = self.units.get(id) else {
-                continue;
-            };
-            for k in &unit.keys {
-                if let Some(c) = self.claims.get(k) {
-                    seeds.extend(c.iter().cloned());
-                }
-            }
-            let keys = self.candidate_keys(id);
-            let unit = self.units.get_mut(id).expect("looked up above");
-            for k in &unit.keys {
-                if let Some(c) = self.claims.get_mut(k) {
-                    c.remove(id);
-                    if c.is_empty() {
-                        self.claims.remove(k);
-                    }
-                }
-            }
-            for k in &keys {
-                self.claims.entry(*k).or_default().insert(id.clone());
-            }
-            unit.keys = keys;
-            unit.slice_problems = unit
-                .slices
-                .iter()
-                .flat_map(slice_address_problems)
-                .collect();
-            unit.orphan_problems = if unit.services.is_empty() {
-                unit.slices
-                    .iter()
-                    .map(|s| orphan_problem(&id.namespace, &id.name, s))
-                    .collect()
-            } else {
-                vec![]
-            };
-            seeds.insert(id.clone());
-        }
-        // 2. Replay the claims of every group a seed belongs to.
+        // 1. Replay the claims of every group a changed Service belongs to.
         let mut replayed: BTreeSet<ServiceId> = BTreeSet::new();
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
         for seed in &seeds {
@@ -308,10 +321,10 @@ impl Incremental {
                 }
             }
         }
-        // 3. The lists, in the order the full compile makes them (by the
+        // 2. The lists, in the order the full compile makes them (by the
         //    previous plan's incumbents, so before the frontends change).
         self.assemble_lists();
-        // 4. The frontends: won ones, then refused Services' kept ones.
+        // 3. The frontends: won ones, then refused Services' kept ones.
         let mut changed = BTreeSet::new();
         for k in touched {
             let want: Option<(ServiceId, FrontendPlan)> = match self.winners.get(&k) {
@@ -357,37 +370,13 @@ impl Incremental {
         }
         // Forget Services that are gone and hold nothing.
         for id in &replayed {
-            if self
-                .units
-                .get(id)
-                .is_some_and(|u| u.services.is_empty() && u.slices.is_empty() && u.keys.is_empty())
-                && !self.held.contains_key(id)
-            {
+            if self.units.get(id).is_some_and(|u| !u.exists) && !self.held.contains_key(id) {
                 self.units.remove(id);
                 self.noisy.remove(id);
                 self.flipped.remove(id);
             }
         }
         changed
-    }
-
-    /// Every frontend the objects of `id` ask for, whoever wins them.
-    fn candidate_keys(&self, id: &ServiceId) -> BTreeSet<FrontendKey> {
-        let unit = &self.units[id];
-        let slices: Vec<&Sourced<EndpointSlice>> = unit.slices.iter().collect();
-        let mut keys = BTreeSet::new();
-        for svc in &unit.services {
-            let mut ctx = Ctx {
-                svc,
-                name: object_ref(&svc.object.metadata),
-                problems: vec![],
-            };
-            if let Ok(Compiled::Frontends(fes, _)) = compile_service(&mut ctx, &slices, &self.node)
-            {
-                keys.extend(fes.into_iter().map(|(k, _)| k));
-            }
-        }
-        keys
     }
 
     /// The Services linked to `seed` through frontends more than one claims.
@@ -414,15 +403,15 @@ impl Incremental {
 
     /// `compile_after`'s claim loop over one group, in its order.
     fn replay(&mut self, group: &[ServiceId]) {
-        let mut order: Vec<(bool, ClaimOrder, &ServiceId, usize)> = vec![];
+        let mut order: Vec<(bool, &ClaimOrder, &ServiceId, usize)> = vec![];
         for id in group {
-            let incumbent = self.held.get(id).is_some_and(|k| !k.is_empty());
-            for (i, svc) in self.units[id].services.iter().enumerate() {
-                order.push((!incumbent, claim_order(&svc.object), id, i));
+            let incumbent = incumbent(&self.held, id);
+            for (i, c) in self.units[id].compiled.iter().enumerate() {
+                order.push((!incumbent, &c.order, id, i));
             }
         }
         order.sort();
-        let mut owner: BTreeMap<FrontendKey, String> = BTreeMap::new();
+        let mut owner: BTreeMap<FrontendKey, &str> = BTreeMap::new();
         let mut results: BTreeMap<ServiceId, (BTreeMap<FrontendKey, FrontendPlan>, bool)> = group
             .iter()
             .map(|id| (id.clone(), (BTreeMap::new(), false)))
@@ -430,27 +419,21 @@ impl Incremental {
         let mut outputs: BTreeMap<ServiceId, Vec<ObjectOutput>> = group
             .iter()
             .map(|id| {
-                let n = self.units[id].services.len();
+                let n = self.units[id].compiled.len();
                 (id.clone(), vec![ObjectOutput::default(); n])
             })
             .collect();
         for (_, claim, id, i) in order {
-            let unit = &self.units[id];
-            let svc = &unit.services[i];
-            let slices: Vec<&Sourced<EndpointSlice>> = unit.slices.iter().collect();
-            let name = object_ref(&svc.object.metadata);
-            let mut ctx = Ctx {
-                svc,
-                name: name.clone(),
-                problems: vec![],
-            };
+            let c = &self.units[id].compiled[i];
+            let name = c.name.as_str();
             let out = &mut outputs.get_mut(id).expect("one per member")[i];
             let (won, refused) = results.get_mut(id).expect("one per member");
-            match compile_service(&mut ctx, &slices, &self.node) {
+            let mut problems = c.problems.clone();
+            match &c.result {
                 Ok(Compiled::Skipped(reason)) => {
                     out.skipped = Some(Skipped {
-                        service: name.clone(),
-                        reason,
+                        service: name.to_string(),
+                        reason: reason.clone(),
                     })
                 }
                 Ok(Compiled::Frontends(fes, health)) => {
@@ -458,30 +441,35 @@ impl Incremental {
                         owner
                             .get(key)
                             .filter(|other| **other != name)
-                            .map(|other| (*key, other.clone()))
+                            .map(|other| (*key, *other))
                     });
                     if let Some((key, other)) = clash {
-                        ctx.problem(
-                            "spec",
-                            format!("frontend {key} is already used by Service {other}; Service not programmed"),
-                            true,
-                        );
+                        // As `Ctx::problem` words it in the full compile.
+                        problems.push(Problem {
+                            origin: c.origin.clone(),
+                            object: format!("Service {name}"),
+                            field: "spec".into(),
+                            message: format!(
+                                "frontend {key} is already used by Service {other}; Service not programmed"
+                            ),
+                            refuses_service: true,
+                        });
                     } else {
                         for (key, fe) in fes {
-                            owner.insert(key, name.clone());
-                            won.insert(key, fe);
+                            owner.insert(*key, name);
+                            won.insert(*key, fe.clone());
                         }
-                        out.health = health;
+                        out.health = health.clone();
                     }
                 }
                 Err(()) => {}
             }
-            if ctx.problems.iter().any(|p| p.refuses_service) {
+            if problems.iter().any(|p| p.refuses_service) {
                 *refused = true;
                 won.clear();
             }
-            out.problems = ctx.problems;
-            out.order = claim;
+            out.problems = problems;
+            out.order = claim.clone();
         }
         for (id, (won, refused)) in results {
             for k in self.units[&id].won.keys() {

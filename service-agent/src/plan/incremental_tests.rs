@@ -203,14 +203,20 @@ fn run(seed: u64, steps: usize) {
             origin += 1;
             match r.below(20) {
                 0 => {
+                    // A new node context: a new planner from the plan in
+                    // force, given everything again (as the agent does).
                     node = random_node(&mut r);
-                    inc.set_node(node.clone());
+                    inc = Incremental::new(node.clone(), previous.clone());
+                    for (id, (services, slices)) in &world {
+                        inc.set(id.clone(), services.clone(), slices.clone());
+                    }
+                    inc.set_unlabeled(&unlabeled);
                 }
                 1 => {
                     unlabeled = (0..r.below(2))
                         .map(|n| random_slice(&mut r, None, n as usize, origin))
                         .collect();
-                    inc.set_unlabeled(unlabeled.clone());
+                    inc.set_unlabeled(&unlabeled);
                 }
                 n => {
                     let id = random_id(&mut r);

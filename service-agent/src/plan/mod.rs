@@ -572,6 +572,7 @@ pub fn compile_after(
     plan
 }
 
+#[derive(Clone)]
 enum Compiled {
     Skipped(String),
     Frontends(Vec<(FrontendKey, FrontendPlan)>, Option<HealthCheck>),

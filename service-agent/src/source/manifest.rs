@@ -691,7 +691,7 @@ ports: [{name: "", port: 9000, protocol: UDP}]
             let (services, slices) = md.objects(id);
             planner.set(id.clone(), services, slices);
         }
-        planner.set_unlabeled(md.unlabeled_slices());
+        planner.set_unlabeled(&md.unlabeled_slices());
         planner.commit();
     }
 
