@@ -4,6 +4,7 @@
 //! noise cancels out.
 
 mod control_plane;
+mod edge_cost;
 mod end_to_end;
 mod kube_proxy;
 mod packet_cost;
@@ -122,10 +123,17 @@ impl Parts {
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let parts = Parts::from_args();
-    let sizes: &[u32] = if quick {
-        &[10, 1_000, 10_000]
-    } else {
-        &[10, 1_000, 10_000, 100_000]
+    let args: Vec<String> = std::env::args().collect();
+    // `--sizes 10,100,1000`: other numbers of Services for the per-packet rows.
+    let custom: Option<Vec<u32>> = args
+        .iter()
+        .position(|a| a == "--sizes")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect());
+    let sizes: &[u32] = match &custom {
+        Some(v) if !v.is_empty() => v,
+        _ if quick => &[10, 1_000, 10_000],
+        _ => &[10, 1_000, 10_000, 100_000],
     };
     let (flows, rounds) = if quick { (2_000, 3) } else { (4_000, 5) };
     let e2e_sizes: &[u32] = &[100, 10_000];
@@ -180,6 +188,20 @@ fn main() -> anyhow::Result<()> {
             Ok(()) => pngs.push(("Per-packet cost".into(), name)),
             Err(e) => eprintln!("plot: {e:#}"),
         }
+    }
+
+    if parts.run("edge") {
+        eprintln!("external interfaces: XDP and tc ...");
+        let edge: Vec<edge_cost::EdgeCost> = sizes
+            .iter()
+            .filter_map(|n| {
+                eprintln!("  {n} Services");
+                edge_cost::edge_cost(*n, flows, rounds)
+                    .map_err(|e| eprintln!("    failed: {e:#}"))
+                    .ok()
+            })
+            .collect();
+        edge_cost::report(&mut md, &edge, flows, rounds, &mut targets);
     }
 
     if parts.run("control") {
@@ -242,15 +264,17 @@ fn packet_cost_report(
     let _ = writeln!(
         md,
         "## Per-packet cost (pod-side tc program, BPF_PROG_TEST_RUN)\n\n\
-         Nanoseconds per packet, the median of {rounds} rounds; each first-packet round is {flows} SYNs of new flows, \
-         each established round 100,000 repeats of one packet.\n\n\
+         Nanoseconds per packet, the median of {rounds} rounds; each round is {flows} SYNs of new flows, \
+         then one more packet of each of those flows. Every packet runs once (`repeat` 1) and the runs are summed: a \
+         program rewrites its input in place, so repeating one packet would time one translation and then packets that no \
+         longer match the flow.\n\n\
          - **first packet, hot set**: every SYN opens a new flow (Service lookup, backend pick, two conntrack inserts, rewrite) \
          to one of the same {HOT_FRONTENDS} frontends at every size, spread evenly over the N Services. Only the number of Services \
          changes from row to row: this is what the flatness target is judged on.\n\
          - **first packet, uniform**: the same, to frontends drawn uniformly from all N. At 100,000 the frontends, their backend \
          slots and per-frontend counters are far more than the CPU caches hold, so this row grows with the working set (cache \
          misses), not with the work done per packet. Informational.\n\
-         - **established**: one packet of a known flow (one conntrack lookup, rewrite).\n\n\
+         - **established**: the next packet of each hot-set flow (one conntrack lookup, rewrite).\n\n\
          | Services | first packet, hot set (ns) | first packet, uniform (ns) | established flow (ns) | programming from nothing (ms) |\n\
          |---:|---:|---:|---:|---:|"
     );
