@@ -21,7 +21,7 @@ use service_agent::{
 use crate::{
     control_plane::control_plane,
     end_to_end::{PathResult, measure_all, paths},
-    packet_cost::{HOT_FRONTENDS, PacketCost, packet_cost},
+    packet_cost::{HOT_FRONTENDS, PacketCost, packet_costs},
 };
 
 pub const BACKENDS_PER_SERVICE: u32 = 10;
@@ -135,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         _ if quick => &[10, 1_000, 10_000],
         _ => &[10, 1_000, 10_000, 100_000],
     };
-    let (flows, rounds) = if quick { (2_000, 3) } else { (4_000, 5) };
+    let (flows, rounds) = if quick { (1_000, 5) } else { (2_000, 9) };
     let e2e_sizes: &[u32] = &[100, 10_000];
     // Per path and mode: rounds × seconds (2-3 s a cell).
     let (e2e_rounds, e2e_limit) = if quick {
@@ -175,13 +175,7 @@ fn main() -> anyhow::Result<()> {
     let mut costs: Vec<PacketCost> = vec![];
     if parts.run("packet") {
         eprintln!("per-packet cost ...");
-        costs = sizes
-            .iter()
-            .map(|n| {
-                eprintln!("  {n} Services");
-                packet_cost(*n, flows, rounds)
-            })
-            .collect();
+        costs = packet_costs(sizes, flows, rounds);
         packet_cost_report(&mut md, &costs, flows, rounds, &mut targets);
         let name = format!("{date}-packet-cost.png");
         match plots::packet_cost(&costs, &dir.join(&name)) {

@@ -9,7 +9,7 @@
 //! - first packet, uniform: new flows to frontends drawn uniformly from all N.
 //!   At 100,000 the frontends, their backend slots and counters no longer fit
 //!   in the CPU caches: this shows the working-set effect, not the algorithm.
-//! - established: one packet of a known flow, repeated.
+//! - established: one more packet of each hot-set flow, each run once.
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
@@ -102,45 +102,87 @@ fn first_packets(
     )
 }
 
-/// Per-packet cost at `services` frontends of 10 backends each: `rounds`
-/// rounds of `flows` first packets per row, and of 100,000 repeats of an
-/// established-flow packet.
-pub fn packet_cost(services: u32, flows: u32, rounds: u32) -> PacketCost {
-    let mut l = load(services);
-    let plan = plan_of(services);
-    let started = Instant::now();
-    let report = l.dp.writer.apply(&mut l.dp.tables, &plan);
-    let program_ms = started.elapsed().as_secs_f64() * 1e3;
-    assert!(report.errors.is_empty(), "{:?}", &report.errors[..1]);
+/// One loaded dataplane and what has been measured on it.
+struct Size {
+    services: u32,
+    l: Loaded,
+    program_ms: f64,
+    hot: Vec<u32>,
+    hot_ns: Vec<f64>,
+    uniform_ns: Vec<f64>,
+    est_ns: Vec<f64>,
+}
 
-    let mut clients = Clients(0);
-    let hot: Vec<u32> = (0..HOT_FRONTENDS)
-        .map(|h| (h as u64 * services as u64 / HOT_FRONTENDS as u64) as u32)
+/// Per-packet cost at each of `sizes` Services of 10 backends: `rounds`
+/// rounds of `flows` new flows per first-packet row; the established cost
+/// is that of one more packet of each hot-set flow.
+///
+/// All sizes are loaded at once and every round visits each size in turn,
+/// so whatever else the machine does at some moment is spread over all
+/// sizes instead of landing on one. The rows run one after the other (all
+/// hot-set rounds, then the uniform ones) so that the uniform
+/// rounds, which sweep the caches, never precede a hot-set round.
+pub fn packet_costs(sizes: &[u32], flows: u32, rounds: u32) -> Vec<PacketCost> {
+    let mut loaded: Vec<Size> = sizes
+        .iter()
+        .map(|&services| {
+            eprintln!("  programming {services} Services");
+            let mut l = load(services);
+            let plan = plan_of(services);
+            let started = Instant::now();
+            let report = l.dp.writer.apply(&mut l.dp.tables, &plan);
+            let program_ms = started.elapsed().as_secs_f64() * 1e3;
+            assert!(report.errors.is_empty(), "{:?}", &report.errors[..1]);
+            Size {
+                services,
+                l,
+                program_ms,
+                hot: (0..HOT_FRONTENDS)
+                    .map(|h| (h as u64 * services as u64 / HOT_FRONTENDS as u64) as u32)
+                    .collect(),
+                hot_ns: vec![],
+                uniform_ns: vec![],
+                est_ns: vec![],
+            }
+        })
         .collect();
-    let (mut hot_ns, mut uniform_ns, mut est_ns) = (vec![], vec![], vec![]);
+    let mut clients = Clients(0);
+    eprintln!("  first packets, hot set");
+    for _ in 0..rounds {
+        for s in loaded.iter_mut() {
+            let hot = s.hot.clone();
+            let (first, established) = first_packets(&mut s.l, &mut clients, flows, |i| {
+                hot[(i % HOT_FRONTENDS) as usize]
+            });
+            s.hot_ns.push(first);
+            s.est_ns.push(established);
+        }
+    }
+    eprintln!("  first packets, uniform");
     let mut x = 0x2545_f491u32;
     for _ in 0..rounds {
-        let (first, established) = first_packets(&mut l, &mut clients, flows, |i| {
-            hot[(i % HOT_FRONTENDS) as usize]
-        });
-        hot_ns.push(first);
-        est_ns.push(established);
-        let draws: Vec<u32> = (0..flows)
-            .map(|_| {
-                // xorshift: cheap, reproducible, and spread over all frontends.
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x % services
-            })
-            .collect();
-        uniform_ns.push(first_packets(&mut l, &mut clients, flows, |i| draws[i as usize]).0);
+        for s in loaded.iter_mut() {
+            let draws: Vec<u32> = (0..flows)
+                .map(|_| {
+                    // xorshift: cheap, reproducible, spread over all frontends.
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x % s.services
+                })
+                .collect();
+            let (first, _) = first_packets(&mut s.l, &mut clients, flows, |i| draws[i as usize]);
+            s.uniform_ns.push(first);
+        }
     }
-    PacketCost {
-        services,
-        program_ms,
-        first_hot_ns: median(hot_ns),
-        first_uniform_ns: median(uniform_ns),
-        established_ns: median(est_ns),
-    }
+    loaded
+        .into_iter()
+        .map(|s| PacketCost {
+            services: s.services,
+            program_ms: s.program_ms,
+            first_hot_ns: median(s.hot_ns),
+            first_uniform_ns: median(s.uniform_ns),
+            established_ns: median(s.est_ns),
+        })
+        .collect()
 }
