@@ -44,6 +44,10 @@ pub const DIRECT: &str = "pod IP from a pod (no Service)";
 pub const ROUTED: &str = "pod IP from outside, routed (no Service)";
 pub const CLUSTER_IP: &str = "ClusterIP, this dataplane (tc)";
 pub const NODE_PORT_TC: &str = "NodePort from outside, this dataplane (tc)";
+pub const ROUTED_REMOTE: &str = "pod IP on another node from outside, routed (no Service)";
+pub const NODE_PORT_REMOTE_TC: &str = "NodePort, backends on another node, tc";
+pub const NODE_PORT_REMOTE_XDP: &str = "NodePort, backends on another node, XDP native";
+pub const NODE_PORT_REMOTE_XDP_GENERIC: &str = "NodePort, backends on another node, XDP generic";
 pub const IPTABLES: &str = "ClusterIP, kube-proxy iptables layout";
 pub const NFTABLES: &str = "ClusterIP, kube-proxy nftables layout";
 
@@ -90,10 +94,22 @@ pub fn paths(sizes: &[u32]) -> Vec<PathSpec> {
             services: 0,
             setup: routed,
         },
+        PathSpec {
+            name: ROUTED_REMOTE,
+            services: 0,
+            setup: routed_remote,
+        },
     ];
-    let per_size: [(&'static str, Setup); 4] = [
+    let per_size: [(&'static str, Setup); 7] = [
         (CLUSTER_IP, cluster_ip),
         (NODE_PORT_TC, |n| node_port(n, &[])),
+        (NODE_PORT_REMOTE_TC, |n| node_port_remote(n, &[])),
+        (NODE_PORT_REMOTE_XDP, |n| {
+            node_port_remote(n, &["--xdp", "native"])
+        }),
+        (NODE_PORT_REMOTE_XDP_GENERIC, |n| {
+            node_port_remote(n, &["--xdp", "generic"])
+        }),
         (IPTABLES, iptables),
         (NFTABLES, nftables),
     ];
@@ -131,6 +147,64 @@ fn pods_env(outside: bool) -> anyhow::Result<Env> {
         _servers: servers,
         topo,
         dir: ManifestDir::new()?,
+    })
+}
+
+/// Two nodes and a client host on their segment; `web-1`, `web-2` on
+/// node-2, so that a NodePort on node-1 source-NATs every flow to node-2:
+/// what the XDP fast path carries. The segment's veths behave like wires
+/// (complete checksums, NAPI on the bridge ports) for every path alike.
+fn remote_env() -> anyhow::Result<Env> {
+    let mut topo = Topology::new()?;
+    topo.add_node()?;
+    topo.add_node()?;
+    let k = topo.add_client()?;
+    load::prepare_client(&topo.clients[k].ns)?;
+    let mut servers = vec![];
+    for i in 1..=BACKEND_PODS {
+        let k = topo.add_pod(1, &format!("web-{i}"))?;
+        let p = &topo.pods[k];
+        servers.push(LoadServer::start(&p.ns, p.ip, 8080, SERVER_WORKERS)?);
+    }
+    topo.emulate_wires()?;
+    Ok(Env {
+        _agent: None,
+        _servers: servers,
+        topo,
+        dir: ManifestDir::new()?,
+    })
+}
+
+fn routed_remote(_: u32) -> anyhow::Result<Target> {
+    let env = remote_env()?;
+    let node = env.topo.nodes[0].ip.to_string();
+    let client = &env.topo.clients[0];
+    client
+        .ns
+        .ip(&["route", "add", "10.244.2.0/24", "via", &node])?;
+    Ok(Target {
+        client_ns: client.ns.path(),
+        addrs: pod_addrs(&env),
+        guard: env,
+        load_ms: None,
+    })
+}
+
+/// NodePort on node-1 from the outside host, backends on node-2.
+fn node_port_remote(n: u32, flags: &[&str]) -> anyhow::Result<Target> {
+    let mut env = remote_env()?;
+    start_agent(
+        &mut env,
+        n.saturating_sub(1),
+        "  type: NodePort\n",
+        &format!("{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}"),
+        flags,
+    )?;
+    Ok(Target {
+        client_ns: env.topo.clients[0].ns.path(),
+        addrs: vec![SocketAddrV4::new(env.topo.nodes[0].ip, NODE_PORT)],
+        guard: env,
+        load_ms: None,
     })
 }
 
@@ -221,7 +295,8 @@ fn start_agent(
     )?;
     let mut pods = String::new();
     for p in env.topo.pods.iter().filter(|p| p.name.starts_with("web-")) {
-        pods.push_str(&manifests::pod(&p.name, "web", p.ip, true, "node-1"));
+        let node = format!("node-{}", p.node + 1);
+        pods.push_str(&manifests::pod(&p.name, "web", p.ip, true, &node));
         pods.push_str("---\n");
     }
     env.dir.write("pods.yaml", &pods)?;

@@ -319,7 +319,10 @@ fn end_to_end_report(
     limit: Duration,
     targets: &mut Vec<(String, bool, String)>,
 ) {
-    use end_to_end::{CLUSTER_IP, DIRECT, IPTABLES, NFTABLES};
+    use end_to_end::{
+        CLUSTER_IP, DIRECT, IPTABLES, NFTABLES, NODE_PORT_REMOTE_TC, NODE_PORT_REMOTE_XDP,
+        NODE_PORT_REMOTE_XDP_GENERIC, ROUTED_REMOTE,
+    };
     let _ = writeln!(
         md,
         "## End to end through namespaces\n\n\
@@ -331,6 +334,10 @@ fn end_to_end_report(
          - pod IP from outside, routed: a host on the nodes' segment to the pods' addresses, no Service (baseline for NodePort).\n\
          - ClusterIP, this dataplane: the client pod to the Service's ClusterIP; the agent runs with N Services loaded.\n\
          - NodePort, this dataplane: the outside host to the node's address and nodePort, through the tc program on the node's interface.\n\
+         - NodePort, backends on another node: the outside host to node-1's NodePort, both backends on node-2, so every flow is \
+         source-NATed and forwarded back out of node-1's interface: by tc, or by the XDP program in native or generic mode. \
+         Baseline: the same host to the pods' addresses routed through node-1 (same two hops, no Service). The segment's veths \
+         behave like wires in these four (senders complete their checksums; NAPI on the bridge ports).\n\
          - kube-proxy iptables / nftables layout: the same client pod to the same ClusterIP, translated by the rules kube-proxy's \
          iptables or nftables mode would write for N Services, loaded in the node's namespace instead of the agent. The measured \
          Service is the last of the N in KUBE-SERVICES (the worst case of a linear chain; nftables looks it up in a verdict map).\n\n\
@@ -384,6 +391,36 @@ fn end_to_end_report(
             show(ratio(ours, ipt, kept)),
             show(ratio(ours, nft, short)),
             show(ratio(ours, nft, kept)),
+        );
+        let remote_tc = find(e2e, NODE_PORT_REMOTE_TC, n);
+        let routed_remote = find(e2e, ROUTED_REMOTE, 0);
+        let _ = writeln!(
+            md,
+            "At {n} Services, NodePort to another node: XDP native / tc {} (short), {} (kept-alive); XDP generic / tc {} (short), {} (kept-alive); tc / routed pod IP {} (short), {} (kept-alive); XDP native / routed pod IP {} (short), {} (kept-alive).\n",
+            show(ratio(find(e2e, NODE_PORT_REMOTE_XDP, n), remote_tc, short)),
+            show(ratio(find(e2e, NODE_PORT_REMOTE_XDP, n), remote_tc, kept)),
+            show(ratio(
+                find(e2e, NODE_PORT_REMOTE_XDP_GENERIC, n),
+                remote_tc,
+                short
+            )),
+            show(ratio(
+                find(e2e, NODE_PORT_REMOTE_XDP_GENERIC, n),
+                remote_tc,
+                kept
+            )),
+            show(ratio(remote_tc, routed_remote, short)),
+            show(ratio(remote_tc, routed_remote, kept)),
+            show(ratio(
+                find(e2e, NODE_PORT_REMOTE_XDP, n),
+                routed_remote,
+                short
+            )),
+            show(ratio(
+                find(e2e, NODE_PORT_REMOTE_XDP, n),
+                routed_remote,
+                kept
+            )),
         );
         if n == 10_000 {
             for (what, f) in [("short connections", short), ("kept-alive requests", kept)] {
