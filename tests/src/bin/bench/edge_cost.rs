@@ -140,49 +140,72 @@ fn costs(
     )
 }
 
-/// Both programs at `services` frontends of 10 remote backends each:
-/// medians over `rounds` rounds of `flows` flows.
-pub fn edge_cost(services: u32, flows: u32, rounds: u32) -> anyhow::Result<EdgeCost> {
-    let ns = world()?;
-    ns.within(move || -> anyhow::Result<EdgeCost> {
-        let mut l = load(services);
-        let mut plan = plan_of(services);
-        for fe in plan.frontends.values_mut() {
-            for b in &mut fe.backends {
-                b.local = false;
+/// Both programs at each of `sizes` frontends of 10 remote backends each:
+/// medians over `rounds` rounds of `flows` flows, the rounds interleaved
+/// across sizes so that whatever else this machine does lands on every size
+/// alike.
+pub fn edge_costs(sizes: &[u32], flows: u32, rounds: u32) -> anyhow::Result<Vec<EdgeCost>> {
+    let worlds: Vec<Netns> = sizes.iter().map(|_| world()).collect::<Result<_, _>>()?;
+    let paths: Vec<String> = worlds.iter().map(Netns::path).collect();
+    let sizes = sizes.to_vec();
+    // One thread hops between the worlds' namespaces: BPF_PROG_TEST_RUN
+    // resolves the ingress interface, and the FIB lookups run, in the
+    // caller's network namespace.
+    let worker = std::thread::spawn(move || -> anyhow::Result<Vec<EdgeCost>> {
+        let enter = |path: &str| -> anyhow::Result<()> {
+            let f = std::fs::File::open(path)?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(())
+        };
+        let mut loaded = vec![];
+        for (path, &services) in paths.iter().zip(&sizes) {
+            enter(path)?;
+            let mut l = load(services);
+            let mut plan = plan_of(services);
+            for fe in plan.frontends.values_mut() {
+                for b in &mut fe.backends {
+                    b.local = false;
+                }
+            }
+            let report = l.dp.writer.apply(&mut l.dp.tables, &plan);
+            anyhow::ensure!(report.errors.is_empty(), "{:?}", report.errors);
+            l.dp.writer.set_node_addrs(&mut l.dp.tables, &[NODE])?;
+            l.dp.writer.set_snat_addr(&mut l.dp.tables, Some(NODE))?;
+            l.dp.attach_xdp("ext0", XdpMode::Generic)?;
+            l.dp.sync_xdp_egress(XdpMode::Generic);
+            let ifindex = nix::net::if_::if_nametoindex("ext0")?;
+            loaded.push((l, ifindex));
+        }
+        let mut next_client = 0;
+        let mut samples = vec![[vec![], vec![], vec![], vec![]]; sizes.len()];
+        for _ in 0..rounds {
+            for (k, ((l, ifindex), &services)) in loaded.iter_mut().zip(&sizes).enumerate() {
+                enter(&paths[k])?;
+                let (f, e) = costs(l, &Prog::Xdp(*ifindex), services, flows, &mut next_client);
+                samples[k][0].push(f);
+                samples[k][1].push(e);
+                let (f, e) = costs(l, &Prog::Tc, services, flows, &mut next_client);
+                samples[k][2].push(f);
+                samples[k][3].push(e);
             }
         }
-        let report = l.dp.writer.apply(&mut l.dp.tables, &plan);
-        anyhow::ensure!(report.errors.is_empty(), "{:?}", report.errors);
-        l.dp.writer.set_node_addrs(&mut l.dp.tables, &[NODE])?;
-        l.dp.writer.set_snat_addr(&mut l.dp.tables, Some(NODE))?;
-        l.dp.attach_xdp("ext0", XdpMode::Generic)?;
-        l.dp.sync_xdp_egress(XdpMode::Generic);
-        let ifindex = nix::net::if_::if_nametoindex("ext0")?;
-        let mut next_client = 0;
-        let (mut xf, mut xe, mut tf, mut te) = (vec![], vec![], vec![], vec![]);
-        for _ in 0..rounds {
-            let (f, e) = costs(
-                &mut l,
-                &Prog::Xdp(ifindex),
+        Ok(sizes
+            .iter()
+            .zip(samples)
+            .map(|(&services, [xf, xe, tf, te])| EdgeCost {
                 services,
-                flows,
-                &mut next_client,
-            );
-            xf.push(f);
-            xe.push(e);
-            let (f, e) = costs(&mut l, &Prog::Tc, services, flows, &mut next_client);
-            tf.push(f);
-            te.push(e);
-        }
-        Ok(EdgeCost {
-            services,
-            xdp_first_ns: median(xf),
-            xdp_established_ns: median(xe),
-            tc_first_ns: median(tf),
-            tc_established_ns: median(te),
-        })
-    })?
+                xdp_first_ns: median(xf),
+                xdp_established_ns: median(xe),
+                tc_first_ns: median(tf),
+                tc_established_ns: median(te),
+            })
+            .collect())
+    });
+    let out = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the per-packet worker panicked"))?;
+    drop(worlds);
+    out
 }
 
 pub fn report(

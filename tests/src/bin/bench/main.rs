@@ -186,15 +186,10 @@ fn main() -> anyhow::Result<()> {
 
     if parts.run("edge") {
         eprintln!("external interfaces: XDP and tc ...");
-        let edge: Vec<edge_cost::EdgeCost> = sizes
-            .iter()
-            .filter_map(|n| {
-                eprintln!("  {n} Services");
-                edge_cost::edge_cost(*n, flows, rounds)
-                    .map_err(|e| eprintln!("    failed: {e:#}"))
-                    .ok()
-            })
-            .collect();
+        let edge = edge_cost::edge_costs(sizes, flows, rounds).unwrap_or_else(|e| {
+            eprintln!("  failed: {e:#}");
+            vec![]
+        });
         edge_cost::report(&mut md, &edge, flows, rounds, &mut targets);
     }
 
