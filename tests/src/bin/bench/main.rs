@@ -144,7 +144,13 @@ fn main() -> anyhow::Result<()> {
         (3, Duration::from_millis(1000))
     };
     let date = shell_line("date", &["+%Y-%m-%d"]);
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    let results = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    // A partial run (--only) must not overwrite the plots of the last full one.
+    let dir = if parts.0.is_none() {
+        results
+    } else {
+        std::env::temp_dir()
+    };
     let mut md = String::new();
     let host = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

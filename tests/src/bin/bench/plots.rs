@@ -122,7 +122,7 @@ fn color_of(name: &str) -> RGBColor {
 /// Services loaded; the no-Service baselines appear in every panel.
 pub fn end_to_end(results: &[PathResult], sizes: &[u32], out: &Path) -> anyhow::Result<()> {
     let ok: Vec<&PathResult> = results.iter().filter(|r| r.error.is_none()).collect();
-    let root = BitMapBackend::new(out, (1400, 900)).into_drawing_area();
+    let root = BitMapBackend::new(out, (1700, 1000)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let panels = root.split_evenly((2, sizes.len().max(1)));
     let metrics: [(&str, RateOf); 2] = [
@@ -142,7 +142,7 @@ pub fn end_to_end(results: &[PathResult], sizes: &[u32], out: &Path) -> anyhow::
                 .caption(format!("{what}, {n} Services loaded"), ("sans-serif", 20))
                 .margin(12)
                 .x_label_area_size(35)
-                .y_label_area_size(300)
+                .y_label_area_size(390)
                 .build_cartesian_2d(
                     0f64..x_max,
                     (0u32..(rows.len() as u32).saturating_sub(1)).into_segmented(),
