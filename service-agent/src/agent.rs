@@ -509,7 +509,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Link events attach new pod interfaces at once; the slow tick is only a
     // safety net.
     let mut iface_tick = tokio::time::interval(Duration::from_secs(10));
-    let mut resync_tick = tokio::time::interval(agent.cfg.resync);
+    // The first full sync has just run: the next is one period away (an
+    // interval's first tick would otherwise come at once and repeat it).
+    let mut resync_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + agent.cfg.resync,
+        agent.cfg.resync,
+    );
     let mut gc_tick = tokio::time::interval(Duration::from_secs(10));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
