@@ -41,8 +41,9 @@ enum Task {
     /// against kube-proxy's iptables and nftables layouts; writes
     /// bench/results/<date>.md and its PNG plots.
     Bench {
-        /// Per-packet cost up to 10,000 Services instead of 100,000, and
-        /// shorter end-to-end rounds.
+        /// Per-packet cost up to 10,000 Services instead of 100,000; end to
+        /// end at 10,000 Services only, without the nftables layout, in
+        /// shorter rounds; written to bench/results/<date>-quick.md.
         #[arg(long)]
         quick: bool,
     },
