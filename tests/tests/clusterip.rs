@@ -366,10 +366,30 @@ fn udp_clients_move_off_a_removed_backend() {
         text.push_str(&manifests::pod(&p.name, "web", p.ip, i != gone, "node-1"));
         text.push_str("---\n");
     }
+    let log_from = std::fs::metadata(&f.agent.log).map_or(0, |m| m.len()) as usize;
     f.dir.write("pods.yaml", &text).unwrap();
     f.agent
         .wait_list("two backends", |l| backends_listed(l, 2))
         .unwrap();
+    // `list` shows the new slots as soon as they are written; the flow's
+    // conntrack entries go at the end of the same sync, which its log line
+    // reports.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&f.agent.log)
+        .unwrap_or_default()
+        .get(log_from..)
+        .is_some_and(|t| {
+            t.lines()
+                .any(|l| l.contains("maps synced") && !l.contains("udp_flows_flushed=0"))
+        })
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no sync flushed the flow: {}",
+            f.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for _ in 0..5 {
         let r = flow.ask().unwrap();
         assert_ne!(
