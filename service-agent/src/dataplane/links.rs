@@ -79,12 +79,8 @@ fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-/// The interface a pinned TCX link is attached to; 0 once its device is gone.
-/// (aya does not expose the tcx part of the link info.)
-pub fn pinned_link_ifindex(path: &Path) -> io::Result<u32> {
-    pinned_ifindex_of(path, BPF_LINK_TYPE_TCX)
-}
-
+/// The interface a pinned link of `link_type` is attached to; 0 once its
+/// device is gone. (aya does not expose this part of the link info.)
 fn pinned_ifindex_of(path: &Path, link_type: u32) -> io::Result<u32> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -120,6 +116,34 @@ fn private(pin: &Path) -> io::Result<()> {
     fs::set_permissions(pin, fs::Permissions::from_mode(0o600))
 }
 
+/// The link pinned at `pin` when it is a `link_type` link on `ifindex`, to
+/// adopt; a pin of another device (deleted, or an older one with the same
+/// name) or type is removed, to be replaced.
+fn adoptable(pin: &Path, link_type: u32, ifindex: u32) -> anyhow::Result<Option<FdLink>> {
+    if !pin.exists() {
+        return Ok(None);
+    }
+    match pinned_ifindex_of(pin, link_type) {
+        Ok(i) if i == ifindex => Ok(Some(FdLink::from(PinnedLink::from_pin(pin)?))),
+        _ => {
+            fs::remove_file(pin)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Pins `fd` at `pin`, readable by root only. An adopted link is pinned
+/// there already and pinning it again would fail: the old pin goes and our
+/// own handle takes its place.
+fn pin_private(fd: FdLink, pin: &Path) -> anyhow::Result<PinnedLink> {
+    if pin.exists() {
+        fs::remove_file(pin)?;
+    }
+    let pinned = fd.pin(pin)?;
+    private(pin)?;
+    Ok(pinned)
+}
+
 /// Attaches `prog` to the tc ingress of `iface` through a link pinned at
 /// `pin`: an existing pinned link on the same device gets the new program
 /// swapped in (no moment without a program); otherwise a new link is made
@@ -130,30 +154,14 @@ pub fn attach_pinned(
     pin: &Path,
 ) -> anyhow::Result<(PinnedLink, bool)> {
     let ifindex = nix::net::if_::if_nametoindex(iface)?;
-    if pin.exists() {
-        match pinned_link_ifindex(pin) {
-            Ok(i) if i == ifindex => {
-                let pinned = PinnedLink::from_pin(pin)?;
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
-                let id = prog.attach_to_link(link)?;
-                let fd: FdLink = prog.take_link(id)?.try_into()?;
-                // Re-pinning the same link would fail: keep our own handle on it
-                // and leave the existing pin in place.
-                fs::remove_file(pin)?;
-                let pinned = fd.pin(pin)?;
-                private(pin)?;
-                return Ok((pinned, true));
-            }
-            // A link of a deleted interface (ifindex 0), or of an older
-            // interface that had the same name: replace it.
-            _ => fs::remove_file(pin)?,
-        }
+    if let Some(fd) = adoptable(pin, BPF_LINK_TYPE_TCX, ifindex)? {
+        let id = prog.attach_to_link(SchedClassifierLink::try_from(fd)?)?;
+        let fd: FdLink = prog.take_link(id)?.try_into()?;
+        return Ok((pin_private(fd, pin)?, true));
     }
     let id = prog.attach(iface, TcAttachType::Ingress)?;
     let fd: FdLink = prog.take_link(id)?.try_into()?;
-    let pinned = fd.pin(pin)?;
-    private(pin)?;
-    Ok((pinned, false))
+    Ok((pin_private(fd, pin)?, false))
 }
 
 /// The XDP counterpart of `attach_pinned`: adopts a pinned XDP link of the
@@ -166,20 +174,10 @@ pub fn attach_pinned_xdp(
     pin: &Path,
 ) -> anyhow::Result<(PinnedLink, bool)> {
     let ifindex = nix::net::if_::if_nametoindex(iface)?;
-    if pin.exists() {
-        match pinned_ifindex_of(pin, BPF_LINK_TYPE_XDP) {
-            Ok(i) if i == ifindex => {
-                let pinned = PinnedLink::from_pin(pin)?;
-                let link = XdpLink::try_from(FdLink::from(pinned))?;
-                let id = prog.attach_to_link(link)?;
-                let fd: FdLink = prog.take_link(id)?.try_into()?;
-                fs::remove_file(pin)?;
-                let pinned = fd.pin(pin)?;
-                private(pin)?;
-                return Ok((pinned, true));
-            }
-            _ => fs::remove_file(pin)?,
-        }
+    if let Some(fd) = adoptable(pin, BPF_LINK_TYPE_XDP, ifindex)? {
+        let id = prog.attach_to_link(XdpLink::try_from(fd)?)?;
+        let fd: FdLink = prog.take_link(id)?.try_into()?;
+        return Ok((pin_private(fd, pin)?, true));
     }
     let id = prog.attach(iface, mode.aya()).map_err(|e| {
         anyhow::anyhow!(
@@ -197,7 +195,5 @@ pub fn attach_pinned_xdp(
     let fd: FdLink = prog.take_link(id)?.try_into().map_err(|_| {
         anyhow::anyhow!("the kernel attached XDP without a bpf link; links need Linux 5.9")
     })?;
-    let pinned = fd.pin(pin)?;
-    private(pin)?;
-    Ok((pinned, false))
+    Ok((pin_private(fd, pin)?, false))
 }
