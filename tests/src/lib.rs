@@ -21,3 +21,18 @@ pub fn unique(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     format!("{prefix}{}x{n}", std::process::id())
 }
+
+/// A pin directory on bpffs of its own, removed (links, maps, directory) on drop.
+pub struct PinDir(pub std::path::PathBuf);
+
+impl PinDir {
+    pub fn new(prefix: &str) -> Self {
+        Self(std::path::PathBuf::from("/sys/fs/bpf").join(unique(prefix)))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = service_agent::dataplane::pins::remove_pins(&self.0);
+    }
+}

@@ -7,16 +7,16 @@
 //!
 //! `FUZZ_PACKETS` (default 100,000 per program), `FUZZ_SEED` and
 //! `FUZZ_SECONDS` tune a run; `cargo xtask fuzz` runs a long one.
-use std::{path::PathBuf, time::Instant};
+use std::time::Instant;
 
 use aya::programs::{TestRun, TestRunOptions};
 use integration_tests::{
+    PinDir,
     oracle::{self, Frontend, Model},
     packet::{self, Builder},
-    unique,
 };
 use service_agent::{
-    dataplane::{Dataplane, IfaceRole, MapSizes, pins},
+    dataplane::{Dataplane, IfaceRole, MapSizes},
     plan::{BackendAddr, FrontendKey, FrontendKind, FrontendPlan, Plan, Protocol},
 };
 
@@ -239,19 +239,12 @@ fn mutate(r: &mut Rng, pkt: &mut Vec<u8>) {
 }
 
 fn run_program(role: IfaceRole, packets: u64, seed: u64, seconds: u64) -> (u64, Vec<String>) {
-    let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("fuzz"));
-    struct Pins(PathBuf);
-    impl Drop for Pins {
-        fn drop(&mut self) {
-            let _ = pins::remove_pins(&self.0);
-        }
-    }
-    let _pins = Pins(pin_dir.clone());
+    let pins = PinDir::new("fuzz");
     let sizes = MapSizes {
         conntrack: 1 << 20,
         ..MapSizes::default()
     };
-    let mut dp = Dataplane::load(pin_dir, &sizes).unwrap();
+    let mut dp = Dataplane::load(pins.0.clone(), &sizes).unwrap();
     let frontends = world();
     let report = dp.writer.apply(&mut dp.tables, &plan_of(&frontends));
     assert!(report.errors.is_empty(), "{:?}", report.errors);

@@ -5,16 +5,17 @@
 //! TTL; everything else comes out untouched for tc, which follows the
 //! backend XDP recorded for a new flow. Ends with generated packets checked
 //! against these rules.
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, sync::mpsc, thread};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::mpsc, thread};
 
 use aya::programs::{TestRun, TestRunOptions};
 use integration_tests::{
+    PinDir,
     netns::Netns,
     packet::{self, ACK, Builder, SYN},
     unique,
 };
 use service_agent::{
-    dataplane::{Dataplane, IfaceRole, MapSizes, XdpMode, pins},
+    dataplane::{Dataplane, IfaceRole, MapSizes, XdpMode},
     plan::{BackendAddr, FrontendKey, FrontendKind, FrontendPlan, Plan, Protocol},
 };
 use service_common::*;
@@ -141,14 +142,7 @@ fn world() -> World {
     let (ready_tx, ready_rx) = mpsc::channel::<u32>();
     let worker = ns
         .spawn(move || {
-            let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("xdpt"));
-            struct Pins(PathBuf);
-            impl Drop for Pins {
-                fn drop(&mut self) {
-                    let _ = pins::remove_pins(&self.0);
-                }
-            }
-            let _pins = Pins(pin_dir.clone());
+            let pins = PinDir::new("xdpt");
             let sizes = MapSizes {
                 frontends: 1024,
                 services: 1024,
@@ -156,7 +150,7 @@ fn world() -> World {
                 conntrack: 1 << 16,
                 affinity: 1024,
             };
-            let mut dp = Dataplane::load(pin_dir, &sizes).expect("the programs load");
+            let mut dp = Dataplane::load(pins.0.clone(), &sizes).expect("the programs load");
             dp.attach_xdp("ext0", XdpMode::Generic).unwrap();
             let standing = dp.sync_xdp_egress(XdpMode::Generic);
             assert_eq!(standing.len(), 1, "{standing:?}");

@@ -192,20 +192,7 @@ fn routed_remote(_: u32) -> anyhow::Result<Target> {
 
 /// NodePort on node-1 from the outside host, backends on node-2.
 fn node_port_remote(n: u32, flags: &[&str]) -> anyhow::Result<Target> {
-    let mut env = remote_env()?;
-    start_agent(
-        &mut env,
-        n.saturating_sub(1),
-        "  type: NodePort\n",
-        &format!("{{name: http, port: 80, targetPort: 8080, nodePort: {NODE_PORT}}}"),
-        flags,
-    )?;
-    Ok(Target {
-        client_ns: env.topo.clients[0].ns.path(),
-        addrs: vec![SocketAddrV4::new(env.topo.nodes[0].ip, NODE_PORT)],
-        guard: env,
-        load_ms: None,
-    })
+    node_port_in(remote_env()?, n, flags)
 }
 
 fn pod_addrs(env: &Env) -> Vec<SocketAddrV4> {
@@ -337,7 +324,12 @@ fn cluster_ip(n: u32) -> anyhow::Result<Target> {
 /// NodePort from the outside client through the node's external interface;
 /// `flags` go to the agent (e.g. an XDP mode).
 pub fn node_port(n: u32, flags: &[&str]) -> anyhow::Result<Target> {
-    let mut env = pods_env(true)?;
+    node_port_in(pods_env(true)?, n, flags)
+}
+
+/// The agent on node-1 of `env` with the NodePort Service and `n - 1`
+/// fillers; the outside host loads node-1's NodePort.
+fn node_port_in(mut env: Env, n: u32, flags: &[&str]) -> anyhow::Result<Target> {
     start_agent(
         &mut env,
         n.saturating_sub(1),
