@@ -217,6 +217,7 @@ pub struct FragKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragValue {
+    /// The first fragment's addresses after translation.
     pub nat_saddr: [u8; 4],
     pub nat_daddr: [u8; 4],
     pub svc_id: u32,

@@ -25,6 +25,14 @@ impl Packet for TcContext {
     }
 }
 
+/// The interface the skb arrived on.
+#[inline(always)]
+pub fn skb_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context the program was called with, valid for
+    // the whole run; the verifier allows reading its ifindex.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
 /// A pointer to the `T` at byte `off` of an XDP frame, if the frame holds all of it.
 #[inline(always)]
 pub fn xdp_ptr<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {

@@ -151,10 +151,11 @@ pub fn create_snat(
     svc_id: u32,
     reply_flags: u16,
 ) -> Result<(), ()> {
-    // SAFETY: helper calls without arguments.
+    // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let reply = reply_value(flow, backend_id, svc_id, CT_F_SNAT | reply_flags, now);
     for _ in 0..SNAT_TRIES {
+        // SAFETY: a helper call without arguments.
         to.sport =
             SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORT_COUNT as u32) as u16;
         if CONNTRACK

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::headers::AF_INET;
+use crate::{access::skb_ifindex, headers::AF_INET};
 
 /// What a packet sent from `saddr` to `daddr` needs to leave.
 pub struct Hop {
@@ -67,9 +67,7 @@ pub fn route(
 /// is no usable route.
 #[inline(always)]
 pub fn to_next_hop(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], proto: u8, ip_len: u16) -> i32 {
-    // SAFETY: `skb` is the context the program was called with, valid for
-    // the whole run; the verifier allows reading its ifindex.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = skb_ifindex(ctx);
     let Some(hop) = route(ctx.skb.skb.cast(), ifindex, (saddr, daddr), proto, ip_len) else {
         return TC_ACT_OK as i32;
     };

@@ -11,6 +11,7 @@ use crate::{
 /// An IPv4 TCP or UDP packet, as the dataplane needs to see it.
 #[derive(Clone, Copy)]
 pub struct Flow {
+    // The 5-tuple: addresses in packet order, ports in host order.
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
     pub sport: u16,

@@ -9,6 +9,7 @@ use aya_ebpf::{
 use service_common::{IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::{
+    access::skb_ifindex,
     csum,
     headers::{ETH_HLEN, IP_HLEN, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN},
     packet::Flow,
@@ -41,9 +42,7 @@ fn swap_macs(ctx: &TcContext) -> Result<(), RejectFailed> {
 
 #[inline(always)]
 fn send_back(ctx: &TcContext) -> i32 {
-    // SAFETY: `skb` is the context the program was called with, valid for
-    // the whole run; the verifier allows reading its ifindex.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = skb_ifindex(ctx);
     // SAFETY: a helper call without pointers; the kernel checks the ifindex.
     let ret = unsafe { bpf_redirect(ifindex, 0) };
     if ret == TC_ACT_REDIRECT as i64 {

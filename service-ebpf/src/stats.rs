@@ -49,8 +49,9 @@ impl<A> Outcome<A> {
 #[inline(always)]
 pub fn count_reason(reason: Reason) {
     if let Some(c) = REASONS.get_ptr_mut(reason as u32) {
-        // SAFETY: an in-bounds per-CPU array slot, owned by this CPU while
-        // the program runs (no preemption within a BPF program run).
+        // SAFETY: an in-bounds slot of this CPU's copy of the array; programs
+        // run with migration disabled, so no other CPU writes it (a nested
+        // run on this CPU could at worst lose an increment).
         unsafe { *c += 1 };
     }
 }
