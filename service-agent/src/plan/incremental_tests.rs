@@ -4,7 +4,10 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::plan::{compile_after, ipnet_lite::Ipv4Net};
+use crate::{
+    model::SERVICE_NAME_LABEL,
+    plan::{compile_after, ipnet_lite::Ipv4Net},
+};
 
 /// xorshift64*: deterministic, seeded, no dependency.
 struct Rng(u64);

@@ -32,10 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::SharedPending;
-use crate::{
-    model::{Cluster, Sourced},
-    plan::ServiceId,
-};
+use crate::model::{Cluster, ServiceId, Sourced};
 
 /// The label carrying a Node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";

@@ -15,12 +15,9 @@ use k8s_openapi::api::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::{
-    model::{
-        Cluster, Sourced, is_selectorless, mirror_endpoints, pod_namespace, pod_selector,
-        slices_from_pods,
-    },
-    plan::ServiceId,
+use crate::model::{
+    Cluster, ServiceId, Sourced, is_selectorless, mirror_endpoints, pod_namespace, pod_selector,
+    slices_from_pods,
 };
 
 /// A manifest that could not be read, with the place it came from.

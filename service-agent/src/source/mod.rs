@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::plan::ServiceId;
+use crate::model::ServiceId;
 
 /// What changed since the agent last looked, noted by the watchers as
 /// events arrive. Sets, so a burst of events about one object costs one
