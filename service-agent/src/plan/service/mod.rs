@@ -21,10 +21,13 @@ use super::{
 };
 use crate::model::{Sourced, object_ref};
 
+/// Frontends a Service asks for, in the order of its ports.
+pub(super) type FrontendList = Vec<(FrontendKey, FrontendPlan)>;
+
 #[derive(Clone)]
 pub(super) enum Compiled {
     Skipped(Skip),
-    Frontends(Vec<(FrontendKey, FrontendPlan)>, Option<HealthCheck>),
+    Frontends(FrontendList, Option<HealthCheck>),
 }
 
 /// The Service being compiled, and the problems found so far with parts of

@@ -11,7 +11,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{Ctx, FieldError, Refusal};
+use super::{Ctx, FieldError, FrontendList, Refusal};
 use crate::{
     model::Sourced,
     plan::{
@@ -90,7 +90,7 @@ pub(super) fn frontends(
     service: &Frontends,
     slices: &[&Sourced<EndpointSlice>],
     node: &NodeContext,
-) -> Result<(Vec<(FrontendKey, FrontendPlan)>, BTreeSet<Ipv4Addr>), Refusal> {
+) -> Result<(FrontendList, BTreeSet<Ipv4Addr>), Refusal> {
     let mut out = vec![];
     let mut local_ready = BTreeSet::new();
     let mut seen_ports: BTreeSet<(u16, Protocol)> = BTreeSet::new();
