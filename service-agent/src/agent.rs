@@ -22,20 +22,25 @@ use crate::{
 
 pub use crate::source::SourceConfig;
 
+/// What `service-agent run` is told on its command line.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub source: SourceConfig,
-    pub pin_dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub external_ifaces: Vec<String>,
-    pub pod_iface_globs: Vec<String>,
     pub node: NodeContext,
-    /// Fixed node addresses; empty: every non-loopback IPv4 address of the namespace.
-    pub node_ips: Vec<Ipv4Addr>,
     pub sizes: MapSizes,
     pub resync: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub max_pending: Duration,
+    /// Where the maps and links are pinned, to outlive the agent, and
+    /// where the status file is written.
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Interfaces traffic from outside the cluster arrives on, and the
+    /// names (globs) of the pods' host-side interfaces.
+    pub external_ifaces: Vec<String>,
+    pub pod_iface_globs: Vec<String>,
+    /// Fixed node addresses; empty: every non-loopback IPv4 address of the namespace.
+    pub node_ips: Vec<Ipv4Addr>,
     /// The XDP fast path on the external interfaces.
     pub xdp: XdpMode,
 }

@@ -12,10 +12,7 @@ const GOOD: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: redis, namespace: db}
-spec:
-  clusterIP: 10.96.0.20
-  selector: {app: redis}
-  ports: [{name: redis, port: 6379, targetPort: redis}]
+spec: {clusterIP: 10.96.0.20, selector: {app: redis}, ports: [{name: redis, port: 6379, targetPort: redis}]}
 ---
 apiVersion: apps/v1
 kind: Deployment
