@@ -117,4 +117,6 @@ pub fn compile_after(
 }
 
 #[cfg(test)]
+mod manifest_tests;
+#[cfg(test)]
 mod tests;
