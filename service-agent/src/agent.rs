@@ -1,6 +1,6 @@
 //! `service-agent run`: keeps the maps equal to what the source says.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -8,8 +8,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -17,110 +15,40 @@ use crate::{
     dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, writer},
     health::HealthServers,
     metrics::{self, Metrics},
-    model::{Cluster, Sourced},
-    plan::{self, FrontendKey, Incremental, NodeContext, Plan, ServiceId},
-    source::{Pending, SharedPending, kube::KubeSource, manifest::ManifestDir},
+    plan::{self, FrontendKey, Incremental, NodeContext},
+    source::{SharedPending, Source},
     status,
 };
 
-/// Where Services and endpoints come from.
-#[derive(Clone, Debug)]
-pub enum SourceConfig {
-    /// A directory of manifests (the embedded default: no cluster needed).
-    Manifests(PathBuf),
-    /// The Kubernetes API, through a kubeconfig or the in-cluster account.
-    Kube { kubeconfig: Option<PathBuf> },
-}
+pub use crate::source::SourceConfig;
 
+/// What `service-agent run` is told on its command line.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub source: SourceConfig,
-    pub pin_dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub external_ifaces: Vec<String>,
-    pub pod_iface_globs: Vec<String>,
     pub node: NodeContext,
-    /// Fixed node addresses; empty: every non-loopback IPv4 address of the namespace.
-    pub node_ips: Vec<Ipv4Addr>,
     pub sizes: MapSizes,
     pub resync: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub max_pending: Duration,
+    /// Where the maps and links are pinned, to outlive the agent, and
+    /// where the status file is written.
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Interfaces traffic from outside the cluster arrives on, and the
+    /// names (globs) of the pods' host-side interfaces.
+    pub external_ifaces: Vec<String>,
+    pub pod_iface_globs: Vec<String>,
+    /// Fixed node addresses; empty: every non-loopback IPv4 address of the namespace.
+    pub node_ips: Vec<Ipv4Addr>,
     /// The XDP fast path on the external interfaces.
     pub xdp: XdpMode,
-}
-
-enum Source {
-    Manifests {
-        dir: PathBuf,
-        files: Box<ManifestDir>,
-    },
-    Kube(KubeSource),
-}
-
-impl Source {
-    /// Reads what changed (everything when `all`) and names the Services
-    /// whose objects may differ; `None` stands for all of them.
-    fn refresh(&mut self, pending: &Pending, all: bool) -> Option<BTreeSet<ServiceId>> {
-        match self {
-            Source::Manifests { dir, files } => {
-                if all {
-                    files.load_all(dir);
-                    None
-                } else {
-                    Some(files.load_paths(dir, &pending.files).services)
-                }
-            }
-            Source::Kube(_) if all => None,
-            Source::Kube(_) => Some(pending.services.clone()),
-        }
-    }
-
-    fn ids(&self) -> BTreeSet<ServiceId> {
-        match self {
-            Source::Manifests { files, .. } => files.ids().cloned().collect(),
-            Source::Kube(k) => k.ids(),
-        }
-    }
-
-    fn objects(&self, id: &ServiceId) -> (Vec<Sourced<Service>>, Vec<Sourced<EndpointSlice>>) {
-        match self {
-            Source::Manifests { files, .. } => files.objects(id),
-            Source::Kube(k) => k.objects(id),
-        }
-    }
-
-    fn unlabeled_slices(&self) -> Vec<Sourced<EndpointSlice>> {
-        match self {
-            Source::Manifests { files, .. } => files.unlabeled_slices(),
-            // The watch selects labelled slices only.
-            Source::Kube(_) => vec![],
-        }
-    }
-
-    fn errors(&self) -> Vec<String> {
-        match self {
-            Source::Manifests { files, .. } => {
-                files.errors().iter().map(|e| e.to_string()).collect()
-            }
-            Source::Kube(_) => vec![],
-        }
-    }
-
-    /// Everything as one cluster, for the full compile that checks the
-    /// incremental one in debug builds.
-    fn cluster(&self) -> Cluster {
-        match self {
-            Source::Manifests { files, .. } => files.cluster(),
-            Source::Kube(k) => k.cluster(),
-        }
-    }
 }
 
 struct Agent {
     cfg: RunConfig,
     dp: Dataplane,
-    source: Source,
+    source: Box<dyn Source>,
     pending: SharedPending,
     planner: Incremental,
     last_errors: Vec<String>,
@@ -146,10 +74,8 @@ impl Agent {
         let changed_at = self.metrics.pending_since();
         let pending = self.pending.take();
         let mut node = self.cfg.node.clone();
-        if let Source::Kube(k) = &self.source
-            && node.zone.is_none()
-        {
-            node.zone = k.node_zone();
+        if node.zone.is_none() {
+            node.zone = self.source.node_zone();
         }
         // Node context (zone) changes every Service: compile all of them.
         let full = full || pending.everything || node != *self.planner.node();
@@ -167,16 +93,13 @@ impl Agent {
                 // A fresh planner from the plan in force: every Service
                 // compiled again, every clash decided again.
                 let previous = std::mem::take(&mut self.planner).into_plan();
-                let mut planner = Incremental::new(node, previous.clone());
+                let mut planner = Incremental::new(node, previous);
                 for id in self.source.ids() {
                     let (services, slices) = self.source.objects(&id);
                     planner.set(id, services, slices);
                 }
                 planner.set_unlabeled(&self.source.unlabeled_slices());
                 let changed = planner.commit();
-                if cfg!(debug_assertions) {
-                    self.check_against_full_compile(&previous, &planner);
-                }
                 self.planner = planner;
                 changed
             }
@@ -257,28 +180,6 @@ impl Agent {
             self.dp.writer.frontend_count(),
             self.dp.writer.backend_count(),
         );
-    }
-
-    /// The incremental planner must agree with `compile_after` over the same
-    /// objects; debug builds (the tests) check it at every full sync. The
-    /// lists are compared as sets: the source's order of slices differs.
-    fn check_against_full_compile(&self, previous: &Plan, planner: &Incremental) {
-        let incremental = planner.plan();
-        let cluster = self.source.cluster();
-        let slices = cluster.all_endpoint_slices();
-        let mut full = plan::compile_after(&cluster.services, &slices, planner.node(), previous);
-        full.keep_refused_from(previous);
-        let sorted = |p: &Plan| {
-            let mut v: Vec<String> = p.problems.iter().map(|x| x.to_string()).collect();
-            v.sort();
-            v
-        };
-        if full.frontends != incremental.frontends
-            || full.refused != incremental.refused
-            || sorted(&full) != sorted(incremental)
-        {
-            error!("the incremental plan differs from the full compile; please report this");
-        }
     }
 
     /// Attaches to new interfaces and keeps NODE_ADDRS current.
@@ -398,60 +299,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Wakes the loop; what changed is in `pending`.
     let (tx, mut changes) = mpsc::channel::<()>(1);
     let pending = SharedPending::default();
-    // Kept alive for the life of the loop: dropping it stops the events.
-    let mut _file_watcher = None;
-    let source = match &cfg.source {
-        SourceConfig::Manifests(dir) => {
-            if !dir.is_dir() {
-                anyhow::bail!("--manifests {}: not a directory", dir.display());
-            }
-            let tx = tx.clone();
-            let pending = pending.clone();
-            let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-                let event = match res {
-                    Ok(e) => e,
-                    Err(_) => {
-                        pending.note(|p| p.everything = true);
-                        let _ = tx.try_send(());
-                        return;
-                    }
-                };
-                if event.need_rescan() {
-                    pending.note(|p| p.everything = true);
-                } else {
-                    // A file is read when its writer is done with it (closed
-                    // after writing, renamed into place, removed): reading
-                    // at the first write could see it truncated and empty.
-                    match event.kind {
-                        EventKind::Access(AccessKind::Close(AccessMode::Write))
-                        | EventKind::Modify(ModifyKind::Name(_))
-                        | EventKind::Remove(_) => {}
-                        _ => return,
-                    }
-                    pending.note(|p| p.files.extend(event.paths));
-                }
-                let _ = tx.try_send(());
-            })
-            .context("starting the file watcher")?;
-            w.watch(dir, RecursiveMode::NonRecursive)
-                .with_context(|| format!("watching {}", dir.display()))?;
-            _file_watcher = Some(w);
-            Source::Manifests {
-                dir: dir.clone(),
-                files: Box::default(),
-            }
-        }
-        SourceConfig::Kube { kubeconfig } => {
-            let client = crate::source::kube::client(kubeconfig.as_deref()).await?;
-            Source::Kube(KubeSource::start(
-                client,
-                cfg.node.name.as_deref(),
-                tx.clone(),
-                pending.clone(),
-            ))
-        }
-    };
+    let source = cfg
+        .source
+        .start(cfg.node.name.as_deref(), tx, pending.clone())
+        .await?;
     let dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = cfg.metrics_addr {
@@ -466,11 +317,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         )
         .await?;
     }
-    if let Source::Kube(k) = &source {
-        // Until the initial lists are in, the maps keep what a previous
-        // agent programmed (and the pinned links keep serving it).
-        k.wait_until_synced().await?;
-    }
+    // Until the initial lists are in, the maps keep what a previous agent
+    // programmed (and the pinned links keep serving it).
+    source.wait_until_synced().await?;
     let mut agent = Agent {
         cfg,
         dp,

@@ -4,7 +4,10 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use service_common::*;
 
-use crate::{plan::ipnet_lite::Ipv4Net, status};
+use crate::{
+    plan::ipnet_lite::{Ipv4Net, ParseNetError},
+    status,
+};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/service-agent";
 
@@ -168,7 +171,7 @@ pub enum Command {
     },
 }
 
-pub fn parse_net(s: &str) -> Result<Ipv4Net, String> {
+pub fn parse_net(s: &str) -> Result<Ipv4Net, ParseNetError> {
     s.parse()
 }
 

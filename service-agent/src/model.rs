@@ -18,6 +18,60 @@ use k8s_openapi::{
 /// The label that joins an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// Annotations that ask for topology-aware routing (older spellings of
+/// `spec.trafficDistribution`). The only annotations the planner reads, so
+/// the only ones a source needs to keep.
+pub const TOPOLOGY_MODE_ANNOTATIONS: [&str; 2] = [
+    "service.kubernetes.io/topology-mode",
+    "service.kubernetes.io/topology-aware-hints",
+];
+
+/// What joins a Service and its EndpointSlices: the namespace (`default`
+/// when missing) and the name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceId {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceId {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The id of a Service (or of the Endpoints object mirroring one).
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self::new(namespace(meta), meta.name.as_deref().unwrap_or_default())
+    }
+
+    /// The Service a slice belongs to, by its `kubernetes.io/service-name` label.
+    pub fn of_slice(slice: &EndpointSlice) -> Option<Self> {
+        let meta = &slice.metadata;
+        let svc = meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        Some(Self::new(namespace(meta), svc))
+    }
+
+    /// `namespace/name`, as the plan names a Service.
+    pub fn object_ref(&self) -> String {
+        let name = if self.name.is_empty() {
+            "<unnamed>"
+        } else {
+            &self.name
+        };
+        format!("{}/{name}", self.namespace)
+    }
+
+    /// The id behind a plan's `namespace/name` (the inverse of
+    /// [`ServiceId::object_ref`]).
+    pub fn from_object_ref(name: &str) -> Self {
+        let (ns, n) = name.split_once('/').unwrap_or(("default", name));
+        Self::new(ns, if n == "<unnamed>" { "" } else { n })
+    }
+}
+
 /// An object and where it was read from (`file.yaml#2`, `api`), for messages.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sourced<T> {
@@ -34,6 +88,7 @@ impl<T> Sourced<T> {
     }
 }
 
+/// Objects of the cluster (or of one manifest file).
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
     pub services: Vec<Sourced<Service>>,

@@ -27,51 +27,15 @@
 //!   held, wins, or kept.
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
-    ClaimOrder, Compiled, Ctx, FrontendKey, FrontendPlan, HealthCheck, NodeContext, Plan, Problem,
-    Skipped, claim_order, compile_service, orphan_problem, slice_address_problems,
+    contention::{ClaimOrder, Claims, CompiledService},
+    service::{Compiled, compile_service},
+    slices,
+    types::{FrontendKey, FrontendPlan, HealthCheck, NodeContext, Plan, Problem, Skipped},
 };
-use crate::model::{SERVICE_NAME_LABEL, Sourced, object_ref};
-
-/// What joins a Service and its EndpointSlices: the namespace (`default`
-/// when missing) and the name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceId {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ServiceId {
-    pub fn new(namespace: &str, name: &str) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-
-    /// The id of a Service (or of the Endpoints object mirroring one).
-    pub fn of(meta: &ObjectMeta) -> Self {
-        Self {
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: meta.name.clone().unwrap_or_default(),
-        }
-    }
-
-    /// The Service a slice belongs to, by its `kubernetes.io/service-name` label.
-    pub fn of_slice(slice: &EndpointSlice) -> Option<Self> {
-        let meta = &slice.metadata;
-        let svc = meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-        Some(Self {
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: svc.clone(),
-        })
-    }
-}
+use crate::model::{ServiceId, Sourced};
 
 /// What one Service object contributed in the last replay of its group.
 #[derive(Clone, Debug, Default)]
@@ -88,16 +52,6 @@ impl ObjectOutput {
     }
 }
 
-/// One Service object, compiled: what the claim replay needs of it.
-struct CompiledObject {
-    order: ClaimOrder,
-    /// `namespace/name` and where it was read, for the clash problem.
-    name: String,
-    origin: String,
-    result: Result<Compiled, ()>,
-    problems: Vec<Problem>,
-}
-
 /// One Service id: what its objects compiled to, and what they came to.
 /// The objects themselves are not kept: the source has them, and the
 /// compiled frontends are a fraction of their size.
@@ -105,7 +59,7 @@ struct CompiledObject {
 struct Unit {
     /// It has Service objects or slices.
     exists: bool,
-    compiled: Vec<CompiledObject>,
+    compiled: Vec<CompiledService>,
     /// Problems of its slices' endpoints, and of slices without a Service.
     slice_problems: Vec<Problem>,
     orphan_problems: Vec<Problem>,
@@ -167,7 +121,7 @@ impl Incremental {
         let mut holder = BTreeMap::new();
         let mut held: BTreeMap<ServiceId, BTreeSet<FrontendKey>> = BTreeMap::new();
         for (k, f) in &previous.frontends {
-            let id = id_of_name(&f.service);
+            let id = ServiceId::from_object_ref(&f.service);
             holder.insert(*k, id.clone());
             held.entry(id).or_default().insert(*k);
         }
@@ -223,24 +177,9 @@ impl Incremental {
         slices: Vec<Sourced<EndpointSlice>>,
     ) {
         let refs: Vec<&Sourced<EndpointSlice>> = slices.iter().collect();
-        let compiled: Vec<CompiledObject> = services
+        let compiled: Vec<CompiledService> = services
             .iter()
-            .map(|svc| {
-                let name = object_ref(&svc.object.metadata);
-                let mut ctx = Ctx {
-                    svc,
-                    name: name.clone(),
-                    problems: vec![],
-                };
-                let result = compile_service(&mut ctx, &refs, &self.node);
-                CompiledObject {
-                    order: claim_order(&svc.object),
-                    name,
-                    origin: svc.origin.clone(),
-                    result,
-                    problems: ctx.problems,
-                }
-            })
+            .map(|svc| compile_service(svc, &refs, &self.node))
             .collect();
         let keys: BTreeSet<FrontendKey> = compiled
             .iter()
@@ -267,11 +206,11 @@ impl Incremental {
         unit.keys = keys;
         unit.exists = !services.is_empty() || !slices.is_empty();
         unit.compiled = compiled;
-        unit.slice_problems = slices.iter().flat_map(slice_address_problems).collect();
+        unit.slice_problems = slices.iter().flat_map(slices::address_problems).collect();
         unit.orphan_problems = if services.is_empty() {
             slices
                 .iter()
-                .map(|s| orphan_problem(&id.namespace, &id.name, s))
+                .map(|s| slices::orphan_problem(&id, s))
                 .collect()
         } else {
             vec![]
@@ -281,7 +220,7 @@ impl Incremental {
 
     /// Replaces the slices that name no Service.
     pub fn set_unlabeled(&mut self, slices: &[Sourced<EndpointSlice>]) {
-        self.unlabeled_problems = slices.iter().flat_map(slice_address_problems).collect();
+        self.unlabeled_problems = slices.iter().flat_map(slices::address_problems).collect();
     }
 
     /// Brings the plan up to the objects set since the last commit; returns
@@ -313,7 +252,7 @@ impl Incremental {
                 } else {
                     self.noisy.remove(id);
                 }
-                let name = object_ref_of(id);
+                let name = id.object_ref();
                 if unit.refused {
                     self.plan.refused.insert(name);
                 } else {
@@ -411,7 +350,7 @@ impl Incremental {
             }
         }
         order.sort();
-        let mut owner: BTreeMap<FrontendKey, &str> = BTreeMap::new();
+        let mut claims = Claims::default();
         let mut results: BTreeMap<ServiceId, (BTreeMap<FrontendKey, FrontendPlan>, bool)> = group
             .iter()
             .map(|id| (id.clone(), (BTreeMap::new(), false)))
@@ -424,52 +363,19 @@ impl Incremental {
             })
             .collect();
         for (_, claim, id, i) in order {
-            let c = &self.units[id].compiled[i];
-            let name = c.name.as_str();
-            let out = &mut outputs.get_mut(id).expect("one per member")[i];
+            let settled = claims.settle(&self.units[id].compiled[i]);
             let (won, refused) = results.get_mut(id).expect("one per member");
-            let mut problems = c.problems.clone();
-            match &c.result {
-                Ok(Compiled::Skipped(reason)) => {
-                    out.skipped = Some(Skipped {
-                        service: name.to_string(),
-                        reason: reason.clone(),
-                    })
-                }
-                Ok(Compiled::Frontends(fes, health)) => {
-                    let clash = fes.iter().find_map(|(key, _)| {
-                        owner
-                            .get(key)
-                            .filter(|other| **other != name)
-                            .map(|other| (*key, *other))
-                    });
-                    if let Some((key, other)) = clash {
-                        // As `Ctx::problem` words it in the full compile.
-                        problems.push(Problem {
-                            origin: c.origin.clone(),
-                            object: format!("Service {name}"),
-                            field: "spec".into(),
-                            message: format!(
-                                "frontend {key} is already used by Service {other}; Service not programmed"
-                            ),
-                            refuses_service: true,
-                        });
-                    } else {
-                        for (key, fe) in fes {
-                            owner.insert(*key, name);
-                            won.insert(*key, fe.clone());
-                        }
-                        out.health = health.clone();
-                    }
-                }
-                Err(()) => {}
-            }
-            if problems.iter().any(|p| p.refuses_service) {
+            won.extend(settled.won.iter().cloned());
+            if settled.refused {
                 *refused = true;
                 won.clear();
             }
-            out.problems = problems;
-            out.order = claim.clone();
+            outputs.get_mut(id).expect("one per member")[i] = ObjectOutput {
+                order: claim.clone(),
+                skipped: settled.skipped,
+                health: settled.health,
+                problems: settled.problems,
+            };
         }
         for (id, (won, refused)) in results {
             for k in self.units[&id].won.keys() {
@@ -533,22 +439,6 @@ impl Incremental {
 /// contested frontends first.
 fn incumbent(held: &BTreeMap<ServiceId, BTreeSet<FrontendKey>>, id: &ServiceId) -> bool {
     held.get(id).is_some_and(|k| !k.is_empty())
-}
-
-/// The id behind a plan's `namespace/name`.
-fn id_of_name(name: &str) -> ServiceId {
-    let (ns, n) = name.split_once('/').unwrap_or(("default", name));
-    let n = if n == "<unnamed>" { "" } else { n };
-    ServiceId::new(ns, n)
-}
-
-/// `namespace/name` as the plan names a Service.
-fn object_ref_of(id: &ServiceId) -> String {
-    object_ref(&ObjectMeta {
-        namespace: Some(id.namespace.clone()),
-        name: (!id.name.is_empty()).then(|| id.name.clone()),
-        ..Default::default()
-    })
 }
 
 #[cfg(test)]

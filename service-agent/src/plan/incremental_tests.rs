@@ -1,32 +1,31 @@
 //! The incremental planner against the full compile, over random sequences
 //! of changes drawn from a small pool of names, addresses and ports so that
 //! clashes, refusals, duplicates, orphans and kept frontends all happen.
+//! The agent trusts the incremental plan without comparing: these tests are
+//! where a disagreement with `compile_after` is caught, and they fail on one.
 use serde_json::{Value, json};
 
 use super::*;
-use crate::plan::{compile_after, ipnet_lite::Ipv4Net};
+use crate::{
+    model::SERVICE_NAME_LABEL,
+    plan::{compile_after, ipnet_lite::Ipv4Net},
+};
 
-/// xorshift64*: deterministic, seeded, no dependency.
-struct Rng(u64);
+/// Seeded, so a failing seed can be replayed.
+struct Rng(fastrand::Rng);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        Self(fastrand::Rng::with_seed(seed))
     }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.u64(..n)
     }
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
     fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len() as u64) as usize]
+        from[self.0.usize(..from.len())]
     }
 }
 

@@ -102,7 +102,8 @@ fn no_usable_endpoint_leaves_a_rejecting_frontend() {
 
 #[test]
 fn slice_ports_are_matched_by_name_and_protocol() {
-    let yaml = r#"
+    let p = plan(
+        r#"
 apiVersion: v1
 kind: Service
 metadata: {name: dns}
@@ -118,16 +119,11 @@ metadata: {name: dns-1, labels: {kubernetes.io/service-name: dns}}
 addressType: IPv4
 ports: [{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354, protocol: TCP}]
 endpoints: [{addresses: [10.0.0.5]}]
-"#;
-    let p = plan(yaml);
-    assert_eq!(
-        backends(&p, key("10.96.0.53", 53, Protocol::Udp)),
-        ["10.0.0.5:5353"]
+"#,
     );
-    assert_eq!(
-        backends(&p, key("10.96.0.53", 53, Protocol::Tcp)),
-        ["10.0.0.5:5354"]
-    );
+    let udp = backends(&p, key("10.96.0.53", 53, Protocol::Udp));
+    let tcp = backends(&p, key("10.96.0.53", 53, Protocol::Tcp));
+    assert_eq!([udp, tcp], [["10.0.0.5:5353"], ["10.0.0.5:5354"]]);
 }
 
 #[test]
@@ -383,7 +379,18 @@ fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
 
 #[test]
 fn pods_selected_by_a_service_become_endpoints_with_named_ports_resolved() {
-    let yaml = r#"
+    let pod = |name: &str, labels: &str, port: Option<u16>, ip: &str, ready: &str| {
+        let ports = port
+            .map(|p| format!(", ports: [{{name: client, containerPort: {p}}}]"))
+            .unwrap_or_default();
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{{labels}}}}}\n\
+             spec:\n  containers: [{{name: c{ports}}}]\n\
+             status: {{podIP: {ip}, conditions: [{{type: Ready, status: \"{ready}\"}}]}}\n"
+        )
+    };
+    let yaml = [
+        r#"
 apiVersion: v1
 kind: Service
 metadata: {name: redis}
@@ -391,42 +398,22 @@ spec:
   clusterIP: 10.96.0.20
   selector: {app: redis}
   ports: [{name: redis, port: 6379, targetPort: client}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: r1, labels: {app: redis, tier: db}}
-spec:
-  containers: [{name: c, ports: [{name: client, containerPort: 7000}]}]
-status: {podIP: 10.244.0.5, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: r2, labels: {app: redis}}
-spec:
-  containers: [{name: c, ports: [{name: client, containerPort: 7001}]}]
-status: {podIP: 10.244.0.6, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: unready, labels: {app: redis}}
-spec:
-  containers: [{name: c, ports: [{name: client, containerPort: 7000}]}]
-status: {podIP: 10.244.0.7, conditions: [{type: Ready, status: "False"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: noport, labels: {app: redis}}
-spec:
-  containers: [{name: c}]
-status: {podIP: 10.244.0.8, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: other, labels: {app: web}}
-spec:
-  containers: [{name: c, ports: [{name: client, containerPort: 7000}]}]
-status: {podIP: 10.244.0.9, conditions: [{type: Ready, status: "True"}]}
-"#;
+"#
+        .to_string(),
+        pod(
+            "r1",
+            "app: redis, tier: db",
+            Some(7000),
+            "10.244.0.5",
+            "True",
+        ),
+        pod("r2", "app: redis", Some(7001), "10.244.0.6", "True"),
+        pod("unready", "app: redis", Some(7000), "10.244.0.7", "False"),
+        pod("noport", "app: redis", None, "10.244.0.8", "True"),
+        pod("other", "app: web", Some(7000), "10.244.0.9", "True"),
+    ]
+    .concat();
+    let yaml = yaml.as_str();
     let p = plan(yaml);
     assert_eq!(
         backends(&p, key("10.96.0.20", 6379, Protocol::Tcp)),

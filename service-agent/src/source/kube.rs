@@ -14,28 +14,25 @@ use std::{
 };
 
 use anyhow::Context as _;
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _, future::BoxFuture};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Config,
+    Api, Client, Config, ResourceExt,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
-        WatchStreamExt as _,
+        PredicateConfig, WatchStreamExt as _, predicates,
         reflector::{self, Store},
         watcher,
     },
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::SharedPending;
-use crate::{
-    model::{Cluster, Sourced},
-    plan::ServiceId,
-};
+use super::{Pending, ServiceObjects, SharedPending, Source};
+use crate::model::{SERVICE_NAME_LABEL, ServiceId, Sourced, TOPOLOGY_MODE_ANNOTATIONS};
 
 /// The label carrying a Node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -63,8 +60,6 @@ pub struct KubeSource {
     slices: Store<EndpointSlice>,
     node: Store<Node>,
     slice_index: Arc<Mutex<SliceIndex>>,
-    /// Time of the last event seen, for the programming-latency metric.
-    pub last_event: watch::Receiver<Option<Instant>>,
 }
 
 /// Which Service each EndpointSlice belongs to, kept from the events: the
@@ -111,12 +106,43 @@ fn slice_key(slice: &EndpointSlice) -> (String, String) {
     )
 }
 
+/// Wakes the agent after each event a watcher passes on.
+#[derive(Clone)]
+struct Wake(mpsc::Sender<()>);
+
+/// Polls `stream` in a task, calling `on_item` for each item and waking the
+/// agent after it.
+fn drive<T: Send + 'static>(
+    stream: impl Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    what: &'static str,
+    wake: Wake,
+    mut on_item: impl FnMut(&T) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(item) => {
+                    // The store already holds what the item says.
+                    on_item(&item);
+                    let _ = wake.0.try_send(());
+                }
+                // The watcher backs off and relists by itself; the stores
+                // keep their last contents meanwhile, and so do the maps.
+                Err(e) => warn!(resource = what, "watch failed, retrying: {e}"),
+            }
+        }
+    });
+}
+
+/// A reflector whose store keeps each object as `strip` leaves it; every
+/// event is passed to `on_event` once the store holds it.
 fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,
-    changed: mpsc::Sender<()>,
-    last_event: Arc<watch::Sender<Option<Instant>>>,
+    strip: fn(&mut K),
+    wake: Wake,
     mut on_event: impl FnMut(&watcher::Event<K>, &Store<K>) + Send + 'static,
 ) -> Store<K>
 where
@@ -129,28 +155,32 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, config).default_backoff());
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer);
     let store = reader.clone();
-    tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(event) => {
-                    // The store already holds what the event says.
-                    on_event(&event, &store);
-                    let _ = last_event.send(Some(Instant::now()));
-                    let _ = changed.try_send(());
-                }
-                // The watcher backs off and relists by itself; the stores
-                // keep their last contents meanwhile, and so do the maps.
-                Err(e) => warn!(resource = what, "watch failed, retrying: {e}"),
-            }
-        }
-    });
+    drive(stream, what, wake, move |event| on_event(event, &store));
     reader
 }
 
-use kube::runtime::reflector::reflector;
+/// What no reader of a Service or slice looks at: the server-side apply
+/// bookkeeping and annotations other than the topology ones (the
+/// last-applied-configuration annotation alone can double an object).
+fn strip_metadata<K: ResourceExt>(obj: &mut K) {
+    obj.managed_fields_mut().clear();
+    obj.annotations_mut()
+        .retain(|k, _| TOPOLOGY_MODE_ANNOTATIONS.contains(&k.as_str()));
+}
+
+/// The Node matters for its labels only (the zone): its status (images,
+/// conditions, heartbeats) is most of its size.
+fn strip_node(node: &mut Node) {
+    strip_metadata(node);
+    node.annotations_mut().clear();
+    node.spec = None;
+    node.status = None;
+}
 
 impl KubeSource {
     /// Starts the watchers. `changed` gets a message after every event, and
@@ -161,15 +191,14 @@ impl KubeSource {
         changed: mpsc::Sender<()>,
         pending: SharedPending,
     ) -> Self {
-        let (tx, last_event) = watch::channel(None);
-        let tx = Arc::new(tx);
+        let wake = Wake(changed);
         let p = pending.clone();
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
             "services",
-            changed.clone(),
-            tx.clone(),
+            strip_metadata,
+            wake.clone(),
             move |event, _| match event {
                 watcher::Event::Apply(s) | watcher::Event::Delete(s) => p.note(|p| {
                     p.services.insert(ServiceId::of(&s.metadata));
@@ -180,13 +209,13 @@ impl KubeSource {
             },
         );
         let slice_index = Arc::new(Mutex::new(SliceIndex::default()));
-        let (p, index) = (pending.clone(), slice_index.clone());
+        let (p, index) = (pending, slice_index.clone());
         let slices = spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default().labels(crate::model::SERVICE_NAME_LABEL),
+            watcher::Config::default().labels(SERVICE_NAME_LABEL),
             "endpointslices",
-            changed.clone(),
-            tx.clone(),
+            strip_metadata,
+            wake.clone(),
             move |event, store| {
                 let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
                 match event {
@@ -212,66 +241,59 @@ impl KubeSource {
                 }
             },
         );
+        // The agent compares the zone it reads at each sync and recompiles
+        // everything when it differs; only a change of labels wakes it
+        // (heartbeats would otherwise cost a sync each). A deleted Node
+        // is seen at the next sync.
         let node_filter = format!("metadata.name={}", node_name.unwrap_or(""));
-        // The Node matters for its zone only; the agent compares the zone
-        // it reads at each sync and recompiles everything when it differs.
-        let node = spawn_reflector(
+        let (reader, writer) = reflector::store();
+        let stream = watcher(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&node_filter),
-            "node",
-            changed,
-            tx,
-            |_, _| {},
-        );
+        )
+        .default_backoff()
+        .modify(strip_node)
+        .reflect(writer)
+        .touched_objects()
+        .predicate_filter(predicates::labels, PredicateConfig::default());
+        drive(stream, "node", wake, |_| {});
         Self {
             services,
             slices,
-            node,
+            node: reader,
             slice_index,
-            last_event,
         }
     }
+}
 
-    /// Waits until every initial list is complete: nothing is programmed
-    /// from a half-listed cluster (kube-proxy waits the same way).
-    pub async fn wait_until_synced(&self) -> anyhow::Result<()> {
-        let started = Instant::now();
-        self.services.wait_until_ready().await?;
-        self.slices.wait_until_ready().await?;
-        self.node.wait_until_ready().await?;
-        info!(
-            services = self.services.state().len(),
-            endpointslices = self.slices.state().len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "initial lists complete"
-        );
-        Ok(())
+/// The stores are current: a sync reads the Services the events named.
+impl Source for KubeSource {
+    fn refresh(&mut self, pending: &Pending, all: bool) -> Option<BTreeSet<ServiceId>> {
+        (!all).then(|| pending.services.clone())
     }
 
-    /// The cluster as the stores have it now.
-    pub fn cluster(&self) -> Cluster {
-        Cluster {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| Sourced::new("api", (**s).clone()))
-                .collect(),
-            endpoint_slices: self
-                .slices
-                .state()
-                .iter()
-                .map(|s| Sourced::new("api", (**s).clone()))
-                .collect(),
-            endpoints: vec![],
-            pods: vec![],
-        }
+    /// Waits until every initial list is complete (kube-proxy waits the
+    /// same way).
+    fn wait_until_synced(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async {
+            let started = Instant::now();
+            self.services.wait_until_ready().await?;
+            self.slices.wait_until_ready().await?;
+            self.node.wait_until_ready().await?;
+            info!(
+                services = self.services.state().len(),
+                endpointslices = self.slices.state().len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "initial lists complete"
+            );
+            Ok(())
+        })
     }
 
     /// Every Service id the stores know (Services and slices' Services).
     /// Rebuilds the slice index from the store first: at start the first
     /// full read may come before the event task has seen the initial list.
-    pub fn ids(&self) -> BTreeSet<ServiceId> {
+    fn ids(&self) -> BTreeSet<ServiceId> {
         {
             let mut index = self.slice_index.lock().unwrap_or_else(|e| e.into_inner());
             *index = SliceIndex::default();
@@ -291,7 +313,7 @@ impl KubeSource {
     }
 
     /// The Service `id` and its EndpointSlices, as the stores have them now.
-    pub fn objects(&self, id: &ServiceId) -> (Vec<Sourced<Service>>, Vec<Sourced<EndpointSlice>>) {
+    fn objects(&self, id: &ServiceId) -> ServiceObjects {
         let svc = self
             .services
             .get(&reflector::ObjectRef::new(&id.name).within(&id.namespace));
@@ -323,7 +345,7 @@ impl KubeSource {
     }
 
     /// This node's zone label, if the Node object has one.
-    pub fn node_zone(&self) -> Option<String> {
+    fn node_zone(&self) -> Option<String> {
         self.node
             .state()
             .first()?

@@ -9,7 +9,80 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::plan::ServiceId;
+use futures::future::BoxFuture;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use tokio::sync::mpsc;
+
+use crate::model::{ServiceId, Sourced};
+
+/// The Service objects of one Service id and the EndpointSlices the
+/// planner should see for it.
+pub type ServiceObjects = (Vec<Sourced<Service>>, Vec<Sourced<EndpointSlice>>);
+
+/// A source of Services and endpoints, kept current by its own watchers,
+/// which note in [`SharedPending`] what each event touched and wake the
+/// agent.
+pub trait Source: Send {
+    /// Reads what changed (everything when `all`) and names the Services
+    /// whose objects may differ; `None` stands for all of them.
+    fn refresh(&mut self, pending: &Pending, all: bool) -> Option<BTreeSet<ServiceId>>;
+
+    /// Every Service id known (with Service objects or slices).
+    fn ids(&self) -> BTreeSet<ServiceId>;
+
+    fn objects(&self, id: &ServiceId) -> ServiceObjects;
+
+    /// The slices that name no Service (the planner checks their addresses).
+    fn unlabeled_slices(&self) -> Vec<Sourced<EndpointSlice>> {
+        vec![]
+    }
+
+    /// What could not be read, as last read.
+    fn errors(&self) -> Vec<String> {
+        vec![]
+    }
+
+    /// This node's zone, when the source knows the Node object.
+    fn node_zone(&self) -> Option<String> {
+        None
+    }
+
+    /// Resolves once the initial contents are complete: nothing is
+    /// programmed from a half-read cluster.
+    fn wait_until_synced(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Where Services and endpoints come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests (the embedded default: no cluster needed).
+    Manifests(PathBuf),
+    /// The Kubernetes API, through a kubeconfig or the in-cluster account.
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
+impl SourceConfig {
+    /// Starts the source's watchers. `changed` gets a message after every
+    /// change, and `pending` what the change touched.
+    pub async fn start(
+        &self,
+        node_name: Option<&str>,
+        changed: mpsc::Sender<()>,
+        pending: SharedPending,
+    ) -> anyhow::Result<Box<dyn Source>> {
+        Ok(match self {
+            SourceConfig::Manifests(dir) => {
+                Box::new(manifest::ManifestSource::watch(dir, changed, pending)?)
+            }
+            SourceConfig::Kube { kubeconfig } => {
+                let client = kube::client(kubeconfig.as_deref()).await?;
+                Box::new(kube::KubeSource::start(client, node_name, changed, pending))
+            }
+        })
+    }
+}
 
 /// What changed since the agent last looked, noted by the watchers as
 /// events arrive. Sets, so a burst of events about one object costs one

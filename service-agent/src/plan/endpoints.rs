@@ -1,0 +1,172 @@
+//! Which endpoints of a Service port receive traffic, decided in one place
+//! in the shape of kube-proxy's `CategorizeEndpoints`: the cluster-wide set
+//! (narrowed by topology hints when they apply), the node-local set, and
+//! the traffic policies choosing between them for traffic from inside the
+//! cluster and from outside.
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::Endpoint};
+
+use super::{
+    slices::PortEndpoint,
+    types::{BackendAddr, NodeContext},
+};
+use crate::model::TOPOLOGY_MODE_ANNOTATIONS;
+
+/// How a Service asks its endpoints to be chosen.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct TrafficPolicy {
+    /// `internalTrafficPolicy: Local`: traffic to the ClusterIP stays on
+    /// this node.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`: NodePort, externalIP and
+    /// LoadBalancer traffic stays on this node (and keeps its source).
+    pub external_local: bool,
+    /// `trafficDistribution` or the topology-mode annotation set to Auto.
+    pub topology: bool,
+}
+
+impl TrafficPolicy {
+    pub fn of(svc: &Service) -> Self {
+        let spec = svc.spec.as_ref();
+        let asks_topology = svc.metadata.annotations.as_ref().is_some_and(|a| {
+            TOPOLOGY_MODE_ANNOTATIONS
+                .iter()
+                .any(|k| a.get(*k).is_some_and(|v| v.eq_ignore_ascii_case("auto")))
+        });
+        Self {
+            internal_local: spec.and_then(|s| s.internal_traffic_policy.as_deref())
+                == Some("Local"),
+            external_local: spec.and_then(|s| s.external_traffic_policy.as_deref())
+                == Some("Local"),
+            topology: spec.is_some_and(|s| s.traffic_distribution.is_some()) || asks_topology,
+        }
+    }
+}
+
+/// The backends of one Service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Chosen {
+    /// For traffic from inside the cluster (the ClusterIP).
+    pub internal: Vec<BackendAddr>,
+    /// For traffic from outside (NodePorts, externalIPs, LoadBalancer IPs).
+    pub external: Vec<BackendAddr>,
+    /// Some endpoint anywhere can serve: without one the frontends reject;
+    /// with one but none chosen (policy Local), they drop.
+    pub has_any: bool,
+}
+
+/// Chooses the endpoints of one Service port, as kube-proxy does:
+/// - ready endpoints; when none is ready, those serving while terminating
+///   (KEP-1669), so that a rollout's last pods keep answering;
+/// - cluster-wide, narrowed to this node's zone when topology-aware routing
+///   applies (see [`topology_zone`]); node-local ones are never narrowed;
+/// - each traffic policy picks the node-local or the cluster-wide set.
+pub(super) fn categorize_endpoints(
+    eps: &[PortEndpoint<'_>],
+    policy: TrafficPolicy,
+    node: &NodeContext,
+) -> Chosen {
+    let this_node = node.name.as_deref();
+    let is_local = |e: &Endpoint| this_node.is_some() && e.node_name.as_deref() == this_node;
+    let all = ready_else_terminating(eps, |_| true, &is_local);
+    let local = ready_else_terminating(eps, is_local, &is_local);
+    let cluster = match topology_zone(policy.topology, eps, node) {
+        Some(zone) => {
+            ready_else_terminating(eps, |e| hinted_zones(e).any(|h| h == zone), &is_local)
+        }
+        None => all.clone(),
+    };
+    let pick = |local_only: bool| {
+        if local_only {
+            local.clone()
+        } else {
+            cluster.clone()
+        }
+    };
+    Chosen {
+        internal: pick(policy.internal_local),
+        external: pick(policy.external_local),
+        has_any: !all.is_empty(),
+    }
+}
+
+fn is_ready(e: &Endpoint) -> bool {
+    // Unset counts as ready, as the API documents.
+    e.conditions.as_ref().and_then(|c| c.ready) != Some(false)
+}
+
+fn is_serving_terminating(e: &Endpoint) -> bool {
+    let c = e.conditions.clone().unwrap_or_default();
+    c.serving != Some(false) && c.terminating == Some(true)
+}
+
+/// The ready endpoints `keep` accepts, else its serving-and-terminating
+/// ones; sorted, without duplicates, IPv4 only.
+fn ready_else_terminating(
+    eps: &[PortEndpoint<'_>],
+    keep: impl Fn(&Endpoint) -> bool,
+    is_local: &impl Fn(&Endpoint) -> bool,
+) -> Vec<BackendAddr> {
+    let backends = |state: fn(&Endpoint) -> bool| -> BTreeSet<BackendAddr> {
+        eps.iter()
+            .filter(|(e, _, _)| keep(e) && state(e))
+            .filter_map(|(e, port, addr)| {
+                Some(BackendAddr {
+                    addr: (*addr)?,
+                    port: *port,
+                    local: is_local(e),
+                })
+            })
+            .collect()
+    };
+    let ready = backends(is_ready);
+    if ready.is_empty() {
+        backends(is_serving_terminating).into_iter().collect()
+    } else {
+        ready.into_iter().collect()
+    }
+}
+
+fn hinted_zones(e: &Endpoint) -> impl Iterator<Item = &str> {
+    e.hints
+        .iter()
+        .flat_map(|h| h.for_zones.iter().flatten())
+        .map(|z| z.name.as_str())
+}
+
+/// The zone to narrow cluster-wide endpoints to, when topology-aware routing
+/// applies as kube-proxy decides it: the Service asks for it, the node has
+/// a zone, every ready endpoint carries zone hints, and at least one is
+/// hinted for this zone. Otherwise every endpoint is used.
+fn topology_zone<'a>(
+    asked: bool,
+    eps: &[PortEndpoint<'_>],
+    node: &'a NodeContext,
+) -> Option<&'a str> {
+    let zone = node.zone.as_deref().filter(|z| !z.is_empty())?;
+    if !asked {
+        return None;
+    }
+    let mut any_for_zone = false;
+    for (e, _, _) in eps.iter().filter(|(e, _, _)| is_ready(e)) {
+        let mut zones = hinted_zones(e).peekable();
+        zones.peek()?;
+        any_for_zone |= zones.any(|z| z == zone);
+    }
+    any_for_zone.then_some(zone)
+}
+
+/// The addresses of this node's ready endpoints, for a health check node
+/// port. Terminating ones do not count: a load balancer should stop sending
+/// new traffic here (KEP-1669).
+pub(super) fn local_ready(
+    eps: &[PortEndpoint<'_>],
+    node: &NodeContext,
+) -> impl Iterator<Item = Ipv4Addr> {
+    let this_node = node.name.clone();
+    eps.iter().filter_map(move |(e, _, addr)| {
+        let local = this_node.is_some() && e.node_name == this_node;
+        if is_ready(e) && local { *addr } else { None }
+    })
+}

@@ -1,0 +1,214 @@
+//! What the planner produces: the frontend table and what it says about
+//! the objects it could not program.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
+
+use super::{error::FieldError, ipnet_lite};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => service_common::IPPROTO_TCP,
+            Protocol::Udp => service_common::IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            service_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            service_common::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    /// The name Kubernetes uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where packets arrive: an address (unspecified for a NodePort, which
+/// matches every node address), a port and a protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.addr.is_unspecified() {
+            write!(f, "*:{}/{}", self.port, self.proto)
+        } else {
+            write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// The endpoint runs on this node (its `nodeName` is this node's name).
+    /// Traffic from outside to a backend that is not local is source-NATed.
+    pub local: bool,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendPlan {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    pub port_name: String,
+    pub kind: FrontendKind,
+    /// Sorted, without duplicates. Empty: the frontend rejects.
+    pub backends: Vec<BackendAddr>,
+    /// ClientIP affinity timeout, when the Service asks for affinity.
+    pub affinity_timeout_s: Option<u32>,
+    /// With no backend: answer with a reject (the Service has no endpoint
+    /// at all), or drop (policy Local and no endpoint on this node).
+    pub reject_when_empty: bool,
+    /// New flows only from these sources (loadBalancerSourceRanges, on
+    /// LoadBalancer ingress IPs); empty: from anywhere.
+    pub source_ranges: Vec<ipnet_lite::Ipv4Net>,
+}
+
+/// A Service the dataplane deliberately leaves alone, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub service: String,
+    pub reason: String,
+}
+
+/// Something in the objects that cannot be programmed as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Where the object was read from.
+    pub origin: String,
+    /// `Kind namespace/name`.
+    pub object: String,
+    pub field: String,
+    pub message: String,
+    /// The whole Service is refused (its previous state stays programmed),
+    /// rather than only the part named.
+    pub refuses_service: bool,
+}
+
+impl Problem {
+    /// A problem with one field of `object` (`Kind namespace/name`), read
+    /// from `origin`.
+    pub fn new(
+        origin: &str,
+        object: String,
+        field: impl Into<String>,
+        error: &FieldError,
+        refuses_service: bool,
+    ) -> Self {
+        Self {
+            origin: origin.to_string(),
+            object,
+            field: field.into(),
+            message: error.to_string(),
+            refuses_service,
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}): field {}: {}",
+            self.origin, self.object, self.field, self.message
+        )
+    }
+}
+
+/// What this node is, as far as the planner cares.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// The node's name, for traffic policy Local (endpoints' `nodeName`).
+    pub name: Option<String>,
+    /// Only externalIPs inside these ranges are programmed; none without
+    /// any: whoever may set `spec.externalIPs` could otherwise intercept
+    /// traffic to any address (CVE-2020-8554).
+    pub external_ip_allow: Vec<ipnet_lite::Ipv4Net>,
+    /// The ranges ClusterIPs are allocated from (`--service-cluster-ip-range`);
+    /// empty: any address is accepted.
+    pub service_cidrs: Vec<ipnet_lite::Ipv4Net>,
+    /// The node's `topology.kubernetes.io/zone`, for topology hints.
+    pub zone: Option<String>,
+}
+
+/// A `healthCheckNodePort` this node answers, as kube-proxy does for
+/// LoadBalancer Services with `externalTrafficPolicy: Local`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    /// `namespace/name`.
+    pub service: String,
+    /// Ready endpoints of the Service on this node. Terminating ones do not
+    /// count: a load balancer should stop sending new traffic here (KEP-1669).
+    pub local_endpoints: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub frontends: BTreeMap<FrontendKey, FrontendPlan>,
+    pub health_checks: Vec<HealthCheck>,
+    pub skipped: Vec<Skipped>,
+    pub problems: Vec<Problem>,
+    /// Services refused as a whole: the agent keeps their previous frontends.
+    pub refused: BTreeSet<String>,
+}
+
+impl Plan {
+    /// Puts back the frontends that refused Services had in `previous`, so
+    /// that a bad edit leaves the last good state serving.
+    pub fn keep_refused_from(&mut self, previous: &Plan) {
+        for (k, f) in &previous.frontends {
+            if self.refused.contains(&f.service) && !self.frontends.contains_key(k) {
+                self.frontends.insert(*k, f.clone());
+            }
+        }
+        for h in &previous.health_checks {
+            if self.refused.contains(&h.service)
+                && !self.health_checks.iter().any(|x| x.port == h.port)
+            {
+                self.health_checks.push(h.clone());
+            }
+        }
+    }
+}

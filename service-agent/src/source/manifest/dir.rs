@@ -1,0 +1,397 @@
+//! The manifest directory, indexed by Service.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::parse::{
+    FileObjects, MAX_FILE_BYTES, ManifestError, is_manifest, list_manifest_files, parse_file,
+};
+use crate::{
+    model::{
+        Cluster, ServiceId, Sourced, is_selectorless, mirror_endpoints, pod_namespace,
+        pod_selector, slices_from_pods,
+    },
+    source::ServiceObjects,
+};
+
+/// The manifest directory, read file by file. A file that fails keeps the
+/// objects it had the last time it was read (the last good state).
+///
+/// Indexed by Service, so that a change costs in proportion to what it
+/// touches: reading one file again names the Services whose objects it
+/// changed, and [`ManifestDir::objects`] gathers one Service's objects
+/// (with the endpoints its selector makes of Pods) without a scan.
+#[derive(Default)]
+pub struct ManifestDir {
+    last_good: BTreeMap<PathBuf, FileObjects>,
+    /// What each file looked like when last read, and its error if any: an
+    /// unchanged file is not parsed again, so one edit among thousands of
+    /// files costs one parse.
+    seen: BTreeMap<PathBuf, (FileStamp, Option<ManifestError>)>,
+    /// The directory could not be listed at the last full read.
+    dir_error: Option<ManifestError>,
+    /// Service → files with its Service objects, slices or Endpoints.
+    files_of: BTreeMap<ServiceId, BTreeSet<PathBuf>>,
+    /// (namespace, label, value) → Pods carrying it, by file and position.
+    pods: BTreeMap<LabelKey, BTreeSet<(PathBuf, usize)>>,
+    /// (namespace, label, value) of the first term of a selector → the
+    /// Services whose selector starts with it (counted: a file may repeat one).
+    selectors: BTreeMap<LabelKey, BTreeMap<ServiceId, usize>>,
+    /// Files holding slices that name no Service.
+    unlabeled: BTreeSet<PathBuf>,
+}
+
+type LabelKey = (String, String, String);
+
+/// What reading files again changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Services whose objects (or selected Pods) may differ.
+    pub services: BTreeSet<ServiceId>,
+    /// The slices without a Service label changed.
+    pub unlabeled: bool,
+}
+
+/// Size and a hash of the contents. Timestamps would be cheaper but are
+/// coarse on many filesystems: two writes within a tick would look alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    hash: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::hash::{Hash as _, Hasher as _};
+    let len = fs::metadata(path).ok()?.len();
+    if len > MAX_FILE_BYTES {
+        // Refused by parse_file without reading; the size is its stamp.
+        return Some(FileStamp { len, hash: 0 });
+    }
+    let bytes = fs::read(path).ok()?;
+    let mut h = std::hash::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(FileStamp {
+        len: bytes.len() as u64,
+        hash: h.finish(),
+    })
+}
+
+impl ManifestDir {
+    /// Reads the directory; returns the cluster and the errors of this read.
+    pub fn load(&mut self, dir: &Path) -> (Cluster, Vec<ManifestError>) {
+        self.load_all(dir);
+        (self.cluster(), self.errors())
+    }
+
+    /// Reads every file of the directory (parsing only those that changed),
+    /// and forgets files that are gone: at start and at each resync.
+    pub fn load_all(&mut self, dir: &Path) -> Changes {
+        let mut changes = Changes::default();
+        let files = match list_manifest_files(dir) {
+            Ok(f) => {
+                self.dir_error = None;
+                f
+            }
+            Err(e) => {
+                self.dir_error = Some(ManifestError {
+                    file: dir.to_path_buf(),
+                    document: None,
+                    object: None,
+                    field: None,
+                    message: format!("cannot read the manifest directory: {e}"),
+                });
+                // Keep serving what was read before.
+                return changes;
+            }
+        };
+        let present: BTreeSet<&PathBuf> = files.iter().collect();
+        let gone: Vec<PathBuf> = self
+            .seen
+            .keys()
+            .chain(self.last_good.keys())
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        for p in gone {
+            self.forget(&p, &mut changes);
+        }
+        for file in &files {
+            self.read(file, &mut changes);
+        }
+        changes
+    }
+
+    /// Reads the named files again (those file events named): written ones
+    /// are parsed, vanished ones forgotten, others in `dir` left alone.
+    pub fn load_paths(&mut self, dir: &Path, paths: &BTreeSet<PathBuf>) -> Changes {
+        let mut changes = Changes::default();
+        for p in paths {
+            if p.parent() != Some(dir) || !is_manifest(p) {
+                continue;
+            }
+            if p.is_file() {
+                self.read(p, &mut changes);
+            } else {
+                self.forget(p, &mut changes);
+            }
+        }
+        changes
+    }
+
+    /// The errors of the files as last read, in file order.
+    pub fn errors(&self) -> Vec<ManifestError> {
+        self.dir_error
+            .iter()
+            .chain(self.seen.values().filter_map(|(_, e)| e.as_ref()))
+            .cloned()
+            .collect()
+    }
+
+    /// Every Service id any file mentions (Services, slices, Endpoints).
+    pub fn ids(&self) -> impl Iterator<Item = &ServiceId> {
+        self.files_of.keys()
+    }
+
+    /// The Service objects of `id` in file and document order, and every
+    /// slice the planner should see for it: the files' own, those made of
+    /// the Pods its selector picks, and those mirrored from its Endpoints —
+    /// the same, in the same order, as `Cluster::all_endpoint_slices` has
+    /// for it.
+    pub fn objects(&self, id: &ServiceId) -> ServiceObjects {
+        let files: Vec<&FileObjects> = self
+            .files_of
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| self.last_good.get(p))
+            .collect();
+        let services: Vec<Sourced<Service>> = files
+            .iter()
+            .flat_map(|f| &f.services)
+            .filter(|s| ServiceId::of(&s.object.metadata) == *id)
+            .cloned()
+            .collect();
+        let mut slices: Vec<Sourced<EndpointSlice>> = files
+            .iter()
+            .flat_map(|f| &f.endpoint_slices)
+            .filter(|s| ServiceId::of_slice(&s.object).as_ref() == Some(id))
+            .cloned()
+            .collect();
+        let own_slices = !slices.is_empty();
+        for svc in &services {
+            let Some((ns, selector)) = pod_selector(&svc.object) else {
+                continue;
+            };
+            let Some((k, v)) = selector.iter().next() else {
+                continue;
+            };
+            let candidates = self
+                .pods
+                .get(&(ns.to_string(), k.clone(), v.clone()))
+                .into_iter()
+                .flatten()
+                .filter_map(|(p, i)| self.last_good.get(p)?.pods.get(*i));
+            slices.extend(slices_from_pods(svc, candidates));
+        }
+        if !own_slices && services.iter().any(|s| is_selectorless(&s.object)) {
+            for f in &files {
+                for ep in &f.endpoints {
+                    if ServiceId::of(&ep.object.metadata) == *id {
+                        slices.extend(mirror_endpoints(ep));
+                    }
+                }
+            }
+        }
+        (services, slices)
+    }
+
+    /// The slices that name no Service, in file order.
+    pub fn unlabeled_slices(&self) -> Vec<Sourced<EndpointSlice>> {
+        self.unlabeled
+            .iter()
+            .filter_map(|p| self.last_good.get(p))
+            .flat_map(|f| &f.endpoint_slices)
+            .filter(|s| ServiceId::of_slice(&s.object).is_none())
+            .cloned()
+            .collect()
+    }
+
+    fn read(&mut self, file: &Path, changes: &mut Changes) {
+        let now = stamp(file);
+        if let (Some(now), Some((before, _))) = (now, self.seen.get(file))
+            && now == *before
+        {
+            return;
+        }
+        let error = match parse_file(file) {
+            Ok(objects) => {
+                self.replace(file, objects, changes);
+                None
+            }
+            Err(e) => Some(e),
+        };
+        match now {
+            Some(now) => {
+                self.seen.insert(file.to_path_buf(), (now, error));
+            }
+            None => {
+                self.seen.remove(file);
+            }
+        }
+    }
+
+    fn forget(&mut self, file: &Path, changes: &mut Changes) {
+        self.seen.remove(file);
+        if self.last_good.contains_key(file) {
+            self.replace(file, FileObjects::default(), changes);
+            self.last_good.remove(file);
+        }
+    }
+
+    /// Puts `new` in place of what `file` held, keeping the indexes, and
+    /// notes the Services whose objects differ.
+    fn replace(&mut self, file: &Path, new: FileObjects, changes: &mut Changes) {
+        let old = self.last_good.remove(file).unwrap_or_default();
+        // Objects compared by position: an edit in place touches one
+        // Service, an inserted document shifts the origins of those after it.
+        fn differing<'a, T: PartialEq>(
+            old: &'a [Sourced<T>],
+            new: &'a [Sourced<T>],
+        ) -> impl Iterator<Item = &'a Sourced<T>> {
+            let n = old.len().max(new.len());
+            (0..n).flat_map(move |i| match (old.get(i), new.get(i)) {
+                (Some(a), Some(b)) if a == b => vec![],
+                (a, b) => a.into_iter().chain(b).collect(),
+            })
+        }
+        for s in differing(&old.services, &new.services) {
+            changes.services.insert(ServiceId::of(&s.object.metadata));
+        }
+        for s in differing(&old.endpoint_slices, &new.endpoint_slices) {
+            match ServiceId::of_slice(&s.object) {
+                Some(id) => {
+                    changes.services.insert(id);
+                }
+                None => changes.unlabeled = true,
+            }
+        }
+        for e in differing(&old.endpoints, &new.endpoints) {
+            changes.services.insert(ServiceId::of(&e.object.metadata));
+        }
+        let moved_pods: Vec<&Sourced<Pod>> = differing(&old.pods, &new.pods).collect();
+        // Services selecting a Pod before the change, by the old index...
+        self.selecting(moved_pods.iter().copied(), &mut changes.services);
+        self.index(file, &old, false);
+        self.index(file, &new, true);
+        // ...and after it (a Service in the same file may have changed too).
+        self.selecting(moved_pods.iter().copied(), &mut changes.services);
+        self.last_good.insert(file.to_path_buf(), new);
+    }
+
+    /// Services whose selector's first term is one of these Pods' labels: a
+    /// superset of those selecting them.
+    fn selecting<'a>(
+        &self,
+        pods: impl Iterator<Item = &'a Sourced<Pod>>,
+        out: &mut BTreeSet<ServiceId>,
+    ) {
+        for pod in pods {
+            let ns = pod_namespace(&pod.object);
+            for (k, v) in pod.object.metadata.labels.iter().flatten() {
+                if let Some(ids) = self.selectors.get(&(ns.to_string(), k.clone(), v.clone())) {
+                    out.extend(ids.keys().cloned());
+                }
+            }
+        }
+    }
+
+    /// Adds (or removes) what `objects` of `file` contribute to the indexes.
+    fn index(&mut self, file: &Path, objects: &FileObjects, add: bool) {
+        let mut ids: BTreeSet<ServiceId> = BTreeSet::new();
+        for s in &objects.services {
+            let id = ServiceId::of(&s.object.metadata);
+            if let Some((ns, selector)) = pod_selector(&s.object)
+                && let Some((k, v)) = selector.iter().next()
+            {
+                let key = (ns.to_string(), k.clone(), v.clone());
+                let counts = self.selectors.entry(key.clone()).or_default();
+                let n = counts.entry(id.clone()).or_default();
+                if add {
+                    *n += 1;
+                } else {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        counts.remove(&id);
+                    }
+                    if counts.is_empty() {
+                        self.selectors.remove(&key);
+                    }
+                }
+            }
+            ids.insert(id);
+        }
+        let mut unlabeled = false;
+        for s in &objects.endpoint_slices {
+            match ServiceId::of_slice(&s.object) {
+                Some(id) => {
+                    ids.insert(id);
+                }
+                None => unlabeled = true,
+            }
+        }
+        ids.extend(
+            objects
+                .endpoints
+                .iter()
+                .map(|e| ServiceId::of(&e.object.metadata)),
+        );
+        for id in ids {
+            let files = self.files_of.entry(id.clone()).or_default();
+            if add {
+                files.insert(file.to_path_buf());
+            } else {
+                files.remove(file);
+                if files.is_empty() {
+                    self.files_of.remove(&id);
+                }
+            }
+        }
+        if add && unlabeled {
+            self.unlabeled.insert(file.to_path_buf());
+        } else if !add {
+            self.unlabeled.remove(file);
+        }
+        for (i, pod) in objects.pods.iter().enumerate() {
+            let ns = pod_namespace(&pod.object);
+            for (k, v) in pod.object.metadata.labels.iter().flatten() {
+                let key = (ns.to_string(), k.clone(), v.clone());
+                let at = (file.to_path_buf(), i);
+                if add {
+                    self.pods.entry(key).or_default().insert(at);
+                } else if let Some(set) = self.pods.get_mut(&key) {
+                    set.remove(&at);
+                    if set.is_empty() {
+                        self.pods.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Everything, as one cluster (for the full compile).
+    pub fn cluster(&self) -> Cluster {
+        let mut c = Cluster::default();
+        for objs in self.last_good.values() {
+            c.services.extend(objs.services.iter().cloned());
+            c.endpoint_slices
+                .extend(objs.endpoint_slices.iter().cloned());
+            c.endpoints.extend(objs.endpoints.iter().cloned());
+            c.pods.extend(objs.pods.iter().cloned());
+        }
+        c
+    }
+}
