@@ -51,6 +51,10 @@ pub const PROG_TC_EXTERNAL: &str = "svc_tc_external";
 /// XDP on the node's external interfaces: the fast path for flows
 /// source-NATed to backends on other nodes; everything else goes on to tc.
 pub const PROG_XDP_EXTERNAL: &str = "svc_xdp_external";
+/// tc egress on pod-facing and external interfaces: reverse-translates the
+/// replies the node's own stack sends for translated flows (host-network
+/// endpoints), which no ingress program sees.
+pub const PROG_TC_EGRESS: &str = "svc_tc_egress";
 /// Interfaces XDP may send translated frames out of (a DEVMAP_HASH keyed
 /// and valued by ifindex): the external interfaces that can take them.
 pub const XDP_EGRESS_MAX: u32 = 64;

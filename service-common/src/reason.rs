@@ -113,6 +113,9 @@ reasons! {
     /// XDP could not forward a flow it would translate (no route, unresolved
     /// neighbour, egress not an XDP target): tc translates it.
     XdpPassedToTc "xdp_passed_to_tc" Passed,
+    /// A reply the node's own stack sent for a translated flow (a
+    /// host-network endpoint answering) was reverse-translated at tc egress.
+    LocalReplyTranslated "local_reply_translated" Translated,
 }
 
 #[cfg(test)]

@@ -38,12 +38,18 @@ fn master_of(addr: [u8; 4], port: u16, proto: u8) -> Option<Frontend> {
     })
 }
 
+/// Whether `addr` is one of this node's addresses (NODE_ADDRS).
+#[inline(always)]
+pub fn is_node_address(addr: [u8; 4]) -> bool {
+    // SAFETY: only the presence of the entry is used, never its value.
+    unsafe { NODE_ADDRS.get(addr) }.is_some()
+}
+
 /// The frontend at `daddr:dport/proto`: a ClusterIP / external address
 /// entry first, then a NodePort entry when the destination is a node address.
 #[inline(always)]
 pub fn lookup_frontend(daddr: [u8; 4], dport: u16, proto: u8) -> Option<Frontend> {
-    // SAFETY: only the presence of the entry is used, never its value.
-    let to_node_addr = unsafe { NODE_ADDRS.get(daddr) }.is_some();
+    let to_node_addr = is_node_address(daddr);
     let found = match master_of(daddr, dport, proto) {
         Some(f) => Some(f),
         None if to_node_addr => master_of([0; 4], dport, proto),

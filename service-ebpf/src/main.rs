@@ -38,6 +38,13 @@ pub fn svc_tc_external(ctx: TcContext) -> i32 {
     tc::ingress(&ctx, true).finish()
 }
 
+/// tc egress on pod-facing and external interfaces: replies of host-network
+/// endpoints (the node's own stack) to translated flows.
+#[classifier]
+pub fn svc_tc_egress(ctx: TcContext) -> i32 {
+    tc::egress(&ctx).finish()
+}
+
 /// XDP on the node's external interfaces: the fast path for flows from
 /// outside that are source-NATed to backends on other nodes.
 #[xdp]

@@ -72,6 +72,37 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
     }
 }
 
+/// Replies that the node's own stack sends: a flow translated at ingress to
+/// a host-network endpoint (an address of this node) is answered by a local
+/// socket, and its replies leave through egress without crossing any
+/// ingress program. Only packets from a node address can be such replies,
+/// so everything else costs one lookup in a small map. The route was chosen
+/// for the client's address, which translation keeps, so the packet goes on
+/// where it was going.
+#[inline(always)]
+pub fn egress(ctx: &TcContext) -> TcOutcome {
+    let flow = match packet::parse(ctx) {
+        Parsed::Flow(flow) => flow,
+        _ => return Outcome::uncounted(PASS),
+    };
+    if !lb::is_node_address(flow.saddr) {
+        return Outcome::uncounted(PASS);
+    }
+    let CtLookup::Hit {
+        target,
+        svc_id,
+        reply: true,
+        ..
+    } = conntrack::lookup(&flow)
+    else {
+        return Outcome::uncounted(PASS);
+    };
+    match translate(ctx, &flow, &target, svc_id, false) {
+        Ok(action) => Outcome::counted(action, Reason::LocalReplyTranslated),
+        Err(reason) => Outcome::counted(DROP, reason),
+    }
+}
+
 /// Rewrites the packet to `to` and sends it on; Err: why it must be dropped.
 #[inline(always)]
 fn translate(

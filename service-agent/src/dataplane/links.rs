@@ -26,6 +26,11 @@ pub fn link_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
     links_dir(pin_dir).join(iface)
 }
 
+/// tc egress links live apart from the ingress ones: one interface has both.
+pub fn egress_links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("egress-links")
+}
+
 /// XDP links live apart from the tc ones, one directory per mode: a link's
 /// mode is fixed when it is made, and a restart in another mode must find
 /// and replace the links of the old one.
@@ -144,13 +149,14 @@ fn pin_private(fd: FdLink, pin: &Path) -> anyhow::Result<PinnedLink> {
     Ok(pinned)
 }
 
-/// Attaches `prog` to the tc ingress of `iface` through a link pinned at
+/// Attaches `prog` to the tc hook `at` of `iface` through a link pinned at
 /// `pin`: an existing pinned link on the same device gets the new program
 /// swapped in (no moment without a program); otherwise a new link is made
 /// and pinned. Returns the pinned link and whether it was adopted.
 pub fn attach_pinned(
     prog: &mut SchedClassifier,
     iface: &str,
+    at: TcAttachType,
     pin: &Path,
 ) -> anyhow::Result<(PinnedLink, bool)> {
     let ifindex = nix::net::if_::if_nametoindex(iface)?;
@@ -159,7 +165,7 @@ pub fn attach_pinned(
         let fd: FdLink = prog.take_link(id)?.try_into()?;
         return Ok((pin_private(fd, pin)?, true));
     }
-    let id = prog.attach(iface, TcAttachType::Ingress)?;
+    let id = prog.attach(iface, at)?;
     let fd: FdLink = prog.take_link(id)?.try_into()?;
     Ok((pin_private(fd, pin)?, false))
 }

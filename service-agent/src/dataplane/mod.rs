@@ -17,7 +17,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     EbpfLoader,
     maps::{Array, DevMapHash, MapData},
-    programs::{SchedClassifier, Xdp, links::PinnedLink},
+    programs::{SchedClassifier, TcAttachType, Xdp, links::PinnedLink},
 };
 use service_common::*;
 use tracing::{info, warn};
@@ -73,6 +73,7 @@ pub struct Dataplane {
     pub writer: Writer,
     pub pin_dir: PathBuf,
     links: BTreeMap<String, (IfaceRole, PinnedLink)>,
+    egress_links: BTreeMap<String, PinnedLink>,
     xdp_links: BTreeMap<String, PinnedLink>,
     xdp_egress: DevMapHash<MapData>,
 }
@@ -136,6 +137,16 @@ fn pinned_layout_version(dir: &std::path::Path) -> Option<u64> {
     meta.get(&META_LAYOUT_VERSION, 0).ok()
 }
 
+/// Creates `dir` (0700) when missing and gives it back.
+fn private_dir(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| dir.display().to_string())?;
+    Ok(dir.to_path_buf())
+}
+
 impl Dataplane {
     /// Loads the programs and creates or adopts the pinned maps in `pin_dir`.
     pub fn load(pin_dir: PathBuf, sizes: &MapSizes) -> anyhow::Result<Self> {
@@ -168,7 +179,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .context("loading the BPF object (is this kernel built with BTF and bpf support?)")?;
-        for name in [PROG_TC_POD, PROG_TC_EXTERNAL] {
+        for name in [PROG_TC_POD, PROG_TC_EXTERNAL, PROG_TC_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
@@ -211,14 +222,19 @@ impl Dataplane {
             writer,
             pin_dir,
             links: BTreeMap::new(),
+            egress_links: BTreeMap::new(),
             xdp_links: BTreeMap::new(),
             xdp_egress,
         })
     }
 
-    /// A loaded tc program (also for BPF_PROG_TEST_RUN in tests and benchmarks).
+    /// A loaded tc ingress program (also for BPF_PROG_TEST_RUN in tests and benchmarks).
     pub fn program(&mut self, role: IfaceRole) -> anyhow::Result<&mut SchedClassifier> {
-        let name = role.program();
+        self.tc_program(role.program())
+    }
+
+    /// A loaded tc program by name.
+    pub fn tc_program(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
         Ok(self
             .ebpf
             .program_mut(name)
@@ -249,13 +265,7 @@ impl Dataplane {
         if mode == XdpMode::Off || self.xdp_links.contains_key(iface) {
             return Ok(None);
         }
-        let dir = links::xdp_links_dir(&self.pin_dir, mode);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| dir.display().to_string())?;
-        let pin = dir.join(iface);
+        let pin = private_dir(&links::xdp_links_dir(&self.pin_dir, mode))?.join(iface);
         let (link, adopted) = links::attach_pinned_xdp(self.xdp_program()?, iface, mode, &pin)
             .with_context(|| format!("attaching {PROG_XDP_EXTERNAL} to {iface}"))?;
         self.xdp_links.insert(iface.to_string(), link);
@@ -334,22 +344,31 @@ impl Dataplane {
         out
     }
 
-    /// Attaches the program for `role` to the tc ingress of `iface` (once),
-    /// through a pinned link that outlives this process. Returns whether a
-    /// link left by a previous agent was adopted.
+    /// Attaches the program for `role` to the tc ingress of `iface` and the
+    /// egress program to its tc egress (once), through pinned links that
+    /// outlive this process. Returns whether links left by a previous agent
+    /// were adopted.
     pub fn attach(&mut self, iface: &str, role: IfaceRole) -> anyhow::Result<Option<bool>> {
         if self.links.contains_key(iface) {
             return Ok(None);
         }
-        let dir = links::links_dir(&self.pin_dir);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| dir.display().to_string())?;
-        let pin = links::link_pin_path(&self.pin_dir, iface);
-        let (link, adopted) = links::attach_pinned(self.program(role)?, iface, &pin)
-            .with_context(|| format!("attaching {} to tc ingress of {iface}", role.program()))?;
+        // Egress first: once ingress translates a flow to a host-network
+        // endpoint, its replies need the egress program already there.
+        let egress_pin = private_dir(&links::egress_links_dir(&self.pin_dir))?.join(iface);
+        let (egress, _) = links::attach_pinned(
+            self.tc_program(PROG_TC_EGRESS)?,
+            iface,
+            TcAttachType::Egress,
+            &egress_pin,
+        )
+        .with_context(|| format!("attaching {PROG_TC_EGRESS} to tc egress of {iface}"))?;
+        self.egress_links.insert(iface.to_string(), egress);
+        let pin = private_dir(&links::links_dir(&self.pin_dir))?.join(iface);
+        let (link, adopted) =
+            links::attach_pinned(self.program(role)?, iface, TcAttachType::Ingress, &pin)
+                .with_context(|| {
+                    format!("attaching {} to tc ingress of {iface}", role.program())
+                })?;
         self.links.insert(iface.to_string(), (role, link));
         Ok(Some(adopted))
     }
@@ -365,6 +384,9 @@ impl Dataplane {
             .collect();
         for iface in &gone {
             if let Some((_, link)) = self.links.remove(iface) {
+                drop(link.unpin());
+            }
+            if let Some(link) = self.egress_links.remove(iface) {
                 drop(link.unpin());
             }
             if let Some(link) = self.xdp_links.remove(iface) {

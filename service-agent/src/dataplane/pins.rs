@@ -108,24 +108,34 @@ pub fn incompatible_pins(dir: &Path, max_entries: impl Fn(&str) -> u32) -> Optio
 
 /// Removes every pin this agent makes: links first (which detaches the
 /// programs), then maps, then the directory itself.
-pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
-    let links = dir.join("links");
-    if links.exists() {
-        for e in fs::read_dir(&links)? {
-            fs::remove_file(e?.path())?;
+/// The directories under a pin directory that hold pinned links (removing
+/// a link's pin detaches it): tc ingress, tc egress, XDP (one directory per
+/// mode below it).
+pub const LINK_DIRS: [&str; 3] = ["links", "egress-links", "xdp-links"];
+
+/// Removes the link pins below `dir` and `dir` itself; pins are files,
+/// subdirectories hold more of them.
+fn remove_link_tree(dir: &Path) -> std::io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let path = e?.path();
+        if path.is_dir() {
+            remove_link_tree(&path)?;
+        } else {
+            fs::remove_file(path)?;
         }
-        fs::remove_dir(&links)?;
     }
-    let xdp = dir.join("xdp-links");
-    if xdp.exists() {
-        for mode in fs::read_dir(&xdp)? {
-            let mode = mode?.path();
-            for e in fs::read_dir(&mode)? {
-                fs::remove_file(e?.path())?;
-            }
-            fs::remove_dir(&mode)?;
+    fs::remove_dir(dir)
+}
+
+pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    // Only the agent's own link directories and map pins are removed, so a
+    // mistaken --pin-dir (bpffs' root, another tool's directory) loses
+    // nothing that is not ours, and its removal then fails as not empty.
+    for links in LINK_DIRS {
+        let links = dir.join(links);
+        if links.exists() {
+            remove_link_tree(&links)?;
         }
-        fs::remove_dir(&xdp)?;
     }
     for name in ALL_MAPS {
         let p = map_pin_path(dir, name);
