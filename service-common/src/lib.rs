@@ -159,6 +159,11 @@ pub const CT_F_SNAT: u16 = 1 << 3;
 /// After rewriting, the packet's source is an address of this node: it is
 /// sent to its next hop directly rather than through IP input (martian check).
 pub const CT_F_LOCAL_SOURCE: u16 = 1 << 4;
+/// A flow the kernel's own conntrack translates (one kube-proxy opened
+/// before the agent took over): its packets are passed untouched, in both
+/// directions, and netfilter keeps rewriting them. The nat fields say what
+/// the kernel rewrites the packet to, so the GC pairs the two entries.
+pub const CT_F_KERNEL: u16 = 1 << 5;
 
 /// What to write into a packet whose 5-tuple matches a CONNTRACK key. Both
 /// directions of a translated flow have an entry; each says the whole
@@ -313,10 +318,13 @@ pub enum Reason {
     /// neighbour, TTL about to expire, egress not an XDP target): passed
     /// untouched to the tc program, which translates it.
     XdpPassedToTc = 24,
+    /// A packet of a flow the kernel's conntrack translates (opened through
+    /// kube-proxy's rules before the agent started): passed untouched.
+    KernelFlowPassed = 25,
 }
 
 impl Reason {
-    pub const COUNT: usize = 25;
+    pub const COUNT: usize = 26;
     pub const ALL: [Reason; Self::COUNT] = [
         Reason::RejectedNoBackend,
         Reason::RejectFailed,
@@ -343,6 +351,7 @@ impl Reason {
         Reason::XdpTx,
         Reason::XdpRedirect,
         Reason::XdpPassedToTc,
+        Reason::KernelFlowPassed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -372,6 +381,7 @@ impl Reason {
             Reason::XdpTx => "xdp_tx",
             Reason::XdpRedirect => "xdp_redirect",
             Reason::XdpPassedToTc => "xdp_passed_to_tc",
+            Reason::KernelFlowPassed => "kernel_flow_passed",
         }
     }
 

@@ -9,7 +9,7 @@ use service_common::*;
 use crate::{
     maps::{BACKENDS, CONNTRACK, META},
     nat::Target,
-    packet::{Flow, TCP_FIN, TCP_RST},
+    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 #[inline(always)]
@@ -33,6 +33,8 @@ pub enum CtLookup {
         /// The flow is source-NATed to this node (either direction).
         snat: bool,
     },
+    /// A flow the kernel's conntrack translates: pass it untouched.
+    Kernel,
     /// A UDP request entry whose backend is gone: the flow must pick again.
     Stale,
     Miss,
@@ -50,6 +52,19 @@ pub fn lookup(flow: &Flow) -> CtLookup {
     if !reply && flow.proto == IPPROTO_UDP && unsafe { BACKENDS.get(entry.backend_id) }.is_none() {
         let _ = CONNTRACK.remove(key_of(flow));
         return CtLookup::Stale;
+    }
+    if entry.flags & CT_F_KERNEL != 0 {
+        // A new SYN on the tuple of a kernel flow is a new connection
+        // reusing the port (the old one is closing or gone in the kernel):
+        // the rules that opened the old one may be gone, so this dataplane
+        // opens it.
+        if !reply && flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        {
+            let _ = CONNTRACK.remove(key_of(flow));
+            return CtLookup::Miss;
+        }
+        entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+        return CtLookup::Kernel;
     }
     entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {

@@ -98,6 +98,10 @@ fn ingress(ctx: &TcContext, from_outside: bool) -> i32 {
             });
             return translate(ctx, &flow, &target, svc_id, local_source);
         }
+        CtLookup::Kernel => {
+            count_reason(Reason::KernelFlowPassed);
+            return PASS;
+        }
         CtLookup::Stale => count_reason(Reason::StaleFlowMoved),
         CtLookup::Miss => {}
     }
