@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, writer},
+    dataplane::{
+        Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, takeover, writer,
+    },
     health::HealthServers,
     metrics::{self, Metrics},
     model::{Cluster, Sourced},
@@ -490,7 +492,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     // Program before attaching, so no packet meets an empty table.
     agent.sync(true).await;
+    // kube-proxy's connections are left to the kernel before the programs
+    // see them, and once more after, for those opened in between.
+    let ips = agent.cfg.node_ips.clone();
+    takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "before attaching");
     agent.watch_interfaces();
+    takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "after attaching");
     // Asked for XDP and could not have it: say so and stop, rather than run
     // without the fast path unnoticed.
     if let Some((iface, e)) = agent.xdp_errors.iter().next() {
@@ -516,6 +523,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         agent.cfg.resync,
     );
     let mut gc_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut takeover_tick = tokio::time::interval(takeover::REFRESH_PERIOD);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -539,6 +547,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 let n = writer::expire_conntrack(&mut agent.dp.tables, monotonic_ns());
                 if n > 0 {
                     info!(expired = n, "conntrack entries expired");
+                }
+            }
+            _ = takeover_tick.tick() => {
+                match takeover::renew_kernel_flows(&mut agent.dp.tables, monotonic_ns()) {
+                    Ok(0) => {}
+                    Ok(n) => info!(renewed = n, "idle connections the kernel still translates kept"),
+                    Err(e) => warn!("{e}"),
                 }
             }
             _ = tokio::signal::ctrl_c() => break,

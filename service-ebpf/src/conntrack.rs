@@ -64,6 +64,9 @@ pub fn lookup(flow: &Flow) -> CtLookup {
             return CtLookup::Miss;
         }
         entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            entry.flags |= CT_F_CLOSING;
+        }
         return CtLookup::Kernel;
     }
     entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
