@@ -32,10 +32,23 @@ fn iptables(node: &Netns, args: &[&str]) {
         .unwrap_or_else(|e| panic!("iptables {args:?}: {e}"));
 }
 
+const KUBE_CHAINS: [&str; 3] = ["KUBE-SERVICES", "KUBE-SVC-WEB", "KUBE-SEP-WEB1"];
+
 /// kube-proxy's iptables layout, cut down to one Service with one endpoint:
-/// PREROUTING → KUBE-SERVICES → KUBE-SVC-… → KUBE-SEP-… DNAT.
+/// PREROUTING → KUBE-SERVICES → KUBE-SVC-… → KUBE-SEP-… DNAT; and the
+/// CNI's masquerade rule for pod traffic leaving the cluster, which every
+/// node with outgoing NAT has. (Netfilter applies an existing connection's
+/// NAT binding only while its namespace has some NAT rule: with none left
+/// at all, kube-proxy's connections break whoever replaces it.)
 fn kube_proxy_rules(node: &Netns, backend: Ipv4Addr) {
-    for chain in ["KUBE-SERVICES", "KUBE-SVC-WEB", "KUBE-SEP-WEB1"] {
+    iptables(
+        node,
+        &[
+            "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16",
+            "-j", "MASQUERADE",
+        ],
+    );
+    for chain in KUBE_CHAINS {
         iptables(node, &["-t", "nat", "-N", chain]);
     }
     iptables(node, &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"]);
@@ -57,10 +70,15 @@ fn kube_proxy_rules(node: &Netns, backend: Ipv4Addr) {
     );
 }
 
-/// `kube-proxy --cleanup`, as far as these rules go.
+/// `kube-proxy --cleanup`: its jumps and chains go, other rules stay.
 fn flush_kube_proxy_rules(node: &Netns) {
-    iptables(node, &["-t", "nat", "-F"]);
-    iptables(node, &["-t", "nat", "-X"]);
+    iptables(node, &["-t", "nat", "-D", "PREROUTING", "-j", "KUBE-SERVICES"]);
+    for chain in KUBE_CHAINS {
+        iptables(node, &["-t", "nat", "-F", chain]);
+    }
+    for chain in KUBE_CHAINS {
+        iptables(node, &["-t", "nat", "-X", chain]);
+    }
 }
 
 /// A held connection asking every 50 ms on its own thread until stopped;
