@@ -41,7 +41,7 @@ fn api_status(e: &(dyn Error + 'static)) -> Option<u16> {
 fn hint_for(e: &(dyn Error + 'static)) -> Option<&'static str> {
     if let Some(io) = e.downcast_ref::<std::io::Error>() {
         use std::io::ErrorKind::*;
-        return match io.kind() {
+        let hint = match io.kind() {
             ConnectionRefused => Some("connection refused: nothing listens at the server address"),
             TimedOut => Some("timed out: the server address is unreachable from here"),
             HostUnreachable | NetworkUnreachable => {
@@ -49,6 +49,9 @@ fn hint_for(e: &(dyn Error + 'static)) -> Option<&'static str> {
             }
             _ => None,
         };
+        if hint.is_some() {
+            return hint;
+        }
     }
     if let Some(code) = api_status(e) {
         return match code {
@@ -59,8 +62,8 @@ fn hint_for(e: &(dyn Error + 'static)) -> Option<&'static str> {
     }
     // rustls and DNS errors reach here only as text through hyper's wrappers.
     let m = e.to_string();
-    if m.contains("invalid peer certificate") || m.contains("UnknownIssuer") {
-        return Some("TLS: the API server's certificate is not signed by the CA this agent trusts (check certificate-authority in the kubeconfig)");
+    if m.contains("invalid peer certificate") {
+        return Some("TLS: the API server's certificate is not accepted: check certificate-authority in the kubeconfig, and the certificate's names and dates");
     }
     if m.contains("failed to lookup address") || m.contains("Name or service not known") {
         return Some("DNS: the API server's host name does not resolve");
@@ -90,6 +93,14 @@ mod tests {
         // Middle already printed the io error: it is not repeated.
         assert_eq!(s.matches("refused").count(), 2, "{s}");
         assert!(s.ends_with("(connection refused: nothing listens at the server address)"));
+    }
+
+    #[test]
+    fn a_tls_refusal_wrapped_in_io_is_named() {
+        let e = Outer(Middle(std::io::Error::other(
+            "invalid peer certificate: UnknownIssuer",
+        )));
+        assert!(error_chain(&e).contains("certificate-authority"));
     }
 
     #[test]
