@@ -14,9 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{
-        Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, takeover, writer,
-    },
+    dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, takeover, writer},
     health::HealthServers,
     metrics::{self, Metrics},
     model::{Cluster, Sourced},
@@ -495,9 +493,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // kube-proxy's connections are left to the kernel before the programs
     // see them, and once more after, for those opened in between.
     let ips = agent.cfg.node_ips.clone();
-    takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "before attaching");
+    takeover::take_over(
+        &mut agent.dp.tables,
+        &ips,
+        monotonic_ns(),
+        "before attaching",
+    );
     agent.watch_interfaces();
-    takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "after attaching");
+    takeover::take_over(
+        &mut agent.dp.tables,
+        &ips,
+        monotonic_ns(),
+        "after attaching",
+    );
     // Asked for XDP and could not have it: say so and stop, rather than run
     // without the fast path unnoticed.
     if let Some((iface, e)) = agent.xdp_errors.iter().next() {

@@ -55,15 +55,21 @@ fn hint_for(e: &(dyn Error + 'static)) -> Option<&'static str> {
     }
     if let Some(code) = api_status(e) {
         return match code {
-            401 => Some("401 Unauthorized: the API server refused the credentials (token or client certificate)"),
-            403 => Some("403 Forbidden: the account lacks RBAC permission to list/watch these resources"),
+            401 => Some(
+                "401 Unauthorized: the API server refused the credentials (token or client certificate)",
+            ),
+            403 => Some(
+                "403 Forbidden: the account lacks RBAC permission to list/watch these resources",
+            ),
             _ => None,
         };
     }
     // rustls and DNS errors reach here only as text through hyper's wrappers.
     let m = e.to_string();
     if m.contains("invalid peer certificate") {
-        return Some("TLS: the API server's certificate is not accepted: check certificate-authority in the kubeconfig, and the certificate's names and dates");
+        return Some(
+            "TLS: the API server's certificate is not accepted: check certificate-authority in the kubeconfig, and the certificate's names and dates",
+        );
     }
     if m.contains("failed to lookup address") || m.contains("Name or service not known") {
         return Some("DNS: the API server's host name does not resolve");
@@ -89,7 +95,10 @@ mod tests {
             std::io::ErrorKind::ConnectionRefused,
         )));
         let s = error_chain(&e);
-        assert!(s.starts_with("client error (Connect): tcp connect error: "), "{s}");
+        assert!(
+            s.starts_with("client error (Connect): tcp connect error: "),
+            "{s}"
+        );
         // Middle already printed the io error: it is not repeated.
         assert_eq!(s.matches("refused").count(), 2, "{s}");
         assert!(s.ends_with("(connection refused: nothing listens at the server address)"));

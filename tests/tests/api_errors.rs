@@ -73,14 +73,23 @@ impl TlsServer {
         let out = Command::new("openssl")
             .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
             .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-            .args(["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
             .arg(&cert)
             .output()
             .expect("openssl");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path()))
             .args(["openssl", "s_server", "-quiet", "-www", "-accept"])
@@ -97,10 +106,7 @@ impl TlsServer {
         let s = Self { child, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
-        while ns
-            .within(move || TcpStream::connect(to).is_err())
-            .unwrap()
-        {
+        while ns.within(move || TcpStream::connect(to).is_err()).unwrap() {
             assert!(Instant::now() < deadline, "s_server did not listen");
             thread::sleep(Duration::from_millis(50));
         }

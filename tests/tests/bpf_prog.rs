@@ -563,7 +563,11 @@ fn flows_the_kernel_translates_are_passed_untouched_both_ways() {
     ct.insert(reply, entry(&request, CT_F_REPLY), 0).unwrap();
 
     let data = Builder::tcp(CLIENT, 40000, VIP, 80, ACK).build();
-    assert_eq!(run(&mut l, &data), (TC_ACT_OK, data.clone()), "not ct_invalid");
+    assert_eq!(
+        run(&mut l, &data),
+        (TC_ACT_OK, data.clone()),
+        "not ct_invalid"
+    );
     let back = Builder::tcp("10.244.0.12", 8080, CLIENT, 40000, ACK).build();
     assert_eq!(run(&mut l, &back), (TC_ACT_OK, back.clone()));
     assert_eq!(reason(&l, Reason::KernelFlowPassed), 2);

@@ -44,35 +44,72 @@ fn kube_proxy_rules(node: &Netns, backend: Ipv4Addr) {
     iptables(
         node,
         &[
-            "-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16",
-            "-j", "MASQUERADE",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.244.0.0/16",
+            "!",
+            "-d",
+            "10.244.0.0/16",
+            "-j",
+            "MASQUERADE",
         ],
     );
     for chain in KUBE_CHAINS {
         iptables(node, &["-t", "nat", "-N", chain]);
     }
-    iptables(node, &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"]);
+    iptables(
+        node,
+        &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+    );
     let vip = format!("{VIP}/32");
     iptables(
         node,
         &[
-            "-t", "nat", "-A", "KUBE-SERVICES", "-d", &vip, "-p", "tcp", "--dport", "80", "-j",
+            "-t",
+            "nat",
+            "-A",
+            "KUBE-SERVICES",
+            "-d",
+            &vip,
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
             "KUBE-SVC-WEB",
         ],
     );
-    iptables(node, &["-t", "nat", "-A", "KUBE-SVC-WEB", "-j", "KUBE-SEP-WEB1"]);
+    iptables(
+        node,
+        &["-t", "nat", "-A", "KUBE-SVC-WEB", "-j", "KUBE-SEP-WEB1"],
+    );
     let to = format!("{backend}:8080");
     iptables(
         node,
         &[
-            "-t", "nat", "-A", "KUBE-SEP-WEB1", "-p", "tcp", "-j", "DNAT", "--to-destination", &to,
+            "-t",
+            "nat",
+            "-A",
+            "KUBE-SEP-WEB1",
+            "-p",
+            "tcp",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
         ],
     );
 }
 
 /// `kube-proxy --cleanup`: its jumps and chains go, other rules stay.
 fn flush_kube_proxy_rules(node: &Netns) {
-    iptables(node, &["-t", "nat", "-D", "PREROUTING", "-j", "KUBE-SERVICES"]);
+    iptables(
+        node,
+        &["-t", "nat", "-D", "PREROUTING", "-j", "KUBE-SERVICES"],
+    );
     for chain in KUBE_CHAINS {
         iptables(node, &["-t", "nat", "-F", chain]);
     }
@@ -112,7 +149,8 @@ impl Chatter {
     fn finish(mut self) -> Result<Vec<Reply>, String> {
         self.stop.store(true, Ordering::Relaxed);
         let t = self.thread.take().expect("finished once");
-        t.join().map_err(|_| "the chatter thread panicked".to_string())?
+        t.join()
+            .map_err(|_| "the chatter thread panicked".to_string())?
     }
 }
 
@@ -134,7 +172,14 @@ fn reason(agent: &Agent, name: &str) -> u64 {
 /// Sends one bare TCP ACK from `ns` to `to` through a raw socket: a segment
 /// of a connection nobody opened.
 fn send_stray_ack(ns: &Netns, from: Ipv4Addr, to: SocketAddrV4) {
-    let frame = Builder::tcp(&from.to_string(), 45678, &to.ip().to_string(), to.port(), ACK).build();
+    let frame = Builder::tcp(
+        &from.to_string(),
+        45678,
+        &to.ip().to_string(),
+        to.port(),
+        ACK,
+    )
+    .build();
     ns.within(move || {
         // SAFETY: plain socket calls on a descriptor owned by this block.
         unsafe {
@@ -172,7 +217,13 @@ fn connections_kube_proxy_opened_survive_the_takeover_and_new_ones_use_the_datap
     f.dir
         .write(
             "svc.yaml",
-            &manifests::service("web", "web", &VIP.to_string(), &[("http", "TCP", 80, "8080")], ""),
+            &manifests::service(
+                "web",
+                "web",
+                &VIP.to_string(),
+                &[("http", "TCP", 80, "8080")],
+                "",
+            ),
         )
         .unwrap();
     let node = &f.topo.nodes[0].ns;

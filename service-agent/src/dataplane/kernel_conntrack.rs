@@ -360,7 +360,10 @@ mod tests {
             CTA_TUPLE_ORIG,
             &[nested(
                 CTA_TUPLE_IP,
-                &[attr(CTA_IP_V4_SRC, &CLIENT.src), attr(CTA_IP_V4_DST, &CLIENT.dst)],
+                &[
+                    attr(CTA_IP_V4_SRC, &CLIENT.src),
+                    attr(CTA_IP_V4_DST, &CLIENT.dst),
+                ],
             )],
         ));
         body.extend(tuple(CTA_TUPLE_REPLY, BACKEND_REPLY));

@@ -127,7 +127,11 @@ fn value(into: &Tuple, svc_id: u32, backend_id: u32, flags: u16, now_ns: u64) ->
 /// the Service no longer has is left to the programs, which send it to a
 /// live one (UDP has no connection to cut); its backend id lets the writer
 /// drop the entry when that backend leaves, as for the programs' own flows.
-pub fn entries_for(flow: &KernelFlow, fe: &Frontends, now_ns: u64) -> Option<[(CtKey, CtValue); 2]> {
+pub fn entries_for(
+    flow: &KernelFlow,
+    fe: &Frontends,
+    now_ns: u64,
+) -> Option<[(CtKey, CtValue); 2]> {
     if !flow.dst_translated() {
         return None;
     }
@@ -303,7 +307,10 @@ mod tests {
             orig: t(CLIENT, 40000, VIP, 80, IPPROTO_TCP),
             reply: t(VIP, 80, CLIENT, 40000, IPPROTO_TCP),
         };
-        assert!(entries_for(&plain, &f, 0).is_none(), "no NAT: not kube-proxy's");
+        assert!(
+            entries_for(&plain, &f, 0).is_none(),
+            "no NAT: not kube-proxy's"
+        );
         assert!(entries_for(&dnat([10, 96, 0, 99], 80, IPPROTO_TCP), &f, 0).is_none());
         assert!(entries_for(&dnat(VIP, 81, IPPROTO_TCP), &f, 0).is_none());
         // A NodePort counts on a node address only.
