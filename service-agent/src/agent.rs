@@ -493,19 +493,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // kube-proxy's connections are left to the kernel before the programs
     // see them, and once more after, for those opened in between.
     let ips = agent.cfg.node_ips.clone();
-    takeover::take_over(
-        &mut agent.dp.tables,
-        &ips,
-        monotonic_ns(),
-        "before attaching",
-    );
+    takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "before");
     agent.watch_interfaces();
-    takeover::take_over(
-        &mut agent.dp.tables,
-        &ips,
-        monotonic_ns(),
-        "after attaching",
-    );
+    takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "after");
     // Asked for XDP and could not have it: say so and stop, rather than run
     // without the fast path unnoticed.
     if let Some((iface, e)) = agent.xdp_errors.iter().next() {
@@ -557,13 +547,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     info!(expired = n, "conntrack entries expired");
                 }
             }
-            _ = takeover_tick.tick() => {
-                match takeover::renew_kernel_flows(&mut agent.dp.tables, monotonic_ns()) {
-                    Ok(0) => {}
-                    Ok(n) => info!(renewed = n, "idle connections the kernel still translates kept"),
-                    Err(e) => warn!("{e}"),
-                }
-            }
+            _ = takeover_tick.tick() => takeover::renew(&mut agent.dp.tables, monotonic_ns()),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }

@@ -228,7 +228,19 @@ pub fn renew_kernel_flows(t: &mut Tables, now_ns: u64) -> Result<usize, Takeover
     Ok(renewed)
 }
 
-/// `adopt_kernel_flows`, logged, with NodePorts on `node_ips` (empty: every
+/// `renew_kernel_flows`, logged.
+pub fn renew(t: &mut Tables, now_ns: u64) {
+    match renew_kernel_flows(t, now_ns) {
+        Ok(0) => {}
+        Ok(n) => info!(
+            renewed = n,
+            "idle connections the kernel still translates kept"
+        ),
+        Err(e) => warn!("{e}"),
+    }
+}
+
+/// `adopt_kernel_flows` (`when`: before or after attaching), logged, with NodePorts on `node_ips` (empty: every
 /// address of the namespace, as the agent's NODE_ADDRS). A node without
 /// kernel conntrack has nothing to take over, which is not an error.
 pub fn take_over(t: &mut Tables, node_ips: &[Ipv4Addr], now_ns: u64, when: &str) {
@@ -240,10 +252,11 @@ pub fn take_over(t: &mut Tables, node_ips: &[Ipv4Addr], now_ns: u64, when: &str)
         Ok(0) => {}
         Ok(n) => info!(
             flows = n,
-            when, "left connections the kernel's conntrack translates (kube-proxy's) to it"
+            attaching = when,
+            "left connections the kernel's conntrack translates (kube-proxy's) to it"
         ),
         Err(e) => warn!(
-            when,
+            attaching = when,
             "{e}: connections opened through kube-proxy before the agent started may be cut"
         ),
     }
