@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, writer},
+    dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, takeover, writer},
     health::HealthServers,
     metrics::{self, Metrics},
     plan::{self, FrontendKey, Incremental, NodeContext},
@@ -339,7 +339,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     // Program before attaching, so no packet meets an empty table.
     agent.sync(true).await;
+    // kube-proxy's connections are left to the kernel before the programs
+    // see them, and once more after, for those opened in between.
+    let ips = agent.cfg.node_ips.clone();
+    takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "before");
     agent.watch_interfaces();
+    takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "after");
     // Asked for XDP and could not have it: say so and stop, rather than run
     // without the fast path unnoticed.
     if let Some((iface, e)) = agent.xdp_errors.iter().next() {
@@ -365,6 +370,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         agent.cfg.resync,
     );
     let mut gc_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut takeover_tick = tokio::time::interval(takeover::REFRESH_PERIOD);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -390,6 +396,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     info!(expired = n, "conntrack entries expired");
                 }
             }
+            _ = takeover_tick.tick() => takeover::renew(&mut agent.dp.tables, monotonic_ns()),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }

@@ -10,6 +10,12 @@ use crate::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/service-agent";
+/// Where /metrics, /healthz and /readyz are served by default. Not 10249 or
+/// 10256 (kube-proxy's metrics and healthz), which the agent would find
+/// taken while it takes over from a running kube-proxy, nor a port of the
+/// kubelet (10248, 10250, 10255), the control plane (10257 to 10259) or
+/// the common CNIs (Calico 9091/9099, Cilium 9962 to 9965, Antrea 10349 to 10351).
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:10280";
 
 #[derive(Parser)]
 #[command(
@@ -79,7 +85,7 @@ pub struct RunArgs {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// Serve /metrics, /healthz and /readyz here ("off" to disable).
-    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_listen)]
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = parse_listen)]
     pub metrics_addr: Listen,
     /// /healthz turns 503 when a change has waited this long to be programmed.
     #[arg(long, default_value_t = 60)]

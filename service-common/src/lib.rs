@@ -162,6 +162,11 @@ pub const CT_F_SNAT: u16 = 1 << 3;
 /// After rewriting, the packet's source is an address of this node: it is
 /// sent to its next hop directly rather than through IP input (martian check).
 pub const CT_F_LOCAL_SOURCE: u16 = 1 << 4;
+/// A flow the kernel's own conntrack translates (one kube-proxy opened
+/// before the agent took over): its packets are passed untouched, in both
+/// directions, and netfilter keeps rewriting them. The nat fields say what
+/// the kernel rewrites the packet to, so the GC pairs the two entries.
+pub const CT_F_KERNEL: u16 = 1 << 5;
 
 /// What to write into a packet whose 5-tuple matches a CONNTRACK key. Both
 /// directions of a translated flow have an entry; each says the whole

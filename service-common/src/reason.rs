@@ -116,6 +116,9 @@ reasons! {
     /// A reply the node's own stack sent for a translated flow (a
     /// host-network endpoint answering) was reverse-translated at tc egress.
     LocalReplyTranslated "local_reply_translated" Translated,
+    /// A packet of a flow the kernel's conntrack translates (opened through
+    /// kube-proxy's rules before the agent started): left to netfilter.
+    KernelFlowPassed "kernel_flow_passed" Passed,
 }
 
 #[cfg(test)]

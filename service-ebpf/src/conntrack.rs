@@ -7,7 +7,7 @@ use aya_ebpf::{
 use service_common::*;
 
 use crate::{
-    headers::{TCP_FIN, TCP_RST},
+    headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::{BACKENDS, CONNTRACK, META},
     nat::Target,
     packet::Flow,
@@ -35,6 +35,8 @@ pub enum CtLookup {
         /// The flow is source-NATed to this node (either direction).
         snat: bool,
     },
+    /// A flow the kernel's conntrack translates: pass it untouched.
+    Kernel,
     /// A UDP request entry whose backend was gone: it is removed (counted
     /// as the flow event `StaleFlowMoved`) and the flow picks again.
     Stale,
@@ -60,11 +62,20 @@ pub fn lookup(flow: &Flow) -> CtLookup {
         count_reason(Reason::StaleFlowMoved);
         return CtLookup::Stale;
     }
-    // SAFETY: a helper call without arguments.
-    entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
-    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        entry.flags |= CT_F_CLOSING;
+    if entry.flags & CT_F_KERNEL != 0 {
+        // A new SYN on the tuple of a kernel flow is a new connection
+        // reusing the port (the old one is closing or gone in the kernel):
+        // the rules that opened the old one may be gone, so this dataplane
+        // opens it.
+        if !reply && flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        {
+            let _ = CONNTRACK.remove(key_of(flow));
+            return CtLookup::Miss;
+        }
+        touch(entry, flow);
+        return CtLookup::Kernel;
     }
+    touch(entry, flow);
     CtLookup::Hit {
         target: Target {
             saddr: entry.nat_saddr,
@@ -76,6 +87,17 @@ pub fn lookup(flow: &Flow) -> CtLookup {
         reply,
         local_source: entry.flags & CT_F_LOCAL_SOURCE != 0,
         snat: entry.flags & CT_F_SNAT != 0,
+    }
+}
+
+/// A packet of the flow was seen: it stays recent, and FIN or RST marks it
+/// closing so the agent expires it sooner.
+#[inline(always)]
+fn touch(entry: &mut CtValue, flow: &Flow) {
+    // SAFETY: a helper call without arguments.
+    entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        entry.flags |= CT_F_CLOSING;
     }
 }
 

@@ -7,7 +7,7 @@
 //! reversed, says how that packet looked before translation and who sent it.
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
-use service_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP, Reason};
+use service_common::{CT_F_KERNEL, CtKey, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
 use crate::{
     access::Packet,
@@ -99,6 +99,10 @@ pub fn translate(ctx: &TcContext, e: &IcmpError) -> IcmpVerdict {
     let Some(entry) = (unsafe { CONNTRACK.get(other_direction) }) else {
         return IcmpVerdict::NotOurs;
     };
+    // Netfilter translates errors about the flows it translates.
+    if entry.flags & CT_F_KERNEL != 0 {
+        return IcmpVerdict::NotOurs;
+    }
     // The quoted packet, before translation, was the reverse of what the
     // other direction is rewritten to; its sender gets the error.
     let original = Quoted {

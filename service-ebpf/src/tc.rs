@@ -48,23 +48,26 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
             };
         }
     };
-    if let CtLookup::Hit {
-        target,
-        svc_id,
-        reply,
-        local_source,
-        ..
-    } = conntrack::lookup(&flow)
-    {
-        let hit = if reply {
-            Reason::ReplyTranslated
-        } else {
-            Reason::CtHit
-        };
-        return match translate(ctx, &flow, &target, svc_id, local_source) {
-            Ok(action) => Outcome::counted(action, hit),
-            Err(reason) => Outcome::counted(DROP, reason),
-        };
+    match conntrack::lookup(&flow) {
+        CtLookup::Hit {
+            target,
+            svc_id,
+            reply,
+            local_source,
+            ..
+        } => {
+            let hit = if reply {
+                Reason::ReplyTranslated
+            } else {
+                Reason::CtHit
+            };
+            return match translate(ctx, &flow, &target, svc_id, local_source) {
+                Ok(action) => Outcome::counted(action, hit),
+                Err(reason) => Outcome::counted(DROP, reason),
+            };
+        }
+        CtLookup::Kernel => return Outcome::counted(PASS, Reason::KernelFlowPassed),
+        CtLookup::Stale | CtLookup::Miss => {}
     }
     match lb::lookup_frontend(flow.daddr, flow.dport, flow.proto) {
         Some(fe) => start_flow(ctx, &flow, &fe, from_outside),

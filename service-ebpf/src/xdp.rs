@@ -39,6 +39,8 @@ pub fn ingress(ctx: &XdpContext) -> XdpOutcome {
         // Flows to local backends and replies to pods belong to the tc
         // programs: their packets go to pod interfaces, which XDP does not send to.
         CtLookup::Hit { snat: false, .. } => return Outcome::uncounted(PASS),
+        // The kernel's conntrack translates it, after tc (which counts it).
+        CtLookup::Kernel => return Outcome::uncounted(PASS),
         CtLookup::Hit {
             target,
             svc_id,

@@ -527,3 +527,73 @@ fn later_fragments_follow_the_translation_of_their_first_fragment() {
     assert_eq!(run(&mut l, &stray), (TC_ACT_OK, stray.clone()));
     assert_eq!(reason(&l, Reason::FragmentPassed), 1);
 }
+
+#[test]
+fn flows_the_kernel_translates_are_passed_untouched_both_ways() {
+    let mut l = web(&[("10.244.0.11", 8080)]);
+    // What the agent writes for a connection kube-proxy DNATed to
+    // 10.244.0.12:8080 (a backend this Service does not have).
+    let request = CtKey {
+        saddr: [10, 244, 0, 20],
+        daddr: [10, 96, 0, 10],
+        sport: 40000,
+        dport: 80,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let reply = CtKey {
+        saddr: [10, 244, 0, 12],
+        daddr: [10, 244, 0, 20],
+        sport: 8080,
+        dport: 40000,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let entry = |into: &CtKey, flags| CtValue {
+        nat_saddr: into.daddr,
+        nat_daddr: into.saddr,
+        nat_sport: into.dport,
+        nat_dport: into.sport,
+        flags: CT_F_KERNEL | flags,
+        proto: IPPROTO_TCP,
+        ..Default::default()
+    };
+    let ct = &mut l.dp.tables.conntrack;
+    ct.insert(request, entry(&reply, 0), 0).unwrap();
+    ct.insert(reply, entry(&request, CT_F_REPLY), 0).unwrap();
+
+    let data = Builder::tcp(CLIENT, 40000, VIP, 80, ACK).build();
+    assert_eq!(
+        run(&mut l, &data),
+        (TC_ACT_OK, data.clone()),
+        "not ct_invalid"
+    );
+    let back = Builder::tcp("10.244.0.12", 8080, CLIENT, 40000, ACK).build();
+    assert_eq!(run(&mut l, &back), (TC_ACT_OK, back.clone()));
+    assert_eq!(reason(&l, Reason::KernelFlowPassed), 2);
+    assert_eq!(reason(&l, Reason::CtInvalid), 0);
+    let seen = l.dp.tables.conntrack.get(&request, 0).unwrap();
+    assert!(seen.last_seen_ns > 0, "the GC sees the flow is alive");
+
+    // A FIN marks it closing, as for the dataplane's own flows.
+    let fin = Builder::tcp(CLIENT, 40000, VIP, 80, ACK | 0x01).build();
+    assert_eq!(run(&mut l, &fin), (TC_ACT_OK, fin.clone()));
+    let seen = l.dp.tables.conntrack.get(&request, 0).unwrap();
+    assert_ne!(seen.flags & CT_F_CLOSING, 0);
+
+    // A new SYN on the same tuple is a new connection: the dataplane opens it.
+    let (rc, out) = run(&mut l, &Builder::tcp(CLIENT, 40000, VIP, 80, SYN).build());
+    assert_eq!(rc, TC_ACT_OK);
+    let s = packet::parse(&out);
+    assert_eq!((s.dst, s.dport), ("10.244.0.11".parse().unwrap(), 8080));
+    let now = l.dp.tables.conntrack.get(&request, 0).unwrap();
+    assert_eq!(now.flags & CT_F_KERNEL, 0);
+    assert_eq!(reason(&l, Reason::NewFlow), 1);
+
+    // ICMP errors about a kernel flow are netfilter's to translate: here
+    // one about the DNATed request, on its way to the old backend.
+    let quoted = Builder::tcp(CLIENT, 40000, "10.244.0.12", 8080, ACK).build();
+    let err = packet::icmp_error("10.0.0.254", CLIENT, 3, 4, &quoted);
+    assert_eq!(run(&mut l, &err), (TC_ACT_OK, err.clone()));
+    assert_eq!(reason(&l, Reason::IcmpErrorTranslated), 0);
+}

@@ -425,7 +425,11 @@ fn http_get_local(f: &Fixture, path: &str) -> (u16, String) {
     f.topo.nodes[0]
         .ns
         .within(move || {
-            traffic::http_request(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249), &path, T)
+            traffic::http_request(
+                service_agent::cli::DEFAULT_METRICS_ADDR.parse().unwrap(),
+                &path,
+                T,
+            )
         })
         .unwrap()
         .unwrap()

@@ -1,9 +1,11 @@
 //! The only part of the agent that touches BPF: loading and attaching the
 //! programs, adopting pinned maps, and writing plans into them.
 pub mod interfaces;
+pub mod kernel_conntrack;
 pub mod links;
 pub mod pins;
 pub mod tables;
+pub mod takeover;
 pub mod writer;
 pub mod xdp_features;
 

@@ -129,7 +129,11 @@ fn drive<T: Send + 'static>(
                 }
                 // The watcher backs off and relists by itself; the stores
                 // keep their last contents meanwhile, and so do the maps.
-                Err(e) => warn!(resource = what, "watch failed, retrying: {e}"),
+                Err(e) => warn!(
+                    resource = what,
+                    "watch failed, retrying: {}",
+                    crate::error_chain::error_chain(&e)
+                ),
             }
         }
     });
