@@ -108,6 +108,10 @@ pub struct FakeMaps {
     failing_maps: BTreeSet<&'static str>,
 }
 
+fn pairs<K: Copy, V: Copy>(m: &BTreeMap<K, V>) -> Vec<(K, V)> {
+    m.iter().map(|(k, v)| (*k, *v)).collect()
+}
+
 fn syscall_error(call: &'static str, errno: i32) -> MapError {
     MapError::SyscallError(SyscallError {
         call,
@@ -200,21 +204,11 @@ impl Maps for FakeMaps {
     }
 
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
-        Ok(self
-            .contents
-            .services
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect())
+        Ok(pairs(&self.contents.services))
     }
 
     fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
-        Ok(self
-            .contents
-            .backends
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect())
+        Ok(pairs(&self.contents.backends))
     }
 
     fn backend(&self, id: u32) -> Result<Option<Backend>, MapError> {

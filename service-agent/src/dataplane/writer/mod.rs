@@ -157,12 +157,8 @@ impl Writer {
         }
         // Frontends the plan no longer has, except those of Services the
         // planner refused: those keep their last good state.
-        let gone: Vec<ServiceKey> = self
-            .frontends
-            .keys()
-            .filter(|k| !desired.contains_key(k))
-            .copied()
-            .collect();
+        let mut gone: Vec<ServiceKey> = self.frontends.keys().copied().collect();
+        gone.retain(|k| !desired.contains_key(k));
         for mk in gone {
             if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {
                 report.errors.push(format!("removing frontend {mk:?}: {e}"));
