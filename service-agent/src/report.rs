@@ -1,12 +1,12 @@
 //! Reading the programmed state back from the pinned maps, for `list`,
 //! `stats` and `dump`: what the kernel has, not what the agent meant.
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{fmt::Write as _, net::Ipv4Addr};
 
 use serde::Serialize;
 use service_common::*;
 
 use crate::{
-    dataplane::tables::Tables,
+    dataplane::{maps::Maps as _, readback::read_frontends, tables::Tables},
     plan::{BackendAddr, FrontendKey, Protocol},
     status::Status,
 };
@@ -25,34 +25,9 @@ pub struct ProgrammedFrontend {
 }
 
 pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<ProgrammedFrontend>> {
-    let mut masters = BTreeMap::new();
-    let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, u32>> = BTreeMap::new();
-    for e in t.services.iter() {
-        let (k, v) = e?;
-        if k.slot == 0 {
-            masters.insert(k, v);
-        } else {
-            slots
-                .entry(ServiceKey { slot: 0, ..k })
-                .or_default()
-                .insert(k.slot, v.backend_id);
-        }
-    }
-    let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for key in t.source_ranges.keys() {
-        let key = key?;
-        let d = key.data();
-        ranges
-            .entry(u32::from_be_bytes(d.svc_id))
-            .or_default()
-            .push(format!(
-                "{}/{}",
-                Ipv4Addr::from(d.addr),
-                key.prefix_len().saturating_sub(32)
-            ));
-    }
+    let mut stored = read_frontends(t)?;
     let mut out = vec![];
-    for (k, m) in masters {
+    for (k, f) in &stored.frontends {
         let Some(proto) = Protocol::from_number(k.proto) else {
             continue;
         };
@@ -62,32 +37,34 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
             proto,
         };
         let mut backends = vec![];
-        let mine = slots.get(&k);
-        for slot in 1..=m.count {
-            match mine.and_then(|s| s.get(&slot)) {
-                Some(id) => match t.backends.get(id, 0) {
-                    Ok(b) => backends.push(
-                        BackendAddr {
-                            addr: Ipv4Addr::from(b.addr),
-                            port: b.port,
-                            local: b.flags & BE_F_LOCAL != 0,
-                        }
-                        .to_string(),
-                    ),
-                    Err(_) => backends.push(format!("<backend {id} missing>")),
+        for (slot, id) in f.counted_backends() {
+            backends.push(match id {
+                None => format!("<slot {slot} missing>"),
+                Some(id) => match t.backend(id) {
+                    Ok(Some(b)) => BackendAddr {
+                        addr: Ipv4Addr::from(b.addr),
+                        port: b.port,
+                        local: b.flags & BE_F_LOCAL != 0,
+                    }
+                    .to_string(),
+                    _ => format!("<backend {id} missing>"),
                 },
-                None => backends.push(format!("<slot {slot} missing>")),
-            }
+            });
         }
         backends.sort();
         let frontend = key.to_string();
         let named = status.and_then(|s| s.frontends.iter().find(|f| f.frontend == frontend));
+        let m = f.master;
+        let ranges = stored.ranges.remove(&m.svc_id).unwrap_or_default();
         out.push(ProgrammedFrontend {
             frontend,
             svc_id: m.svc_id,
             backends,
             affinity_timeout_s: (m.flags & SVC_F_AFFINITY != 0).then_some(m.affinity_timeout_s),
-            source_ranges: ranges.remove(&m.svc_id).unwrap_or_default(),
+            source_ranges: ranges
+                .iter()
+                .map(|r| format!("{}/{}", Ipv4Addr::from(r.addr), r.prefix))
+                .collect(),
             service: named.map(|n| n.service.clone()),
             port_name: named.map(|n| n.port_name.clone()),
         });

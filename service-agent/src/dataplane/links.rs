@@ -149,25 +149,37 @@ fn pin_private(fd: FdLink, pin: &Path) -> anyhow::Result<PinnedLink> {
     Ok(pinned)
 }
 
+/// Pins a link for `iface` at `pin`. `link` gets the link a previous agent
+/// pinned there when it has `link_type` and the same device (to swap the
+/// new program into: no moment without a program), or `None` to attach
+/// anew. Returns the pinned link and whether it was adopted.
+fn pinned_link(
+    iface: &str,
+    pin: &Path,
+    link_type: u32,
+    link: impl FnOnce(Option<FdLink>) -> anyhow::Result<FdLink>,
+) -> anyhow::Result<(PinnedLink, bool)> {
+    let ifindex = nix::net::if_::if_nametoindex(iface)?;
+    let old = adoptable(pin, link_type, ifindex)?;
+    let adopted = old.is_some();
+    Ok((pin_private(link(old)?, pin)?, adopted))
+}
+
 /// Attaches `prog` to the tc hook `at` of `iface` through a link pinned at
-/// `pin`: an existing pinned link on the same device gets the new program
-/// swapped in (no moment without a program); otherwise a new link is made
-/// and pinned. Returns the pinned link and whether it was adopted.
+/// `pin`, adopting the link a previous agent pinned there.
 pub fn attach_pinned(
     prog: &mut SchedClassifier,
     iface: &str,
     at: TcAttachType,
     pin: &Path,
 ) -> anyhow::Result<(PinnedLink, bool)> {
-    let ifindex = nix::net::if_::if_nametoindex(iface)?;
-    if let Some(fd) = adoptable(pin, BPF_LINK_TYPE_TCX, ifindex)? {
-        let id = prog.attach_to_link(SchedClassifierLink::try_from(fd)?)?;
-        let fd: FdLink = prog.take_link(id)?.try_into()?;
-        return Ok((pin_private(fd, pin)?, true));
-    }
-    let id = prog.attach(iface, at)?;
-    let fd: FdLink = prog.take_link(id)?.try_into()?;
-    Ok((pin_private(fd, pin)?, false))
+    pinned_link(iface, pin, BPF_LINK_TYPE_TCX, |old| {
+        let id = match old {
+            Some(fd) => prog.attach_to_link(SchedClassifierLink::try_from(fd)?)?,
+            None => prog.attach(iface, at)?,
+        };
+        Ok(prog.take_link(id)?.try_into()?)
+    })
 }
 
 /// The XDP counterpart of `attach_pinned`: adopts a pinned XDP link of the
@@ -179,27 +191,22 @@ pub fn attach_pinned_xdp(
     mode: XdpMode,
     pin: &Path,
 ) -> anyhow::Result<(PinnedLink, bool)> {
-    let ifindex = nix::net::if_::if_nametoindex(iface)?;
-    if let Some(fd) = adoptable(pin, BPF_LINK_TYPE_XDP, ifindex)? {
-        let id = prog.attach_to_link(XdpLink::try_from(fd)?)?;
-        let fd: FdLink = prog.take_link(id)?.try_into()?;
-        return Ok((pin_private(fd, pin)?, true));
-    }
-    let id = prog.attach(iface, mode.aya()).map_err(|e| {
-        anyhow::anyhow!(
-            "{e} (in {} mode{})",
-            mode.as_str(),
-            if mode == XdpMode::Native {
-                "; the driver may lack native XDP: try --xdp generic"
-            } else {
-                ""
-            }
-        )
-    })?;
-    // A netlink attachment (kernels without XDP links) cannot be pinned and
-    // would vanish with this process: refuse it rather than pretend.
-    let fd: FdLink = prog.take_link(id)?.try_into().map_err(|_| {
-        anyhow::anyhow!("the kernel attached XDP without a bpf link; links need Linux 5.9")
-    })?;
-    Ok((pin_private(fd, pin)?, false))
+    let hint = if mode == XdpMode::Native {
+        "; the driver may lack native XDP: try --xdp generic"
+    } else {
+        ""
+    };
+    pinned_link(iface, pin, BPF_LINK_TYPE_XDP, |old| {
+        let id = match old {
+            Some(fd) => prog.attach_to_link(XdpLink::try_from(fd)?)?,
+            None => prog
+                .attach(iface, mode.aya())
+                .map_err(|e| anyhow::anyhow!("{e} (in {} mode{hint})", mode.as_str()))?,
+        };
+        // A netlink attachment (kernels without XDP links) cannot be pinned
+        // and would vanish with this process: refuse it rather than pretend.
+        prog.take_link(id)?.try_into().map_err(|_| {
+            anyhow::anyhow!("the kernel attached XDP without a bpf link; links need Linux 5.9")
+        })
+    })
 }

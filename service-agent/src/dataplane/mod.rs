@@ -1,9 +1,13 @@
 //! The only part of the agent that touches BPF: loading and attaching the
 //! programs, adopting pinned maps, and writing plans into them.
+#[cfg(test)]
+pub mod fake;
 pub mod interfaces;
 pub mod kernel_conntrack;
 pub mod links;
+pub mod maps;
 pub mod pins;
+pub mod readback;
 pub mod tables;
 pub mod takeover;
 pub mod writer;

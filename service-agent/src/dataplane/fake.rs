@@ -1,0 +1,245 @@
+//! An in-memory stand-in for the BPF maps, for unit tests of the writer:
+//! hash maps with a capacity that refuse a new key when full with the
+//! kernel's error, every write recorded, and failures injected on demand
+//! (the Nth write, every write to one map).
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    io,
+};
+
+use aya::{maps::MapError, sys::SyscallError};
+use service_common::*;
+
+use super::maps::{Entry, EntryKey, Maps, RangeKey};
+
+/// What the maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contents {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    /// AFFINITY_MATCH as (svc_id, backend id).
+    pub affinity_match: BTreeSet<(u32, u32)>,
+    pub source_ranges: BTreeSet<RangeKey>,
+    pub node_addrs: BTreeSet<[u8; 4]>,
+    pub meta: BTreeMap<u32, u64>,
+    pub conntrack: HashMap<CtKey, CtValue>,
+}
+
+impl Contents {
+    /// How many entries `map` holds.
+    pub fn entries(&self, map: &str) -> usize {
+        match map {
+            MAP_SERVICES => self.services.len(),
+            MAP_BACKENDS => self.backends.len(),
+            MAP_AFFINITY_MATCH => self.affinity_match.len(),
+            MAP_SOURCE_RANGES => self.source_ranges.len(),
+            MAP_NODE_ADDRS => self.node_addrs.len(),
+            MAP_META => self.meta.len(),
+            MAP_CONNTRACK => self.conntrack.len(),
+            _ => 0,
+        }
+    }
+
+    fn has(&self, e: &Entry) -> bool {
+        match e {
+            Entry::Service(k, _) => self.services.contains_key(k),
+            Entry::Backend(id, _) => self.backends.contains_key(id),
+            Entry::AffinityMatch(k) => self.affinity_match.contains(&(k.svc_id, k.backend_id)),
+            Entry::SourceRange(r) => self.source_ranges.contains(r),
+            Entry::NodeAddr(a) => self.node_addrs.contains(a),
+            Entry::Meta(i, _) => self.meta.contains_key(i),
+        }
+    }
+
+    fn put(&mut self, e: Entry) {
+        match e {
+            Entry::Service(k, v) => drop(self.services.insert(k, v)),
+            Entry::Backend(id, b) => drop(self.backends.insert(id, b)),
+            Entry::AffinityMatch(k) => drop(self.affinity_match.insert((k.svc_id, k.backend_id))),
+            Entry::SourceRange(r) => drop(self.source_ranges.insert(r)),
+            Entry::NodeAddr(a) => drop(self.node_addrs.insert(a)),
+            Entry::Meta(i, v) => drop(self.meta.insert(i, v)),
+        }
+    }
+
+    fn delete(&mut self, k: EntryKey) {
+        match k {
+            EntryKey::Service(k) => drop(self.services.remove(&k)),
+            EntryKey::Backend(id) => drop(self.backends.remove(&id)),
+            EntryKey::AffinityMatch(k) => {
+                self.affinity_match.remove(&(k.svc_id, k.backend_id));
+            }
+            EntryKey::SourceRange(r) => drop(self.source_ranges.remove(&r)),
+            EntryKey::NodeAddr(a) => drop(self.node_addrs.remove(&a)),
+            EntryKey::Conntrack(k) => drop(self.conntrack.remove(&k)),
+        }
+    }
+}
+
+/// A write that succeeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Insert(Entry),
+    Remove(EntryKey),
+}
+
+impl Op {
+    pub fn map(&self) -> &'static str {
+        match self {
+            Op::Insert(e) => e.map(),
+            Op::Remove(k) => k.map(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FakeMaps {
+    pub contents: Contents,
+    /// Successful writes, in order.
+    pub log: Vec<Op>,
+    /// When set, the contents after each successful write.
+    pub history: Option<Vec<Contents>>,
+    /// svc_ids whose counters were reset.
+    pub stats_reset: Vec<u32>,
+    capacity: BTreeMap<&'static str, usize>,
+    /// Writes attempted so far, failed ones included.
+    writes: usize,
+    fail_at: BTreeSet<usize>,
+    failing_maps: BTreeSet<&'static str>,
+}
+
+fn pairs<K: Copy, V: Copy>(m: &BTreeMap<K, V>) -> Vec<(K, V)> {
+    m.iter().map(|(k, v)| (*k, *v)).collect()
+}
+
+fn syscall_error(call: &'static str, errno: i32) -> MapError {
+    MapError::SyscallError(SyscallError {
+        call,
+        io_error: io::Error::from_raw_os_error(errno),
+    })
+}
+
+impl FakeMaps {
+    /// Lets `map` hold at most `entries`, like its max_entries.
+    pub fn set_capacity(&mut self, map: &'static str, entries: usize) {
+        self.capacity.insert(map, entries);
+    }
+
+    /// Makes the write `n` writes from now (0: the next one) fail.
+    pub fn fail_write(&mut self, n: usize) {
+        self.fail_at.insert(self.writes + n);
+    }
+
+    /// Makes every write to `map` fail.
+    pub fn fail_map(&mut self, map: &'static str) {
+        self.failing_maps.insert(map);
+    }
+
+    pub fn heal(&mut self) {
+        self.fail_at.clear();
+        self.failing_maps.clear();
+    }
+
+    /// Writes attempted so far.
+    pub fn writes(&self) -> usize {
+        self.writes
+    }
+
+    /// Starts keeping the contents after every write.
+    pub fn record_history(&mut self) {
+        self.history = Some(vec![]);
+    }
+
+    /// Counts a write to `map` and says whether it fails by injection.
+    fn injected(&mut self, map: &'static str) -> bool {
+        let n = self.writes;
+        self.writes += 1;
+        self.fail_at.contains(&n) || self.failing_maps.contains(map)
+    }
+
+    fn done(&mut self, op: Op) {
+        self.log.push(op);
+        if let Some(h) = &mut self.history {
+            h.push(self.contents.clone());
+        }
+    }
+}
+
+impl Maps for FakeMaps {
+    fn insert(&mut self, e: Entry) -> Result<(), MapError> {
+        let map = e.map();
+        if self.injected(map) {
+            return Err(syscall_error("bpf_map_update_elem", libc::EIO));
+        }
+        let full = self
+            .capacity
+            .get(map)
+            .is_some_and(|c| self.contents.entries(map) >= *c);
+        if full && !self.contents.has(&e) {
+            // A trie has no preallocated room: the kernel says ENOSPC there.
+            let errno = if map == MAP_SOURCE_RANGES {
+                libc::ENOSPC
+            } else {
+                libc::E2BIG
+            };
+            return Err(syscall_error("bpf_map_update_elem", errno));
+        }
+        self.contents.put(e);
+        self.done(Op::Insert(e));
+        Ok(())
+    }
+
+    fn remove(&mut self, k: EntryKey) -> Result<(), MapError> {
+        if self.injected(k.map()) {
+            return Err(syscall_error("bpf_map_delete_elem", libc::EIO));
+        }
+        self.contents.delete(k);
+        self.done(Op::Remove(k));
+        Ok(())
+    }
+
+    fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), MapError> {
+        self.stats_reset.push(svc_id);
+        Ok(())
+    }
+
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
+        Ok(pairs(&self.contents.services))
+    }
+
+    fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
+        Ok(pairs(&self.contents.backends))
+    }
+
+    fn backend(&self, id: u32) -> Result<Option<Backend>, MapError> {
+        Ok(self.contents.backends.get(&id).copied())
+    }
+
+    fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError> {
+        Ok(self
+            .contents
+            .affinity_match
+            .iter()
+            .map(|(svc_id, backend_id)| AffinityMatchKey {
+                svc_id: *svc_id,
+                backend_id: *backend_id,
+            })
+            .collect())
+    }
+
+    fn source_ranges(&self) -> Result<Vec<RangeKey>, MapError> {
+        Ok(self.contents.source_ranges.iter().copied().collect())
+    }
+
+    fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
+        self.contents
+            .conntrack
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+
+    fn node_addrs(&self) -> Vec<[u8; 4]> {
+        self.contents.node_addrs.iter().copied().collect()
+    }
+}

@@ -1,0 +1,137 @@
+//! The ids the writer hands out: svc_ids (an index of the per-CPU SVC_STATS
+//! array) and backend ids (BACKENDS keys), with the slot references that
+//! decide when a backend entry can go.
+use std::collections::{BTreeSet, HashMap};
+
+use service_common::*;
+
+use super::{ApplyReport, describe};
+use crate::dataplane::maps::{Entry, EntryKey, Maps};
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct Ids {
+    /// Backend → its id in BACKENDS.
+    backends: HashMap<Backend, u32>,
+    /// Backend id → the backend and how many frontend slots use it.
+    refs: HashMap<u32, (Backend, usize)>,
+    /// Backend ids whose count fell to zero since the last release: the
+    /// only candidates for removal, so a change does not scan every backend.
+    unused: BTreeSet<u32>,
+    next_backend_id: u32,
+    free_backend_ids: Vec<u32>,
+    next_svc_id: u32,
+    /// svc_ids index the per-CPU SVC_STATS array: they stay below its size.
+    svc_id_limit: u32,
+    free_svc_ids: Vec<u32>,
+}
+
+impl Ids {
+    pub fn new(svc_id_limit: u32) -> Self {
+        Ids {
+            next_backend_id: 1,
+            next_svc_id: 1,
+            svc_id_limit,
+            ..Default::default()
+        }
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    pub fn svc_id_limit(&self) -> u32 {
+        self.svc_id_limit
+    }
+
+    /// A backend found in BACKENDS at start: released at the next apply
+    /// unless a frontend slot refers to it.
+    pub fn adopt_backend(&mut self, id: u32, b: Backend) {
+        self.backends.insert(b, id);
+        self.refs.insert(id, (b, 0));
+        self.unused.insert(id);
+        self.next_backend_id = self.next_backend_id.max(id + 1);
+    }
+
+    pub fn adopt_svc_id(&mut self, id: u32) {
+        self.next_svc_id = self.next_svc_id.max(id + 1);
+    }
+
+    pub fn add_ref(&mut self, id: u32, delta: isize) {
+        if let Some(e) = self.refs.get_mut(&id) {
+            e.1 = e.1.saturating_add_signed(delta);
+            if e.1 == 0 {
+                self.unused.insert(id);
+            }
+        }
+    }
+
+    pub fn alloc_svc_id(&mut self) -> Option<u32> {
+        if let Some(id) = self.free_svc_ids.pop() {
+            return Some(id);
+        }
+        if self.next_svc_id >= self.svc_id_limit {
+            return None;
+        }
+        self.next_svc_id += 1;
+        Some(self.next_svc_id - 1)
+    }
+
+    pub fn free_svc_id(&mut self, id: u32) {
+        self.free_svc_ids.push(id);
+    }
+
+    /// The id of `b`, written into BACKENDS first when it is new.
+    pub fn backend_id(
+        &mut self,
+        t: &mut impl Maps,
+        b: Backend,
+        report: &mut ApplyReport,
+    ) -> Result<u32, String> {
+        if let Some(id) = self.backends.get(&b) {
+            return Ok(*id);
+        }
+        let id = match self.free_backend_ids.pop() {
+            Some(id) => id,
+            None => {
+                self.next_backend_id += 1;
+                self.next_backend_id - 1
+            }
+        };
+        if let Err(e) = t.insert(Entry::Backend(id, b)) {
+            self.free_backend_ids.push(id);
+            return Err(describe(MAP_BACKENDS, e));
+        }
+        report.backends_added += 1;
+        self.backends.insert(b, id);
+        self.refs.insert(id, (b, 0));
+        // Released again if the frontend that asked for it fails to write.
+        self.unused.insert(id);
+        Ok(id)
+    }
+
+    /// Removes the backends no slot refers to any more; one that cannot be
+    /// removed is tried again at the next release.
+    pub fn release_unused(&mut self, t: &mut impl Maps, report: &mut ApplyReport) {
+        let unused: Vec<(Backend, u32)> = std::mem::take(&mut self.unused)
+            .into_iter()
+            .filter_map(|id| match self.refs.get(&id) {
+                Some((b, 0)) => Some((*b, id)),
+                _ => None,
+            })
+            .collect();
+        for (b, id) in unused {
+            match t.remove(EntryKey::Backend(id)) {
+                Ok(()) => {
+                    self.backends.remove(&b);
+                    self.refs.remove(&id);
+                    self.free_backend_ids.push(id);
+                    report.backends_removed += 1;
+                }
+                Err(e) => {
+                    self.unused.insert(id);
+                    report.errors.push(format!("removing backend {id}: {e}"));
+                }
+            }
+        }
+    }
+}

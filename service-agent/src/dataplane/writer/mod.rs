@@ -1,0 +1,232 @@
+//! Turning a plan into map writes, in an order that never lets a packet see a
+//! frontend with fewer usable backends than before or after the change.
+//! The writer works through the `Maps` interface: the pinned maps in the
+//! agent, an in-memory fake in the unit tests.
+mod flows;
+mod frontends;
+mod ids;
+mod node_addrs;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use aya::maps::MapError;
+use service_common::*;
+
+pub use self::flows::{
+    CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS, expire_conntrack,
+};
+use self::{frontends::Programmed, ids::Ids};
+use super::{
+    maps::{EntryKey, Maps},
+    readback::read_frontends,
+};
+use crate::plan::{FrontendKey, FrontendPlan, Plan};
+
+/// What one apply did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub udp_flows_flushed: usize,
+    /// Frontends that could not be written, with the Service and the reason;
+    /// their previous state stays in the maps.
+    pub errors: Vec<String>,
+}
+
+/// The agent's view of what is in the maps, rebuilt from them at start.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    frontends: BTreeMap<ServiceKey, Programmed>,
+    ids: Ids,
+    /// Frontends whose last write failed: retried at every apply, so a
+    /// frontend refused by a full map gets in once there is room, and its
+    /// error keeps being reported until then.
+    failed: BTreeSet<FrontendKey>,
+}
+
+pub fn master_key(k: &FrontendKey) -> ServiceKey {
+    ServiceKey {
+        addr: k.addr.octets(),
+        port: k.port,
+        proto: k.proto.number(),
+        scope: SCOPE_ALL,
+        slot: 0,
+        _pad: 0,
+    }
+}
+
+/// A map error as the operator needs to read it: a full map says which flag raises it.
+fn describe(map: &str, e: MapError) -> String {
+    // A full hash map answers E2BIG, a full LPM trie ENOSPC.
+    let full = matches!(&e, MapError::SyscallError(s)
+        if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)));
+    match (full, map) {
+        (true, MAP_SERVICES) => format!("map {map} is full; raise --services-max"),
+        (true, MAP_BACKENDS | MAP_AFFINITY_MATCH) => {
+            format!("map {map} is full; raise --backends-max")
+        }
+        (true, _) => format!("map {map} is full"),
+        _ => format!("map {map}: {e}"),
+    }
+}
+
+pub fn nr_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1)
+}
+
+impl Writer {
+    /// Rebuilds the bookkeeping from maps that a previous agent left pinned,
+    /// so that a restart rewrites only what changed and keeps conntrack.
+    pub fn adopt(t: &mut impl Maps, svc_id_limit: u32) -> Result<Self, MapError> {
+        let mut w = Writer {
+            frontends: BTreeMap::new(),
+            ids: Ids::new(svc_id_limit),
+            failed: BTreeSet::new(),
+        };
+        let mut stored = read_frontends(t)?;
+        let mut members: HashMap<u32, BTreeSet<u32>> = HashMap::new();
+        for k in t.affinity_matches()? {
+            members.entry(k.svc_id).or_default().insert(k.backend_id);
+        }
+        for (id, b) in t.backends()? {
+            w.ids.adopt_backend(id, b);
+        }
+        for (mk, f) in stored.frontends {
+            let svc_id = f.master.svc_id;
+            w.ids.adopt_svc_id(svc_id);
+            // Slots beyond the count or a count beyond the slots (an agent
+            // that died mid-update) stay recorded as they are: the next
+            // write of the frontend brings them to the plan.
+            let p = Programmed {
+                svc_id,
+                master: Some(f.master),
+                slots: f.slots,
+                members: members.remove(&svc_id).unwrap_or_default(),
+                ranges: stored.ranges.remove(&svc_id).unwrap_or_default(),
+            };
+            for id in p.backend_ids() {
+                w.ids.add_ref(id, 1);
+            }
+            w.frontends.insert(mk, p);
+        }
+        // What no master owns is left by an agent that died removing a frontend.
+        let orphans = (stored.orphan_slots.into_iter().map(EntryKey::Service))
+            .chain(members.into_iter().flat_map(|(svc_id, ids)| {
+                ids.into_iter().map(move |backend_id| {
+                    EntryKey::AffinityMatch(AffinityMatchKey { svc_id, backend_id })
+                })
+            }))
+            .chain(
+                stored
+                    .ranges
+                    .into_values()
+                    .flatten()
+                    .map(EntryKey::SourceRange),
+            );
+        for k in orphans.collect::<Vec<_>>() {
+            t.remove(k)?;
+        }
+        Ok(w)
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.ids.backend_count()
+    }
+
+    /// Brings the maps to `plan`. Frontends that cannot be written keep their
+    /// previous state and are named in the report.
+    pub fn apply(&mut self, t: &mut impl Maps, plan: &Plan) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut removed_pairs = BTreeSet::new();
+        let desired: BTreeMap<ServiceKey, (&FrontendKey, &FrontendPlan)> = plan
+            .frontends
+            .iter()
+            .map(|(k, f)| (master_key(k), (k, f)))
+            .collect();
+        self.failed.clear();
+        for (mk, (fk, fe)) in &desired {
+            self.write_or_report(t, *mk, fk, fe, &mut removed_pairs, &mut report);
+        }
+        // Frontends the plan no longer has, except those of Services the
+        // planner refused: those keep their last good state.
+        let mut gone: Vec<ServiceKey> = self.frontends.keys().copied().collect();
+        gone.retain(|k| !desired.contains_key(k));
+        for mk in gone {
+            if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {
+                report.errors.push(format!("removing frontend {mk:?}: {e}"));
+            }
+        }
+        self.finish(t, &removed_pairs, report)
+    }
+
+    /// Brings only the frontends named in `changed` to `plan` (written when
+    /// the plan has them, removed when not): what an incremental plan
+    /// reports after a change. The other frontends are not looked at.
+    pub fn apply_changes(
+        &mut self,
+        t: &mut impl Maps,
+        plan: &Plan,
+        changed: &BTreeSet<FrontendKey>,
+    ) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut removed_pairs = BTreeSet::new();
+        let keys: BTreeSet<FrontendKey> = changed.union(&self.failed).copied().collect();
+        // Removals first: the room they free may be what a write needs.
+        for fk in keys.iter().filter(|k| !plan.frontends.contains_key(k)) {
+            self.failed.remove(fk);
+            let mk = master_key(fk);
+            if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {
+                self.failed.insert(*fk);
+                report.errors.push(format!("removing frontend {fk}: {e}"));
+            }
+        }
+        for (fk, fe) in keys
+            .iter()
+            .filter_map(|k| Some((k, plan.frontends.get(k)?)))
+        {
+            self.write_or_report(t, master_key(fk), fk, fe, &mut removed_pairs, &mut report);
+        }
+        self.finish(t, &removed_pairs, report)
+    }
+
+    fn write_or_report(
+        &mut self,
+        t: &mut impl Maps,
+        mk: ServiceKey,
+        fk: &FrontendKey,
+        fe: &FrontendPlan,
+        removed_pairs: &mut BTreeSet<(u32, u32)>,
+        report: &mut ApplyReport,
+    ) {
+        match self.write_frontend(t, mk, fe, removed_pairs, report) {
+            Ok(()) => {
+                self.failed.remove(fk);
+            }
+            Err(e) => {
+                self.failed.insert(*fk);
+                report
+                    .errors
+                    .push(format!("Service {} frontend {fk}: {e}", fe.service));
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        t: &mut impl Maps,
+        removed_pairs: &BTreeSet<(u32, u32)>,
+        mut report: ApplyReport,
+    ) -> ApplyReport {
+        report.udp_flows_flushed = flows::flush_udp_flows(t, removed_pairs);
+        self.ids.release_unused(t, &mut report);
+        report
+    }
+}

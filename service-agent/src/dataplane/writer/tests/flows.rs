@@ -1,0 +1,271 @@
+use std::collections::HashMap;
+
+use super::*;
+use crate::dataplane::writer::{
+    CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS, expire_conntrack,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 9);
+const NOW: u64 = 1_000 * 1_000_000_000_000;
+
+/// Both conntrack entries of a flow from CLIENT:`sport` through `fk` to
+/// `backend` (a BACKENDS id), as the programs write them.
+fn flow(
+    fk: &FrontendKey,
+    svc_id: u32,
+    backend: (u32, Ipv4Addr),
+    sport: u16,
+    seen: (u64, u64),
+) -> [(CtKey, CtValue); 2] {
+    let proto = fk.proto.number();
+    let (backend_id, baddr) = backend;
+    let request = CtKey {
+        saddr: CLIENT.octets(),
+        daddr: fk.addr.octets(),
+        sport,
+        dport: fk.port,
+        proto,
+        _pad: [0; 3],
+    };
+    let reply = CtKey {
+        saddr: baddr.octets(),
+        daddr: CLIENT.octets(),
+        sport: 8080,
+        dport: sport,
+        proto,
+        _pad: [0; 3],
+    };
+    let value = |last_seen_ns, nat: (Ipv4Addr, u16, Ipv4Addr, u16), flags| CtValue {
+        last_seen_ns,
+        nat_saddr: nat.0.octets(),
+        nat_sport: nat.1,
+        nat_daddr: nat.2.octets(),
+        nat_dport: nat.3,
+        backend_id,
+        svc_id,
+        flags,
+        proto,
+        _pad: 0,
+    };
+    [
+        (request, value(seen.0, (CLIENT, sport, baddr, 8080), 0)),
+        (
+            reply,
+            value(seen.1, (fk.addr, fk.port, CLIENT, sport), CT_F_REPLY),
+        ),
+    ]
+}
+
+fn ids(c: &Contents, fk: &FrontendKey, b: u8) -> (u32, (u32, Ipv4Addr)) {
+    let svc_id = c.services[&master_key(fk)].svc_id;
+    let id = *c
+        .backends
+        .iter()
+        .find(|(_, v)| Ipv4Addr::from(v.addr) == pod(b))
+        .unwrap()
+        .0;
+    (svc_id, (id, pod(b)))
+}
+
+#[test]
+fn removing_a_backend_flushes_exactly_its_udp_flows_of_that_frontend() {
+    let (dns, other_udp, web) = (udp(1), udp(2), tcp(3));
+    let before = plan(vec![
+        (dns, fe("dns", &[1, 2])),
+        (other_udp, fe("dns2", &[1])),
+        (web, fe("web", &[1])),
+    ]);
+    let (mut maps, mut w) = programmed(&before);
+    let c = maps.contents.clone();
+    let mut entries = vec![];
+    let mut doomed = vec![];
+    for (port, (fk, b)) in [(dns, 1), (dns, 2), (other_udp, 1), (web, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let (svc_id, backend) = ids(&c, &fk, b);
+        let pair = flow(&fk, svc_id, backend, 40000 + port as u16, (NOW, NOW));
+        if fk == dns && b == 1 {
+            doomed.extend(pair.iter().map(|(k, _)| *k));
+        }
+        entries.extend(pair);
+    }
+    maps.contents.conntrack = entries.iter().copied().collect();
+    let r = apply_clean(
+        &mut w,
+        &mut maps,
+        &plan(vec![
+            (dns, fe("dns", &[2])),
+            (other_udp, fe("dns2", &[1])),
+            (web, fe("web", &[1])),
+        ]),
+    );
+    assert_eq!(r.udp_flows_flushed, 2);
+    let left: HashMap<CtKey, CtValue> = entries
+        .into_iter()
+        .filter(|(k, _)| !doomed.contains(k))
+        .collect();
+    assert_eq!(maps.contents.conntrack, left);
+
+    // Removing the whole frontend flushes its remaining UDP flows; the TCP
+    // frontend's flows stay when it goes.
+    let r = apply_clean(
+        &mut w,
+        &mut maps,
+        &plan(vec![(other_udp, fe("dns2", &[1]))]),
+    );
+    assert_eq!(r.udp_flows_flushed, 2, "{r:?}");
+    assert_eq!(maps.contents.conntrack.len(), 4);
+    assert!(
+        maps.contents
+            .conntrack
+            .values()
+            .all(|v| v.svc_id != c.services[&master_key(&dns)].svc_id)
+    );
+}
+
+#[test]
+fn an_update_that_keeps_the_backends_flushes_nothing() {
+    let fk = udp(1);
+    let (mut maps, mut w) = programmed(&plan(vec![(fk, fe("dns", &[1, 2]))]));
+    let (svc_id, backend) = ids(&maps.contents, &fk, 1);
+    maps.contents.conntrack = flow(&fk, svc_id, backend, 40000, (NOW, NOW))
+        .into_iter()
+        .collect();
+    let mut changed = fe("dns", &[1, 2, 3]);
+    changed.affinity_timeout_s = Some(60);
+    let r = apply_clean(&mut w, &mut maps, &plan(vec![(fk, changed)]));
+    assert_eq!((r.frontends_written, r.udp_flows_flushed), (1, 0));
+    assert_eq!(maps.contents.conntrack.len(), 2);
+}
+
+#[test]
+fn idle_flows_expire_by_their_timeout_both_directions_together() {
+    let (dns, web) = (udp(1), tcp(2));
+    let backend = (1, pod(1));
+    let closing = |mut pair: [(CtKey, CtValue); 2]| {
+        for (_, v) in &mut pair {
+            v.flags |= CT_F_CLOSING;
+        }
+        pair
+    };
+    let just = 1_000_000_000;
+    // (name, entries, expected to expire)
+    let cases = [
+        (
+            "udp idle",
+            flow(
+                &dns,
+                1,
+                backend,
+                1,
+                (
+                    NOW - CT_UDP_TIMEOUT_NS - just,
+                    NOW - CT_UDP_TIMEOUT_NS - just,
+                ),
+            ),
+            true,
+        ),
+        (
+            "udp recent",
+            flow(&dns, 1, backend, 2, (NOW - CT_UDP_TIMEOUT_NS + just, NOW)),
+            false,
+        ),
+        (
+            "udp replies still run",
+            flow(&dns, 1, backend, 3, (NOW - CT_UDP_TIMEOUT_NS - just, NOW)),
+            false,
+        ),
+        (
+            "tcp idle a while",
+            flow(
+                &web,
+                2,
+                backend,
+                4,
+                (
+                    NOW - CT_UDP_TIMEOUT_NS - just,
+                    NOW - CT_UDP_TIMEOUT_NS - just,
+                ),
+            ),
+            false,
+        ),
+        (
+            "tcp idle for hours",
+            flow(
+                &web,
+                2,
+                backend,
+                5,
+                (
+                    NOW - CT_TCP_TIMEOUT_NS - just,
+                    NOW - CT_TCP_TIMEOUT_NS - just,
+                ),
+            ),
+            true,
+        ),
+        (
+            "tcp closing",
+            closing(flow(
+                &web,
+                2,
+                backend,
+                6,
+                (
+                    NOW - CT_TCP_CLOSING_TIMEOUT_NS - just,
+                    NOW - CT_TCP_CLOSING_TIMEOUT_NS - just,
+                ),
+            )),
+            true,
+        ),
+        (
+            "tcp closing, recent",
+            closing(flow(
+                &web,
+                2,
+                backend,
+                7,
+                (NOW - CT_TCP_CLOSING_TIMEOUT_NS + just, NOW),
+            )),
+            false,
+        ),
+    ];
+    let mut maps = FakeMaps::default();
+    for (_, pair, _) in &cases {
+        maps.contents.conntrack.extend(pair.iter().copied());
+    }
+    // A request whose reply entry is gone expires alone.
+    let lone = flow(&dns, 1, backend, 8, (NOW - CT_UDP_TIMEOUT_NS - just, 0))[0];
+    maps.contents.conntrack.insert(lone.0, lone.1);
+    let n = expire_conntrack(&mut maps, NOW);
+    let expired = cases.iter().filter(|c| c.2).count() * 2 + 1;
+    assert_eq!(n, expired);
+    for (name, pair, gone) in &cases {
+        for (k, _) in pair {
+            assert_eq!(!maps.contents.conntrack.contains_key(k), *gone, "{name}");
+        }
+    }
+    assert!(!maps.contents.conntrack.contains_key(&lone.0));
+}
+
+#[test]
+fn node_addresses_follow_the_list() {
+    let mut maps = FakeMaps::default();
+    let w = writer(&mut maps);
+    let a = |last| Ipv4Addr::new(192, 168, 0, last);
+    w.set_node_addrs(&mut maps, &[a(1), a(2)]).unwrap();
+    w.set_node_addrs(&mut maps, &[a(2), a(3)]).unwrap();
+    assert_eq!(
+        maps.contents.node_addrs,
+        [a(2).octets(), a(3).octets()].into_iter().collect()
+    );
+    w.set_snat_addr(&mut maps, Some(a(2))).unwrap();
+    assert_eq!(
+        maps.contents.meta[&META_SNAT_ADDR],
+        u32::from_ne_bytes(a(2).octets()) as u64
+    );
+    w.set_snat_addr(&mut maps, None).unwrap();
+    assert_eq!(maps.contents.meta[&META_SNAT_ADDR], 0);
+    maps.fail_map(MAP_NODE_ADDRS);
+    assert!(w.set_node_addrs(&mut maps, &[a(4)]).is_err());
+}
