@@ -12,6 +12,7 @@ mod nat;
 mod opening;
 mod packet;
 mod reject;
+mod sock;
 mod stats;
 mod xdp;
 

@@ -48,3 +48,8 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragValue, { DEFAULT_FRAGMENTS_MAX as 
 /// ifindex -> itself, for the external interfaces XDP may transmit on.
 #[btf_map]
 pub static XDP_EGRESS: DevMapHash<{ XDP_EGRESS_MAX as usize }> = DevMapHash::new();
+
+/// (socket cookie, backend) -> the Service address the socket asked for.
+#[btf_map]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue, { DEFAULT_SOCK_REVNAT_MAX as usize }> =
+    LruHashMap::new();

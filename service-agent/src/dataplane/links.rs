@@ -33,27 +33,27 @@ pub fn xdp_links_dir(pin_dir: &Path, mode: XdpMode) -> PathBuf {
     pin_dir.join("xdp-links").join(mode.as_str())
 }
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+pub(super) const BPF_OBJ_GET: libc::c_long = 7;
+pub(super) const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 
 #[repr(C)]
 #[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    _pad: u32,
+pub(super) struct ObjGetAttr {
+    pub pathname: u64,
+    pub bpf_fd: u32,
+    pub file_flags: u32,
+    pub path_fd: i32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
 #[derive(Default)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
+pub(super) struct InfoAttr {
+    pub bpf_fd: u32,
+    pub info_len: u32,
+    pub info: u64,
 }
 
 /// The head of `struct bpf_link_info` and its `tcx` member (the `xdp`
@@ -70,7 +70,7 @@ struct TcxLinkInfo {
     _rest: [u64; 6],
 }
 
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -135,7 +135,7 @@ fn adoptable(pin: &Path, link_type: u32, ifindex: u32) -> anyhow::Result<Option<
 /// Pins `fd` at `pin`, readable by root only. An adopted link is pinned
 /// there already and pinning it again would fail: the old pin goes and our
 /// own handle takes its place.
-fn pin_private(fd: FdLink, pin: &Path) -> anyhow::Result<PinnedLink> {
+pub(super) fn pin_private(fd: FdLink, pin: &Path) -> anyhow::Result<PinnedLink> {
     if pin.exists() {
         fs::remove_file(pin)?;
     }

@@ -72,6 +72,7 @@ pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
         MAP_FRAGMENTS => s(size_of::<FragKey>(), size_of::<FragValue>()),
         // struct bpf_devmap_val: ifindex and a program fd/id.
         MAP_XDP_EGRESS => s(4, 8),
+        MAP_SOCK_REVNAT => s(size_of::<SockRevKey>(), size_of::<SockRevValue>()),
         _ => None,
     }
 }
@@ -109,6 +110,7 @@ pub fn incompatible_pins(dir: &Path, max_entries: impl Fn(&str) -> u32) -> Optio
 /// Removes every pin this agent makes: links first (which detaches the
 /// programs), then maps, then the directory itself.
 pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    super::cgroup::detach_all(dir);
     let links = dir.join("links");
     if links.exists() {
         for e in fs::read_dir(&links)? {

@@ -43,6 +43,9 @@ pub struct ApplyReport {
     pub backends_added: usize,
     pub backends_removed: usize,
     pub udp_flows_flushed: usize,
+    /// (svc_id, backend_id) pairs that left their frontend, for ending the
+    /// host sockets connected to them.
+    pub removed_pairs: BTreeSet<(u32, u32)>,
     /// Frontends that could not be written, with the Service and the reason;
     /// their previous state stays in the maps.
     pub errors: Vec<String>,
@@ -289,6 +292,7 @@ impl Writer {
             }
         }
         report.udp_flows_flushed = self.flush_udp_flows(t, &removed_pairs);
+        report.removed_pairs = removed_pairs;
         self.release_unused_backends(t, &mut report);
         report
     }
@@ -331,6 +335,7 @@ impl Writer {
             }
         }
         report.udp_flows_flushed = self.flush_udp_flows(t, &removed_pairs);
+        report.removed_pairs = removed_pairs;
         self.release_unused_backends(t, &mut report);
         report
     }
