@@ -296,4 +296,23 @@ fn agent_kill_and_restart_leaves_host_connections_alone() {
     );
     let (_, peer) = server_and_peer(&c.ask(&format!("tcp {VIP}:80")).unwrap());
     assert_eq!(peer, format!("{VIP}:80"));
+
+    // Restarted with --cgroup none, the agent takes its hooks away.
+    f.agent.kill();
+    f.agent.set_flag("--cgroup", "none");
+    f.agent.spawn().unwrap();
+    assert!(
+        f.agent
+            .list()
+            .unwrap()
+            .contains("host socket hooks: not attached"),
+        "{}",
+        f.agent.list().unwrap()
+    );
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show", &f.cgroup.flag()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("svc_sock"), "still attached:\n{text}");
 }
