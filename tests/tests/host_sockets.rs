@@ -254,10 +254,16 @@ fn connected_udp_socket_recovers_after_its_backend_is_removed() {
         );
         thread::sleep(Duration::from_millis(100));
     };
-    // ECONNABORTED from the destroy, or EDESTADDRREQ once disconnected.
+    // ECONNABORTED to a reader blocked at the destroy; EDESTADDRREQ to the
+    // next send, the socket being disconnected.
     assert!(
         error.starts_with("err 103") || error.starts_with("err 89"),
         "{error}"
+    );
+    assert!(
+        f.agent.log_text().contains("ended host UDP sockets"),
+        "{}",
+        f.agent.log_text()
     );
     c.ask(&format!("udp-connect {VIP}:53")).unwrap();
     let (now, peer) = server_and_peer(&c.ask("udp-ask").unwrap());
