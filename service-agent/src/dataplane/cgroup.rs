@@ -3,12 +3,11 @@
 //! pinned links so a restarted agent swaps its programs in without a gap.
 use std::{
     collections::VecDeque,
-    ffi::CString,
     fs, io,
     mem::size_of,
     os::{
-        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+        fd::{AsFd as _, AsRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
 };
@@ -17,9 +16,7 @@ use anyhow::{Context as _, anyhow};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use service_common::SOCK_HOOKS;
 
-use super::links::{
-    BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, InfoAttr, ObjGetAttr, pin_private, sys_bpf,
-};
+use super::links::{link_info, open_pinned, pin_private, sys_bpf};
 
 /// Where the socket hooks go, from `--cgroup`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,26 +104,8 @@ pub struct HookLink {
     pub prog_id: u32,
 }
 
-fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut get = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        ..Default::default()
-    };
-    let fd = sys_bpf(BPF_OBJ_GET, &mut get)? as i32;
-    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn link_info(fd: &OwnedFd) -> io::Result<CgroupLinkInfo> {
-    let mut info = CgroupLinkInfo::default();
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of::<CgroupLinkInfo>() as u32,
-        info: &mut info as *mut CgroupLinkInfo as u64,
-    };
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+fn cgroup_link_info(fd: &OwnedFd) -> io::Result<CgroupLinkInfo> {
+    let info: CgroupLinkInfo = link_info(fd)?;
     if info.type_ != BPF_LINK_TYPE_CGROUP {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -143,7 +122,7 @@ pub fn pinned_hooks(pin_dir: &Path) -> Vec<HookLink> {
         .iter()
         .filter_map(|(_, hook)| {
             let fd = open_pinned(&dir.join(hook)).ok()?;
-            let info = link_info(&fd).ok()?;
+            let info = cgroup_link_info(&fd).ok()?;
             Some(HookLink {
                 hook: hook.to_string(),
                 cgroup_id: info.cgroup_id,
@@ -238,7 +217,7 @@ fn adopt(
         return Ok(false);
     }
     let fd = open_pinned(pin)?;
-    match link_info(&fd) {
+    match cgroup_link_info(&fd) {
         Ok(i) if i.cgroup_id == cgroup_id && i.attach_type == attach_type => {
             let mut attr = LinkUpdateAttr {
                 link_fd: fd.as_raw_fd() as u32,

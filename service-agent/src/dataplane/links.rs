@@ -5,7 +5,10 @@ use std::{
     ffi::CString,
     fs, io,
     mem::size_of,
-    os::unix::ffi::OsStrExt as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -33,27 +36,27 @@ pub fn xdp_links_dir(pin_dir: &Path, mode: XdpMode) -> PathBuf {
     pin_dir.join("xdp-links").join(mode.as_str())
 }
 
-pub(super) const BPF_OBJ_GET: libc::c_long = 7;
-pub(super) const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 
 #[repr(C)]
 #[derive(Default)]
-pub(super) struct ObjGetAttr {
-    pub pathname: u64,
-    pub bpf_fd: u32,
-    pub file_flags: u32,
-    pub path_fd: i32,
-    pub _pad: u32,
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
 }
 
 #[repr(C)]
 #[derive(Default)]
-pub(super) struct InfoAttr {
-    pub bpf_fd: u32,
-    pub info_len: u32,
-    pub info: u64,
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
 }
 
 /// The head of `struct bpf_link_info` and its `tcx` member (the `xdp`
@@ -79,9 +82,8 @@ pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_
     }
 }
 
-/// The interface a pinned link of `link_type` is attached to; 0 once its
-/// device is gone. (aya does not expose this part of the link info.)
-fn pinned_ifindex_of(path: &Path, link_type: u32) -> io::Result<u32> {
+/// A new descriptor of the BPF object pinned at `path`.
+pub(super) fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut get = ObjGetAttr {
@@ -89,15 +91,27 @@ fn pinned_ifindex_of(path: &Path, link_type: u32) -> io::Result<u32> {
         ..Default::default()
     };
     let fd = sys_bpf(BPF_OBJ_GET, &mut get)? as i32;
-    let mut info = TcxLinkInfo::default();
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The kernel's `struct bpf_link_info` of link `fd`, read into `T` (its
+/// head and the member for the link's type; the kernel fills what fits).
+pub(super) fn link_info<T: Default>(fd: &OwnedFd) -> io::Result<T> {
+    let mut info = T::default();
     let mut attr = InfoAttr {
-        bpf_fd: fd as u32,
-        info_len: size_of::<TcxLinkInfo>() as u32,
-        info: &mut info as *mut TcxLinkInfo as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<T>() as u32,
+        info: &mut info as *mut T as u64,
     };
-    let r = sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr);
-    unsafe { libc::close(fd) };
-    r?;
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+/// The interface a pinned link of `link_type` is attached to; 0 once its
+/// device is gone. (aya does not expose this part of the link info.)
+fn pinned_ifindex_of(path: &Path, link_type: u32) -> io::Result<u32> {
+    let info: TcxLinkInfo = link_info(&open_pinned(path)?)?;
     if info.type_ != link_type {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
