@@ -146,12 +146,7 @@ fn main() -> anyhow::Result<()> {
                     println!();
                     println!("{:<24} {:>12}  VERDICT", "REASON", "COUNT");
                     for (r, n) in &reasons {
-                        let verdict = if r.is_drop() {
-                            "dropped"
-                        } else {
-                            "passed/answered"
-                        };
-                        println!("{:<24} {n:>12}  {verdict}", r.name());
+                        println!("{:<24} {n:>12}  {}", r.name(), r.verdict().name());
                     }
                 }
                 Output::Json => {

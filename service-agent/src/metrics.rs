@@ -68,6 +68,13 @@ fn buckets() -> impl Iterator<Item = f64> {
     .into_iter()
 }
 
+/// Registers each named field of the metrics under its name and help text.
+macro_rules! register {
+    ($registry:ident, $m:ident, $($field:ident: $name:literal, $help:literal;)*) => {
+        $($registry.register($name, $help, $m.$field.clone());)*
+    };
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("service_agent");
@@ -89,55 +96,17 @@ impl Default for Metrics {
             }),
             registry: Registry::default(),
         };
-        registry.register(
-            "sync_proxy_rules_duration_seconds",
-            "Time to compute the plan and write the maps, per sync",
-            m.sync_duration.clone(),
-        );
-        registry.register(
-            "network_programming_duration_seconds",
-            "Time from a change seen by the source to the maps programmed",
-            m.programming_duration.clone(),
-        );
-        registry.register(
-            "sync_errors",
-            "Syncs that reported a problem",
-            m.sync_errors.clone(),
-        );
-        registry.register(
-            "frontends_programmed",
-            "Service frontends in the maps",
-            m.frontends.clone(),
-        );
-        registry.register(
-            "backends_programmed",
-            "Backends in the maps",
-            m.backends.clone(),
-        );
-        registry.register(
-            "map_entries",
-            "Entries in each pinned map",
-            m.map_entries.clone(),
-        );
-        registry.register(
-            "map_capacity",
-            "max_entries of each pinned map",
-            m.map_capacity.clone(),
-        );
-        registry.register(
-            "frontend_packets",
-            "Packets translated per frontend",
-            m.packets.clone(),
-        );
-        registry.register(
-            "frontend_bytes",
-            "Bytes translated per frontend",
-            m.bytes.clone(),
-        );
-        registry.register(
-            "packets_by_reason",
-            "Packets counted per reason (drops and notable events)",
-            m.reasons.clone(),
+        register!(registry, m,
+            sync_duration: "sync_proxy_rules_duration_seconds", "Time to compute the plan and write the maps, per sync";
+            programming_duration: "network_programming_duration_seconds", "Time from a change seen by the source to the maps programmed";
+            sync_errors: "sync_errors", "Syncs that reported a problem";
+            frontends: "frontends_programmed", "Service frontends in the maps";
+            backends: "backends_programmed", "Backends in the maps";
+            map_entries: "map_entries", "Entries in each pinned map";
+            map_capacity: "map_capacity", "max_entries of each pinned map";
+            packets: "frontend_packets", "Packets translated per frontend";
+            bytes: "frontend_bytes", "Bytes translated per frontend";
+            reasons: "packets_by_reason", "Packets counted per reason, with what happened to them (passed, translated, answered, dropped)";
         );
         Metrics { registry, ..m }
     }
@@ -199,7 +168,7 @@ impl Metrics {
         for (r, n) in reasons {
             let l = ReasonLabel {
                 reason: r.name().into(),
-                verdict: if r.is_drop() { "dropped" } else { "passed" }.into(),
+                verdict: r.verdict().name().into(),
             };
             self.reasons.get_or_create(&l).set(n as i64);
         }

@@ -6,9 +6,13 @@
 //! ports in host order (bpftool prints the port number a person expects).
 #![no_std]
 
+mod reason;
+
+pub use reason::{Reason, Verdict};
+
 /// Bumped whenever a key or value layout below changes. The agent stores it in
 /// the `META` map; a pinned map set with another version is recreated.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 pub const MAP_SERVICES: &str = "SERVICES";
 pub const MAP_BACKENDS: &str = "BACKENDS";
@@ -81,10 +85,9 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// Scope of a service entry. Cluster-wide frontends use `SCOPE_ALL`; the
-/// node-local view of a `Local` traffic policy uses `SCOPE_LOCAL`.
+/// Scope of a service entry: every entry is cluster-wide today (the planner
+/// resolves traffic policies into the slots it writes).
 pub const SCOPE_ALL: u8 = 0;
-pub const SCOPE_LOCAL: u8 = 1;
 
 /// Key of the SERVICES map. Slot 0 is the master entry of a frontend; slots
 /// 1..=count hold its backends. A NodePort frontend has `addr == [0; 4]` and
@@ -125,8 +128,6 @@ pub struct ServiceValue {
 
 /// The endpoint is on this node.
 pub const BE_F_LOCAL: u8 = 1 << 0;
-/// The endpoint is serving but terminating (used only as a fallback).
-pub const BE_F_TERMINATING: u8 = 1 << 1;
 
 /// Value of the BACKENDS map, keyed by a backend id (u32).
 #[repr(C)]
@@ -152,8 +153,6 @@ pub struct CtKey {
 
 /// The entry rewrites a reply (backend → client); unset: a request.
 pub const CT_F_REPLY: u16 = 1 << 0;
-/// The client was picked as its own backend: its source is rewritten too.
-pub const CT_F_HAIRPIN: u16 = 1 << 1;
 /// A TCP FIN or RST was seen; the agent expires the entry sooner.
 pub const CT_F_CLOSING: u16 = 1 << 2;
 /// The entry carries a source NAT to the node address (from outside to a remote backend).
@@ -220,6 +219,7 @@ pub struct FragKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FragValue {
+    /// The first fragment's addresses after translation.
     pub nat_saddr: [u8; 4],
     pub nat_daddr: [u8; 4],
     pub svc_id: u32,
@@ -255,171 +255,6 @@ pub const META_SNAT_ADDR: u32 = 1;
 /// sockets of this namespace (0: none).
 pub const META_NETNS_COOKIE: u32 = 2;
 pub const META_MAX: u32 = 8;
-
-/// Why a packet was not translated normally. Each has a per-CPU counter in
-/// REASONS; the verdict (passed on untouched, dropped, or answered) is fixed
-/// per reason and documented in the README.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    /// A frontend without backends answered with TCP RST / ICMP port unreachable.
-    RejectedNoBackend = 0,
-    /// The reject could not be built; the packet was dropped.
-    RejectFailed = 1,
-    /// A later IPv4 fragment of a datagram whose first fragment was not seen
-    /// (or not translated): passed on untouched, never guessed at.
-    FragmentPassed = 2,
-    /// IPv4 header shorter than 20 bytes or longer than the packet: passed untouched.
-    MalformedIp = 3,
-    /// L4 header cut short: passed untouched.
-    TruncatedL4 = 4,
-    /// A slot pointed at no backend (agent mid-update or corrupt map): dropped.
-    NoBackendEntry = 5,
-    /// Conntrack insert failed: dropped, the flow could not be pinned.
-    CtInsertFailed = 6,
-    /// A checksum or store helper failed mid-rewrite: dropped.
-    RewriteFailed = 7,
-    /// A Service protocol the dataplane does not translate (SCTP): passed untouched.
-    UnsupportedProto = 8,
-    /// A reply that matched a conntrack entry and was reverse-translated.
-    ReplyTranslated = 9,
-    /// A request that matched an existing conntrack entry.
-    CtHit = 10,
-    /// A new flow was assigned a backend.
-    NewFlow = 11,
-    /// An affinity entry decided the backend.
-    AffinityHit = 12,
-    /// An affinity entry was found but expired or stale, and ignored.
-    AffinityStale = 13,
-    /// A UDP flow whose backend is gone was moved to a live backend.
-    StaleFlowMoved = 14,
-    /// externalTrafficPolicy Local and no endpoint on this node: dropped, as
-    /// kube-proxy does, so load balancers' health checks steer traffic away.
-    NoLocalEndpoint = 15,
-    /// A new flow was source-NATed to the node address (remote backend).
-    SnatFlow = 16,
-    /// No free SNAT port, or no SNAT address configured: dropped.
-    SnatFailed = 17,
-    /// An ICMP error quoting a translated flow was translated too.
-    IcmpErrorTranslated = 18,
-    /// A TCP segment without SYN for a frontend, with no conntrack entry
-    /// (conntrack's INVALID): dropped rather than sent to a random backend.
-    CtInvalid = 19,
-    /// A new flow from outside the frontend's loadBalancerSourceRanges: dropped.
-    SourceRangeDenied = 20,
-    /// A later fragment followed its first fragment's translation.
-    FragmentTranslated = 21,
-    /// XDP translated a packet and sent it back out the interface it came in on
-    /// (through the XDP_EGRESS devmap, not XDP_TX).
-    XdpTx = 22,
-    /// XDP translated a packet and redirected it to another external interface.
-    XdpRedirect = 23,
-    /// XDP could not forward a flow it would translate (no route, unresolved
-    /// neighbour, TTL about to expire, egress not an XDP target): passed
-    /// untouched to the tc program, which translates it.
-    XdpPassedToTc = 24,
-    /// A host socket's connect() or sendto() to a frontend was given a backend.
-    SockTranslated = 25,
-    /// A host socket's connect() or sendto() to a frontend without any
-    /// endpoint failed at once with ECONNREFUSED.
-    SockRefused = 26,
-    /// As SockRefused, for a frontend whose traffic policy is Local and that
-    /// has no endpoint on this node (tc drops such packets; a socket cannot
-    /// be dropped without hanging its caller).
-    SockNoLocalEndpoint = 27,
-    /// A datagram's source (recvmsg) or a socket's peer (getpeername) was
-    /// turned back from the backend into the Service address.
-    SockReplyTranslated = 28,
-    /// A host socket was translated but its reverse entry could not be
-    /// stored: its replies and getpeername show the backend address.
-    SockRevNatFailed = 29,
-}
-
-impl Reason {
-    pub const COUNT: usize = 30;
-    pub const ALL: [Reason; Self::COUNT] = [
-        Reason::RejectedNoBackend,
-        Reason::RejectFailed,
-        Reason::FragmentPassed,
-        Reason::MalformedIp,
-        Reason::TruncatedL4,
-        Reason::NoBackendEntry,
-        Reason::CtInsertFailed,
-        Reason::RewriteFailed,
-        Reason::UnsupportedProto,
-        Reason::ReplyTranslated,
-        Reason::CtHit,
-        Reason::NewFlow,
-        Reason::AffinityHit,
-        Reason::AffinityStale,
-        Reason::StaleFlowMoved,
-        Reason::NoLocalEndpoint,
-        Reason::SnatFlow,
-        Reason::SnatFailed,
-        Reason::IcmpErrorTranslated,
-        Reason::CtInvalid,
-        Reason::SourceRangeDenied,
-        Reason::FragmentTranslated,
-        Reason::XdpTx,
-        Reason::XdpRedirect,
-        Reason::XdpPassedToTc,
-        Reason::SockTranslated,
-        Reason::SockRefused,
-        Reason::SockNoLocalEndpoint,
-        Reason::SockReplyTranslated,
-        Reason::SockRevNatFailed,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Reason::RejectedNoBackend => "rejected_no_backend",
-            Reason::RejectFailed => "reject_failed",
-            Reason::FragmentPassed => "fragment_passed",
-            Reason::MalformedIp => "malformed_ip",
-            Reason::TruncatedL4 => "truncated_l4",
-            Reason::NoBackendEntry => "no_backend_entry",
-            Reason::CtInsertFailed => "ct_insert_failed",
-            Reason::RewriteFailed => "rewrite_failed",
-            Reason::UnsupportedProto => "unsupported_proto",
-            Reason::ReplyTranslated => "reply_translated",
-            Reason::CtHit => "ct_hit",
-            Reason::NewFlow => "new_flow",
-            Reason::AffinityHit => "affinity_hit",
-            Reason::AffinityStale => "affinity_stale",
-            Reason::StaleFlowMoved => "stale_flow_moved",
-            Reason::NoLocalEndpoint => "no_local_endpoint",
-            Reason::SnatFlow => "snat_flow",
-            Reason::SnatFailed => "snat_failed",
-            Reason::IcmpErrorTranslated => "icmp_error_translated",
-            Reason::CtInvalid => "ct_invalid",
-            Reason::SourceRangeDenied => "source_range_denied",
-            Reason::FragmentTranslated => "fragment_translated",
-            Reason::XdpTx => "xdp_tx",
-            Reason::XdpRedirect => "xdp_redirect",
-            Reason::XdpPassedToTc => "xdp_passed_to_tc",
-            Reason::SockTranslated => "sock_translated",
-            Reason::SockRefused => "sock_refused",
-            Reason::SockNoLocalEndpoint => "sock_no_local_endpoint",
-            Reason::SockReplyTranslated => "sock_reply_translated",
-            Reason::SockRevNatFailed => "sock_revnat_failed",
-        }
-    }
-
-    /// Whether the packet counted under this reason was dropped.
-    pub const fn is_drop(self) -> bool {
-        matches!(
-            self,
-            Reason::RejectFailed
-                | Reason::NoBackendEntry
-                | Reason::CtInsertFailed
-                | Reason::RewriteFailed
-                | Reason::NoLocalEndpoint
-                | Reason::SnatFailed
-                | Reason::CtInvalid
-                | Reason::SourceRangeDenied
-        )
-    }
-}
 
 /// Socket (cgroup) hooks translating the node's own sockets.
 pub const PROG_SOCK_CONNECT4: &str = "svc_sock_connect4";
@@ -511,13 +346,5 @@ mod tests {
         assert_eq!(size_of::<FragValue>(), 16);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 16);
-    }
-
-    #[test]
-    fn reasons_are_indexed_by_discriminant() {
-        for (i, r) in Reason::ALL.iter().enumerate() {
-            assert_eq!(*r as usize, i);
-        }
-        assert!(Reason::COUNT as u32 <= REASONS_MAX);
     }
 }

@@ -7,9 +7,11 @@ use aya_ebpf::{
 use service_common::*;
 
 use crate::{
+    headers::{TCP_FIN, TCP_RST},
     maps::{BACKENDS, CONNTRACK, META},
     nat::Target,
-    packet::{Flow, TCP_FIN, TCP_RST},
+    packet::Flow,
+    stats::count_reason,
 };
 
 #[inline(always)]
@@ -33,7 +35,8 @@ pub enum CtLookup {
         /// The flow is source-NATed to this node (either direction).
         snat: bool,
     },
-    /// A UDP request entry whose backend is gone: the flow must pick again.
+    /// A UDP request entry whose backend was gone: it is removed (counted
+    /// as the flow event `StaleFlowMoved`) and the flow picks again.
     Stale,
     Miss,
 }
@@ -43,14 +46,21 @@ pub fn lookup(flow: &Flow) -> CtLookup {
     let Some(entry) = CONNTRACK.get_ptr_mut(key_of(flow)) else {
         return CtLookup::Miss;
     };
+    // SAFETY: the map's own value, alive until the program returns (an LRU
+    // eviction frees it only after an RCU grace period); other CPUs writing
+    // the same flow only race on last_seen_ns and the closing flag, which
+    // any interleaving leaves valid.
     let entry = unsafe { &mut *entry };
     let reply = entry.flags & CT_F_REPLY != 0;
     // The agent removes UDP entries of deleted endpoints; checking here too
     // closes the window until it does (stale UDP conntrack blackholes clients).
+    // SAFETY (BACKENDS): only the presence of the entry is used.
     if !reply && flow.proto == IPPROTO_UDP && unsafe { BACKENDS.get(entry.backend_id) }.is_none() {
         let _ = CONNTRACK.remove(key_of(flow));
+        count_reason(Reason::StaleFlowMoved);
         return CtLookup::Stale;
     }
+    // SAFETY: a helper call without arguments.
     entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         entry.flags |= CT_F_CLOSING;
@@ -141,9 +151,11 @@ pub fn create_snat(
     svc_id: u32,
     reply_flags: u16,
 ) -> Result<(), ()> {
+    // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let reply = reply_value(flow, backend_id, svc_id, CT_F_SNAT | reply_flags, now);
     for _ in 0..SNAT_TRIES {
+        // SAFETY: a helper call without arguments.
         to.sport =
             SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORT_COUNT as u32) as u16;
         if CONNTRACK
@@ -177,20 +189,22 @@ pub fn create(
     hairpin: bool,
     reply_flags: u16,
 ) -> Result<(), ()> {
+    // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut flags = if hairpin { CT_F_HAIRPIN } else { 0 };
     let rkey = reply_key(flow, to);
     CONNTRACK
         .insert(
             rkey,
-            reply_value(flow, backend_id, svc_id, flags | reply_flags, now),
+            reply_value(flow, backend_id, svc_id, reply_flags, now),
             0,
         )
         .map_err(|_| ())?;
     // A hairpinned request leaves with the frontend address as its source.
-    if hairpin && reply_flags & CT_F_LOCAL_SOURCE != 0 {
-        flags |= CT_F_LOCAL_SOURCE;
-    }
+    let flags = if hairpin && reply_flags & CT_F_LOCAL_SOURCE != 0 {
+        CT_F_LOCAL_SOURCE
+    } else {
+        0
+    };
     let request = request_value(flow, to, backend_id, svc_id, flags, now);
     CONNTRACK.insert(key_of(flow), request, 0).map_err(|_| {
         let _ = CONNTRACK.remove(rkey);

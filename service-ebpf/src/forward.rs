@@ -1,8 +1,9 @@
-//! Sending a translated packet straight to its next hop. Needed when the
-//! rewritten source is one of this node's own addresses (NodePort replies,
-//! source-NATed requests): the IP input path would drop such a packet as a
-//! martian, since a forwarded packet may not claim a local source.
-use core::mem::{size_of, zeroed};
+//! Routing a translated packet: one FIB lookup for tc and XDP, and the tc
+//! side's redirect to the next hop. tc needs it when the rewritten source is
+//! one of this node's own addresses (NodePort replies, source-NATed
+//! requests): the IP input path would drop such a packet as a martian, since
+//! a forwarded packet may not claim a local source.
+use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
@@ -13,32 +14,65 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-const AF_INET: u8 = 2;
+use crate::{access::skb_ifindex, headers::AF_INET};
 
-/// Looks up the route to `daddr` and redirects the packet to its egress
-/// interface, letting the kernel fill in the neighbour's MAC. Falls back to
-/// the normal path (TC_ACT_OK) when there is no usable route.
+/// What a packet sent from `saddr` to `daddr` needs to leave.
+pub struct Hop {
+    /// The egress interface.
+    pub ifindex: u32,
+    /// Whether the next hop's MAC is known; without it only the kernel's
+    /// neighbour code (tc's redirect_neigh) can send the packet.
+    pub resolved: bool,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// The routing table's answer for the packet `ctx` (an skb or an xdp_md, as
+/// the helper takes either) arriving on `ifindex`, or None without a route.
 #[inline(always)]
-pub fn to_next_hop(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], proto: u8, ip_len: u16) -> i32 {
-    let mut p: bpf_fib_lookup = unsafe { zeroed() };
+pub fn route(
+    ctx: *mut c_void,
+    ifindex: u32,
+    (saddr, daddr): ([u8; 4], [u8; 4]),
+    proto: u8,
+    ip_len: u16,
+) -> Option<Hop> {
+    // SAFETY: bpf_fib_lookup is a plain C struct of integers, for which all
+    // zeroes is a valid value (and what the helper expects in unused fields).
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = proto;
     p.__bindgen_anon_1.tot_len = ip_len;
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.ifindex = ifindex;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut p,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
+    // SAFETY: `ctx` is the program's own context pointer and `p` a stack
+    // struct of the size passed; the verifier checks both.
+    let rc = unsafe { fib_lookup(ctx, &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    let resolved = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        _ => return None,
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 && rc != BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+    Some(Hop {
+        ifindex: p.ifindex,
+        resolved,
+        smac: p.smac,
+        dmac: p.dmac,
+    })
+}
+
+/// Redirects the packet to its egress interface, letting the kernel fill in
+/// the neighbour's MAC. Falls back to the normal path (TC_ACT_OK) when there
+/// is no usable route.
+#[inline(always)]
+pub fn to_next_hop(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], proto: u8, ip_len: u16) -> i32 {
+    let ifindex = skb_ifindex(ctx);
+    let Some(hop) = route(ctx.skb.skb.cast(), ifindex, (saddr, daddr), proto, ip_len) else {
         return TC_ACT_OK as i32;
-    }
-    let r = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) };
+    };
+    // SAFETY: a helper call without pointers; the kernel checks the ifindex.
+    let r = unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) };
     if r == TC_ACT_REDIRECT as i64 {
         TC_ACT_REDIRECT as i32
     } else {

@@ -7,13 +7,14 @@
 //! reversed, says how that packet looked before translation and who sent it.
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
-use service_common::{IPPROTO_TCP, IPPROTO_UDP};
+use service_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
 use crate::{
+    access::Packet,
+    csum::{half, word},
+    headers::*,
     maps::CONNTRACK,
-    packet::{IP_CSUM_OFF, IP_DST_OFF},
 };
-use service_common::CtKey;
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -30,29 +31,36 @@ pub struct IcmpError {
 
 impl IcmpError {
     fn inner_ip_off(&self) -> usize {
-        self.icmp_off + 8
+        self.icmp_off + ICMP_HLEN
     }
     fn inner_l4_off(&self) -> usize {
-        self.inner_ip_off() + 20
+        self.inner_ip_off() + IP_HLEN
     }
 }
 
 /// Recognises an ICMP error quoting TCP/UDP with a plain 20-byte header,
 /// quoted inside the IP packet (not in bytes trailing it).
 #[inline(always)]
-pub fn parse(ctx: &TcContext, daddr: [u8; 4], l4_off: usize, ip_end: usize) -> Option<IcmpError> {
-    if l4_off + 8 + 24 > ip_end {
+pub fn parse<P: Packet>(
+    ctx: &P,
+    daddr: [u8; 4],
+    l4_off: usize,
+    ip_end: usize,
+) -> Option<IcmpError> {
+    // The quoted IP header and the quoted ports (4 bytes) must be there.
+    if l4_off + ICMP_HLEN + IP_HLEN + 4 > ip_end {
         return None;
     }
-    let kind = ctx.load::<u8>(l4_off).ok()?;
+    let [kind, _code] = ctx.read::<[u8; 2]>(l4_off)?;
     if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETER_PROB {
         return None;
     }
-    let inner = ctx.load::<Ipv4Hdr>(l4_off + 8).ok()?;
+    let inner = ctx.read::<Ipv4Hdr>(l4_off + ICMP_HLEN)?;
+    // Version 4 with no options: the quoted ports are at a fixed place.
     if inner.vihl != 0x45 || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
         return None;
     }
-    let ports = ctx.load::<[u8; 4]>(l4_off + 8 + 20).ok()?;
+    let ports = ctx.read::<[u8; 4]>(l4_off + ICMP_HLEN + IP_HLEN)?;
     Some(IcmpError {
         outer_daddr: daddr,
         icmp_off: l4_off,
@@ -70,15 +78,7 @@ pub fn parse(ctx: &TcContext, daddr: [u8; 4], l4_off: usize, ip_end: usize) -> O
 pub enum IcmpVerdict {
     NotOurs,
     Translated { svc_id: u32 },
-    Failed,
-}
-
-fn word(a: [u8; 4]) -> u64 {
-    u32::from_ne_bytes(a) as u64
-}
-
-fn half(p: u16) -> u64 {
-    u16::from_ne_bytes(p.to_be_bytes()) as u64
+    Failed(Reason),
 }
 
 /// Rewrites the ICMP error if it quotes a translated flow.
@@ -93,50 +93,56 @@ pub fn translate(ctx: &TcContext, e: &IcmpError) -> IcmpVerdict {
         proto: q.proto,
         _pad: [0; 3],
     };
+    // SAFETY: the kernel keeps a looked-up hash map value alive until the
+    // program returns (RCU); a concurrent update of the same flow can at
+    // worst mix its old and new translation, each of them a valid one.
     let Some(entry) = (unsafe { CONNTRACK.get(other_direction) }) else {
         return IcmpVerdict::NotOurs;
     };
     // The quoted packet, before translation, was the reverse of what the
     // other direction is rewritten to; its sender gets the error.
-    let (src, sport, dst, dport) = (
-        entry.nat_daddr,
-        entry.nat_dport,
-        entry.nat_saddr,
-        entry.nat_sport,
-    );
-    let svc_id = entry.svc_id;
-    match rewrite(ctx, e, src, sport, dst, dport) {
-        Ok(()) => IcmpVerdict::Translated { svc_id },
-        Err(()) => IcmpVerdict::Failed,
+    let original = Quoted {
+        src: entry.nat_daddr,
+        sport: entry.nat_dport,
+        dst: entry.nat_saddr,
+        dport: entry.nat_sport,
+    };
+    match rewrite(ctx, e, &original) {
+        Ok(()) => IcmpVerdict::Translated {
+            svc_id: entry.svc_id,
+        },
+        Err(()) => IcmpVerdict::Failed(Reason::RewriteFailed),
     }
 }
 
-#[inline(always)]
-fn rewrite(
-    ctx: &TcContext,
-    e: &IcmpError,
+/// The quoted packet as its sender sent it.
+struct Quoted {
     src: [u8; 4],
     sport: u16,
     dst: [u8; 4],
     dport: u16,
-) -> Result<(), ()> {
+}
+
+#[inline(always)]
+fn rewrite(ctx: &TcContext, e: &IcmpError, to: &Quoted) -> Result<(), ()> {
     let icmp_csum = e.icmp_off + 2;
     let inner_ip = e.inner_ip_off();
     let inner_l4 = e.inner_l4_off();
     let q = e.inner;
-    let old_inner_csum = ctx.load::<[u8; 2]>(inner_ip + 10).map_err(|_| ())?;
+    let (src, dst) = (to.src, to.dst);
+    let old_inner_csum = ctx.load::<[u8; 2]>(inner_ip + IPH_CSUM).map_err(|_| ())?;
     // The quoted IP header keeps a valid checksum.
-    ctx.l3_csum_replace(inner_ip + 10, word(q.saddr), word(src), 4)
+    ctx.l3_csum_replace(inner_ip + IPH_CSUM, word(q.saddr), word(src), 4)
         .map_err(|_| ())?;
-    ctx.l3_csum_replace(inner_ip + 10, word(q.daddr), word(dst), 4)
+    ctx.l3_csum_replace(inner_ip + IPH_CSUM, word(q.daddr), word(dst), 4)
         .map_err(|_| ())?;
-    let new_inner_csum = ctx.load::<[u8; 2]>(inner_ip + 10).map_err(|_| ())?;
+    let new_inner_csum = ctx.load::<[u8; 2]>(inner_ip + IPH_CSUM).map_err(|_| ())?;
     // The ICMP checksum covers every quoted byte that changed (no pseudo-header).
     let changes: [(u64, u64, u64); 4] = [
         (word(q.saddr), word(src), 4),
         (word(q.daddr), word(dst), 4),
-        (half(q.sport), half(sport), 2),
-        (half(q.dport), half(dport), 2),
+        (half(q.sport), half(to.sport), 2),
+        (half(q.dport), half(to.dport), 2),
     ];
     for (old, new, size) in changes {
         if old != new {
@@ -151,11 +157,11 @@ fn rewrite(
         2,
     )
     .map_err(|_| ())?;
-    ctx.store(inner_ip + 12, &src, 0).map_err(|_| ())?;
-    ctx.store(inner_ip + 16, &dst, 0).map_err(|_| ())?;
-    ctx.store(inner_l4, &sport.to_be_bytes(), 0)
+    ctx.store(inner_ip + IPH_SRC, &src, 0).map_err(|_| ())?;
+    ctx.store(inner_ip + IPH_DST, &dst, 0).map_err(|_| ())?;
+    ctx.store(inner_l4, &to.sport.to_be_bytes(), 0)
         .map_err(|_| ())?;
-    ctx.store(inner_l4 + 2, &dport.to_be_bytes(), 0)
+    ctx.store(inner_l4 + 2, &to.dport.to_be_bytes(), 0)
         .map_err(|_| ())?;
     // The error goes to the quoted packet's original sender.
     if e.outer_daddr != src {

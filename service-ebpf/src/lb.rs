@@ -1,16 +1,14 @@
 //! Finding the frontend a packet is addressed to and picking its backend:
-//! a fixed number of hash lookups, whatever the number of Services or backends.
+//! a fixed number of hash lookups, whatever the number of Services or
+//! backends. Takes addresses and ports, not a packet, so a program that sees
+//! a socket call rather than a packet can use it too.
 use aya_ebpf::{
     btf_maps::lpm_trie::Key,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use service_common::*;
 
-use crate::{
-    maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, NODE_ADDRS, SERVICES, SOURCE_RANGES},
-    packet::Flow,
-    stats::count_reason,
-};
+use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, NODE_ADDRS, SERVICES, SOURCE_RANGES};
 
 pub struct Frontend {
     pub key: ServiceKey,
@@ -20,15 +18,18 @@ pub struct Frontend {
 }
 
 #[inline(always)]
-fn master_of(addr: [u8; 4], flow: &Flow) -> Option<Frontend> {
+fn master_of(addr: [u8; 4], port: u16, proto: u8) -> Option<Frontend> {
     let key = ServiceKey {
         addr,
-        port: flow.dport,
-        proto: flow.proto,
+        port,
+        proto,
         scope: SCOPE_ALL,
         slot: 0,
         _pad: 0,
     };
+    // SAFETY: copied out at once; the kernel keeps a looked-up value alive
+    // until the program returns, and the agent replaces a master entry with
+    // one map update, so the copy is one whole version of it.
     let master = unsafe { SERVICES.get(key) }?;
     Some(Frontend {
         key,
@@ -37,14 +38,15 @@ fn master_of(addr: [u8; 4], flow: &Flow) -> Option<Frontend> {
     })
 }
 
-/// The frontend addressed by the packet: a ClusterIP / external address
+/// The frontend at `daddr:dport/proto`: a ClusterIP / external address
 /// entry first, then a NodePort entry when the destination is a node address.
 #[inline(always)]
-pub fn lookup_frontend(flow: &Flow) -> Option<Frontend> {
-    let to_node_addr = unsafe { NODE_ADDRS.get(flow.daddr) }.is_some();
-    let found = match master_of(flow.daddr, flow) {
+pub fn lookup_frontend(daddr: [u8; 4], dport: u16, proto: u8) -> Option<Frontend> {
+    // SAFETY: only the presence of the entry is used, never its value.
+    let to_node_addr = unsafe { NODE_ADDRS.get(daddr) }.is_some();
+    let found = match master_of(daddr, dport, proto) {
         Some(f) => Some(f),
-        None if to_node_addr => master_of([0; 4], flow),
+        None if to_node_addr => master_of([0; 4], dport, proto),
         None => None,
     };
     found.map(|f| Frontend { to_node_addr, ..f })
@@ -74,10 +76,10 @@ fn backend_in_slot(fe: &Frontend, scope: u8, slot: u16) -> Option<u32> {
         slot,
         ..fe.key
     };
+    // SAFETY: one u32 copied out of a live value (see master_of).
     unsafe { SERVICES.get(key) }.map(|v| v.backend_id)
 }
 
-/// The backend a ClientIP-affine client used last, if still valid.
 /// How session affinity took part in a backend choice; acted on (counted,
 /// remembered) only once the flow is really opened, so a choice that XDP
 /// hands on to tc leaves no trace.
@@ -110,12 +112,16 @@ fn affine_backend(fe: &Frontend, client: [u8; 4], now: u64) -> Result<u32, bool>
     let Some(entry) = AFFINITY.get_ptr_mut(key) else {
         return Err(false);
     };
+    // SAFETY: the pointer is the map's own value, alive until the program
+    // returns; a concurrent writer of the same client can only race on the
+    // timestamp, which either write leaves valid.
     let entry = unsafe { &mut *entry };
     let timeout_ns = fe.master.affinity_timeout_s as u64 * 1_000_000_000;
     let member = AffinityMatchKey {
         svc_id: fe.master.svc_id,
         backend_id: entry.backend_id,
     };
+    // SAFETY (AFFINITY_MATCH): only the presence of the entry is used.
     if now.wrapping_sub(entry.last_used_ns) > timeout_ns
         || unsafe { AFFINITY_MATCH.get(member) }.is_none()
     {
@@ -125,40 +131,36 @@ fn affine_backend(fe: &Frontend, client: [u8; 4], now: u64) -> Result<u32, bool>
     Ok(entry.backend_id)
 }
 
-/// Makes `pick` the affinity of `client` when it was a fresh choice, and
-/// counts how affinity took part.
+/// Makes `pick` the affinity of `client` when it was a fresh choice.
 #[inline(always)]
 pub fn note_affinity(fe: &Frontend, client: [u8; 4], pick: &Pick) {
-    match pick.affinity {
-        AffinityUse::NotApplicable => {}
-        AffinityUse::Hit => count_reason(Reason::AffinityHit),
-        AffinityUse::Fresh { stale } => {
-            if stale {
-                count_reason(Reason::AffinityStale);
-            }
-            let key = AffinityKey {
-                client,
-                svc_id: fe.master.svc_id,
-            };
-            let value = AffinityValue {
-                last_used_ns: unsafe { bpf_ktime_get_ns() },
-                backend_id: pick.id,
-                _pad: 0,
-            };
-            let _ = AFFINITY.insert(key, value, 0);
-        }
+    if let AffinityUse::Fresh { .. } = pick.affinity {
+        let key = AffinityKey {
+            client,
+            svc_id: fe.master.svc_id,
+        };
+        let value = AffinityValue {
+            // SAFETY: a helper call without arguments.
+            last_used_ns: unsafe { bpf_ktime_get_ns() },
+            backend_id: pick.id,
+            _pad: 0,
+        };
+        // LRU: a failed insert only costs the client its stickiness.
+        let _ = AFFINITY.insert(key, value, 0);
     }
 }
 
 /// The backend for a new flow: the client's affinity when it has a live
 /// one, else a random slot of the frontend's scope.
 #[inline(always)]
-pub fn select_backend(fe: &Frontend, flow: &Flow) -> Option<Pick> {
+pub fn select_backend(fe: &Frontend, client: [u8; 4]) -> Option<Pick> {
     let mut affinity = AffinityUse::NotApplicable;
     if fe.master.flags & SVC_F_AFFINITY != 0 {
+        // SAFETY: a helper call without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
-        match affine_backend(fe, flow.saddr, now) {
+        match affine_backend(fe, client, now) {
             Ok(id) => {
+                // SAFETY: copied out of a live value (see master_of).
                 if let Some(b) = unsafe { BACKENDS.get(id) } {
                     return Some(Pick {
                         id,
@@ -175,8 +177,10 @@ pub fn select_backend(fe: &Frontend, flow: &Flow) -> Option<Pick> {
     if count == 0 {
         return None;
     }
+    // SAFETY: a helper call without arguments.
     let slot = (unsafe { bpf_get_prandom_u32() } % count) as u16 + 1;
     let id = backend_in_slot(fe, fe.key.scope, slot)?;
+    // SAFETY: copied out of a live value (see master_of).
     let backend = *unsafe { BACKENDS.get(id) }?;
     Some(Pick {
         id,

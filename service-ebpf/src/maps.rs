@@ -6,50 +6,29 @@ use aya_ebpf::{
 };
 use service_common::*;
 
-#[btf_map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { DEFAULT_SERVICES_MAX as usize }> =
-    HashMap::new();
+/// Declares each map as `NAME: Type<key and value types>, capacity;`.
+macro_rules! maps {
+    ($($(#[$doc:meta])* $name:ident: $kind:ident $(<$($arg:ty),*>)?, $max:expr;)*) => {$(
+        $(#[$doc])*
+        #[btf_map]
+        pub static $name: $kind<$($($arg,)*)? { $max as usize }> = $kind::new();
+    )*};
+}
 
-#[btf_map]
-pub static BACKENDS: HashMap<u32, Backend, { DEFAULT_BACKENDS_MAX as usize }> = HashMap::new();
-
-#[btf_map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue, { DEFAULT_CONNTRACK_MAX as usize }> =
-    LruHashMap::new();
-
-#[btf_map]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_AFFINITY_MAX as usize }> =
-    LruHashMap::new();
-
-#[btf_map]
-pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32, { DEFAULT_BACKENDS_MAX as usize }> =
-    HashMap::new();
-
-#[btf_map]
-pub static NODE_ADDRS: HashMap<[u8; 4], u32, { NODE_ADDRS_MAX as usize }> = HashMap::new();
-
-#[btf_map]
-pub static SVC_STATS: PerCpuArray<SvcStats, { SVC_STATS_MAX as usize }> = PerCpuArray::new();
-
-#[btf_map]
-pub static REASONS: PerCpuArray<u64, { REASONS_MAX as usize }> = PerCpuArray::new();
-
-#[btf_map]
-pub static META: Array<u64, { META_MAX as usize }> = Array::new();
-
-#[btf_map]
-pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { DEFAULT_SOURCE_RANGES_MAX as usize }> =
-    LpmTrie::new();
-
-#[btf_map]
-pub static FRAGMENTS: LruHashMap<FragKey, FragValue, { DEFAULT_FRAGMENTS_MAX as usize }> =
-    LruHashMap::new();
-
-/// ifindex -> itself, for the external interfaces XDP may transmit on.
-#[btf_map]
-pub static XDP_EGRESS: DevMapHash<{ XDP_EGRESS_MAX as usize }> = DevMapHash::new();
-
-/// (socket cookie, backend) -> the Service address the socket asked for.
-#[btf_map]
-pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue, { DEFAULT_SOCK_REVNAT_MAX as usize }> =
-    LruHashMap::new();
+maps! {
+    SERVICES: HashMap<ServiceKey, ServiceValue>, DEFAULT_SERVICES_MAX;
+    BACKENDS: HashMap<u32, Backend>, DEFAULT_BACKENDS_MAX;
+    CONNTRACK: LruHashMap<CtKey, CtValue>, DEFAULT_CONNTRACK_MAX;
+    AFFINITY: LruHashMap<AffinityKey, AffinityValue>, DEFAULT_AFFINITY_MAX;
+    AFFINITY_MATCH: HashMap<AffinityMatchKey, u32>, DEFAULT_BACKENDS_MAX;
+    NODE_ADDRS: HashMap<[u8; 4], u32>, NODE_ADDRS_MAX;
+    SVC_STATS: PerCpuArray<SvcStats>, SVC_STATS_MAX;
+    REASONS: PerCpuArray<u64>, REASONS_MAX;
+    META: Array<u64>, META_MAX;
+    SOURCE_RANGES: LpmTrie<SourceRange, u32>, DEFAULT_SOURCE_RANGES_MAX;
+    FRAGMENTS: LruHashMap<FragKey, FragValue>, DEFAULT_FRAGMENTS_MAX;
+    /// ifindex -> itself, for the external interfaces XDP may transmit on.
+    XDP_EGRESS: DevMapHash, XDP_EGRESS_MAX;
+    /// (socket cookie, backend) -> the Service address the socket asked for.
+    SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue>, DEFAULT_SOCK_REVNAT_MAX;
+}

@@ -7,7 +7,11 @@ use aya_ebpf::{
 };
 use service_common::IPPROTO_UDP;
 
-use crate::packet::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF};
+use crate::{
+    csum::{half, word},
+    headers::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+    packet::Flow,
+};
 
 /// The 4-tuple a packet is rewritten to.
 #[derive(Clone, Copy)]
@@ -41,10 +45,7 @@ fn rewrite_addr(
     if old == new {
         return Ok(());
     }
-    let (o, n) = (
-        u32::from_ne_bytes(old) as u64,
-        u32::from_ne_bytes(new) as u64,
-    );
+    let (o, n) = (word(old), word(new));
     let l4 = l4_flags(flow) | BPF_F_PSEUDO_HDR as u64 | 4;
     ctx.l4_csum_replace(flow.l4_csum_off(), o, n, l4)
         .map_err(|_| RewriteFailed)?;
@@ -64,10 +65,7 @@ fn rewrite_port(
     if old == new {
         return Ok(());
     }
-    let (o, n) = (
-        u16::from_ne_bytes(old.to_be_bytes()) as u64,
-        u16::from_ne_bytes(new.to_be_bytes()) as u64,
-    );
+    let (o, n) = (half(old), half(new));
     ctx.l4_csum_replace(flow.l4_csum_off(), o, n, l4_flags(flow) | 2)
         .map_err(|_| RewriteFailed)?;
     ctx.store(field_off, &new.to_be_bytes(), 0)
@@ -83,8 +81,7 @@ pub fn rewrite_addresses(
 ) -> Result<(), RewriteFailed> {
     for (off, o, n) in [(IP_SRC_OFF, old.0, new.0), (IP_DST_OFF, old.1, new.1)] {
         if o != n {
-            let (ow, nw) = (u32::from_ne_bytes(*o) as u64, u32::from_ne_bytes(*n) as u64);
-            ctx.l3_csum_replace(IP_CSUM_OFF, ow, nw, 4)
+            ctx.l3_csum_replace(IP_CSUM_OFF, word(*o), word(*n), 4)
                 .map_err(|_| RewriteFailed)?;
             ctx.store(off, n, 0).map_err(|_| RewriteFailed)?;
         }

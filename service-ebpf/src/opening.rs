@@ -6,10 +6,11 @@ use service_common::{BE_F_LOCAL, CT_F_LOCAL_SOURCE, IPPROTO_TCP, Reason};
 
 use crate::{
     conntrack,
+    headers::{TCP_ACK, TCP_SYN},
     lb::{self, Frontend, Pick},
     nat::Target,
-    packet::{Flow, TCP_ACK, TCP_SYN},
-    stats::{count_new_flow, count_reason},
+    packet::Flow,
+    stats::count_flow_opened,
 };
 
 pub struct Choice {
@@ -44,7 +45,7 @@ pub fn choose(flow: &Flow, fe: &Frontend, from_outside: bool) -> Opening {
     if !lb::source_allowed(fe, flow.saddr) {
         return Opening::Drop(Reason::SourceRangeDenied);
     }
-    let Some(pick) = lb::select_backend(fe, flow) else {
+    let Some(pick) = lb::select_backend(fe, flow.saddr) else {
         if fe.master.count == 0 {
             return Opening::Reject;
         }
@@ -89,18 +90,17 @@ pub fn choose(flow: &Flow, fe: &Frontend, from_outside: bool) -> Opening {
 
 /// Pins the flow to its backend in conntrack (picking the SNAT source port)
 /// and notes its affinity; from here on the packet must be translated.
+/// Err: the reason the packet is dropped.
 #[inline(always)]
 pub fn record(flow: &Flow, fe: &Frontend, c: &mut Choice) -> Result<(), Reason> {
     if c.snat {
         conntrack::create_snat(flow, &mut c.to, c.pick.id, c.svc_id, c.reply_flags)
             .map_err(|_| Reason::SnatFailed)?;
-        count_reason(Reason::SnatFlow);
     } else {
         conntrack::create(flow, &c.to, c.pick.id, c.svc_id, c.hairpin, c.reply_flags)
             .map_err(|_| Reason::CtInsertFailed)?;
     }
     lb::note_affinity(fe, flow.saddr, &c.pick);
-    count_reason(Reason::NewFlow);
-    count_new_flow(c.svc_id);
+    count_flow_opened(c.svc_id, c.snat, c.pick.affinity);
     Ok(())
 }

@@ -1,25 +1,17 @@
-//! Reading the headers the dataplane acts on. Reads go through
-//! `bpf_skb_load_bytes`, so headers outside the linear area are still seen.
-use aya_ebpf::programs::TcContext;
+//! Reading the headers the dataplane acts on, the same for tc and XDP.
 use network_types::ip::Ipv4Hdr;
 use service_common::{FragKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
-use crate::icmp::{self, IcmpError};
-
-pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
-pub const IP_DST_OFF: usize = ETH_HLEN + 16;
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+use crate::{
+    access::Packet,
+    headers::*,
+    icmp::{self, IcmpError},
+};
 
 /// An IPv4 TCP or UDP packet, as the dataplane needs to see it.
 #[derive(Clone, Copy)]
 pub struct Flow {
+    // The 5-tuple: addresses in packet order, ports in host order.
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
     pub sport: u16,
@@ -32,6 +24,7 @@ pub struct Flow {
     pub ip_len: u16,
     /// The IPv4 identification, for fragments.
     pub ip_id: u16,
+    pub ttl: u8,
     /// The first fragment of a fragmented datagram: later ones follow it.
     pub first_fragment: bool,
 }
@@ -45,7 +38,12 @@ impl Flow {
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        self.l4_off() + if self.proto == IPPROTO_TCP { 16 } else { 6 }
+        self.l4_off()
+            + if self.proto == IPPROTO_TCP {
+                TCP_CSUM_OFF
+            } else {
+                UDP_CSUM_OFF
+            }
     }
 }
 
@@ -62,14 +60,11 @@ pub enum Parsed {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Parsed {
-    let Ok(ethertype) = ctx.load::<[u8; 2]>(12) else {
-        return Parsed::Other;
-    };
-    if ethertype != ETH_P_IP {
+pub fn parse<P: Packet>(ctx: &P) -> Parsed {
+    if ctx.read::<[u8; 2]>(ETH_TYPE_OFF) != Some(ETH_P_IP) {
         return Parsed::Other;
     }
-    let Ok(ip) = ctx.load::<Ipv4Hdr>(ETH_HLEN) else {
+    let Some(ip) = ctx.read::<Ipv4Hdr>(ETH_HLEN) else {
         return Parsed::Untouchable(Reason::MalformedIp);
     };
     if ip.vihl >> 4 != 4 {
@@ -77,7 +72,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     }
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     let ip_len = u16::from_be_bytes(ip.tot_len);
-    if ihl < 20 || (ip_len as usize) < ihl || ETH_HLEN + ip_len as usize > ctx.len() as usize {
+    if ihl < IP_HLEN || (ip_len as usize) < ihl || ETH_HLEN + ip_len as usize > ctx.size() {
         return Parsed::Untouchable(Reason::MalformedIp);
     }
     let proto = ip.proto;
@@ -87,7 +82,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     // A non-zero offset: no L4 header here; the first fragment decided.
     let frags = u16::from_be_bytes(ip.frags);
     let ip_id = u16::from_be_bytes(ip.id);
-    if frags & 0x1fff != 0 {
+    if frags & IP_OFFSET_MASK != 0 {
         if proto == IPPROTO_ICMP {
             return Parsed::Other;
         }
@@ -99,7 +94,6 @@ pub fn parse(ctx: &TcContext) -> Parsed {
             _pad: 0,
         });
     }
-    let first_fragment = frags & 0x2000 != 0;
     let l4_off = ETH_HLEN + ihl;
     if proto == IPPROTO_ICMP {
         return match icmp::parse(ctx, ip.dst_addr, l4_off, ETH_HLEN + ip_len as usize) {
@@ -107,19 +101,23 @@ pub fn parse(ctx: &TcContext) -> Parsed {
             None => Parsed::Other,
         };
     }
-    let l4_min = if proto == IPPROTO_TCP { 20 } else { 8 };
+    let l4_min = if proto == IPPROTO_TCP {
+        TCP_HLEN
+    } else {
+        UDP_HLEN
+    };
     if (ip_len as usize) < ihl + l4_min {
         return Parsed::Untouchable(Reason::TruncatedL4);
     }
-    let Ok(ports) = ctx.load::<[u8; 4]>(l4_off) else {
+    let Some(ports) = ctx.read::<[u8; 4]>(l4_off) else {
         return Parsed::Untouchable(Reason::TruncatedL4);
     };
     let mut tcp_flags = 0;
     if proto == IPPROTO_TCP {
-        let Ok(f) = ctx.load::<u8>(l4_off + 13) else {
+        let Some([_, flags]) = ctx.read::<[u8; 2]>(l4_off + TCP_DOFF_OFF) else {
             return Parsed::Untouchable(Reason::TruncatedL4);
         };
-        tcp_flags = f;
+        tcp_flags = flags;
     }
     Parsed::Flow(Flow {
         saddr: ip.src_addr,
@@ -131,6 +129,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         ihl,
         ip_len,
         ip_id,
-        first_fragment,
+        ttl: ip.ttl,
+        first_fragment: frags & IP_MF != 0,
     })
 }

@@ -2,37 +2,20 @@
 //! turned into a TCP RST or an ICMP port unreachable and sent back out of the
 //! interface it came in on, like kube-proxy's REJECT rule.
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 use service_common::{IPPROTO_ICMP, IPPROTO_TCP};
 
-use crate::packet::{ETH_HLEN, Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::{
+    access::skb_ifindex,
+    csum,
+    headers::{ETH_HLEN, IP_HLEN, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN},
+    packet::Flow,
+};
 
 pub struct RejectFailed;
-
-/// Folds a 32-bit one's complement sum into the 16-bit checksum, in memory order.
-#[inline(always)]
-fn fold(sum: i64) -> [u8; 2] {
-    let mut c = sum as u64 & 0xffff_ffff;
-    c = (c & 0xffff) + (c >> 16);
-    c = (c & 0xffff) + (c >> 16);
-    (!(c as u16)).to_ne_bytes()
-}
-
-#[inline(always)]
-fn csum<const N: usize>(buf: &mut [u8; N], seed: u32) -> i64 {
-    unsafe {
-        bpf_csum_diff(
-            core::ptr::null_mut(),
-            0,
-            buf.as_mut_ptr().cast(),
-            N as u32,
-            seed,
-        )
-    }
-}
 
 /// An IPv4 header from `src` to `dst` with a valid checksum.
 #[inline(always)]
@@ -42,7 +25,7 @@ fn ipv4_header(src: [u8; 4], dst: [u8; 4], proto: u8, total_len: u16) -> [u8; 20
         0x45, 0, len[0], len[1], 0, 0, 0x40, 0, 64, proto, 0, 0, src[0], src[1], src[2], src[3],
         dst[0], dst[1], dst[2], dst[3],
     ];
-    let c = fold(csum(&mut h, 0));
+    let c = csum::of(&mut h);
     h[10] = c[0];
     h[11] = c[1];
     h
@@ -59,13 +42,26 @@ fn swap_macs(ctx: &TcContext) -> Result<(), RejectFailed> {
 
 #[inline(always)]
 fn send_back(ctx: &TcContext) -> i32 {
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = skb_ifindex(ctx);
+    // SAFETY: a helper call without pointers; the kernel checks the ifindex.
     let ret = unsafe { bpf_redirect(ifindex, 0) };
     if ret == TC_ACT_REDIRECT as i64 {
         TC_ACT_REDIRECT as i32
     } else {
-        aya_ebpf::bindings::TC_ACT_SHOT as i32
+        TC_ACT_SHOT as i32
     }
+}
+
+/// Cuts or extends the packet to `len` bytes, the size of the answer.
+#[inline(always)]
+fn resize(ctx: &TcContext, len: usize) -> Result<(), RejectFailed> {
+    // SAFETY: the program's own skb; the helper checks the length, and the
+    // verifier forgets every packet pointer taken before the call (none are
+    // kept: all access goes through load/store).
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) } != 0 {
+        return Err(RejectFailed);
+    }
+    Ok(())
 }
 
 /// Turns a TCP segment into the RST the peer would have sent (RFC 9293 3.10.7.1).
@@ -98,11 +94,10 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
         )
     };
 
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + 40) as u32, 0) } != 0 {
-        return Err(RejectFailed);
-    }
+    let total = IP_HLEN + TCP_HLEN;
+    resize(ctx, ETH_HLEN + total)?;
     swap_macs(ctx)?;
-    let ip = ipv4_header(flow.daddr, flow.saddr, IPPROTO_TCP, 40);
+    let ip = ipv4_header(flow.daddr, flow.saddr, IPPROTO_TCP, total as u16);
     let (sp, dp) = (flow.dport.to_be_bytes(), flow.sport.to_be_bytes());
     // Pseudo-header (12 bytes) then the 20-byte TCP header, summed together.
     let mut seg = [
@@ -139,13 +134,13 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
         0,
         0,
     ];
-    let c = fold(csum(&mut seg, 0));
+    let c = csum::of(&mut seg);
     seg[28] = c[0];
     seg[29] = c[1];
-    let mut tcp = [0u8; 20];
+    let mut tcp = [0u8; TCP_HLEN];
     tcp.copy_from_slice(&seg[12..]);
     ctx.store(ETH_HLEN, &ip, 0).map_err(|_| RejectFailed)?;
-    ctx.store(ETH_HLEN + 20, &tcp, 0)
+    ctx.store(ETH_HLEN + IP_HLEN, &tcp, 0)
         .map_err(|_| RejectFailed)?;
     Ok(send_back(ctx))
 }
@@ -156,7 +151,7 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
 pub fn icmp_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
     // Quoting a header with options would need a variable-length copy; such
     // packets are dropped and counted instead.
-    if flow.ihl != 20 {
+    if flow.ihl != IP_HLEN {
         return Err(RejectFailed);
     }
     let quoted = ctx.load::<[u8; 28]>(ETH_HLEN).map_err(|_| RejectFailed)?;
@@ -164,17 +159,15 @@ pub fn icmp_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, Reject
     icmp[0] = 3; // destination unreachable
     icmp[1] = 3; // port unreachable
     icmp[8..].copy_from_slice(&quoted);
-    let c = fold(csum(&mut icmp, 0));
+    let c = csum::of(&mut icmp);
     icmp[2] = c[0];
     icmp[3] = c[1];
-    let total = 20 + 36;
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + total) as u32, 0) } != 0 {
-        return Err(RejectFailed);
-    }
+    let total = IP_HLEN + icmp.len();
+    resize(ctx, ETH_HLEN + total)?;
     swap_macs(ctx)?;
     let ip = ipv4_header(flow.daddr, flow.saddr, IPPROTO_ICMP, total as u16);
     ctx.store(ETH_HLEN, &ip, 0).map_err(|_| RejectFailed)?;
-    ctx.store(ETH_HLEN + 20, &icmp, 0)
+    ctx.store(ETH_HLEN + IP_HLEN, &icmp, 0)
         .map_err(|_| RejectFailed)?;
     Ok(send_back(ctx))
 }

@@ -14,8 +14,7 @@ use crate::{
     conntrack::snat_address,
     lb::{self, Frontend},
     maps::{META, SOCK_REVNAT},
-    packet::Flow,
-    stats::{count_new_flow, count_reason, count_rejected},
+    stats::{count_flow_opened, count_reason, count_rejected},
 };
 
 const PROCEED: i32 = 1;
@@ -57,12 +56,14 @@ fn in_node_netns(ctx: &SockAddrContext) -> bool {
     let Some(own) = META.get(META_NETNS_COOKIE).copied() else {
         return false;
     };
+    // SAFETY: the helper takes the program's own context.
     own != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == own
 }
 
 /// The socket's protocol when the dataplane translates it.
 #[inline(always)]
 fn protocol(ctx: &SockAddrContext) -> Option<u8> {
+    // SAFETY: the context the kernel passed; the verifier checks the field access.
     match unsafe { (*ctx.sock_addr).protocol } {
         6 => Some(IPPROTO_TCP),
         17 => Some(IPPROTO_UDP),
@@ -72,6 +73,7 @@ fn protocol(ctx: &SockAddrContext) -> Option<u8> {
 
 #[inline(always)]
 fn user_addr(ctx: &SockAddrContext) -> ([u8; 4], u16) {
+    // SAFETY: as in `protocol`.
     let sa = unsafe { &*ctx.sock_addr };
     // Both fields are in network order; the port in the low 16 bits.
     (sa.user_ip4.to_ne_bytes(), u16::from_be(sa.user_port as u16))
@@ -79,6 +81,7 @@ fn user_addr(ctx: &SockAddrContext) -> ([u8; 4], u16) {
 
 #[inline(always)]
 fn set_user_addr(ctx: &SockAddrContext, addr: [u8; 4], port: u16) {
+    // SAFETY: as in `protocol`; these two fields are writable in every hook here.
     let sa = unsafe { &mut *ctx.sock_addr };
     sa.user_ip4 = u32::from_ne_bytes(addr);
     sa.user_port = port.to_be() as u32;
@@ -90,8 +93,16 @@ fn set_user_addr(ctx: &SockAddrContext, addr: [u8; 4], port: u16) {
 fn refuse(fe: &Frontend, reason: Reason) -> i32 {
     count_reason(reason);
     count_rejected(fe.master.svc_id);
+    // SAFETY: a helper call on plain values. (The kernel keeps an error set
+    // here instead of its default EPERM for a refusing hook, Linux >= 5.18.)
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REFUSE
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the helper takes the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 #[inline(always)]
@@ -106,19 +117,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     // ClientIP affinity and source ranges see host processes as the node's
     // own address, the source its packets carry to other nodes.
     let client = snat_address().unwrap_or([0; 4]);
-    let flow = Flow {
-        saddr: client,
-        daddr,
-        sport: 0,
-        dport,
-        proto,
-        tcp_flags: 0,
-        ihl: 20,
-        ip_len: 0,
-        ip_id: 0,
-        first_fragment: false,
-    };
-    let Some(fe) = lb::lookup_frontend(&flow) else {
+    let Some(fe) = lb::lookup_frontend(daddr, dport, proto) else {
         return PROCEED;
     };
     if !lb::source_allowed(&fe, client) {
@@ -126,7 +125,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
         count_reason(Reason::SourceRangeDenied);
         return REFUSE;
     }
-    let Some(pick) = lb::select_backend(&fe, &flow) else {
+    let Some(pick) = lb::select_backend(&fe, client) else {
         if fe.master.count != 0 {
             return refuse(&fe, Reason::NoBackendEntry);
         }
@@ -137,7 +136,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     };
     lb::note_affinity(&fe, client, &pick);
     let key = SockRevKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie: socket_cookie(ctx),
         addr: pick.backend.addr,
         port: pick.backend.port,
         _pad: 0,
@@ -154,8 +153,8 @@ fn forward(ctx: &SockAddrContext) -> i32 {
         count_reason(Reason::SockRevNatFailed);
     }
     set_user_addr(ctx, pick.backend.addr, pick.backend.port);
+    count_flow_opened(fe.master.svc_id, false, pick.affinity);
     count_reason(Reason::SockTranslated);
-    count_new_flow(fe.master.svc_id);
     PROCEED
 }
 
@@ -166,11 +165,12 @@ fn reverse(ctx: &SockAddrContext) {
     }
     let (addr, port) = user_addr(ctx);
     let key = SockRevKey {
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie: socket_cookie(ctx),
         addr,
         port,
         _pad: 0,
     };
+    // SAFETY: copied out at once, while the kernel keeps the value alive.
     if let Some(v) = unsafe { SOCK_REVNAT.get(key) }.copied() {
         set_user_addr(ctx, v.addr, v.port);
         count_reason(Reason::SockReplyTranslated);

@@ -454,7 +454,7 @@ fn metrics_health_and_readiness_are_served() {
         "service_agent_network_programming_duration_seconds_bucket",
         "service_agent_map_entries{map=\"SERVICES\"} 8",
         "service_agent_map_capacity{map=\"CONNTRACK\"}",
-        "service_agent_packets_by_reason{reason=\"new_flow\",verdict=\"passed\"} 10",
+        "service_agent_packets_by_reason{reason=\"new_flow\",verdict=\"translated\"} 10",
     ] {
         assert!(
             text.contains(want),
