@@ -12,7 +12,10 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, interfaces, takeover, writer},
+    dataplane::{
+        Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, cgroup::CgroupTarget, interfaces,
+        sock_destroy, takeover, writer,
+    },
     health::HealthServers,
     metrics::{self, Metrics},
     plan::{self, FrontendKey, Incremental, NodeContext},
@@ -43,6 +46,8 @@ pub struct RunConfig {
     pub node_ips: Vec<Ipv4Addr>,
     /// The XDP fast path on the external interfaces.
     pub xdp: XdpMode,
+    /// The cgroup whose sockets of this namespace are translated at connect().
+    pub cgroup: CgroupTarget,
 }
 
 struct Agent {
@@ -114,6 +119,14 @@ impl Agent {
         };
         let mut problems = self.source.errors();
         problems.extend(report.errors.iter().cloned());
+        let ended = sock_destroy::destroy_removed(&mut self.dp.tables, &report.removed_pairs);
+        if ended.sockets > 0 {
+            info!(
+                sockets = ended.sockets,
+                "ended host UDP sockets of removed backends"
+            );
+        }
+        problems.extend(ended.errors);
         problems.extend(self.health.sync(&plan.health_checks).await);
         // Log each distinct problem once, not at every resync.
         let all: Vec<String> = problems
@@ -249,6 +262,23 @@ impl Agent {
         }
     }
 
+    /// Attaches (or, with `--cgroup none`, removes) the host socket hooks.
+    fn attach_sock_hooks(&mut self) -> anyhow::Result<()> {
+        match self.cfg.cgroup.clone() {
+            CgroupTarget::Off => {
+                let gone = crate::dataplane::cgroup::detach_all(&self.dp.pin_dir);
+                if !gone.is_empty() {
+                    info!(hooks = ?gone, "--cgroup none: detached the host socket hooks");
+                }
+            }
+            CgroupTarget::Dir(dir) => {
+                let hooks = self.dp.attach_sock_hooks(&dir)?;
+                info!(cgroup = %dir.display(), ?hooks, "attached host socket hooks (hook, adopted)");
+            }
+        }
+        Ok(())
+    }
+
     fn attach_xdp(&mut self, iface: &str) {
         let mode = self.cfg.xdp;
         match self.dp.attach_xdp(iface, mode) {
@@ -345,6 +375,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "before");
     agent.watch_interfaces();
     takeover::take_over(&mut agent.dp.tables, &ips, monotonic_ns(), "after");
+    agent.attach_sock_hooks()?;
     // Asked for XDP and could not have it: say so and stop, rather than run
     // without the fast path unnoticed.
     if let Some((iface, e)) = agent.xdp_errors.iter().next() {

@@ -124,6 +124,12 @@ pub struct RunArgs {
     /// outside them is refused. Without it any address is accepted.
     #[arg(long = "service-cidr", value_parser = parse_net)]
     pub service_cidrs: Vec<Ipv4Net>,
+    /// cgroup v2 directory whose processes' sockets (in this network
+    /// namespace only) are translated at connect()/sendmsg() time: host
+    /// processes reaching Services. Default: the cgroup2 mount from
+    /// /proc/mounts (all of the node); `none`: no socket hooks.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
     /// Full resync period in seconds, besides file change events.
     #[arg(long, default_value_t = 30)]
     pub resync_seconds: u64,

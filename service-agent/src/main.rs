@@ -7,7 +7,12 @@ use clap::Parser as _;
 use service_agent::{
     agent::{self, RunConfig, SourceConfig},
     cli::*,
-    dataplane::{MapSizes, pins, tables::Tables},
+    dataplane::{
+        MapSizes,
+        cgroup::{self, CgroupTarget},
+        pins,
+        tables::Tables,
+    },
     plan::NodeContext,
     report, status,
 };
@@ -53,6 +58,7 @@ fn main() -> anyhow::Result<()> {
                 backends_max,
                 conntrack_max,
                 affinity_max,
+                cgroup,
             } = *args;
             let source = match source {
                 SourceKind::Manifests => SourceConfig::Manifests(
@@ -84,6 +90,7 @@ fn main() -> anyhow::Result<()> {
                     affinity: affinity_max,
                 },
                 resync: Duration::from_secs(resync_seconds.max(1)),
+                cgroup: CgroupTarget::from_flag(cgroup.as_deref())?,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -98,9 +105,10 @@ fn main() -> anyhow::Result<()> {
             let fill = report::fill(&t, &pins.pin_dir);
             match output {
                 Output::Text => print!(
-                    "{}{}",
+                    "{}{}{}",
                     report::render_list(&fes, st.as_ref()),
-                    report::render_fill(&fill)
+                    report::render_fill(&fill),
+                    cgroup::render(&pins.pin_dir)
                 ),
                 Output::Json => println!(
                     "{}",
@@ -108,6 +116,7 @@ fn main() -> anyhow::Result<()> {
                         "frontends": fes,
                         "skipped": st.as_ref().map(|s| &s.skipped),
                         "problems": st.as_ref().map(|s| &s.problems),
+                        "socket_hooks": cgroup::pinned_hooks(&pins.pin_dir),
                         "maps": fill
                             .iter()
                             .map(|(n, e, c)| serde_json::json!({"map": n, "entries": e, "capacity": c}))

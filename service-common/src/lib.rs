@@ -26,9 +26,10 @@ pub const MAP_META: &str = "META";
 pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
+pub const MAP_SOCK_REVNAT: &str = "SOCK_REVNAT";
 
 /// Every map the programs declare, in the order the agent pins and reports them.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -41,6 +42,7 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_SOURCE_RANGES,
     MAP_FRAGMENTS,
     MAP_XDP_EGRESS,
+    MAP_SOCK_REVNAT,
 ];
 
 /// tc ingress on pod-facing host veths.
@@ -258,7 +260,48 @@ pub struct SvcStats {
 pub const META_LAYOUT_VERSION: u32 = 0;
 /// The node address (as `u32::from_ne_bytes(octets)`) used as SNAT source.
 pub const META_SNAT_ADDR: u32 = 1;
+/// The network namespace cookie of the agent: socket hooks translate only
+/// sockets of this namespace (0: none).
+pub const META_NETNS_COOKIE: u32 = 2;
 pub const META_MAX: u32 = 8;
+
+/// Socket (cgroup) hooks translating the node's own sockets.
+pub const PROG_SOCK_CONNECT4: &str = "svc_sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "svc_sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "svc_sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "svc_sock_getpeername4";
+/// Every socket hook with the name of its attach point (the pin name too).
+pub const SOCK_HOOKS: [(&str, &str); 4] = [
+    (PROG_SOCK_CONNECT4, "connect4"),
+    (PROG_SOCK_SENDMSG4, "sendmsg4"),
+    (PROG_SOCK_RECVMSG4, "recvmsg4"),
+    (PROG_SOCK_GETPEERNAME4, "getpeername4"),
+];
+pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
+
+/// Key of SOCK_REVNAT: a socket (its cookie) and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The Service address a host socket asked for, shown back to it by
+/// recvmsg and getpeername; svc_id and backend_id let the agent find the
+/// sockets of a backend that leaves its frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -285,7 +328,9 @@ mod user {
         SvcStats,
         SourceRange,
         FragKey,
-        FragValue
+        FragValue,
+        SockRevKey,
+        SockRevValue
     );
 }
 
@@ -308,5 +353,7 @@ mod tests {
         assert_eq!(size_of::<SourceRange>(), 8);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<FragValue>(), 16);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockRevValue>(), 16);
     }
 }

@@ -119,6 +119,22 @@ reasons! {
     /// A packet of a flow the kernel's conntrack translates (opened through
     /// kube-proxy's rules before the agent started): left to netfilter.
     KernelFlowPassed "kernel_flow_passed" Passed,
+    /// A host socket's connect() or sendto() to a frontend was given a
+    /// backend (socket hooks: the verdict is on the call, not a packet).
+    SockTranslated "sock_translated" Translated,
+    /// A host socket's connect() or sendto() to a frontend without any
+    /// endpoint failed at once with ECONNREFUSED.
+    SockRefused "sock_refused" Answered,
+    /// As SockRefused, for a frontend whose traffic policy is Local and that
+    /// has no endpoint on this node (tc drops such packets; a socket cannot
+    /// be dropped without hanging its caller).
+    SockNoLocalEndpoint "sock_no_local_endpoint" Answered,
+    /// A datagram's source (recvmsg) or a socket's peer (getpeername) was
+    /// turned back from the backend into the Service address.
+    SockReplyTranslated "sock_reply_translated" Translated,
+    /// A host socket was translated but its reverse entry could not be
+    /// stored: its replies and getpeername show the backend address.
+    SockRevNatFailed "sock_revnat_failed" Translated,
 }
 
 #[cfg(test)]

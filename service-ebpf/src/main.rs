@@ -15,6 +15,7 @@ mod nat;
 mod opening;
 mod packet;
 mod reject;
+mod sock;
 mod stats;
 mod tc;
 mod xdp;

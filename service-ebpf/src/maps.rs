@@ -29,4 +29,6 @@ maps! {
     FRAGMENTS: LruHashMap<FragKey, FragValue>, DEFAULT_FRAGMENTS_MAX;
     /// ifindex -> itself, for the external interfaces XDP may transmit on.
     XDP_EGRESS: DevMapHash, XDP_EGRESS_MAX;
+    /// (socket cookie, backend) -> the Service address the socket asked for.
+    SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue>, DEFAULT_SOCK_REVNAT_MAX;
 }

@@ -120,6 +120,11 @@ impl Agent {
             "vp*".into(),
         ]);
         args.extend(extra.iter().map(|s| s.to_string()));
+        // Never the agent's default (the machine's whole cgroup tree): socket
+        // hooks only where a test asks, on a cgroup of its own.
+        if !args.iter().any(|a| a == "--cgroup") {
+            args.extend(["--cgroup".into(), "none".into()]);
+        }
         Self {
             child: None,
             netns_path: node.path(),

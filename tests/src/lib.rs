@@ -3,7 +3,9 @@
 //! Everything made here is removed on drop, also when a test fails.
 pub mod agent;
 pub mod apiserver;
+pub mod cgroup;
 pub mod fixture;
+pub mod host_client;
 pub mod load;
 pub mod manifests;
 pub mod netns;

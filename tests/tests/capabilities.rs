@@ -3,7 +3,7 @@
 //! names these), and not with fewer.
 use std::{net::SocketAddrV4, time::Duration};
 
-use integration_tests::{agent::Agent, fixture::OneNode, manifests, traffic};
+use integration_tests::{agent::Agent, cgroup::TestCgroup, fixture::OneNode, manifests, traffic};
 
 fn with_caps(caps: &str) -> Vec<String> {
     vec![
@@ -30,9 +30,13 @@ fn bpf_net_admin_and_perfmon_are_enough_and_needed() {
     )
     .unwrap();
 
+    // The socket hooks attach with the same capabilities (to a test cgroup).
+    let cgroup = TestCgroup::new().unwrap();
     let caps = with_caps("+bpf,+net_admin,+perfmon");
     let wrapper: Vec<&str> = caps.iter().map(String::as_str).collect();
-    let agent = Agent::start_wrapped(&topo.nodes[0].ns, &dir.path, &[], &wrapper).unwrap();
+    let hooks = ["--cgroup", &cgroup.flag()];
+    let agent = Agent::start_wrapped(&topo.nodes[0].ns, &dir.path, &hooks, &wrapper).unwrap();
+    assert!(agent.list().unwrap().contains(&cgroup.flag()));
     let r = topo
         .pod("client")
         .ns

@@ -5,7 +5,10 @@ use std::{
     ffi::CString,
     fs, io,
     mem::size_of,
-    os::unix::ffi::OsStrExt as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -75,7 +78,7 @@ struct TcxLinkInfo {
     _rest: [u64; 6],
 }
 
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -84,9 +87,8 @@ fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-/// The interface a pinned link of `link_type` is attached to; 0 once its
-/// device is gone. (aya does not expose this part of the link info.)
-fn pinned_ifindex_of(path: &Path, link_type: u32) -> io::Result<u32> {
+/// A new descriptor of the BPF object pinned at `path`.
+pub(super) fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut get = ObjGetAttr {
@@ -94,15 +96,27 @@ fn pinned_ifindex_of(path: &Path, link_type: u32) -> io::Result<u32> {
         ..Default::default()
     };
     let fd = sys_bpf(BPF_OBJ_GET, &mut get)? as i32;
-    let mut info = TcxLinkInfo::default();
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The kernel's `struct bpf_link_info` of link `fd`, read into `T` (its
+/// head and the member for the link's type; the kernel fills what fits).
+pub(super) fn link_info<T: Default>(fd: &OwnedFd) -> io::Result<T> {
+    let mut info = T::default();
     let mut attr = InfoAttr {
-        bpf_fd: fd as u32,
-        info_len: size_of::<TcxLinkInfo>() as u32,
-        info: &mut info as *mut TcxLinkInfo as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<T>() as u32,
+        info: &mut info as *mut T as u64,
     };
-    let r = sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr);
-    unsafe { libc::close(fd) };
-    r?;
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+/// The interface a pinned link of `link_type` is attached to; 0 once its
+/// device is gone. (aya does not expose this part of the link info.)
+fn pinned_ifindex_of(path: &Path, link_type: u32) -> io::Result<u32> {
+    let info: TcxLinkInfo = link_info(&open_pinned(path)?)?;
     if info.type_ != link_type {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -140,7 +154,7 @@ fn adoptable(pin: &Path, link_type: u32, ifindex: u32) -> anyhow::Result<Option<
 /// Pins `fd` at `pin`, readable by root only. An adopted link is pinned
 /// there already and pinning it again would fail: the old pin goes and our
 /// own handle takes its place.
-fn pin_private(fd: FdLink, pin: &Path) -> anyhow::Result<PinnedLink> {
+pub(super) fn pin_private(fd: FdLink, pin: &Path) -> anyhow::Result<PinnedLink> {
     if pin.exists() {
         fs::remove_file(pin)?;
     }

@@ -2,12 +2,14 @@
 //! programs, adopting pinned maps, and writing plans into them.
 #[cfg(test)]
 pub mod fake;
+pub mod cgroup;
 pub mod interfaces;
 pub mod kernel_conntrack;
 pub mod links;
 pub mod maps;
 pub mod pins;
 pub mod readback;
+pub mod sock_destroy;
 pub mod tables;
 pub mod takeover;
 pub mod writer;
@@ -68,6 +70,7 @@ impl MapSizes {
             MAP_SOURCE_RANGES => DEFAULT_SOURCE_RANGES_MAX,
             MAP_FRAGMENTS => DEFAULT_FRAGMENTS_MAX,
             MAP_XDP_EGRESS => XDP_EGRESS_MAX,
+            MAP_SOCK_REVNAT => DEFAULT_SOCK_REVNAT_MAX,
             _ => 0,
         }
     }
@@ -200,6 +203,15 @@ impl Dataplane {
         xdp.load().with_context(|| {
             format!("the kernel verifier rejected the XDP program {PROG_XDP_EXTERNAL}")
         })?;
+        for (name, _) in SOCK_HOOKS {
+            let prog: &mut aya::programs::CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
+                .try_into()?;
+            prog.load().with_context(|| {
+                format!("the kernel verifier rejected the socket program {name}")
+            })?;
+        }
         // Pins are the agent's alone: maps hold every flow of the node.
         for (_, path) in &paths {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -377,6 +389,17 @@ impl Dataplane {
                 })?;
         self.links.insert(iface.to_string(), (role, link));
         Ok(Some(adopted))
+    }
+
+    /// Attaches the socket hooks to `cgroup` (adopting pinned links there)
+    /// for the sockets of this network namespace only.
+    pub fn attach_sock_hooks(
+        &mut self,
+        cgroup: &std::path::Path,
+    ) -> anyhow::Result<Vec<(&'static str, bool)>> {
+        let cookie = cgroup::netns_cookie().context("reading SO_NETNS_COOKIE")?;
+        self.tables.meta.set(META_NETNS_COOKIE, cookie, 0)?;
+        cgroup::attach(&mut self.ebpf, &self.pin_dir, cgroup)
     }
 
     /// Forgets interfaces that no longer exist; their devices took the

@@ -72,6 +72,7 @@ pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
         MAP_FRAGMENTS => s(size_of::<FragKey>(), size_of::<FragValue>()),
         // struct bpf_devmap_val: ifindex and a program fd/id.
         MAP_XDP_EGRESS => s(4, 8),
+        MAP_SOCK_REVNAT => s(size_of::<SockRevKey>(), size_of::<SockRevValue>()),
         _ => None,
     }
 }
@@ -106,8 +107,6 @@ pub fn incompatible_pins(dir: &Path, max_entries: impl Fn(&str) -> u32) -> Optio
     None
 }
 
-/// Removes every pin this agent makes: links first (which detaches the
-/// programs), then maps, then the directory itself.
 /// The directories under a pin directory that hold pinned links (removing
 /// a link's pin detaches it): tc ingress, tc egress, XDP (one directory per
 /// mode below it).
@@ -127,7 +126,10 @@ fn remove_link_tree(dir: &Path) -> std::io::Result<()> {
     fs::remove_dir(dir)
 }
 
+/// Removes every pin this agent makes: links first (which detaches the
+/// programs), then maps, then the directory itself.
 pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    super::cgroup::detach_all(dir);
     // Only the agent's own link directories and map pins are removed, so a
     // mistaken --pin-dir (bpffs' root, another tool's directory) loses
     // nothing that is not ours, and its removal then fails as not empty.

@@ -18,6 +18,7 @@ pub struct Tables {
     pub reasons: PerCpuArray<MapData, u64>,
     pub meta: Array<MapData, u64>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    pub sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,7 @@ impl Tables {
             reasons: open!(PerCpuArray, MAP_REASONS),
             meta: open!(Array, MAP_META),
             source_ranges: open!(LpmTrie, MAP_SOURCE_RANGES),
+            sock_revnat: open!(HashMap, MAP_SOCK_REVNAT),
         })
     }
 }

@@ -32,6 +32,9 @@ pub struct ApplyReport {
     pub backends_added: usize,
     pub backends_removed: usize,
     pub udp_flows_flushed: usize,
+    /// (svc_id, backend_id) pairs that left their frontend, for ending the
+    /// host sockets connected to them.
+    pub removed_pairs: BTreeSet<(u32, u32)>,
     /// Frontends that could not be written, with the Service and the reason;
     /// their previous state stays in the maps.
     pub errors: Vec<String>,
@@ -226,6 +229,7 @@ impl Writer {
         mut report: ApplyReport,
     ) -> ApplyReport {
         report.udp_flows_flushed = flows::flush_udp_flows(t, removed_pairs);
+        report.removed_pairs = removed_pairs.clone();
         self.ids.release_unused(t, &mut report);
         report
     }
