@@ -3,12 +3,14 @@
 //! Everything made here is removed on drop, also when a test fails.
 pub mod agent;
 pub mod apiserver;
+pub mod bpf;
 pub mod fixture;
 pub mod load;
 pub mod manifests;
 pub mod netns;
 pub mod oracle;
 pub mod packet;
+pub mod rng;
 pub mod topology;
 pub mod traffic;
 
