@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, path::Path, time::Duration};
 use anyhow::Context as _;
 use aya::programs::{TestRun, TestRunOptions};
 use service_agent::{
-    dataplane::{Dataplane, IfaceRole, MapSizes, XdpMode},
+    dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode},
     plan::{BackendAddr, FrontendKind, FrontendPlan, Plan},
 };
 use service_common::{CtKey, CtValue, Reason};
@@ -129,7 +129,13 @@ impl Loaded {
     /// transmit there, and returns the interface's index for `Prog::Xdp`.
     pub fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<u32> {
         self.dp.attach_xdp(iface, XdpMode::Generic)?;
-        self.dp.sync_xdp_egress(XdpMode::Generic);
+        let egress = self.dp.sync_xdp_egress(XdpMode::Generic);
+        anyhow::ensure!(
+            egress
+                .iter()
+                .any(|(i, e)| i == iface && *e == XdpEgress::Allowed),
+            "XDP may not transmit out of {iface}: {egress:?}"
+        );
         Ok(nix::net::if_::if_nametoindex(iface)?)
     }
 
