@@ -195,6 +195,52 @@ impl Loaded {
     }
 }
 
+/// Reason counters as they stood before a packet, to check what it added.
+pub struct Counts {
+    expected: &'static [(Reason, u64)],
+    before: Vec<u64>,
+}
+
+impl Counts {
+    /// Checks that the counters grew by what `expected` says since `Loaded::counts`.
+    pub fn check(&self, l: &Loaded) -> anyhow::Result<()> {
+        for ((r, n), b) in self.expected.iter().zip(&self.before) {
+            let added = l.reason(*r) - b;
+            anyhow::ensure!(added == *n, "counted {added} under {r:?}, expected {n}");
+        }
+        Ok(())
+    }
+}
+
+impl Loaded {
+    /// The counters of `expected` (reason, how much a packet adds) now.
+    pub fn counts(&self, expected: &'static [(Reason, u64)]) -> Counts {
+        Counts {
+            expected,
+            before: expected.iter().map(|(r, _)| self.reason(*r)).collect(),
+        }
+    }
+}
+
+/// Checks every case of a table and fails naming each case that failed and why.
+pub fn check_table<C>(
+    cases: &[C],
+    name: impl Fn(&C) -> &str,
+    mut check: impl FnMut(&C) -> anyhow::Result<()>,
+) {
+    let failed: Vec<String> = cases
+        .iter()
+        .filter_map(|c| check(c).err().map(|e| format!("{}: {e:#}", name(c))))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failed.len(),
+        cases.len(),
+        failed.join("\n")
+    );
+}
+
 pub fn ct_key(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, proto: u8) -> CtKey {
     CtKey {
         saddr: saddr.octets(),

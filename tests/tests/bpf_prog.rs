@@ -4,6 +4,7 @@
 //! depend on the first are one test each.
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
+use anyhow::{bail, ensure};
 use integration_tests::{
     bpf::{self, Loaded, Prog, TC_ACT_OK, TC_ACT_REDIRECT},
     oracle::{self, Expect, Tuple},
@@ -272,56 +273,35 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// What is wrong with the program's answer to `c`, if anything.
-fn check_case(l: &mut Loaded, c: &Case) -> Result<(), String> {
-    let before: Vec<u64> = c.counts.iter().map(|(r, _)| l.reason(*r)).collect();
+fn check_case(l: &mut Loaded, c: &Case) -> anyhow::Result<()> {
+    let counts = l.counts(c.counts);
     let out = l.run(POD, &c.packet);
     if let Some(m) = oracle::check(&c.packet, out.verdict, &out.packet, &c.expect) {
-        return Err(format!(
+        bail!(
             "{m}\n    in  {:02x?}\n    out {:02x?}",
-            c.packet, out.packet
-        ));
+            c.packet,
+            out.packet
+        );
     }
     if out.verdict == TC_ACT_REDIRECT {
         let (p, o) = (&c.packet, &out.packet);
-        if (&o[0..6], &o[6..12]) != (&p[6..12], &p[0..6]) {
-            return Err("an answer goes back with the MACs swapped".into());
-        }
-        if matches!(c.expect, Expect::Reset { ack: Some(_), .. }) && o[47] != RST | ACK {
-            return Err(format!(
-                "a reset acking a SYN has flags RST|ACK, not {:#x}",
-                o[47]
-            ));
-        }
+        ensure!(
+            (&o[0..6], &o[6..12]) == (&p[6..12], &p[0..6]),
+            "an answer goes back with the MACs swapped"
+        );
+        ensure!(
+            !matches!(c.expect, Expect::Reset { ack: Some(_), .. }) || o[47] == RST | ACK,
+            "a reset acking a SYN has flags RST|ACK, not {:#x}",
+            o[47]
+        );
     }
-    for ((r, n), b) in c.counts.iter().zip(before) {
-        let added = l.reason(*r) - b;
-        if added != *n {
-            return Err(format!("counted {added} under {r:?}, expected {n}"));
-        }
-    }
-    Ok(())
+    counts.check(l)
 }
 
 #[test]
 fn single_packets_get_the_verdict_and_output_of_their_case() {
     let mut l = table_world();
-    let cases = cases();
-    let failed: Vec<String> = cases
-        .iter()
-        .filter_map(|c| {
-            check_case(&mut l, c)
-                .err()
-                .map(|e| format!("{}: {e}", c.name))
-        })
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failed.len(),
-        cases.len(),
-        failed.join("\n")
-    );
+    bpf::check_table(&cases(), |c| c.name, |c| check_case(&mut l, c));
 }
 
 #[test]

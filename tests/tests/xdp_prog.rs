@@ -376,7 +376,7 @@ fn client_flow(pkt: &[u8]) -> (u16, u16, u8) {
 }
 
 fn check_case(w: &mut World, c: &Case) -> anyhow::Result<()> {
-    let before: Vec<u64> = c.counts.iter().map(|(r, _)| w.reason(*r)).collect();
+    let counts = w.l.counts(c.counts);
     let (frame, run) = w.run(&c.packet);
     ensure!(
         run.verdict == c.verdict,
@@ -431,29 +431,12 @@ fn check_case(w: &mut World, c: &Case) -> anyhow::Result<()> {
         }
         Out::Dropped => {}
     }
-    for ((r, n), b) in c.counts.iter().zip(before) {
-        let added = w.reason(*r) - b;
-        ensure!(added == *n, "counted {added} under {r:?}, expected {n}");
-    }
-    Ok(())
+    counts.check(&w.l)
 }
 
 #[test]
 fn single_packets_get_the_verdict_and_output_of_their_case() {
-    in_world(|w| {
-        let cases = cases();
-        let failed: Vec<String> = cases
-            .iter()
-            .filter_map(|c| check_case(w, c).err().map(|e| format!("{}: {e}", c.name)))
-            .collect();
-        assert!(
-            failed.is_empty(),
-            "{} of {} cases failed:\n{}",
-            failed.len(),
-            cases.len(),
-            failed.join("\n")
-        );
-    });
+    in_world(|w| bpf::check_table(&cases(), |c| c.name, |c| check_case(w, c)));
 }
 
 /// Generated packets around the world's flows, checked against the rules
