@@ -66,7 +66,7 @@ impl Rng {
         self.seed
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.state ^= self.state >> 12;
         self.state ^= self.state << 25;
         self.state ^= self.state >> 27;
@@ -75,7 +75,7 @@ impl Rng {
 
     /// Uniform in `0..n` (`n` > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 
     /// True with `percent` % probability.
@@ -107,7 +107,7 @@ mod tests {
     fn streams_of_one_seed_differ_and_repeat() {
         let draw = |s| {
             let mut r = Rng::for_test(s);
-            (0..4).map(|_| r.next()).collect::<Vec<_>>()
+            (0..4).map(|_| r.next_u64()).collect::<Vec<_>>()
         };
         assert_eq!(draw("a"), draw("a"));
         assert_ne!(draw("a"), draw("b"));

@@ -131,12 +131,12 @@ fn generate(r: &mut Rng) -> Vec<u8> {
             b
         }
     };
-    b.payload = (0..r.below(64)).map(|_| r.next() as u8).collect();
+    b.payload = (0..r.below(64)).map(|_| r.next_u64() as u8).collect();
     b.udp_zero_csum = r.chance(15);
     if r.chance(10) {
         b.ip_options = 4 * r.below(11) as usize;
     }
-    b.seq = r.next() as u32;
+    b.seq = r.next_u64() as u32;
     let mut pkt = b.build();
     // Fragments of one datagram share an id; a few ids only, so later
     // fragments meet first ones.

@@ -450,7 +450,7 @@ fn generated_packets_keep_the_xdp_rules() {
         for i in 0..20_000 {
             let cport = 44000 + rng.below(50) as u16;
             let (port, _, _, _, _) = *rng.pick(&PORTS);
-            let any = rng.next() as u8;
+            let any = rng.next_u64() as u8;
             let flags = *rng.pick(&[SYN, ACK, SYN | ACK, 0x11, 0x04, any]);
             let mut b = match rng.below(4) {
                 0 | 1 => Builder::tcp(CLIENT, cport, NODE, port, flags),
@@ -465,7 +465,7 @@ fn generated_packets_keep_the_xdp_rules() {
                     if rng.chance(50) { 30053 } else { port },
                 ),
             };
-            b.payload = vec![rng.next() as u8; rng.below(40) as usize];
+            b.payload = vec![rng.next_u64() as u8; rng.below(40) as usize];
             b.udp_zero_csum = rng.below(7) == 0;
             let mut pkt = b.build();
             // Some damage: a flipped bit or a cut.
