@@ -68,6 +68,14 @@ fn setup() -> Setup {
     Setup { agent, api, node }
 }
 
+/// Service web's one EndpointSlice now lists the pods `names`.
+fn web_endpoints(s: &Setup, names: &[&str]) {
+    s.api.apply(
+        Kind::EndpointSlice,
+        apiserver::endpoint_slice("shop", "web", "a", &backends(&s.topo, names), "TCP"),
+    );
+}
+
 fn line_for(list: &str, frontend: &str) -> String {
     list.lines()
         .find(|l| l.starts_with(frontend))
@@ -102,16 +110,7 @@ fn initial_sync_then_adds_modifies_and_deletes_follow_the_api() {
     assert_eq!(served_by(&s).len(), 2);
 
     // Modify: a third endpoint.
-    s.api.apply(
-        Kind::EndpointSlice,
-        apiserver::endpoint_slice(
-            "shop",
-            "web",
-            "a",
-            &backends(&s.topo, &["web-1", "web-2", "web-3"]),
-            "TCP",
-        ),
-    );
+    web_endpoints(&s, &["web-1", "web-2", "web-3"]);
     s.agent
         .wait_list("three", |l| {
             line_for(l, "10.96.0.10:80/TCP").matches(":8080").count() == 3
@@ -142,10 +141,7 @@ fn initial_sync_then_adds_modifies_and_deletes_follow_the_api() {
 fn closed_watches_and_expired_history_are_recovered_and_lost_deletes_caught() {
     let s = setup();
     s.api.close_watches();
-    s.api.apply(
-        Kind::EndpointSlice,
-        apiserver::endpoint_slice("shop", "web", "a", &backends(&s.topo, &["web-3"]), "TCP"),
-    );
+    web_endpoints(&s, &["web-3"]);
     s.agent
         .wait_list("after reconnect", |l| {
             line_for(l, "10.96.0.10:80/TCP").matches(":8080").count() == 1
@@ -175,16 +171,7 @@ fn the_dataplane_keeps_serving_while_the_api_server_is_away() {
         2,
         "nothing dropped: {l}"
     );
-    s.api.apply(
-        Kind::EndpointSlice,
-        apiserver::endpoint_slice(
-            "shop",
-            "web",
-            "a",
-            &backends(&s.topo, &["web-2", "web-3"]),
-            "TCP",
-        ),
-    );
+    web_endpoints(&s, &["web-2", "web-3"]);
     s.api.set_down(false);
     let l = s
         .agent
