@@ -67,8 +67,7 @@ pub fn lookup(flow: &Flow) -> CtLookup {
         // reusing the port (the old one is closing or gone in the kernel):
         // the rules that opened the old one may be gone, so this dataplane
         // opens it.
-        if !reply && flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        {
+        if !reply && flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
             let _ = CONNTRACK.remove(key_of(flow));
             return CtLookup::Miss;
         }

@@ -3,6 +3,7 @@
 //! Everything made here is removed on drop, also when a test fails.
 pub mod agent;
 pub mod apiserver;
+pub mod bpf;
 pub mod cgroup;
 pub mod fixture;
 pub mod host_client;
@@ -11,6 +12,7 @@ pub mod manifests;
 pub mod netns;
 pub mod oracle;
 pub mod packet;
+pub mod rng;
 pub mod topology;
 pub mod traffic;
 

@@ -76,6 +76,7 @@ impl Netns {
     }
 
     /// Starts `f` on a thread that lives in this namespace.
+    /// (`enter` moves a thread of one's own between namespaces instead.)
     pub fn spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -86,6 +87,14 @@ impl Netns {
             f()
         }))
     }
+}
+
+/// Moves the calling thread into the network namespace at `path` for the
+/// rest of its life: call it on a thread of one's own.
+pub fn enter(path: &str) -> anyhow::Result<()> {
+    let file = File::open(path).with_context(|| path.to_string())?;
+    setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns into {path}"))?;
+    Ok(())
 }
 
 impl Drop for Netns {

@@ -4,11 +4,10 @@
 //! bytes of every packet, keeping its own conntrack and fragment tables.
 use std::collections::HashMap;
 
-use crate::packet::checksum;
-
-pub const TC_ACT_OK: u32 = 0;
-pub const TC_ACT_SHOT: u32 = 2;
-pub const TC_ACT_REDIRECT: u32 = 7;
+use crate::{
+    bpf::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    packet::checksum,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tuple {

@@ -254,22 +254,10 @@ pub fn udp_ask_big(
     Ok((reply, n))
 }
 
-/// Reads everything from an HTTP/1.0-style response (for the demo's curl-like client).
+/// The body of a GET, trimmed (for the demo's curl-like client).
 pub fn http_get(to: SocketAddrV4, path: &str, timeout: Duration) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&to.into(), timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    Ok(text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .trim()
-        .to_string())
+    let (_, body) = http_request(to, path, timeout)?;
+    Ok(body.trim().to_string())
 }
 
 /// Sends up to `count` TCP SYNs to `to` within `limit`, each from a different

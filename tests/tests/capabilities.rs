@@ -1,9 +1,7 @@
 //! The agent works with exactly the capabilities deploy/service-agent.yaml
 //! gives it (BPF, NET_ADMIN, PERFMON; the deploy test checks the manifest
 //! names these), and not with fewer.
-use std::{net::SocketAddrV4, time::Duration};
-
-use integration_tests::{agent::Agent, cgroup::TestCgroup, fixture::OneNode, manifests, traffic};
+use integration_tests::{agent::Agent, cgroup::TestCgroup, fixture::OneNode};
 
 fn with_caps(caps: &str) -> Vec<String> {
     vec![
@@ -17,18 +15,8 @@ fn with_caps(caps: &str) -> Vec<String> {
 #[test]
 fn bpf_net_admin_and_perfmon_are_enough_and_needed() {
     let f = OneNode::new(1, 1).unwrap();
+    f.write_web(&[("http", "TCP", 80, "8080")]).unwrap();
     let (topo, dir) = (&f.topo, &f.dir);
-    dir.write(
-        "svc.yaml",
-        &manifests::service(
-            "web",
-            "web",
-            "10.96.0.10",
-            &[("http", "TCP", 80, "8080")],
-            "",
-        ),
-    )
-    .unwrap();
 
     // The socket hooks attach with the same capabilities (to a test cgroup).
     let cgroup = TestCgroup::new().unwrap();
@@ -37,17 +25,7 @@ fn bpf_net_admin_and_perfmon_are_enough_and_needed() {
     let hooks = ["--cgroup", &cgroup.flag()];
     let agent = Agent::start_wrapped(&topo.nodes[0].ns, &dir.path, &hooks, &wrapper).unwrap();
     assert!(agent.list().unwrap().contains(&cgroup.flag()));
-    let r = topo
-        .pod("client")
-        .ns
-        .within(|| {
-            traffic::tcp_ask(
-                SocketAddrV4::new("10.96.0.10".parse().unwrap(), 80),
-                Duration::from_secs(3),
-            )
-        })
-        .unwrap();
-    assert_eq!(r.unwrap().server, "web-1");
+    assert_eq!(f.ask("client").unwrap().server, "web-1");
     drop(agent);
 
     let caps = with_caps("+bpf,+net_admin");

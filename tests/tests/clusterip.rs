@@ -2,74 +2,27 @@
 //! namespaces, the agent in the node namespace, real TCP and UDP.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
-    agent::{Agent, ManifestDir},
+    fixture::{self, OneNode, Running, T, VIP},
     manifests,
-    topology::Topology,
-    traffic::{self, HeldConnection, Server, UdpFlow},
+    traffic::{self, HeldConnection, UdpFlow},
 };
-
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const T: Duration = Duration::from_secs(3);
-
-struct Fixture {
-    // Drop order: agent first, then servers, then namespaces, then files.
-    agent: Agent,
-    _servers: Vec<Server>,
-    topo: Topology,
-    dir: ManifestDir,
-}
 
 /// A node with a client pod `client` and backend pods `web-1..=web-<backends>`
 /// (all serving on 8080), and a Service `web` on VIP:80 (TCP, targetPort by
 /// name) and VIP:53 (UDP) selecting the first `ready` of them.
-fn fixture(backends: usize, ready: usize) -> Fixture {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
-    topo.add_pod(0, "client").unwrap();
-    let mut servers = vec![];
-    for i in 1..=backends {
-        let name = format!("web-{i}");
-        let k = topo.add_pod(0, &name).unwrap();
-        let p = &topo.pods[k];
-        servers.push(Server::start(&p.ns, p.ip, 8080, &name).unwrap());
-    }
-    let dir = ManifestDir::new().unwrap();
-    write_pods(&topo, &dir, ready);
-    dir.write(
-        "svc.yaml",
-        &manifests::service(
-            "web",
-            "web",
-            &VIP.to_string(),
+fn fixture(backends: usize, ready: usize) -> Running {
+    OneNode::new(backends, ready)
+        .unwrap()
+        .start(
             &[("http", "TCP", 80, "http"), ("dns", "UDP", 53, "8080")],
-            "",
-        ),
-    )
-    .unwrap();
-    let node = &topo.nodes[0].ns;
-    let agent = Agent::start(node, &dir.path, &["--node-name", "node-1"]).unwrap();
-    Fixture {
-        agent,
-        _servers: servers,
-        topo,
-        dir,
-    }
-}
-
-/// Marks web-1..=web-<ready> ready and the others not ready.
-fn write_pods(topo: &Topology, dir: &ManifestDir, ready: usize) {
-    let mut text = String::new();
-    for p in topo.pods.iter().filter(|p| p.name.starts_with("web-")) {
-        let i: usize = p.name[4..].parse().unwrap();
-        text.push_str(&manifests::pod(&p.name, "web", p.ip, i <= ready, "node-1"));
-        text.push_str("---\n");
-    }
-    dir.write("pods.yaml", &text).unwrap();
+            &["--node-name", "node-1"],
+        )
+        .unwrap()
 }
 
 fn backends_listed(list: &str, n: usize) -> bool {
@@ -171,25 +124,13 @@ fn a_long_connection_keeps_its_backend_while_the_service_scales() {
     let first = held.ask().unwrap().server;
     let serving: usize = first[4..].parse().unwrap();
     // 3 -> 5 backends.
-    write_pods(&f.topo, &f.dir, 5);
+    f.write_pods(|_| true).unwrap();
     f.agent
         .wait_list("five backends", |l| backends_listed(l, 5))
         .unwrap();
     assert_eq!(held.ask().unwrap().server, first);
     // 5 -> 1 backend: keep only the one serving the held connection.
-    let mut text = String::new();
-    for p in f.topo.pods.iter().filter(|p| p.name.starts_with("web-")) {
-        let i: usize = p.name[4..].parse().unwrap();
-        text.push_str(&manifests::pod(
-            &p.name,
-            "web",
-            p.ip,
-            i == serving,
-            "node-1",
-        ));
-        text.push_str("---\n");
-    }
-    f.dir.write("pods.yaml", &text).unwrap();
+    f.write_pods(|i| i == serving).unwrap();
     f.agent
         .wait_list("one backend", |l| backends_listed(l, 1))
         .unwrap();
@@ -201,11 +142,7 @@ fn a_long_connection_keeps_its_backend_while_the_service_scales() {
         );
     }
     // New connections now all land on the remaining backend.
-    let r = client
-        .ns
-        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
-        .unwrap()
-        .unwrap();
+    let r = fixture::ask_from(client, SocketAddrV4::new(VIP, 80)).unwrap();
     assert_eq!(r.server, first);
 }
 
@@ -213,20 +150,10 @@ fn a_long_connection_keeps_its_backend_while_the_service_scales() {
 fn a_client_looping_while_backends_scale_sees_no_failure() {
     let f = fixture(5, 3);
     let client = f.topo.pod("client");
-    let looping = client
-        .ns
-        .spawn(|| {
-            traffic::request_loop(
-                SocketAddrV4::new(VIP, 80),
-                None,
-                Duration::from_secs(6),
-                5000,
-            )
-        })
-        .unwrap();
+    let looping = fixture::loop_from(client, false, Duration::from_secs(6), 5000);
     for ready in [5, 1, 4, 2, 3] {
         std::thread::sleep(Duration::from_millis(800));
-        write_pods(&f.topo, &f.dir, ready);
+        f.write_pods(|i| i <= ready).unwrap();
         f.agent
             .wait_list("scaled", |l| backends_listed(l, ready))
             .unwrap();
@@ -247,10 +174,7 @@ fn a_service_without_ready_endpoints_refuses_at_once() {
         })
         .unwrap();
     let started = Instant::now();
-    let tcp = client
-        .ns
-        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
-        .unwrap();
+    let tcp = fixture::ask_from(client, SocketAddrV4::new(VIP, 80));
     let err = tcp.expect_err("no endpoint: the connection must fail");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     let udp = client
@@ -277,11 +201,7 @@ fn a_pod_reaching_itself_through_its_service_gets_the_reply() {
     let f = fixture(1, 1);
     let me = f.topo.pod("web-1");
     for _ in 0..5 {
-        let r = me
-            .ns
-            .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
-            .unwrap()
-            .expect("hairpin connection");
+        let r = fixture::ask_from(me, SocketAddrV4::new(VIP, 80)).expect("hairpin connection");
         assert_eq!(r.server, "web-1");
         let (u, from) = me
             .ns
@@ -319,10 +239,7 @@ fn a_bad_manifest_is_reported_and_the_previous_state_keeps_serving() {
     };
     assert_eq!(programmed(&before), programmed(&after));
     let client = f.topo.pod("client");
-    let r = client
-        .ns
-        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
-        .unwrap();
+    let r = fixture::ask_from(client, SocketAddrV4::new(VIP, 80));
     assert!(r.is_ok(), "still serving: {r:?}");
     // A Service the dataplane cannot express keeps its previous state too.
     f.dir
@@ -360,14 +277,8 @@ fn udp_clients_move_off_a_removed_backend() {
     // Take the flow's backend out of the Service (the pod keeps running, as a
     // terminating pod would): the next datagram must reach a remaining backend.
     let gone: usize = first[4..].parse().unwrap();
-    let mut text = String::new();
-    for p in f.topo.pods.iter().filter(|p| p.name.starts_with("web-")) {
-        let i: usize = p.name[4..].parse().unwrap();
-        text.push_str(&manifests::pod(&p.name, "web", p.ip, i != gone, "node-1"));
-        text.push_str("---\n");
-    }
     let log_from = std::fs::metadata(&f.agent.log).map_or(0, |m| m.len()) as usize;
-    f.dir.write("pods.yaml", &text).unwrap();
+    f.write_pods(|i| i != gone).unwrap();
     f.agent
         .wait_list("two backends", |l| backends_listed(l, 2))
         .unwrap();
@@ -402,7 +313,7 @@ fn udp_clients_move_off_a_removed_backend() {
 #[test]
 fn pods_created_after_the_agent_started_are_served() {
     let mut f = fixture(1, 1);
-    let k = f.topo.add_pod(0, "late").unwrap();
+    let k = f.node.topo.add_pod(0, "late").unwrap();
     let late = &f.topo.pods[k];
     f.agent
         .wait_list("attached", |_| {
@@ -411,16 +322,13 @@ fn pods_created_after_the_agent_started_are_served() {
                 .contains(&format!("attached tc ingress iface={}", late.host_if))
         })
         .unwrap();
-    let r = late
-        .ns
-        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
-        .unwrap()
+    let r = fixture::ask_from(late, SocketAddrV4::new(VIP, 80))
         .expect("the new pod reaches the Service");
     assert_eq!(r.server, "web-1");
 }
 
 /// GET on the agent's metrics address, from inside the node namespace.
-fn http_get_local(f: &Fixture, path: &str) -> (u16, String) {
+fn http_get_local(f: &Running, path: &str) -> (u16, String) {
     let path = path.to_string();
     f.topo.nodes[0]
         .ns

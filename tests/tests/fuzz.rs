@@ -5,41 +5,21 @@
 //! model (`integration_tests::oracle`) predicts verdict and bytes, and every
 //! rewritten packet's checksums are verified.
 //!
-//! `FUZZ_PACKETS` (default 100,000 per program), `FUZZ_SEED` and
-//! `FUZZ_SECONDS` tune a run; `cargo xtask fuzz` runs a long one.
+//! `FUZZ_PACKETS` (default 100,000 per program), `FUZZ_SECONDS` and the
+//! seed (`TEST_SEED`, see `integration_tests::rng`) tune a run; `cargo xtask
+//! fuzz` runs a long one.
 use std::time::Instant;
 
-use aya::programs::{TestRun, TestRunOptions};
 use integration_tests::{
-    PinDir,
+    bpf::{self, Loaded, Prog},
     oracle::{self, Frontend, Model},
     packet::{self, Builder},
+    rng::Rng,
 };
 use service_agent::{
-    dataplane::{Dataplane, IfaceRole, MapSizes},
-    plan::{BackendAddr, FrontendKey, FrontendKind, FrontendPlan, Plan, Protocol},
+    dataplane::{IfaceRole, MapSizes},
+    plan::{FrontendKey, FrontendKind, Plan, Protocol},
 };
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*: reproducible from the seed, no dependency.
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 const VIP: &str = "10.96.0.10";
 const EMPTY: &str = "10.96.0.20";
@@ -88,25 +68,14 @@ fn plan_of(frontends: &[Frontend]) -> Plan {
                 Protocol::Udp
             },
         };
+        let backends = f
+            .backend
+            .iter()
+            .map(|(a, p)| bpf::backend((*a).into(), *p, true))
+            .collect();
         plan.frontends.insert(
             key,
-            FrontendPlan {
-                service: "fuzz/world".into(),
-                port_name: String::new(),
-                kind: FrontendKind::ClusterIp,
-                backends: f
-                    .backend
-                    .iter()
-                    .map(|(a, p)| BackendAddr {
-                        addr: (*a).into(),
-                        port: *p,
-                        local: true,
-                    })
-                    .collect(),
-                affinity_timeout_s: None,
-                reject_when_empty: true,
-                source_ranges: vec![],
-            },
+            bpf::frontend("fuzz/world", FrontendKind::ClusterIp, backends),
         );
     }
     plan
@@ -162,12 +131,12 @@ fn generate(r: &mut Rng) -> Vec<u8> {
             b
         }
     };
-    b.payload = (0..r.below(64)).map(|_| r.next() as u8).collect();
+    b.payload = (0..r.below(64)).map(|_| r.next_u64() as u8).collect();
     b.udp_zero_csum = r.chance(15);
     if r.chance(10) {
         b.ip_options = 4 * r.below(11) as usize;
     }
-    b.seq = r.next() as u32;
+    b.seq = r.next_u64() as u32;
     let mut pkt = b.build();
     // Fragments of one datagram share an id; a few ids only, so later
     // fragments meet first ones.
@@ -238,27 +207,23 @@ fn mutate(r: &mut Rng, pkt: &mut Vec<u8>) {
     }
 }
 
-fn run_program(role: IfaceRole, packets: u64, seed: u64, seconds: u64) -> (u64, Vec<String>) {
-    let pins = PinDir::new("fuzz");
+/// Runs `packets` generated packets (or as many as `seconds` allow) through
+/// the program of `role`: how many ran, and the mismatches with the model.
+fn run_program(role: IfaceRole, rng: &mut Rng, packets: u64, seconds: u64) -> (u64, Vec<String>) {
     let sizes = MapSizes {
         conntrack: 1 << 20,
         ..MapSizes::default()
     };
-    let mut dp = Dataplane::load(pins.0.clone(), &sizes).unwrap();
     let frontends = world();
-    let report = dp.writer.apply(&mut dp.tables, &plan_of(&frontends));
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let mut l = Loaded::with_plan("fuzz", &sizes, &plan_of(&frontends)).unwrap();
     let mut model = Model::new(frontends);
-    let mut rng = Rng(seed | 1);
-    let prog = dp.program(role).unwrap();
     let deadline = Instant::now() + std::time::Duration::from_secs(seconds);
     let mut mismatches = vec![];
-    let mut out = vec![0u8; 2048];
     let mut n = 0;
     let mut refused = 0u64;
     let mut seen: std::collections::BTreeMap<String, u64> = Default::default();
     while n < packets && Instant::now() < deadline {
-        let pkt = generate(&mut rng);
+        let pkt = generate(rng);
         if pkt.len() < 14 {
             refused += 1; // BPF_PROG_TEST_RUN refuses frames shorter than Ethernet.
             continue;
@@ -268,22 +233,16 @@ fn run_program(role: IfaceRole, packets: u64, seed: u64, seconds: u64) -> (u64, 
         *seen
             .entry(kind.split([' ', '{']).next().unwrap_or("").to_string())
             .or_insert(0u64) += 1;
-        let r = match prog.test_run(TestRunOptions {
-            data_in: Some(&pkt),
-            data_out: Some(&mut out),
-            ..Default::default()
-        }) {
+        let r = match l.test_run(Prog::Tc(role), &pkt, 1) {
             Ok(r) => r,
-            Err(e) if refused_by_test_run(&pkt) => {
-                let _ = e;
+            Err(_) if refused_by_test_run(&pkt) => {
                 refused += 1;
                 continue;
             }
-            Err(e) => panic!("BPF_PROG_TEST_RUN on {} bytes {pkt:02x?}: {e}", pkt.len()),
+            Err(e) => panic!("{e:#}: {pkt:02x?}"),
         };
         n += 1;
-        let got = &out[..r.data_size_out as usize];
-        if let Some(m) = oracle::check(&pkt, r.return_value, got, &expect) {
+        if let Some(m) = oracle::check(&pkt, r.verdict, &r.packet, &expect) {
             if mismatches.len() < 5 {
                 mismatches.push(format!("packet #{n} {pkt:02x?}: {m}"));
             } else {
@@ -326,27 +285,23 @@ fn refused_by_test_run(pkt: &[u8]) -> bool {
     }
 }
 
-fn settings() -> (u64, u64, u64) {
+fn settings() -> (u64, u64) {
     let env = |k: &str, d: u64| {
         std::env::var(k)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    (
-        env("FUZZ_PACKETS", 100_000),
-        env("FUZZ_SEED", 0x005e_ed0f_5e1c),
-        env("FUZZ_SECONDS", 600),
-    )
+    (env("FUZZ_PACKETS", 100_000), env("FUZZ_SECONDS", 600))
 }
 
-#[test]
-fn pod_program_matches_the_model_on_generated_packets() {
-    let (packets, seed, seconds) = settings();
-    let (n, m) = run_program(IfaceRole::Pod, packets, seed, seconds);
+fn fuzz(role: IfaceRole, stream: &'static str) {
+    let (packets, seconds) = settings();
+    let mut rng = Rng::for_test(stream);
+    let (n, m) = run_program(role, &mut rng, packets, seconds);
     assert!(
         m.is_empty(),
-        "{} mismatches in {n} packets (seed {seed:#x}):\n{}",
+        "{} mismatches in {n} packets:\n{}",
         m.len(),
         m.join("\n")
     );
@@ -354,19 +309,18 @@ fn pod_program_matches_the_model_on_generated_packets() {
         n >= packets.min(100_000) || seconds < 600,
         "only {n} packets"
     );
-    eprintln!("pod program: {n} packets, 0 mismatches (seed {seed:#x})");
+    eprintln!(
+        "{role:?} program: {n} packets, 0 mismatches (TEST_SEED={:#x})",
+        rng.seed()
+    );
+}
+
+#[test]
+fn pod_program_matches_the_model_on_generated_packets() {
+    fuzz(IfaceRole::Pod, "fuzz pod program");
 }
 
 #[test]
 fn external_program_matches_the_model_on_generated_packets() {
-    let (packets, seed, seconds) = settings();
-    let (n, m) = run_program(IfaceRole::External, packets, seed ^ 0xabcdef, seconds);
-    assert!(
-        m.is_empty(),
-        "{} mismatches in {n} packets (seed {:#x}):\n{}",
-        m.len(),
-        seed ^ 0xabcdef,
-        m.join("\n")
-    );
-    eprintln!("external program: {n} packets, 0 mismatches");
+    fuzz(IfaceRole::External, "fuzz external program");
 }

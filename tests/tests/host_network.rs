@@ -134,7 +134,11 @@ fn a_host_network_endpoint_serves_pods_the_node_and_outside_clients() {
     let pod2 = f.topo.pod("client-2");
     let r = ask(&pod2.ns, vip);
     assert_eq!(r.server, "apiserver");
-    assert_eq!(r.seen_from.ip(), IpAddr::V4(pod2.ip), "remote pod address kept");
+    assert_eq!(
+        r.seen_from.ip(),
+        IpAddr::V4(pod2.ip),
+        "remote pod address kept"
+    );
 
     // From outside, through the endpoint's node (client address kept, the
     // endpoint is local) and through the other node (source-NATed to it,

@@ -2,54 +2,22 @@
 //! error naming object and field, the rest keeps serving, memory stays
 //! bounded. Plus the security defaults of the pin directory.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::PermissionsExt as _,
     time::{Duration, Instant},
 };
 
-use integration_tests::{agent::Agent, fixture::OneNode, manifests, traffic};
+use integration_tests::fixture::{self, OneNode, Running};
 
-const T: Duration = Duration::from_secs(3);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-
-struct Setup {
-    agent: Agent,
-    fixture: OneNode,
+/// web-1 behind Service web on VIP:80, and the agent with `flags`.
+fn setup(flags: &[&str]) -> Running {
+    OneNode::new(1, 1)
+        .unwrap()
+        .start(&[("http", "TCP", 80, "8080")], flags)
+        .unwrap()
 }
 
-impl std::ops::Deref for Setup {
-    type Target = OneNode;
-    fn deref(&self) -> &OneNode {
-        &self.fixture
-    }
-}
-
-fn setup(flags: &[&str]) -> Setup {
-    let fixture = OneNode::new(1, 1).unwrap();
-    fixture
-        .dir
-        .write(
-            "good.yaml",
-            &manifests::service(
-                "web",
-                "web",
-                &VIP.to_string(),
-                &[("http", "TCP", 80, "8080")],
-                "",
-            ),
-        )
-        .unwrap();
-    let agent = Agent::start(&fixture.topo.nodes[0].ns, &fixture.dir.path, flags).unwrap();
-    Setup { agent, fixture }
-}
-
-fn still_serving(s: &Setup) {
-    let r = s
-        .topo
-        .pod("client")
-        .ns
-        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
-        .unwrap();
+fn still_serving(s: &Running) {
+    let r = s.ask("client");
     assert_eq!(r.expect("the good Service keeps serving").server, "web-1");
 }
 
@@ -130,29 +98,11 @@ fn a_file_rewritten_every_millisecond_neither_stalls_traffic_nor_grows_memory() 
         }
         n
     });
-    let client = s.topo.pod("client");
-    let (ok, failed) = client
-        .ns
-        .within(|| {
-            let deadline = Instant::now() + Duration::from_secs(3);
-            let (mut ok, mut failed) = (0, 0);
-            while Instant::now() < deadline && ok + failed < 3000 {
-                match traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T) {
-                    Ok(_) => ok += 1,
-                    Err(_) => failed += 1,
-                }
-            }
-            (ok, failed)
-        })
-        .unwrap();
+    let looping = fixture::loop_from(s.topo.pod("client"), false, Duration::from_secs(3), 3000);
+    let outcome = looping.join().unwrap();
     let writes = churn.join().unwrap();
     assert!(writes > 500, "only {writes} rewrites");
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed during the churn",
-        ok + failed
-    );
+    outcome.assert_clean(100, "requests during the churn");
     let rss = s.agent.rss_kib().unwrap();
     assert!(rss < 100 * 1024, "agent RSS {rss} KiB");
     s.agent

@@ -9,8 +9,9 @@ use std::{
 use integration_tests::{
     agent::Agent,
     apiserver::{self, ApiServer, Kind},
+    fixture::OneNode,
     topology::Topology,
-    traffic::{self, Server},
+    traffic,
 };
 
 const T: Duration = Duration::from_secs(3);
@@ -19,8 +20,14 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 struct Setup {
     agent: Agent,
     api: ApiServer,
-    _servers: Vec<Server>,
-    topo: Topology,
+    node: OneNode,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = OneNode;
+    fn deref(&self) -> &OneNode {
+        &self.node
+    }
 }
 
 fn backends(topo: &Topology, names: &[&str]) -> Vec<Ipv4Addr> {
@@ -30,15 +37,9 @@ fn backends(topo: &Topology, names: &[&str]) -> Vec<Ipv4Addr> {
 /// One node with a client pod and web-1..3; the API server double (in the
 /// node namespace) already holds Service `web` with web-1 and web-2.
 fn setup() -> Setup {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
-    topo.add_pod(0, "client").unwrap();
-    let mut servers = vec![];
-    for i in 1..=3 {
-        let k = topo.add_pod(0, &format!("web-{i}")).unwrap();
-        let p = &topo.pods[k];
-        servers.push(Server::start(&p.ns, p.ip, 8080, &p.name).unwrap());
-    }
+    // The Pods of its manifest directory go unread: the API is the source.
+    let node = OneNode::new(3, 3).unwrap();
+    let topo = &node.topo;
     let api = ApiServer::start(&topo.nodes[0].ns).unwrap();
     api.apply(Kind::Node, apiserver::node("node-1", "zone-a"));
     api.apply(
@@ -51,7 +52,7 @@ fn setup() -> Setup {
             "shop",
             "web",
             "a",
-            &backends(&topo, &["web-1", "web-2"]),
+            &backends(topo, &["web-1", "web-2"]),
             "TCP",
         ),
     );
@@ -64,12 +65,15 @@ fn setup() -> Setup {
     agent
         .wait_log_from(0, "agent running", Duration::from_secs(30))
         .unwrap();
-    Setup {
-        agent,
-        api,
-        _servers: servers,
-        topo,
-    }
+    Setup { agent, api, node }
+}
+
+/// Service web's one EndpointSlice now lists the pods `names`.
+fn web_endpoints(s: &Setup, names: &[&str]) {
+    s.api.apply(
+        Kind::EndpointSlice,
+        apiserver::endpoint_slice("shop", "web", "a", &backends(&s.topo, names), "TCP"),
+    );
 }
 
 fn line_for(list: &str, frontend: &str) -> String {
@@ -106,16 +110,7 @@ fn initial_sync_then_adds_modifies_and_deletes_follow_the_api() {
     assert_eq!(served_by(&s).len(), 2);
 
     // Modify: a third endpoint.
-    s.api.apply(
-        Kind::EndpointSlice,
-        apiserver::endpoint_slice(
-            "shop",
-            "web",
-            "a",
-            &backends(&s.topo, &["web-1", "web-2", "web-3"]),
-            "TCP",
-        ),
-    );
+    web_endpoints(&s, &["web-1", "web-2", "web-3"]);
     s.agent
         .wait_list("three", |l| {
             line_for(l, "10.96.0.10:80/TCP").matches(":8080").count() == 3
@@ -146,10 +141,7 @@ fn initial_sync_then_adds_modifies_and_deletes_follow_the_api() {
 fn closed_watches_and_expired_history_are_recovered_and_lost_deletes_caught() {
     let s = setup();
     s.api.close_watches();
-    s.api.apply(
-        Kind::EndpointSlice,
-        apiserver::endpoint_slice("shop", "web", "a", &backends(&s.topo, &["web-3"]), "TCP"),
-    );
+    web_endpoints(&s, &["web-3"]);
     s.agent
         .wait_list("after reconnect", |l| {
             line_for(l, "10.96.0.10:80/TCP").matches(":8080").count() == 1
@@ -179,16 +171,7 @@ fn the_dataplane_keeps_serving_while_the_api_server_is_away() {
         2,
         "nothing dropped: {l}"
     );
-    s.api.apply(
-        Kind::EndpointSlice,
-        apiserver::endpoint_slice(
-            "shop",
-            "web",
-            "a",
-            &backends(&s.topo, &["web-2", "web-3"]),
-            "TCP",
-        ),
-    );
+    web_endpoints(&s, &["web-2", "web-3"]);
     s.api.set_down(false);
     let l = s
         .agent
@@ -204,8 +187,8 @@ fn the_dataplane_keeps_serving_while_the_api_server_is_away() {
 
 #[test]
 fn nothing_is_programmed_before_the_initial_lists_are_complete() {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
+    let node = OneNode::with_clients(&[], 0, 0).unwrap();
+    let topo = &node.topo;
     let api = ApiServer::start(&topo.nodes[0].ns).unwrap();
     api.apply(
         Kind::Service,

@@ -7,86 +7,45 @@ use std::{
 };
 
 use integration_tests::{
-    agent::{Agent, ManifestDir},
+    agent::Agent,
+    fixture::{Cluster, T, TwoNodes},
     manifests,
-    topology::Topology,
-    traffic::{self, HeldConnection, Server},
+    traffic::{self, HeldConnection},
 };
 
-const T: Duration = Duration::from_secs(3);
-
-struct TwoNodes {
-    agents: Vec<Agent>,
-    _servers: Vec<Server>,
-    topo: Topology,
-    dir: ManifestDir,
-}
-
-/// Two nodes and an outside client; `web-1` on node-1 and `web-2` on node-2,
-/// serving on 8080; a NodePort Service `web` (80 -> http, nodePort 30080)
-/// with `extra_spec` added.
-/// Writes the Pods of `topo`, each ready when `ready(name)`, on its own node.
-fn write_pods(topo: &Topology, dir: &ManifestDir, ready: impl Fn(&str) -> bool) {
-    let mut pods = String::new();
-    for p in &topo.pods {
-        let node = format!("node-{}", p.node + 1);
-        pods.push_str(&manifests::pod(&p.name, "web", p.ip, ready(&p.name), &node));
-        pods.push_str("---\n");
-    }
-    dir.write("pods.yaml", &pods).unwrap();
-}
-
-fn two_nodes(xdp: &str, extra_spec: &str) -> TwoNodes {
-    two_nodes_with(xdp, extra_spec, &[])
-}
-
-/// `two_nodes` with extra agent flags; `xdp` is the agents' --xdp mode.
-fn two_nodes_with(xdp: &str, extra_spec: &str, flags: &[&str]) -> TwoNodes {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
-    topo.add_node().unwrap();
-    topo.add_client().unwrap();
-    let mut servers = vec![];
-    for (name, node) in [("web-1", 0), ("web-2", 1)] {
-        let k = topo.add_pod(node, name).unwrap();
-        let p = &topo.pods[k];
-        servers.push(Server::start(&p.ns, p.ip, 8080, name).unwrap());
-    }
-    if xdp != "off" {
-        topo.emulate_wires().unwrap();
-    }
-    let dir = ManifestDir::new().unwrap();
-    write_pods(&topo, &dir, |_| true);
-    let svc = manifests::service(
+/// Service `web` as a NodePort: 80 -> http (nodePort 30080), 53/UDP -> 8080
+/// (nodePort 30053), of `kind` with `extra_spec` added.
+fn node_port_service(ports: &[(&str, &str, u16, &str)], kind: &str, extra_spec: &str) -> String {
+    manifests::service(
         "web",
         "web",
         "10.96.0.10",
-        &[("http", "TCP", 80, "http"), ("dns", "UDP", 53, "8080")],
-        &format!("  type: NodePort\n{extra_spec}"),
+        ports,
+        &format!("  type: {kind}\n{extra_spec}"),
     )
     .replace(
         "targetPort: \"http\"}",
         "targetPort: \"http\", nodePort: 30080}",
     )
-    .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30053}");
-    dir.write("svc.yaml", &svc).unwrap();
-    let agents = (0..2)
-        .map(|i| {
-            let node = format!("node-{}", i + 1);
-            let mut args = vec!["--node-name", node.as_str(), "--xdp", xdp];
-            args.extend_from_slice(flags);
-            Agent::start(&topo.nodes[i].ns, &dir.path, &args).unwrap()
-        })
-        .collect();
-    TwoNodes {
-        agents,
-        _servers: servers,
-        topo,
-        dir,
-    }
+    .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30053}")
 }
 
-fn ask_many(t: &TwoNodes, to: SocketAddrV4, n: usize) -> BTreeMap<String, Vec<IpAddr>> {
+const HTTP: (&str, &str, u16, &str) = ("http", "TCP", 80, "http");
+
+fn two_nodes(xdp: &'static str, extra_spec: &str) -> Cluster {
+    two_nodes_with(xdp, extra_spec, &[])
+}
+
+/// TwoNodes with the NodePort Service `web` (TCP and UDP) with
+/// `extra_spec`, and agents with `flags`; `xdp` is the agents' --xdp mode.
+fn two_nodes_with(xdp: &'static str, extra_spec: &str, flags: &[&str]) -> Cluster {
+    let nodes = TwoNodes::new(xdp).unwrap();
+    let svc = node_port_service(&[HTTP, ("dns", "UDP", 53, "8080")], "NodePort", extra_spec);
+    nodes.dir.write("svc.yaml", &svc).unwrap();
+    nodes.start(flags).unwrap()
+}
+
+fn ask_many(t: &Cluster, to: SocketAddrV4, n: usize) -> BTreeMap<String, Vec<IpAddr>> {
     t.topo.clients[0]
         .ns
         .within(move || {
@@ -100,7 +59,7 @@ fn ask_many(t: &TwoNodes, to: SocketAddrV4, n: usize) -> BTreeMap<String, Vec<Ip
         .unwrap()
 }
 
-fn node_port_with_cluster_policy_reaches_pods_on_both_nodes_from_either_node(xdp: &str) {
+fn node_port_with_cluster_policy_reaches_pods_on_both_nodes_from_either_node(xdp: &'static str) {
     let t = two_nodes(xdp, "");
     let client_ip = IpAddr::V4(t.topo.clients[0].ip);
     for node in 0..2 {
@@ -137,7 +96,7 @@ fn node_port_with_cluster_policy_reaches_pods_on_both_nodes_from_either_node(xdp
 
 /// With XDP on, the source-NATed flows through `nodes` went through it
 /// (requests and replies sent back out of eth0), not through tc behind it.
-fn assert_xdp_forwarded(t: &TwoNodes, xdp: &str, nodes: &[usize]) {
+fn assert_xdp_forwarded(t: &Cluster, xdp: &str, nodes: &[usize]) {
     for &n in nodes {
         let a = &t.agents[n];
         let (tx, passed) = (counter(a, "xdp_tx"), counter(a, "xdp_passed_to_tc"));
@@ -165,7 +124,7 @@ fn counter(agent: &Agent, reason: &str) -> u64 {
     v["reasons"][reason].as_u64().unwrap()
 }
 
-fn node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node(xdp: &str) {
+fn node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node(xdp: &'static str) {
     let t = two_nodes(xdp, "  externalTrafficPolicy: Local\n");
     let client_ip = IpAddr::V4(t.topo.clients[0].ip);
     for (node, only) in [(0, "web-1"), (1, "web-2")] {
@@ -182,7 +141,7 @@ fn node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node(xd
         );
     }
     // web-2 stops being ready: node-2 has no local endpoint and must not forward.
-    write_pods(&t.topo, &t.dir, |name| name == "web-1");
+    t.write_pods(|name| name == "web-1").unwrap();
     t.agents[1]
         .wait_list("no local endpoint", |l| {
             l.contains("*:30080/TCP -> (no endpoints")
@@ -209,7 +168,7 @@ fn node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node(xd
     assert_eq!(r.server, "web-1");
 }
 
-fn node_port_udp_and_node_port_from_a_pod(xdp: &str) {
+fn node_port_udp_and_node_port_from_a_pod(xdp: &'static str) {
     let t = two_nodes(xdp, "");
     let to = SocketAddrV4::new(t.topo.nodes[1].ip, 30053);
     let mut seen = std::collections::BTreeSet::new();
@@ -244,7 +203,7 @@ fn node_port_udp_and_node_port_from_a_pod(xdp: &str) {
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
 
-fn node_ports_answer_on_addresses_the_node_gains_later(xdp: &str) {
+fn node_ports_answer_on_addresses_the_node_gains_later(xdp: &'static str) {
     let t = two_nodes(xdp, "");
     let extra = "192.168.77.50";
     t.topo.nodes[1]
@@ -274,24 +233,14 @@ fn node_ports_answer_on_addresses_the_node_gains_later(xdp: &str) {
     );
 }
 
-fn external_ips_and_load_balancer_ips_are_served_with_the_service_port(xdp: &str) {
+fn external_ips_and_load_balancer_ips_are_served_with_the_service_port(xdp: &'static str) {
     let lb = "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.20}]\n";
     let t = two_nodes_with(
         xdp,
         "  externalIPs: [203.0.113.10]\n",
         &["--external-ip-allow", "203.0.113.0/24"],
     );
-    let svc = manifests::service(
-        "web",
-        "web",
-        "10.96.0.10",
-        &[("http", "TCP", 80, "http")],
-        "  type: LoadBalancer\n  externalIPs: [203.0.113.10]\n",
-    )
-    .replace(
-        "targetPort: \"http\"}",
-        "targetPort: \"http\", nodePort: 30080}",
-    );
+    let svc = node_port_service(&[HTTP], "LoadBalancer", "  externalIPs: [203.0.113.10]\n");
     t.dir.write("svc.yaml", &format!("{svc}{lb}")).unwrap();
     t.agents[0]
         .wait_list("lb ip", |l| l.contains("198.51.100.20:80/TCP"))
@@ -309,23 +258,11 @@ fn external_ips_and_load_balancer_ips_are_served_with_the_service_port(xdp: &str
     }
 }
 
-fn session_affinity_switches_on_and_off_on_a_live_service(xdp: &str) {
+fn session_affinity_switches_on_and_off_on_a_live_service(xdp: &'static str) {
     let t = two_nodes(xdp, "");
     let to = SocketAddrV4::new(t.topo.nodes[0].ip, 30080);
     assert_eq!(ask_many(&t, to, 30).len(), 2);
-    let svc = |extra: &str| {
-        manifests::service(
-            "web",
-            "web",
-            "10.96.0.10",
-            &[("http", "TCP", 80, "http")],
-            &format!("  type: NodePort\n{extra}"),
-        )
-        .replace(
-            "targetPort: \"http\"}",
-            "targetPort: \"http\", nodePort: 30080}",
-        )
-    };
+    let svc = |extra: &str| node_port_service(&[HTTP], "NodePort", extra);
     t.dir.write("svc.yaml", &svc("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n")).unwrap();
     t.agents[0]
         .wait_list("affinity on", |l| l.contains("affinity ClientIP 2s"))
@@ -347,20 +284,14 @@ fn session_affinity_switches_on_and_off_on_a_live_service(xdp: &str) {
     assert_eq!(ask_many(&t, to, 30).len(), 2, "affinity off: spread again");
 }
 
-fn load_balancer_source_ranges_admit_listed_clients_only(xdp: &str) {
+fn load_balancer_source_ranges_admit_listed_clients_only(xdp: &'static str) {
     let t = two_nodes(xdp, "");
     let lb_ip = "198.51.100.20";
     let write = |ranges: &str| {
-        let svc = manifests::service(
-            "web",
-            "web",
-            "10.96.0.10",
-            &[("http", "TCP", 80, "http")],
-            &format!("  type: LoadBalancer\n  loadBalancerSourceRanges: [{ranges}]\n"),
-        )
-        .replace(
-            "targetPort: \"http\"}",
-            "targetPort: \"http\", nodePort: 30080}",
+        let svc = node_port_service(
+            &[HTTP],
+            "LoadBalancer",
+            &format!("  loadBalancerSourceRanges: [{ranges}]\n"),
         );
         t.dir
             .write(
@@ -411,7 +342,7 @@ fn load_balancer_source_ranges_admit_listed_clients_only(xdp: &str) {
 }
 
 /// `GET /healthz` on a node port from the outside client: status and body.
-fn http_status(t: &TwoNodes, node: usize, port: u16) -> std::io::Result<(u16, String)> {
+fn http_status(t: &Cluster, node: usize, port: u16) -> std::io::Result<(u16, String)> {
     let to = SocketAddrV4::new(t.topo.nodes[node].ip, port);
     t.topo.clients[0]
         .ns
@@ -419,18 +350,12 @@ fn http_status(t: &TwoNodes, node: usize, port: u16) -> std::io::Result<(u16, St
         .unwrap()
 }
 
-fn health_check_node_port_reports_local_ready_endpoints(xdp: &str) {
+fn health_check_node_port_reports_local_ready_endpoints(xdp: &'static str) {
     let t = two_nodes(xdp, "");
-    let svc = manifests::service(
-        "web",
-        "web",
-        "10.96.0.10",
-        &[("http", "TCP", 80, "http")],
-        "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n",
-    )
-    .replace(
-        "targetPort: \"http\"}",
-        "targetPort: \"http\", nodePort: 30080}",
+    let svc = node_port_service(
+        &[HTTP],
+        "LoadBalancer",
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n",
     );
     t.dir.write("svc.yaml", &svc).unwrap();
     let wait_for = |node: usize, code: u16| {
@@ -456,14 +381,14 @@ fn health_check_node_port_reports_local_ready_endpoints(xdp: &str) {
     assert_eq!(v["service"]["name"], "web");
     wait_for(1, 200);
     // web-2 no longer ready: node-2 has nothing local to serve.
-    write_pods(&t.topo, &t.dir, |name| name == "web-1");
+    t.write_pods(|name| name == "web-1").unwrap();
     let body = wait_for(1, 503);
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
     assert_eq!(http_status(&t, 0, 32100).unwrap().0, 200);
 }
 
 /// Whether an XDP program is attached to the node's eth0.
-fn xdp_attached(t: &TwoNodes, node: usize) -> bool {
+fn xdp_attached(t: &Cluster, node: usize) -> bool {
     let out = t.topo.nodes[node].ns.ip(&["link", "show", "eth0"]).unwrap();
     String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
 }
@@ -513,23 +438,9 @@ fn xdp_keeps_forwarding_across_a_restart_and_leaves_when_switched_off() {
     );
 }
 
-/// Every test runs with tc only, and with the XDP fast path in native and
-/// in generic mode in front of it.
-macro_rules! in_every_mode {
-    ($($name:ident),* $(,)?) => {
-        mod tc_only {
-            $(#[test] fn $name() { super::$name("off") })*
-        }
-        mod xdp_native {
-            $(#[test] fn $name() { super::$name("native") })*
-        }
-        mod xdp_generic {
-            $(#[test] fn $name() { super::$name("generic") })*
-        }
-    };
-}
-
-in_every_mode!(
+// Every test runs with tc only, and with the XDP fast path in native and
+// in generic mode in front of it.
+integration_tests::tests_in_modes!([tc_only = "off", xdp_native = "native", xdp_generic = "generic"] {
     node_port_with_cluster_policy_reaches_pods_on_both_nodes_from_either_node,
     node_port_with_local_policy_keeps_the_client_address_and_stays_on_the_node,
     node_port_udp_and_node_port_from_a_pod,
@@ -538,4 +449,4 @@ in_every_mode!(
     session_affinity_switches_on_and_off_on_a_live_service,
     load_balancer_source_ranges_admit_listed_clients_only,
     health_check_node_port_reports_local_ready_endpoints,
-);
+});

@@ -8,57 +8,23 @@ use std::{
 };
 
 use integration_tests::{
-    agent::{Agent, ManifestDir},
+    fixture::{self, OneNode, Running, VIP},
     manifests,
-    topology::Topology,
-    traffic::{self, HeldConnection, Server},
+    traffic::{self, HeldConnection},
 };
 
-const T: Duration = Duration::from_secs(3);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const FLOODED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 
-struct Setup {
-    agent: Agent,
-    _servers: Vec<Server>,
-    topo: Topology,
-    dir: ManifestDir,
-}
-
-fn setup(flags: &[&str]) -> Setup {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
-    topo.add_pod(0, "good").unwrap();
-    topo.add_pod(0, "flooder").unwrap();
-    let mut servers = vec![];
-    let mut pods = String::new();
-    for i in 1..=2 {
-        let k = topo.add_pod(0, &format!("web-{i}")).unwrap();
-        let p = &topo.pods[k];
-        servers.push(Server::start(&p.ns, p.ip, 8080, &p.name).unwrap());
-        pods.push_str(&manifests::pod(&p.name, "web", p.ip, true, "node-1"));
-        pods.push_str("---\n");
-    }
-    let dir = ManifestDir::new().unwrap();
-    dir.write("pods.yaml", &pods).unwrap();
-    dir.write(
-        "svc.yaml",
-        &manifests::service(
-            "web",
-            "web",
-            &VIP.to_string(),
+/// Clients `good` and `flooder`, web-1 and web-2, Service web on VIP:80/TCP
+/// and VIP:53/UDP, and the agent with `flags`.
+fn setup(flags: &[&str]) -> Running {
+    OneNode::with_clients(&["good", "flooder"], 2, 2)
+        .unwrap()
+        .start(
             &[("http", "TCP", 80, "8080"), ("dns", "UDP", 53, "8080")],
-            "",
-        ),
-    )
-    .unwrap();
-    let agent = Agent::start(&topo.nodes[0].ns, &dir.path, flags).unwrap();
-    Setup {
-        agent,
-        _servers: servers,
-        topo,
-        dir,
-    }
+            flags,
+        )
+        .unwrap()
 }
 
 #[test]
@@ -94,30 +60,14 @@ fn a_full_services_map_refuses_one_service_by_name_and_keeps_the_rest() {
         l.contains("maps: SERVICES 6/8,"),
         "the fill level is shown: {l}"
     );
-    let r = s
-        .topo
-        .pod("good")
-        .ns
-        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
-        .unwrap();
+    let r = s.ask("good");
     assert!(
         r.is_ok(),
         "the Services already programmed keep serving: {r:?}"
     );
     // Room again: the refused Service is programmed at the next sync.
     s.dir.remove("more.yaml").unwrap();
-    s.dir
-        .write(
-            "svc.yaml",
-            &manifests::service(
-                "web",
-                "web",
-                &VIP.to_string(),
-                &[("http", "TCP", 80, "8080")],
-                "",
-            ),
-        )
-        .unwrap();
+    s.write_web(&[("http", "TCP", 80, "8080")]).unwrap();
     write_more();
     s.agent
         .wait_list("more", |l| l.contains("10.96.0.20:80/TCP -> 10.244"))
@@ -169,17 +119,7 @@ fn floods_from_one_client_do_not_break_another_clients_flows() {
             (syn, udp)
         })
         .unwrap();
-    let looping = good
-        .ns
-        .spawn(|| {
-            traffic::request_loop(
-                SocketAddrV4::new(VIP, 80),
-                Some(SocketAddrV4::new(VIP, 53)),
-                Duration::from_secs(5),
-                10_000,
-            )
-        })
-        .unwrap();
+    let looping = fixture::loop_from(good, true, Duration::from_secs(5), 10_000);
     let mut held_failures = vec![];
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {

@@ -1,19 +1,12 @@
 //! Restarting the agent: SIGKILL while clients keep talking, then start it
 //! again on the same pins. Nothing a client does may notice.
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    process::Command,
-    time::Duration,
-};
+use std::{net::SocketAddrV4, process::Command, time::Duration};
 
 use integration_tests::{
     agent::Agent,
-    fixture::OneNode,
-    manifests,
+    fixture::{self, OneNode, VIP},
     traffic::{self, HeldConnection, UdpFlow},
 };
-
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 fn map_id(agent: &Agent, map: &str) -> String {
     let out = Command::new("bpftool")
@@ -28,19 +21,10 @@ fn map_id(agent: &Agent, map: &str) -> String {
 #[test]
 fn sigkill_and_restart_break_no_connection_and_keep_the_maps() {
     let f = OneNode::new(3, 3).unwrap();
-    let (topo, dir) = (&f.topo, &f.dir);
-    dir.write(
-        "svc.yaml",
-        &manifests::service(
-            "web",
-            "web",
-            &VIP.to_string(),
-            &[("http", "TCP", 80, "http"), ("dns", "UDP", 53, "8080")],
-            "",
-        ),
-    )
-    .unwrap();
-    let mut agent = Agent::start(&topo.nodes[0].ns, &dir.path, &["--node-name", "node-1"]).unwrap();
+    f.write_web(&[("http", "TCP", 80, "http"), ("dns", "UDP", 53, "8080")])
+        .unwrap();
+    let mut agent = f.start_agent(&["--node-name", "node-1"]).unwrap();
+    let topo = &f.topo;
     let ids_before = (map_id(&agent, "SERVICES"), map_id(&agent, "CONNTRACK"));
 
     let client = topo.pod("client");
@@ -49,17 +33,7 @@ fn sigkill_and_restart_break_no_connection_and_keep_the_maps() {
     let udp = UdpFlow::open(&client.ns, SocketAddrV4::new(VIP, 53)).unwrap();
     let udp_backend = udp.ask().unwrap().server;
 
-    let looping = client
-        .ns
-        .spawn(|| {
-            traffic::request_loop(
-                SocketAddrV4::new(VIP, 80),
-                Some(SocketAddrV4::new(VIP, 53)),
-                Duration::from_secs(5),
-                20_000,
-            )
-        })
-        .unwrap();
+    let looping = fixture::loop_from(client, true, Duration::from_secs(5), 20_000);
     std::thread::sleep(Duration::from_millis(800));
     agent.kill();
     // The agent is gone: the pinned links keep the programs attached.
@@ -116,23 +90,13 @@ fn sigkill_and_restart_break_no_connection_and_keep_the_maps() {
 #[test]
 fn cleanup_detaches_everything_it_made() {
     let f = OneNode::new(1, 1).unwrap();
-    let (topo, dir) = (&f.topo, &f.dir);
-    dir.write(
-        "svc.yaml",
-        &manifests::service(
-            "web",
-            "web",
-            &VIP.to_string(),
-            &[("http", "TCP", 80, "8080")],
-            "",
-        ),
-    )
-    .unwrap();
-    let mut agent = Agent::start(&topo.nodes[0].ns, &dir.path, &[]).unwrap();
+    f.write_web(&[("http", "TCP", 80, "8080")]).unwrap();
+    let mut agent = f.start_agent(&[]).unwrap();
     agent.kill();
     let links = agent.pin_dir.join("links");
     assert!(links.join("eth0").exists() && links.join("vp1").exists());
-    let client = topo.pod("client");
+    let client = f.topo.pod("client");
+    // Short: once detached, the ClusterIP leads nowhere and only times out.
     let ask = || {
         client
             .ns

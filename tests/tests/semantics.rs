@@ -4,62 +4,18 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    time::Duration,
 };
 
 use integration_tests::{
-    agent::{Agent, ManifestDir},
-    topology::Topology,
-    traffic::{self, HeldConnection, Server},
+    fixture::{Cluster, T, TwoNodes},
+    traffic::{self, HeldConnection},
 };
 
-const T: Duration = Duration::from_secs(3);
-
-struct Cluster {
-    agents: Vec<Agent>,
-    _servers: Vec<Server>,
-    topo: Topology,
-    dir: ManifestDir,
-}
-
-/// Two nodes (zones a and b), backends web-1 on node-1 and web-2 on node-2
-/// serving TCP and UDP on 8080 and 9090, a client pod on each node; `xdp`
-/// is the agents' --xdp mode (pod traffic between nodes crosses it).
-fn cluster(xdp: &str) -> Cluster {
-    let mut topo = Topology::new().unwrap();
-    topo.add_node().unwrap();
-    topo.add_node().unwrap();
-    let mut servers = vec![];
-    for (name, node) in [("web-1", 0), ("web-2", 1)] {
-        let k = topo.add_pod(node, name).unwrap();
-        let p = &topo.pods[k];
-        servers.push(Server::start(&p.ns, p.ip, 8080, name).unwrap());
-        servers.push(Server::start(&p.ns, p.ip, 9090, &format!("{name}-alt")).unwrap());
-    }
-    topo.add_pod(0, "c1").unwrap();
-    topo.add_pod(1, "c2").unwrap();
-    if xdp != "off" {
-        topo.emulate_wires().unwrap();
-    }
-    let dir = ManifestDir::new().unwrap();
-    let agents = (0..2)
-        .map(|i| {
-            let node = format!("node-{}", i + 1);
-            let zone = if i == 0 { "a" } else { "b" };
-            Agent::start(
-                &topo.nodes[i].ns,
-                &dir.path,
-                &["--node-name", &node, "--node-zone", zone, "--xdp", xdp],
-            )
-            .unwrap()
-        })
-        .collect();
-    Cluster {
-        agents,
-        _servers: servers,
-        topo,
-        dir,
-    }
+/// TwoNodes (backends web-1 on node-1 and web-2 on node-2 on 8080 and 9090,
+/// client pods c1 and c2) with their agents; `xdp` is the agents' --xdp
+/// mode (pod traffic between nodes crosses it).
+fn cluster(xdp: &'static str) -> Cluster {
+    TwoNodes::new(xdp).unwrap().start(&[]).unwrap()
 }
 
 /// An endpoint line for an EndpointSlice: `(pod, conditions, extra)`.
@@ -85,9 +41,7 @@ fn service(name: &str, ip: &str, spec: &str, ports: &str) -> String {
 }
 
 fn wait(c: &Cluster, what: &str, pred: impl Fn(&str) -> bool) {
-    for a in &c.agents {
-        a.wait_list(what, &pred).unwrap();
-    }
+    c.wait_all(what, pred).unwrap();
 }
 
 fn servers_seen(c: &Cluster, from: &str, to: SocketAddrV4, n: usize) -> BTreeSet<String> {
@@ -135,14 +89,16 @@ fn assert_clients_stay_on_their_node(c: &Cluster) {
     }
 }
 
-fn internal_traffic_policy_local_keeps_pod_traffic_on_its_node(xdp: &str) {
+fn internal_traffic_policy_local_keeps_pod_traffic_on_its_node(xdp: &'static str) {
     let c = cluster(xdp);
     let eps = endpoint(&c, "web-1", "ready: true", "") + &endpoint(&c, "web-2", "ready: true", "");
     program_web(&c, "  internalTrafficPolicy: Local\n", &eps);
     assert_clients_stay_on_their_node(&c);
 }
 
-fn terminating_endpoints_serve_only_when_nothing_is_ready_and_held_connections_continue(xdp: &str) {
+fn terminating_endpoints_serve_only_when_nothing_is_ready_and_held_connections_continue(
+    xdp: &'static str,
+) {
     let c = cluster(xdp);
     let write = |c1: &str, c2: &str| {
         let eps = endpoint(&c, "web-1", c1, "") + &endpoint(&c, "web-2", c2, "");
@@ -198,7 +154,7 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready_and_held_connections_c
     assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
-fn multi_port_services_resolve_each_port_including_one_number_for_two_protocols(xdp: &str) {
+fn multi_port_services_resolve_each_port_including_one_number_for_two_protocols(xdp: &'static str) {
     let c = cluster(xdp);
     let eps = endpoint(&c, "web-1", "ready: true", "") + &endpoint(&c, "web-2", "ready: true", "");
     let ports = "[{name: http, port: 80}, {name: alt, port: 81}, {name: dns-udp, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]";
@@ -235,7 +191,7 @@ fn multi_port_services_resolve_each_port_including_one_number_for_two_protocols(
     assert_eq!(from, SocketAddrV4::new(ip, 53).into());
 }
 
-fn topology_hints_keep_traffic_in_the_clients_zone(xdp: &str) {
+fn topology_hints_keep_traffic_in_the_clients_zone(xdp: &'static str) {
     let c = cluster(xdp);
     let eps = endpoint(
         &c,
@@ -252,7 +208,7 @@ fn topology_hints_keep_traffic_in_the_clients_zone(xdp: &str) {
     assert_clients_stay_on_their_node(&c);
 }
 
-fn services_the_dataplane_leaves_alone_are_listed_as_skipped(xdp: &str) {
+fn services_the_dataplane_leaves_alone_are_listed_as_skipped(xdp: &'static str) {
     let c = cluster(xdp);
     let text = [
         "apiVersion: v1\nkind: Service\nmetadata: {name: headless}\nspec: {clusterIP: None, ports: [{port: 80}]}\n---\n",
@@ -283,23 +239,12 @@ fn services_the_dataplane_leaves_alone_are_listed_as_skipped(xdp: &str) {
     );
 }
 
-/// Every test runs with tc only and with native XDP in front of it, which
-/// must hand everything that is not a source-NATed external flow to tc.
-macro_rules! with_and_without_xdp {
-    ($($name:ident),* $(,)?) => {
-        mod tc_only {
-            $(#[test] fn $name() { super::$name("off") })*
-        }
-        mod xdp_native {
-            $(#[test] fn $name() { super::$name("native") })*
-        }
-    };
-}
-
-with_and_without_xdp!(
+// Every test runs with tc only and with native XDP in front of it, which
+// must hand everything that is not a source-NATed external flow to tc.
+integration_tests::tests_in_modes!([tc_only = "off", xdp_native = "native"] {
     internal_traffic_policy_local_keeps_pod_traffic_on_its_node,
     terminating_endpoints_serve_only_when_nothing_is_ready_and_held_connections_continue,
     multi_port_services_resolve_each_port_including_one_number_for_two_protocols,
     topology_hints_keep_traffic_in_the_clients_zone,
     services_the_dataplane_leaves_alone_are_listed_as_skipped,
-);
+});

@@ -1,8 +1,8 @@
 //! The only part of the agent that touches BPF: loading and attaching the
 //! programs, adopting pinned maps, and writing plans into them.
+pub mod cgroup;
 #[cfg(test)]
 pub mod fake;
-pub mod cgroup;
 pub mod interfaces;
 pub mod kernel_conntrack;
 pub mod links;

@@ -10,9 +10,12 @@
 //! translation and then a stream of packets that no longer match anything.
 use std::{net::Ipv4Addr, time::Duration};
 
-use aya::programs::{TestRun, TestRunOptions};
-use integration_tests::{netns::Netns, packet::Builder, unique};
-use service_agent::dataplane::{IfaceRole, XdpMode};
+use integration_tests::{
+    bpf::{FibNamespace, Loaded, Prog},
+    netns::enter,
+    packet::Builder,
+};
+use service_agent::dataplane::IfaceRole;
 
 use crate::{load, packet_cost::median, plan_of, vip};
 
@@ -30,76 +33,21 @@ pub struct EdgeCost {
 
 /// The namespace: the external interface, a peer node whose neighbour entry
 /// is known and that routes the backends' range, and the client.
-fn world() -> anyhow::Result<Netns> {
-    let ns = Netns::new(&unique("bench-edge"))?;
-    for args in [
-        &[
-            "link", "add", "ext0", "type", "veth", "peer", "name", "wire0",
-        ][..],
-        &["addr", "add", "192.168.50.1/24", "dev", "ext0"],
-        &["link", "set", "ext0", "up"],
-        &["link", "set", "wire0", "up"],
-        &[
-            "neigh",
-            "add",
-            "192.168.50.20",
-            "lladdr",
-            "02:00:00:00:00:20",
-            "dev",
-            "ext0",
-            "nud",
-            "permanent",
-        ],
-        &["route", "add", "10.128.0.0/12", "via", "192.168.50.20"],
-        &["route", "add", "172.16.0.0/12", "via", "192.168.50.20"],
-    ] {
-        ns.ip(args)?;
-    }
-    ns.sysctl("net.ipv4.ip_forward", "1")?;
-    Ok(ns)
-}
-
-enum Prog {
-    Xdp(u32),
-    Tc,
-}
-
-fn run_once(l: &mut crate::Loaded, prog: &Prog, pkt: &[u8]) -> (u32, Vec<u8>, Duration) {
-    let mut out = vec![0u8; 256];
-    let r = match prog {
-        Prog::Xdp(ifindex) => {
-            // struct xdp_md: data, data_end, data_meta, ingress_ifindex.
-            let mut ctx = [0u8; 24];
-            ctx[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
-            ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-            l.dp.xdp_program().unwrap().test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-        }
-        Prog::Tc => {
-            l.dp.program(IfaceRole::External)
-                .unwrap()
-                .test_run(TestRunOptions {
-                    data_in: Some(pkt),
-                    data_out: Some(&mut out),
-                    ..Default::default()
-                })
-        }
-    }
-    .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out, r.duration)
+fn world() -> anyhow::Result<FibNamespace> {
+    let fib = FibNamespace::new("bench-edge")?;
+    fib.link("ext0", "wire0", "192.168.50.1/24")?
+        .neighbour("192.168.50.20", [0x02, 0, 0, 0, 0x00, 0x20], "ext0")?
+        .route("10.128.0.0/12", &["via", "192.168.50.20"])?
+        .route("172.16.0.0/12", &["via", "192.168.50.20"])?;
+    Ok(fib)
 }
 
 /// Mean cost of first packets (SYNs of new flows to the hot frontends) and
 /// of packets of those flows once established (the replies and the next
 /// segments), for one program.
 fn costs(
-    l: &mut crate::Loaded,
-    prog: &Prog,
+    l: &mut Loaded,
+    prog: Prog,
     services: u32,
     flows: u32,
     next_client: &mut u32,
@@ -120,8 +68,9 @@ fn costs(
     let mut first = Duration::ZERO;
     let mut later = vec![];
     for syn in &syns {
-        let (_, out, d) = run_once(l, prog, syn);
-        first += d;
+        let r = l.run(prog, syn);
+        let out = r.packet;
+        first += r.duration;
         // The backend's SYN-ACK to the node, then the client's ACK: both
         // are packets of an established flow.
         let (sport, dst) = (
@@ -133,7 +82,7 @@ fn costs(
         ack[47] = 0x10;
         later.push(ack);
     }
-    let est: Duration = later.iter().map(|p| run_once(l, prog, p).2).sum();
+    let est: Duration = later.iter().map(|p| l.run(prog, p).duration).sum();
     (
         first.as_nanos() as f64 / flows as f64,
         est.as_nanos() as f64 / later.len() as f64,
@@ -145,18 +94,13 @@ fn costs(
 /// across sizes so that whatever else this machine does lands on every size
 /// alike.
 pub fn edge_costs(sizes: &[u32], flows: u32, rounds: u32) -> anyhow::Result<Vec<EdgeCost>> {
-    let worlds: Vec<Netns> = sizes.iter().map(|_| world()).collect::<Result<_, _>>()?;
-    let paths: Vec<String> = worlds.iter().map(Netns::path).collect();
+    let worlds: Vec<FibNamespace> = sizes.iter().map(|_| world()).collect::<Result<_, _>>()?;
+    let paths: Vec<String> = worlds.iter().map(|w| w.ns.path()).collect();
     let sizes = sizes.to_vec();
     // One thread hops between the worlds' namespaces: BPF_PROG_TEST_RUN
     // resolves the ingress interface, and the FIB lookups run, in the
     // caller's network namespace.
     let worker = std::thread::spawn(move || -> anyhow::Result<Vec<EdgeCost>> {
-        let enter = |path: &str| -> anyhow::Result<()> {
-            let f = std::fs::File::open(path)?;
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok(())
-        };
         let mut loaded = vec![];
         for (path, &services) in paths.iter().zip(&sizes) {
             enter(path)?;
@@ -167,13 +111,9 @@ pub fn edge_costs(sizes: &[u32], flows: u32, rounds: u32) -> anyhow::Result<Vec<
                     b.local = false;
                 }
             }
-            let report = l.dp.writer.apply(&mut l.dp.tables, &plan);
-            anyhow::ensure!(report.errors.is_empty(), "{:?}", report.errors);
-            l.dp.writer.set_node_addrs(&mut l.dp.tables, &[NODE])?;
-            l.dp.writer.set_snat_addr(&mut l.dp.tables, Some(NODE))?;
-            l.dp.attach_xdp("ext0", XdpMode::Generic)?;
-            l.dp.sync_xdp_egress(XdpMode::Generic);
-            let ifindex = nix::net::if_::if_nametoindex("ext0")?;
+            l.apply(&plan)?;
+            l.set_node_addr(NODE)?;
+            let ifindex = l.attach_xdp("ext0")?;
             loaded.push((l, ifindex));
         }
         let mut next_client = 0;
@@ -181,10 +121,22 @@ pub fn edge_costs(sizes: &[u32], flows: u32, rounds: u32) -> anyhow::Result<Vec<
         for _ in 0..rounds {
             for (k, ((l, ifindex), &services)) in loaded.iter_mut().zip(&sizes).enumerate() {
                 enter(&paths[k])?;
-                let (f, e) = costs(l, &Prog::Xdp(*ifindex), services, flows, &mut next_client);
+                let (f, e) = costs(
+                    l,
+                    Prog::Xdp { ingress: *ifindex },
+                    services,
+                    flows,
+                    &mut next_client,
+                );
                 samples[k][0].push(f);
                 samples[k][1].push(e);
-                let (f, e) = costs(l, &Prog::Tc, services, flows, &mut next_client);
+                let (f, e) = costs(
+                    l,
+                    Prog::Tc(IfaceRole::External),
+                    services,
+                    flows,
+                    &mut next_client,
+                );
                 samples[k][2].push(f);
                 samples[k][3].push(e);
             }

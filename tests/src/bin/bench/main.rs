@@ -12,10 +12,11 @@ mod plots;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
 
-use integration_tests::unique;
+use integration_tests::bpf;
+pub use integration_tests::bpf::Loaded;
 use service_agent::{
-    dataplane::{Dataplane, MapSizes, pins},
-    plan::{BackendAddr, FrontendKey, FrontendKind, FrontendPlan, Plan, Protocol},
+    dataplane::MapSizes,
+    plan::{FrontendKey, FrontendKind, Plan, Protocol},
 };
 
 use crate::{
@@ -34,20 +35,7 @@ pub fn backend_ip(i: u32, k: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * BACKENDS_PER_SERVICE + k)
 }
 
-/// A loaded dataplane on its own pin directory, removed on drop.
-pub struct Loaded {
-    pub dp: Dataplane,
-    pub pin_dir: PathBuf,
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        let _ = pins::remove_pins(&self.pin_dir);
-    }
-}
-
 pub fn load(services: u32) -> Loaded {
-    let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("bench"));
     let sizes = MapSizes {
         frontends: services + 1024,
         services: services * (BACKENDS_PER_SERVICE + 1) + 1024,
@@ -55,8 +43,7 @@ pub fn load(services: u32) -> Loaded {
         conntrack: 1 << 20,
         affinity: 1024,
     };
-    let dp = Dataplane::load(pin_dir.clone(), &sizes).expect("load the programs");
-    Loaded { dp, pin_dir }
+    Loaded::new("bench", &sizes).expect("load the programs")
 }
 
 pub fn plan_of(services: u32) -> Plan {
@@ -68,21 +55,13 @@ pub fn plan_of(services: u32) -> Plan {
                 port: 80,
                 proto: Protocol::Tcp,
             },
-            FrontendPlan {
-                service: format!("bench/svc-{i}"),
-                port_name: String::new(),
-                kind: FrontendKind::ClusterIp,
-                backends: (0..BACKENDS_PER_SERVICE)
-                    .map(|k| BackendAddr {
-                        addr: backend_ip(i, k),
-                        port: 8080,
-                        local: true,
-                    })
+            bpf::frontend(
+                &format!("bench/svc-{i}"),
+                FrontendKind::ClusterIp,
+                (0..BACKENDS_PER_SERVICE)
+                    .map(|k| bpf::backend(backend_ip(i, k), 8080, true))
                     .collect(),
-                affinity_timeout_s: None,
-                reject_when_empty: true,
-                source_ranges: vec![],
-            },
+            ),
         );
     }
     plan

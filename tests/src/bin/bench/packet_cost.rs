@@ -15,8 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunOptions};
-use integration_tests::packet::Builder;
+use integration_tests::{bpf::Prog, packet::Builder, rng::Rng};
 use service_agent::dataplane::IfaceRole;
 
 use crate::{Loaded, load, plan_of, vip};
@@ -25,18 +24,9 @@ use crate::{Loaded, load, plan_of, vip};
 pub const HOT_FRONTENDS: u32 = 16;
 
 pub fn test_run(l: &mut Loaded, pkt: &[u8], repeat: u32) -> Duration {
-    let mut out = vec![0u8; 256];
-    let r =
-        l.dp.program(IfaceRole::Pod)
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                data_out: Some(&mut out),
-                repeat,
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-    r.duration
+    l.test_run(Prog::Tc(IfaceRole::Pod), pkt, repeat)
+        .unwrap()
+        .duration
 }
 
 pub struct PacketCost {
@@ -159,17 +149,12 @@ pub fn packet_costs(sizes: &[u32], flows: u32, rounds: u32) -> Vec<PacketCost> {
         }
     }
     eprintln!("  first packets, uniform");
-    let mut x = 0x2545_f491u32;
+    // Reproducible draws, the same in every run of the bench.
+    let mut rng = Rng::fixed(0x2545_f491);
     for _ in 0..rounds {
         for s in loaded.iter_mut() {
             let draws: Vec<u32> = (0..flows)
-                .map(|_| {
-                    // xorshift: cheap, reproducible, spread over all frontends.
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x % s.services
-                })
+                .map(|_| rng.below(s.services as u64) as u32)
                 .collect();
             let (first, _) = first_packets(&mut s.l, &mut clients, flows, |i| draws[i as usize]);
             s.uniform_ns.push(first);
