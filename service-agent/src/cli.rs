@@ -84,6 +84,13 @@ pub struct RunArgs {
     /// kubeconfig for --source kube; without it the in-cluster service account is used.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The API server's URL (https://HOST:PORT), for --source kube: it
+    /// replaces the kubeconfig's server, or the in-cluster
+    /// KUBERNETES_SERVICE_HOST (the `kubernetes` ClusterIP, which nothing
+    /// translates before this agent has programmed the maps: a node without
+    /// kube-proxy needs the real address). An empty value means unset.
+    #[arg(long, env = "SERVICE_AGENT_API_SERVER")]
+    pub api_server: Option<String>,
     /// Serve /metrics, /healthz and /readyz here ("off" to disable).
     #[arg(long, default_value = DEFAULT_METRICS_ADDR, value_parser = parse_listen)]
     pub metrics_addr: Listen,

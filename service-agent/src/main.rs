@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
                 source,
                 manifests,
                 kubeconfig,
+                api_server,
                 metrics_addr,
                 healthz_max_pending_seconds,
                 pins,
@@ -64,7 +65,16 @@ fn main() -> anyhow::Result<()> {
                 SourceKind::Manifests => SourceConfig::Manifests(
                     manifests.context("--manifests is required with --source manifests")?,
                 ),
-                SourceKind::Kube => SourceConfig::Kube { kubeconfig },
+                SourceKind::Kube => SourceConfig::Kube {
+                    kubeconfig,
+                    api_server: api_server
+                        .filter(|s| !s.is_empty())
+                        .map(|s| {
+                            s.parse::<http::Uri>()
+                                .with_context(|| format!("--api-server {s}: not a URL"))
+                        })
+                        .transpose()?,
+                },
             };
             let cfg = RunConfig {
                 source,

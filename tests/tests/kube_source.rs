@@ -214,3 +214,45 @@ fn nothing_is_programmed_before_the_initial_lists_are_complete() {
         .unwrap();
     assert!(agent.list().unwrap().contains("10.96.0.10:80/TCP"));
 }
+
+/// `--api-server` replaces the server the kubeconfig (or the in-cluster
+/// environment, the `kubernetes` ClusterIP) names: a node without
+/// kube-proxy reaches its API server by its real address.
+#[test]
+fn api_server_flag_replaces_the_configured_server() {
+    let node = OneNode::new(1, 1).unwrap();
+    let topo = &node.topo;
+    let api = ApiServer::start(&topo.nodes[0].ns).unwrap();
+    api.apply(Kind::Node, apiserver::node("node-1", "zone-a"));
+    api.apply(
+        Kind::Service,
+        apiserver::service("shop", "web", &VIP.to_string(), 80, "TCP"),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        apiserver::endpoint_slice("shop", "web", "a", &backends(topo, &["web-1"]), "TCP"),
+    );
+    // The kubeconfig names a port nothing listens on, as a ClusterIP that
+    // nothing translates yet would be.
+    let text = std::fs::read_to_string(api.kubeconfig()).unwrap();
+    let dead = text.replace(&format!("127.0.0.1:{}", api.port), "127.0.0.1:1");
+    let kubeconfig = api.kubeconfig().with_extension("dead");
+    std::fs::write(&kubeconfig, dead).unwrap();
+    let url = format!("http://127.0.0.1:{}", api.port);
+    let mut agent = Agent::start_kube(
+        &topo.nodes[0].ns,
+        &kubeconfig,
+        &["--node-name", "node-1", "--api-server", &url],
+    )
+    .unwrap();
+    let started = agent.wait_log_from(0, "agent running", Duration::from_secs(30));
+    let _ = std::fs::remove_file(&kubeconfig);
+    started.unwrap();
+    let r = topo
+        .pod("client")
+        .ns
+        .within(|| traffic::tcp_ask(SocketAddrV4::new(VIP, 80), T))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.server, "web-1");
+}

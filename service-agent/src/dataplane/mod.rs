@@ -146,6 +146,22 @@ fn pinned_layout_version(dir: &std::path::Path) -> Option<u64> {
     meta.get(&META_LAYOUT_VERSION, 0).ok()
 }
 
+/// Loads the programs `names` of type `$ty` from `$ebpf` (aya gives each
+/// program type its own `load`, so this is a macro, not a function).
+macro_rules! load_programs {
+    ($ebpf:expr, $ty:ty, $kind:literal, $names:expr) => {
+        for name in $names {
+            let prog: &mut $ty = $ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
+                .try_into()?;
+            prog.load().with_context(|| {
+                format!("the kernel verifier rejected the {} program {name}", $kind)
+            })?;
+        }
+    };
+}
+
 /// Creates `dir` (0700) when missing and gives it back.
 fn private_dir(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     std::fs::DirBuilder::new()
@@ -188,30 +204,21 @@ impl Dataplane {
         let mut ebpf = loader
             .load(crate::EBPF_OBJECT)
             .context("loading the BPF object (is this kernel built with BTF and bpf support?)")?;
-        for name in [PROG_TC_POD, PROG_TC_EXTERNAL, PROG_TC_EGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("the kernel verifier rejected the tc program {name}"))?;
-        }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(PROG_XDP_EXTERNAL)
-            .ok_or_else(|| anyhow!("program {PROG_XDP_EXTERNAL} missing from the BPF object"))?
-            .try_into()?;
-        xdp.load().with_context(|| {
-            format!("the kernel verifier rejected the XDP program {PROG_XDP_EXTERNAL}")
-        })?;
-        for (name, _) in SOCK_HOOKS {
-            let prog: &mut aya::programs::CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
-                .try_into()?;
-            prog.load().with_context(|| {
-                format!("the kernel verifier rejected the socket program {name}")
-            })?;
-        }
+        // The verifier runs here: a program it refuses stops the agent at
+        // start, with the program named.
+        load_programs!(
+            ebpf,
+            SchedClassifier,
+            "tc",
+            [PROG_TC_POD, PROG_TC_EXTERNAL, PROG_TC_EGRESS]
+        );
+        load_programs!(ebpf, Xdp, "XDP", [PROG_XDP_EXTERNAL]);
+        load_programs!(
+            ebpf,
+            aya::programs::CgroupSockAddr,
+            "socket",
+            SOCK_HOOKS.map(|(name, _)| name)
+        );
         // Pins are the agent's alone: maps hold every flow of the node.
         for (_, path) in &paths {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

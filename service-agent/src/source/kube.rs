@@ -38,19 +38,32 @@ use crate::model::{SERVICE_NAME_LABEL, ServiceId, Sourced, TOPOLOGY_MODE_ANNOTAT
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Builds a client from a kubeconfig file, or from the in-cluster service
-/// account when `kubeconfig` is None.
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
+/// account when `kubeconfig` is None; `api_server` replaces the server
+/// either names.
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    api_server: Option<&http::Uri>,
+) -> anyhow::Result<Client> {
+    let mut config = match (kubeconfig, api_server) {
+        (Some(path), _) => {
             let kc = Kubeconfig::read_from(path)
                 .with_context(|| format!("--kubeconfig {}", path.display()))?;
             Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
                 .with_context(|| format!("--kubeconfig {}", path.display()))?
         }
-        None => Config::incluster()
-            .context("no --kubeconfig and not running in a pod (KUBERNETES_SERVICE_HOST unset)")?,
+        // The service account's token and CA, without the environment's
+        // address (which names the ClusterIP): the server is set below.
+        (None, Some(_)) => Config::incluster_dns()
+            .context("--api-server without --kubeconfig needs the pod's service account")?,
+        (None, None) => Config::incluster().context(
+            "no --kubeconfig and not running in a pod (KUBERNETES_SERVICE_HOST unset); \
+             set --api-server or --kubeconfig",
+        )?,
     };
+    if let Some(url) = api_server {
+        config.cluster_url = url.clone();
+    }
     Ok(Client::try_from(config)?)
 }
 

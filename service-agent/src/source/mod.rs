@@ -60,7 +60,11 @@ pub enum SourceConfig {
     /// A directory of manifests (the embedded default: no cluster needed).
     Manifests(PathBuf),
     /// The Kubernetes API, through a kubeconfig or the in-cluster account.
-    Kube { kubeconfig: Option<PathBuf> },
+    Kube {
+        kubeconfig: Option<PathBuf>,
+        /// Replaces the server of the kubeconfig or of the in-cluster config.
+        api_server: Option<http::Uri>,
+    },
 }
 
 impl SourceConfig {
@@ -76,8 +80,11 @@ impl SourceConfig {
             SourceConfig::Manifests(dir) => {
                 Box::new(manifest::ManifestSource::watch(dir, changed, pending)?)
             }
-            SourceConfig::Kube { kubeconfig } => {
-                let client = kube::client(kubeconfig.as_deref()).await?;
+            SourceConfig::Kube {
+                kubeconfig,
+                api_server,
+            } => {
+                let client = kube::client(kubeconfig.as_deref(), api_server.as_ref()).await?;
                 Box::new(kube::KubeSource::start(client, node_name, changed, pending))
             }
         })
