@@ -249,7 +249,18 @@ impl Agent {
         }
         self.xdp_egress = standing;
         let addrs = if self.cfg.node_ips.is_empty() {
-            interfaces::node_addresses().unwrap_or_default()
+            match interfaces::node_addresses() {
+                Ok(a) => a,
+                // An empty list would stop every NodePort answering: the
+                // last good set stays until the addresses can be read.
+                Err(e) => {
+                    warn!(
+                        "listing the node's addresses failed, NODE_ADDRS keeps its last set: {e}"
+                    );
+                    self.metrics.sync_errors.inc();
+                    return;
+                }
+            }
         } else {
             self.cfg.node_ips.clone()
         };

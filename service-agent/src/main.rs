@@ -29,6 +29,13 @@ fn open(pins: &PinArgs) -> anyhow::Result<Tables> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // The inspection commands print to pipes (`stats | head -3`): a
+        // closed pipe ends them quietly, as it does any Unix filter, instead
+        // of println! panicking on EPIPE. Rust ignores SIGPIPE by default.
+        // SAFETY: restores the default disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -260,6 +260,31 @@ impl Agent {
         self.cli("list", &[])
     }
 
+    /// Runs a CLI subcommand whose standard output is a pipe nobody reads
+    /// any more (`service-agent stats | head -0`); gives its exit status and
+    /// what it printed on standard error.
+    pub fn cli_into_closed_pipe(
+        &self,
+        sub: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let out = Command::new(agent_bin())
+            .arg(sub)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(extra)
+            .stdout(writer)
+            .output()?;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// Waits until `list` output satisfies `pred` (the agent applies changes asynchronously).
     pub fn wait_list(&self, what: &str, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
         let deadline = Instant::now() + Duration::from_secs(10);

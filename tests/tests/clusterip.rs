@@ -411,3 +411,26 @@ fn large_udp_datagrams_are_fragmented_and_reach_one_backend_whole() {
         "{stats}"
     );
 }
+
+/// `service-agent stats | head -3` and the like: a reader that stops early
+/// ends the command by SIGPIPE, as any filter, with nothing on stderr (no
+/// panic about a broken pipe).
+#[test]
+fn inspection_commands_end_quietly_on_a_closed_pipe() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let f = fixture(2, 2);
+    for (sub, extra) in [
+        ("list", vec![]),
+        ("stats", vec![]),
+        ("stats", vec!["--output", "json"]),
+        ("dump", vec!["SERVICES"]),
+    ] {
+        let (status, stderr) = f.agent.cli_into_closed_pipe(sub, &extra).unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGPIPE),
+            "{sub} {extra:?}: {status}, stderr: {stderr}"
+        );
+        assert!(stderr.trim().is_empty(), "{sub} {extra:?}: {stderr}");
+    }
+}
