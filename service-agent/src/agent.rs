@@ -48,6 +48,8 @@ pub struct RunConfig {
     pub xdp: XdpMode,
     /// The cgroup whose sockets of this namespace are translated at connect().
     pub cgroup: CgroupTarget,
+    /// Conntrack lifetimes by flow state, for the garbage collection.
+    pub lifetimes: writer::Lifetimes,
 }
 
 struct Agent {
@@ -433,7 +435,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = iface_tick.tick() => agent.watch_interfaces(),
             _ = resync_tick.tick() => agent.sync(true).await,
             _ = gc_tick.tick() => {
-                let n = writer::expire_conntrack(&mut agent.dp.tables, monotonic_ns());
+                let n = writer::expire_conntrack(
+                    &mut agent.dp.tables,
+                    monotonic_ns(),
+                    &agent.cfg.lifetimes,
+                );
                 if n > 0 {
                     info!(expired = n, "conntrack entries expired");
                 }

@@ -72,6 +72,36 @@ pub enum Output {
     Json,
 }
 
+/// How long an idle flow keeps its conntrack entries, by state, in seconds
+/// (kube-proxy's flag names; its kernel conntrack has the same states).
+#[derive(clap::Args)]
+pub struct LifetimeArgs {
+    /// A TCP flow no reply has answered (only its SYN was seen).
+    #[arg(long, default_value_t = 60)]
+    pub conntrack_tcp_timeout_syn: u64,
+    /// An established TCP flow.
+    #[arg(long, default_value_t = 6 * 3600)]
+    pub conntrack_tcp_timeout_established: u64,
+    /// A TCP flow after a FIN or RST in its direction.
+    #[arg(long, default_value_t = 10)]
+    pub conntrack_tcp_timeout_close: u64,
+    /// A UDP flow (refreshed by traffic in either direction).
+    #[arg(long, default_value_t = 120)]
+    pub conntrack_udp_timeout: u64,
+}
+
+impl LifetimeArgs {
+    pub fn lifetimes(&self) -> crate::dataplane::writer::Lifetimes {
+        let ns = |s: u64| s.saturating_mul(1_000_000_000);
+        crate::dataplane::writer::Lifetimes {
+            tcp_syn_ns: ns(self.conntrack_tcp_timeout_syn),
+            tcp_established_ns: ns(self.conntrack_tcp_timeout_established),
+            tcp_closing_ns: ns(self.conntrack_tcp_timeout_close),
+            udp_ns: ns(self.conntrack_udp_timeout),
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// Where Services and endpoints come from: a manifest directory, or the API server.
@@ -137,6 +167,8 @@ pub struct RunArgs {
     /// /proc/mounts (all of the node); `none`: no socket hooks.
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    #[command(flatten)]
+    pub lifetimes: LifetimeArgs,
     /// Full resync period in seconds, besides file change events.
     #[arg(long, default_value_t = 30)]
     pub resync_seconds: u64,

@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
                 conntrack_max,
                 affinity_max,
                 cgroup,
+                lifetimes,
             } = *args;
             let source = match source {
                 SourceKind::Manifests => SourceConfig::Manifests(
@@ -108,6 +109,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 cgroup: CgroupTarget::from_flag(cgroup.as_deref())?,
+                lifetimes: lifetimes.lifetimes(),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

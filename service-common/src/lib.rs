@@ -169,6 +169,10 @@ pub const CT_F_LOCAL_SOURCE: u16 = 1 << 4;
 /// directions, and netfilter keeps rewriting them. The nat fields say what
 /// the kernel rewrites the packet to, so the GC pairs the two entries.
 pub const CT_F_KERNEL: u16 = 1 << 5;
+/// A TCP flow no reply has answered yet (its SYN is the only thing seen):
+/// set on both entries when the flow opens, cleared on the reply entry by
+/// the first reply. The agent forgets such flows within the SYN lifetime.
+pub const CT_F_SYN_ONLY: u16 = 1 << 6;
 
 /// What to write into a packet whose 5-tuple matches a CONNTRACK key. Both
 /// directions of a translated flow have an entry; each says the whole

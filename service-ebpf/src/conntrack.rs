@@ -75,6 +75,11 @@ pub fn lookup(flow: &Flow) -> CtLookup {
         return CtLookup::Kernel;
     }
     touch(entry, flow);
+    // The first reply makes the flow established: the agent then gives it
+    // the long lifetime instead of the SYN one.
+    if reply && entry.flags & CT_F_SYN_ONLY != 0 {
+        entry.flags &= !CT_F_SYN_ONLY;
+    }
     CtLookup::Hit {
         target: Target {
             saddr: entry.nat_saddr,
@@ -122,6 +127,16 @@ fn reply_key(flow: &Flow, to: &Target) -> CtKey {
     }
 }
 
+/// A new TCP flow is an opening until its first reply.
+#[inline(always)]
+fn opening_flag(flow: &Flow) -> u16 {
+    if flow.proto == IPPROTO_TCP {
+        CT_F_SYN_ONLY
+    } else {
+        0
+    }
+}
+
 #[inline(always)]
 fn reply_value(flow: &Flow, backend_id: u32, svc_id: u32, flags: u16, now: u64) -> CtValue {
     CtValue {
@@ -132,7 +147,7 @@ fn reply_value(flow: &Flow, backend_id: u32, svc_id: u32, flags: u16, now: u64) 
         nat_dport: flow.sport,
         backend_id,
         svc_id,
-        flags: flags | CT_F_REPLY,
+        flags: flags | CT_F_REPLY | opening_flag(flow),
         proto: flow.proto,
         _pad: 0,
     }
@@ -155,7 +170,7 @@ fn request_value(
         nat_dport: to.dport,
         backend_id,
         svc_id,
-        flags,
+        flags: flags | opening_flag(flow),
         proto: flow.proto,
         _pad: 0,
     }

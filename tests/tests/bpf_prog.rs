@@ -325,6 +325,18 @@ fn a_syn_to_the_cluster_ip_is_translated_and_its_reply_reversed() {
     };
     let v = l.dp.tables.conntrack.get(&fwd, 0).expect("request entry");
     assert_eq!((v.nat_daddr, v.nat_dport), ([10, 244, 0, 11], 8080));
+    // An opening until answered: the agent forgets it within the SYN lifetime.
+    let rev = CtKey {
+        saddr: [10, 244, 0, 11],
+        daddr: [10, 244, 0, 20],
+        sport: 8080,
+        dport: 40000,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let r = l.conntrack(&rev).expect("reply entry");
+    assert_ne!(v.flags & CT_F_SYN_ONLY, 0, "request entry marked opening");
+    assert_ne!(r.flags & CT_F_SYN_ONLY, 0, "reply entry marked opening");
 
     let (rc, out) = run(
         &mut l,
@@ -341,6 +353,12 @@ fn a_syn_to_the_cluster_ip_is_translated_and_its_reply_reversed() {
     assert!(s.ip_csum_ok && s.l4_csum_ok == Some(true), "{s:?}");
     assert_eq!(l.reason(Reason::NewFlow), 1);
     assert_eq!(l.reason(Reason::ReplyTranslated), 1);
+    let r = l.conntrack(&rev).expect("reply entry");
+    assert_eq!(
+        r.flags & CT_F_SYN_ONLY,
+        0,
+        "the reply made the flow established"
+    );
     let master = ServiceKey {
         addr: [10, 96, 0, 10],
         port: 80,

@@ -434,3 +434,83 @@ fn inspection_commands_end_quietly_on_a_closed_pipe() {
         assert!(stderr.trim().is_empty(), "{sub} {extra:?}: {stderr}");
     }
 }
+
+/// How many entries CONNTRACK holds, from the fill line `list` ends with.
+fn conntrack_entries(f: &Running) -> u64 {
+    let list = f.agent.list().unwrap();
+    let fill = list
+        .split_whitespace()
+        .skip_while(|w| *w != "CONNTRACK")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no CONNTRACK fill in:\n{list}"));
+    fill.split('/').next().unwrap().parse().unwrap()
+}
+
+/// SYNs nobody answers (forged sources, a backend that is not there) hold
+/// their entries for the SYN lifetime only, not the established one; an
+/// established connection idle for longer than that keeps working.
+#[test]
+fn unanswered_syns_release_their_entries_within_the_syn_lifetime() {
+    let f = OneNode::new(1, 1)
+        .unwrap()
+        .start(
+            &[("http", "TCP", 80, "http")],
+            &["--node-name", "node-1", "--conntrack-tcp-timeout-syn", "2"],
+        )
+        .unwrap();
+    // A Service whose one endpoint does not exist: nothing answers its SYNs.
+    let void = std::net::Ipv4Addr::new(10, 96, 0, 30);
+    f.dir
+        .write(
+            "void.yaml",
+            &format!(
+                r#"apiVersion: v1
+kind: Service
+metadata: {{name: void}}
+spec:
+  clusterIP: {void}
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: void
+  labels: {{kubernetes.io/service-name: void}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints: [{{addresses: ["10.244.1.99"], conditions: {{ready: true}}}}]
+"#
+            ),
+        )
+        .unwrap();
+    f.agent
+        .wait_list("the void Service", |l| {
+            l.contains("10.96.0.30:80/TCP -> 10.244.1.99")
+        })
+        .unwrap();
+    let client = f.topo.pod("client");
+    let mut held = HeldConnection::open(&client.ns, SocketAddrV4::new(VIP, 80)).unwrap();
+    held.ask().unwrap();
+    let before = conntrack_entries(&f);
+    let to = SocketAddrV4::new(void, 80);
+    let sent = client
+        .ns
+        .within(move || traffic::syn_flood(to, 200, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent, 200);
+    let flooded = conntrack_entries(&f);
+    assert!(flooded >= before + 300, "{before} -> {flooded}");
+    // The garbage collection runs every 10 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while conntrack_entries(&f) > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = conntrack_entries(&f);
+    assert!(
+        after <= before,
+        "entries left: {before} -> {flooded} -> {after}"
+    );
+    // Idle well past the SYN lifetime, the established connection lives on.
+    assert_eq!(held.ask().unwrap().server, "web-1");
+}

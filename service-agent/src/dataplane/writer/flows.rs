@@ -8,8 +8,34 @@ use crate::dataplane::maps::{EntryKey, Maps};
 
 /// How long a conntrack entry lives without traffic.
 pub const CT_TCP_TIMEOUT_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_TCP_SYN_TIMEOUT_NS: u64 = 60 * 1_000_000_000;
 pub const CT_TCP_CLOSING_TIMEOUT_NS: u64 = 10 * 1_000_000_000;
 pub const CT_UDP_TIMEOUT_NS: u64 = 120 * 1_000_000_000;
+
+/// How long a flow may sit idle, by its state (the kernel's conntrack and
+/// Cilium keep the same shape): an opening no reply has answered is
+/// forgotten within a minute, so unanswered or spoofed SYNs do not hold
+/// conntrack entries and SNAT ports for hours; an established TCP flow lives
+/// long; after FIN or RST briefly; UDP moderately, refreshed by either
+/// direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub tcp_syn_ns: u64,
+    pub tcp_established_ns: u64,
+    pub tcp_closing_ns: u64,
+    pub udp_ns: u64,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            tcp_syn_ns: CT_TCP_SYN_TIMEOUT_NS,
+            tcp_established_ns: CT_TCP_TIMEOUT_NS,
+            tcp_closing_ns: CT_TCP_CLOSING_TIMEOUT_NS,
+            udp_ns: CT_UDP_TIMEOUT_NS,
+        }
+    }
+}
 
 /// Drops the conntrack entries of UDP flows whose backend left their
 /// frontend (`removed` holds (svc_id, backend id) pairs), so clients that
@@ -34,37 +60,51 @@ fn remove_flows(t: &mut impl Maps, keys: Vec<CtKey>) -> usize {
         .count()
 }
 
-fn idle(v: &CtValue, now_ns: u64) -> bool {
-    let timeout = if v.proto == IPPROTO_TCP {
-        if v.flags & CT_F_CLOSING != 0 {
-            CT_TCP_CLOSING_TIMEOUT_NS
+impl Lifetimes {
+    /// The idle time allowed to the entry `v`; `opening`: the flow has not
+    /// been answered yet. Each direction's FIN or RST shortens its own
+    /// entry only: after a half-close the other direction may still send.
+    fn of(&self, v: &CtValue, opening: bool) -> u64 {
+        if v.proto != IPPROTO_TCP {
+            self.udp_ns
+        } else if v.flags & CT_F_CLOSING != 0 {
+            self.tcp_closing_ns
+        } else if opening {
+            self.tcp_syn_ns
         } else {
-            CT_TCP_TIMEOUT_NS
+            self.tcp_established_ns
         }
-    } else {
-        CT_UDP_TIMEOUT_NS
-    };
-    now_ns.saturating_sub(v.last_seen_ns) > timeout
+    }
 }
 
-/// Removes conntrack entries idle past their timeout. Both directions of a
+/// An opening stays one until the program sees a reply, which clears the
+/// mark on the reply entry; entries without the mark (also those written by
+/// agents before it existed) are established.
+fn opening(v: &CtValue, partner: Option<&CtValue>) -> bool {
+    v.flags & CT_F_SYN_ONLY != 0 && partner.is_none_or(|p| p.flags & CT_F_SYN_ONLY != 0)
+}
+
+/// Removes conntrack entries idle past their lifetime. Both directions of a
 /// flow go together, and only when both are idle, so a flow whose replies
 /// still run is never half-forgotten.
-pub fn expire_conntrack(t: &mut impl Maps, now_ns: u64) -> usize {
+pub fn expire_conntrack(t: &mut impl Maps, now_ns: u64, lifetimes: &Lifetimes) -> usize {
     let entries: HashMap<CtKey, CtValue> = t.conntrack().into_iter().collect();
+    let idle = |v: &CtValue, limit: u64| now_ns.saturating_sub(v.last_seen_ns) > limit;
     let expired = entries
         .iter()
         .filter(|(k, v)| {
             // The partner's key is what the partner rewrites packets into, reversed.
-            let partner = CtKey {
+            let partner = entries.get(&CtKey {
                 saddr: v.nat_daddr,
                 daddr: v.nat_saddr,
                 sport: v.nat_dport,
                 dport: v.nat_sport,
                 proto: k.proto,
                 _pad: [0; 3],
-            };
-            idle(v, now_ns) && entries.get(&partner).is_none_or(|p| idle(p, now_ns))
+            });
+            let opening = opening(v, partner);
+            idle(v, lifetimes.of(v, opening))
+                && partner.is_none_or(|p| idle(p, lifetimes.of(p, opening)))
         })
         .map(|(k, _)| *k)
         .collect();

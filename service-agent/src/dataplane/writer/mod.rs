@@ -15,7 +15,8 @@ use aya::maps::MapError;
 use service_common::*;
 
 pub use self::flows::{
-    CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS, expire_conntrack,
+    CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
+    Lifetimes, expire_conntrack,
 };
 use self::{frontends::Programmed, ids::Ids};
 use super::{

@@ -2,7 +2,8 @@ use std::collections::HashMap;
 
 use super::*;
 use crate::dataplane::writer::{
-    CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS, expire_conntrack,
+    CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
+    Lifetimes, expire_conntrack,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 9);
@@ -237,7 +238,7 @@ fn idle_flows_expire_by_their_timeout_both_directions_together() {
     // A request whose reply entry is gone expires alone.
     let lone = flow(&dns, 1, backend, 8, (NOW - CT_UDP_TIMEOUT_NS - just, 0))[0];
     maps.contents.conntrack.insert(lone.0, lone.1);
-    let n = expire_conntrack(&mut maps, NOW);
+    let n = expire_conntrack(&mut maps, NOW, &Lifetimes::default());
     let expired = cases.iter().filter(|c| c.2).count() * 2 + 1;
     assert_eq!(n, expired);
     for (name, pair, gone) in &cases {
@@ -246,6 +247,101 @@ fn idle_flows_expire_by_their_timeout_both_directions_together() {
         }
     }
     assert!(!maps.contents.conntrack.contains_key(&lone.0));
+}
+
+/// An opening no reply answered (both entries still marked SYN_ONLY, as the
+/// programs write a new TCP flow) is forgotten within the SYN lifetime; once
+/// the first reply cleared the mark on the reply entry, the flow has the
+/// established lifetime; entries without any mark (written before the mark
+/// existed) are established too.
+#[test]
+fn unanswered_openings_expire_within_the_syn_lifetime_established_flows_live_on() {
+    let web = tcp(2);
+    let backend = (1, pod(1));
+    let just = 1_000_000_000;
+    let idle = NOW - CT_TCP_SYN_TIMEOUT_NS - just;
+    let mark = |mut pair: [(CtKey, CtValue); 2], request: bool, reply: bool| {
+        if request {
+            pair[0].1.flags |= CT_F_SYN_ONLY;
+        }
+        if reply {
+            pair[1].1.flags |= CT_F_SYN_ONLY;
+        }
+        pair
+    };
+    // (name, entries, expected to expire)
+    let cases = [
+        (
+            "unanswered SYN, idle",
+            mark(flow(&web, 2, backend, 1, (idle, idle)), true, true),
+            true,
+        ),
+        (
+            "unanswered SYN, recent",
+            mark(
+                flow(&web, 2, backend, 2, (NOW - just, NOW - just)),
+                true,
+                true,
+            ),
+            false,
+        ),
+        (
+            "answered, idle past the SYN lifetime",
+            mark(flow(&web, 2, backend, 3, (idle, idle)), true, false),
+            false,
+        ),
+        (
+            "no marks (older agent), idle",
+            flow(&web, 2, backend, 4, (idle, idle)),
+            false,
+        ),
+        (
+            "answered, idle for hours",
+            mark(
+                flow(
+                    &web,
+                    2,
+                    backend,
+                    5,
+                    (
+                        NOW - CT_TCP_TIMEOUT_NS - just,
+                        NOW - CT_TCP_TIMEOUT_NS - just,
+                    ),
+                ),
+                true,
+                false,
+            ),
+            true,
+        ),
+    ];
+    let mut maps = FakeMaps::default();
+    for (_, pair, _) in &cases {
+        maps.contents.conntrack.extend(pair.iter().copied());
+    }
+    // An opening whose reply entry is gone expires by the SYN lifetime alone.
+    let mut lone = flow(&web, 2, backend, 6, (idle, 0))[0];
+    lone.1.flags |= CT_F_SYN_ONLY;
+    maps.contents.conntrack.insert(lone.0, lone.1);
+    let n = expire_conntrack(&mut maps, NOW, &Lifetimes::default());
+    assert_eq!(n, cases.iter().filter(|c| c.2).count() * 2 + 1);
+    for (name, pair, gone) in &cases {
+        for (k, _) in pair {
+            assert_eq!(!maps.contents.conntrack.contains_key(k), *gone, "{name}");
+        }
+    }
+    assert!(!maps.contents.conntrack.contains_key(&lone.0));
+    // Shorter lifetimes from the flags apply as given.
+    let short = Lifetimes {
+        tcp_syn_ns: just,
+        ..Lifetimes::default()
+    };
+    let pair = mark(
+        flow(&web, 2, backend, 7, (NOW - 2 * just, NOW - 2 * just)),
+        true,
+        true,
+    );
+    maps.contents.conntrack.extend(pair);
+    assert_eq!(expire_conntrack(&mut maps, NOW, &short), 2);
 }
 
 #[test]
