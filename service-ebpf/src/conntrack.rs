@@ -7,7 +7,7 @@ use aya_ebpf::{
 use service_common::*;
 
 use crate::{
-    headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    headers::{TCP_FIN, TCP_RST},
     maps::{BACKENDS, CONNTRACK, META},
     nat::Target,
     packet::Flow,
@@ -67,7 +67,7 @@ pub fn lookup(flow: &Flow) -> CtLookup {
         // reusing the port (the old one is closing or gone in the kernel):
         // the rules that opened the old one may be gone, so this dataplane
         // opens it.
-        if !reply && flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if !reply && flow.proto == IPPROTO_TCP && flow.may_open() {
             let _ = CONNTRACK.remove(key_of(flow));
             return CtLookup::Miss;
         }

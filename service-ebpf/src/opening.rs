@@ -2,11 +2,10 @@
 //! (`choose`), then pinning it in conntrack (`record`). The two are apart so
 //! XDP can check that it is able to forward the packet before anything is
 //! written, and hand the untouched packet to tc when it is not.
-use service_common::{BE_F_LOCAL, CT_F_LOCAL_SOURCE, IPPROTO_TCP, Reason};
+use service_common::{BE_F_LOCAL, CT_F_LOCAL_SOURCE, Reason};
 
 use crate::{
     conntrack,
-    headers::{TCP_ACK, TCP_SYN},
     lb::{self, Frontend, Pick},
     nat::Target,
     packet::Flow,
@@ -38,8 +37,9 @@ pub enum Opening {
 pub fn choose(flow: &Flow, fe: &Frontend, from_outside: bool) -> Opening {
     // Only a SYN opens a TCP flow. Anything else without a conntrack entry
     // belongs to a flow this node does not know (conntrack's INVALID): a
-    // random backend would answer it with a reset, so it is dropped.
-    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    // random backend would answer it with a reset, so it is dropped; so is
+    // a SYN with FIN or RST.
+    if !flow.may_open() {
         return Opening::Drop(Reason::CtInvalid);
     }
     if !lb::source_allowed(fe, flow.saddr) {

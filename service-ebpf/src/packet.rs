@@ -30,6 +30,16 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// Whether this packet may open a flow: any UDP datagram; a TCP segment
+    /// only as a SYN without ACK, FIN or RST (no stack opens with those
+    /// beside it; scanners and attacks do, and the kernel's conntrack
+    /// refuses them too).
+    #[inline(always)]
+    pub fn may_open(&self) -> bool {
+        self.proto != IPPROTO_TCP
+            || self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN
+    }
+
     #[inline(always)]
     pub fn l4_off(&self) -> usize {
         ETH_HLEN + self.ihl

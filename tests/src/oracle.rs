@@ -143,8 +143,8 @@ impl Model {
         else {
             return Expect::Unchanged;
         };
-        // Only a SYN opens a TCP flow.
-        if proto == 6 && flags & 0x12 != 0x02 {
+        // Only a SYN opens a TCP flow: not with ACK, FIN or RST beside it.
+        if proto == 6 && flags & 0x17 != 0x02 {
             return Expect::Drop;
         }
         let Some((baddr, bport)) = fe.backend else {

@@ -8,6 +8,7 @@ pub const ICMP: u8 = 1;
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 pub const RST: u8 = 0x04;
+pub const FIN: u8 = 0x01;
 
 /// One's complement sum over `data`, folded, not inverted.
 pub fn sum16(data: &[u8], mut acc: u32) -> u32 {

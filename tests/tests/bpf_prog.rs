@@ -8,7 +8,7 @@ use anyhow::{bail, ensure};
 use integration_tests::{
     bpf::{self, Loaded, Prog, TC_ACT_OK, TC_ACT_REDIRECT},
     oracle::{self, Expect, Tuple},
-    packet::{self, ACK, Builder, RST, SYN},
+    packet::{self, ACK, Builder, FIN, RST, SYN},
 };
 use service_agent::{
     dataplane::{Dataplane, IfaceRole, MapSizes},
@@ -196,6 +196,18 @@ fn cases() -> Vec<Case> {
         case(
             "a SYN|ACK of an unknown flow is dropped",
             tcp(40004, VIP, 80, SYN | ACK).build(),
+            Expect::Drop,
+            &[(Reason::CtInvalid, 1), (Reason::NewFlow, 0)],
+        ),
+        case(
+            "a SYN|FIN opens no flow",
+            tcp(40010, VIP, 80, SYN | FIN).build(),
+            Expect::Drop,
+            &[(Reason::CtInvalid, 1), (Reason::NewFlow, 0)],
+        ),
+        case(
+            "a SYN|RST opens no flow",
+            tcp(40011, VIP, 80, SYN | RST).build(),
             Expect::Drop,
             &[(Reason::CtInvalid, 1), (Reason::NewFlow, 0)],
         ),

@@ -484,7 +484,8 @@ fn generated_packets_keep_the_xdp_rules() {
                 XDP_PASS => assert_eq!(out, &input, "#{i}: a passed packet is untouched"),
                 XDP_DROP => {
                     assert!(
-                        pkt[23] == packet::TCP && pkt[47] & (SYN | ACK) != SYN,
+                        pkt[23] == packet::TCP
+                            && pkt[47] & (SYN | ACK | packet::FIN | packet::RST) != SYN,
                         "#{i}: only segments of unknown TCP flows are dropped: {pkt:02x?}"
                     );
                 }
