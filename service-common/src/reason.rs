@@ -135,6 +135,13 @@ reasons! {
     /// A host socket was translated but its reverse entry could not be
     /// stored: its replies and getpeername show the backend address.
     SockRevNatFailed "sock_revnat_failed" Translated,
+    /// A new flow's reply tuple was another flow's (one client port reaching
+    /// two frontends that share a backend): its client port, as the backend
+    /// sees it, was rewritten to a free one (event).
+    TupleClashPortRewritten "tuple_clash_port_rewritten" Translated,
+    /// As above, but no free port was found: the opening was dropped, never
+    /// given the other flow's replies.
+    TupleClash "tuple_clash" Dropped,
 }
 
 #[cfg(test)]

@@ -215,26 +215,40 @@ pub fn create_snat(
 }
 
 /// Records a new flow in both directions. The reply entry goes in first so
-/// that a reply can never arrive to find only half of the flow.
+/// that a reply can never arrive to find only half of the flow. Its key must
+/// be free: another flow holding the same reply tuple (one client port used
+/// to reach two frontends that share a backend) would otherwise receive this
+/// flow's replies. Then the client's port is rewritten to a free one, as
+/// netfilter's NAT does for a clashing tuple; `Ok(true)` says so.
 #[inline(always)]
 pub fn create(
     flow: &Flow,
-    to: &Target,
+    to: &mut Target,
     backend_id: u32,
     svc_id: u32,
     hairpin: bool,
     reply_flags: u16,
-) -> Result<(), ()> {
+) -> Result<bool, Reason> {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let reply = reply_value(flow, backend_id, svc_id, reply_flags, now);
+    let mut moved = false;
+    if CONNTRACK
+        .insert(reply_key(flow, to), reply, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        if holds_this_flow(&reply_key(flow, to), &reply) {
+            // The same flow opening again (a SYN retransmitted after its
+            // request entry was lost): it takes its own entry back.
+            CONNTRACK
+                .insert(reply_key(flow, to), reply, 0)
+                .map_err(|_| Reason::CtInsertFailed)?;
+        } else {
+            free_client_port(flow, to, &reply)?;
+            moved = true;
+        }
+    }
     let rkey = reply_key(flow, to);
-    CONNTRACK
-        .insert(
-            rkey,
-            reply_value(flow, backend_id, svc_id, reply_flags, now),
-            0,
-        )
-        .map_err(|_| ())?;
     // A hairpinned request leaves with the frontend address as its source.
     let flags = if hairpin && reply_flags & CT_F_LOCAL_SOURCE != 0 {
         CT_F_LOCAL_SOURCE
@@ -244,5 +258,40 @@ pub fn create(
     let request = request_value(flow, to, backend_id, svc_id, flags, now);
     CONNTRACK.insert(key_of(flow), request, 0).map_err(|_| {
         let _ = CONNTRACK.remove(rkey);
-    })
+        Reason::CtInsertFailed
+    })?;
+    Ok(moved)
+}
+
+/// Whether the entry at `key` is the reply entry `reply` would be: the same
+/// client and frontend, so the same flow.
+#[inline(always)]
+fn holds_this_flow(key: &CtKey, reply: &CtValue) -> bool {
+    // SAFETY: fields copied out at once, while the kernel keeps the value alive.
+    let Some(e) = (unsafe { CONNTRACK.get(*key) }) else {
+        return false;
+    };
+    e.nat_saddr == reply.nat_saddr
+        && e.nat_sport == reply.nat_sport
+        && e.nat_daddr == reply.nat_daddr
+        && e.nat_dport == reply.nat_dport
+}
+
+/// Moves a clashing flow's client port (as the backend sees it) to one whose
+/// reply tuple is free, probing like the SNAT port choice; the reply entry
+/// still rewrites to the client's own port.
+#[inline(always)]
+fn free_client_port(flow: &Flow, to: &mut Target, reply: &CtValue) -> Result<(), Reason> {
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: a helper call without arguments.
+        to.sport =
+            SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORT_COUNT as u32) as u16;
+        if CONNTRACK
+            .insert(reply_key(flow, to), *reply, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            return Ok(());
+        }
+    }
+    Err(Reason::TupleClash)
 }

@@ -9,7 +9,7 @@ use crate::{
     lb::{self, Frontend, Pick},
     nat::Target,
     packet::Flow,
-    stats::count_flow_opened,
+    stats::{count_flow_opened, count_reason},
 };
 
 pub struct Choice {
@@ -97,8 +97,17 @@ pub fn record(flow: &Flow, fe: &Frontend, c: &mut Choice) -> Result<(), Reason> 
         conntrack::create_snat(flow, &mut c.to, c.pick.id, c.svc_id, c.reply_flags)
             .map_err(|_| Reason::SnatFailed)?;
     } else {
-        conntrack::create(flow, &c.to, c.pick.id, c.svc_id, c.hairpin, c.reply_flags)
-            .map_err(|_| Reason::CtInsertFailed)?;
+        let moved = conntrack::create(
+            flow,
+            &mut c.to,
+            c.pick.id,
+            c.svc_id,
+            c.hairpin,
+            c.reply_flags,
+        )?;
+        if moved {
+            count_reason(Reason::TupleClashPortRewritten);
+        }
     }
     lb::note_affinity(fe, flow.saddr, &c.pick);
     count_flow_opened(c.svc_id, c.snat, c.pick.affinity);

@@ -638,3 +638,67 @@ fn flows_the_kernel_translates_are_passed_untouched_both_ways() {
     assert_eq!(run(&mut l, &err), (TC_ACT_OK, err.clone()));
     assert_eq!(l.reason(Reason::IcmpErrorTranslated), 0);
 }
+
+/// One client port reaching two ClusterIPs that share a backend gives two
+/// flows with the same reply tuple (backend:8080 -> client:40000). The one
+/// opened second gets a free client port as the backend sees it, so each
+/// flow receives its own replies, from its own ClusterIP; in both orders.
+#[test]
+fn flows_whose_reply_tuples_clash_each_get_their_own_replies() {
+    const OTHER_VIP: &str = "10.96.0.40";
+    for (first, second) in [(VIP, OTHER_VIP), (OTHER_VIP, VIP)] {
+        let mut l = load(vec![
+            (
+                key(VIP, 80, Protocol::Tcp),
+                frontend(&[(BACKEND, 8080)], None),
+            ),
+            (
+                key(OTHER_VIP, 80, Protocol::Tcp),
+                frontend(&[(BACKEND, 8080)], None),
+            ),
+        ]);
+        let (rc, out) = run(&mut l, &Builder::tcp(CLIENT, 40000, first, 80, SYN).build());
+        assert_eq!(rc, TC_ACT_OK);
+        let a = packet::parse(&out);
+        assert_eq!(
+            (a.dst, a.dport, a.sport),
+            (ip(BACKEND), 8080, 40000),
+            "first keeps its port"
+        );
+        let (rc, out) = run(
+            &mut l,
+            &Builder::tcp(CLIENT, 40000, second, 80, SYN).build(),
+        );
+        assert_eq!(rc, TC_ACT_OK);
+        let b = packet::parse(&out);
+        assert_eq!((b.src, b.dst, b.dport), (ip(CLIENT), ip(BACKEND), 8080));
+        assert_ne!(
+            b.sport, 40000,
+            "second ({second}) moved off the clashing port"
+        );
+        assert!(b.ip_csum_ok && b.l4_csum_ok == Some(true), "{b:?}");
+        assert_eq!(l.reason(Reason::TupleClashPortRewritten), 1);
+        // Each flow's replies come back from its own ClusterIP to port 40000.
+        for (port, vip) in [(40000, first), (b.sport, second)] {
+            let (rc, out) = run(
+                &mut l,
+                &Builder::tcp(BACKEND, 8080, CLIENT, port, SYN | ACK).build(),
+            );
+            assert_eq!(rc, TC_ACT_OK);
+            let r = packet::parse(&out);
+            assert_eq!(
+                (r.src, r.sport, r.dst, r.dport),
+                (ip(vip), 80, ip(CLIENT), 40000),
+                "reply to backend port {port}"
+            );
+            assert!(r.l4_csum_ok == Some(true), "{r:?}");
+        }
+        // The same SYN again is the same flow: it keeps its translation.
+        let (_, out) = run(
+            &mut l,
+            &Builder::tcp(CLIENT, 40000, second, 80, SYN).build(),
+        );
+        assert_eq!(packet::parse(&out).sport, b.sport, "retransmitted SYN");
+        assert_eq!(l.reason(Reason::TupleClashPortRewritten), 1);
+    }
+}
