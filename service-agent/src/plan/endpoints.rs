@@ -22,25 +22,69 @@ pub(super) struct TrafficPolicy {
     /// `externalTrafficPolicy: Local`: NodePort, externalIP and
     /// LoadBalancer traffic stays on this node (and keeps its source).
     pub external_local: bool,
-    /// `trafficDistribution` or the topology-mode annotation set to Auto.
-    pub topology: bool,
+    /// How `trafficDistribution` (or the topology-mode annotation set to
+    /// Auto) asks cluster-wide endpoints to be narrowed.
+    pub distribution: Distribution,
+}
+
+/// The topology preferences of `spec.trafficDistribution`, with their
+/// upstream meaning (KEP-4444, KEP-3015): the EndpointSlice controller
+/// writes hints, kube-proxy follows them when every ready endpoint has some.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum Distribution {
+    /// Every endpoint, wherever it is.
+    #[default]
+    Anywhere,
+    /// `PreferClose` (its older name), `PreferSameZone`, or the annotation
+    /// `Auto`: the endpoints hinted for this node's zone.
+    SameZone,
+    /// `PreferSameNode`: the endpoints hinted for this node, else (no ready
+    /// one hinted for it) as SameZone.
+    SameNode,
+}
+
+impl Distribution {
+    /// The preference `spec.trafficDistribution` names; Err: a value this
+    /// dataplane does not know (newer than it), which narrows nothing.
+    pub fn of(value: &str) -> Result<Self, String> {
+        match value {
+            "PreferClose" | "PreferSameZone" => Ok(Self::SameZone),
+            "PreferSameNode" => Ok(Self::SameNode),
+            other => Err(other.to_string()),
+        }
+    }
 }
 
 impl TrafficPolicy {
-    pub fn of(svc: &Service) -> Self {
+    /// The Service's policies; Err carries an unknown `trafficDistribution`
+    /// value, with the rest of the policy as if it were unset.
+    pub fn of(svc: &Service) -> (Self, Option<String>) {
         let spec = svc.spec.as_ref();
         let asks_topology = svc.metadata.annotations.as_ref().is_some_and(|a| {
             TOPOLOGY_MODE_ANNOTATIONS
                 .iter()
                 .any(|k| a.get(*k).is_some_and(|v| v.eq_ignore_ascii_case("auto")))
         });
-        Self {
+        let (mut distribution, mut unknown) = (Distribution::Anywhere, None);
+        match spec
+            .and_then(|s| s.traffic_distribution.as_deref())
+            .map(Distribution::of)
+        {
+            Some(Ok(d)) => distribution = d,
+            Some(Err(v)) => unknown = Some(v),
+            None => {}
+        }
+        if distribution == Distribution::Anywhere && asks_topology {
+            distribution = Distribution::SameZone;
+        }
+        let policy = Self {
             internal_local: spec.and_then(|s| s.internal_traffic_policy.as_deref())
                 == Some("Local"),
             external_local: spec.and_then(|s| s.external_traffic_policy.as_deref())
                 == Some("Local"),
-            topology: spec.is_some_and(|s| s.traffic_distribution.is_some()) || asks_topology,
-        }
+            distribution,
+        };
+        (policy, unknown)
     }
 }
 
@@ -71,11 +115,21 @@ pub(super) fn categorize_endpoints(
     let is_local = |e: &Endpoint| this_node.is_some() && e.node_name.as_deref() == this_node;
     let all = ready_else_terminating(eps, |_| true, &is_local);
     let local = ready_else_terminating(eps, is_local, &is_local);
-    let cluster = match topology_zone(policy.topology, eps, node) {
-        Some(zone) => {
+    let same_node = policy.distribution == Distribution::SameNode
+        && this_node.is_some_and(|n| all_hinted_and_one_for(eps, |e| Box::new(hinted_nodes(e)), n));
+    let zone = if policy.distribution == Distribution::Anywhere {
+        None
+    } else {
+        topology_zone(eps, node)
+    };
+    let cluster = match (same_node, zone, this_node) {
+        (true, _, Some(n)) => {
+            ready_else_terminating(eps, |e| hinted_nodes(e).any(|h| h == n), &is_local)
+        }
+        (_, Some(zone), _) => {
             ready_else_terminating(eps, |e| hinted_zones(e).any(|h| h == zone), &is_local)
         }
-        None => all.clone(),
+        _ => all.clone(),
     };
     let pick = |local_only: bool| {
         if local_only {
@@ -135,26 +189,38 @@ fn hinted_zones(e: &Endpoint) -> impl Iterator<Item = &str> {
         .map(|z| z.name.as_str())
 }
 
-/// The zone to narrow cluster-wide endpoints to, when topology-aware routing
-/// applies as kube-proxy decides it: the Service asks for it, the node has
-/// a zone, every ready endpoint carries zone hints, and at least one is
-/// hinted for this zone. Otherwise every endpoint is used.
-fn topology_zone<'a>(
-    asked: bool,
-    eps: &[PortEndpoint<'_>],
-    node: &'a NodeContext,
-) -> Option<&'a str> {
-    let zone = node.zone.as_deref().filter(|z| !z.is_empty())?;
-    if !asked {
-        return None;
-    }
-    let mut any_for_zone = false;
+fn hinted_nodes(e: &Endpoint) -> impl Iterator<Item = &str> {
+    e.hints
+        .iter()
+        .flat_map(|h| h.for_nodes.iter().flatten())
+        .map(|n| n.name.as_str())
+}
+
+/// Whether every ready endpoint carries hints of the kind `hints` reads and
+/// at least one names `place`: kube-proxy's rule for following hints at all.
+fn all_hinted_and_one_for<'e>(
+    eps: &'e [PortEndpoint<'_>],
+    hints: impl Fn(&'e Endpoint) -> Box<dyn Iterator<Item = &'e str> + 'e>,
+    place: &str,
+) -> bool {
+    let mut any_for_place = false;
     for (e, _, _) in eps.iter().filter(|(e, _, _)| is_ready(e)) {
-        let mut zones = hinted_zones(e).peekable();
-        zones.peek()?;
-        any_for_zone |= zones.any(|z| z == zone);
+        let mut named = hints(e).peekable();
+        if named.peek().is_none() {
+            return false;
+        }
+        any_for_place |= named.any(|h| h == place);
     }
-    any_for_zone.then_some(zone)
+    any_for_place
+}
+
+/// The zone to narrow cluster-wide endpoints to, when topology-aware routing
+/// applies as kube-proxy decides it: the node has a zone, every ready
+/// endpoint carries zone hints, and at least one is hinted for this zone.
+/// Otherwise every endpoint is used.
+fn topology_zone<'a>(eps: &[PortEndpoint<'_>], node: &'a NodeContext) -> Option<&'a str> {
+    let zone = node.zone.as_deref().filter(|z| !z.is_empty())?;
+    all_hinted_and_one_for(eps, |e| Box::new(hinted_zones(e)), zone).then_some(zone)
 }
 
 /// The addresses of this node's ready endpoints, for a health check node

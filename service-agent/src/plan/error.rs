@@ -27,6 +27,11 @@ pub enum FieldError {
     OutOfRange { value: i64, max: u32 },
     #[error("unknown value {0:?}")]
     UnknownValue(String),
+    #[error(
+        "unknown value {0:?} (PreferClose, PreferSameZone, PreferSameNode); \
+         endpoints are not narrowed"
+    )]
+    UnknownDistribution(String),
     #[error("not a CIDR: {0}")]
     NotCidr(ParseNetError),
     #[error("SCTP is not supported by this dataplane; the port is not programmed")]

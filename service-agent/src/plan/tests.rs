@@ -607,6 +607,78 @@ endpoints:
     );
 }
 
+/// `trafficDistribution` values with their upstream meaning: PreferSameZone
+/// as PreferClose; PreferSameNode follows node hints (falling back to zone
+/// hints without a ready endpoint for this node); a value this dataplane
+/// does not know narrows nothing and is reported on its field.
+#[test]
+fn traffic_distribution_values_take_their_upstream_meaning() {
+    let yaml = |distribution: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  clusterIP: 10.96.0.10
+  trafficDistribution: {distribution}
+  ports: [{{port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: "", port: 80}}]
+endpoints:
+- {{addresses: [10.0.1.1], nodeName: n1, zone: a, hints: {{forZones: [{{name: a}}], forNodes: [{{name: n1}}]}}}}
+- {{addresses: [10.0.1.2], nodeName: n2, zone: a, hints: {{forZones: [{{name: a}}], forNodes: [{{name: n2}}]}}}}
+- {{addresses: [10.0.2.1], nodeName: n3, zone: b, hints: {{forZones: [{{name: b}}], forNodes: [{{name: n3}}]}}}}
+"#
+        )
+    };
+    let node = |name: &str, zone: &str| NodeContext {
+        name: Some(name.into()),
+        zone: Some(zone.into()),
+        ..Default::default()
+    };
+    let k = key("10.96.0.10", 80, Protocol::Tcp);
+    let same_zone = backends(&plan_for(&yaml("PreferSameZone"), &node("n1", "a")), k);
+    assert_eq!(same_zone, ["10.0.1.1:80", "10.0.1.2:80"]);
+    assert_eq!(
+        backends(&plan_for(&yaml("PreferClose"), &node("n1", "a")), k),
+        same_zone
+    );
+    assert_eq!(
+        backends(&plan_for(&yaml("PreferSameNode"), &node("n2", "a")), k),
+        ["10.0.1.2:80"]
+    );
+    // No ready endpoint for this node: the zone's.
+    assert_eq!(
+        backends(&plan_for(&yaml("PreferSameNode"), &node("n9", "b")), k),
+        ["10.0.2.1:80"]
+    );
+    // Node hints are not followed for PreferSameZone.
+    assert_eq!(
+        backends(&plan_for(&yaml("PreferSameZone"), &node("n2", "a")), k).len(),
+        2
+    );
+    let unknown = plan_for(&yaml("PreferSameRack"), &node("n1", "a"));
+    assert_eq!(
+        backends(&unknown, k).len(),
+        3,
+        "an unknown value narrows nothing"
+    );
+    let p = unknown
+        .problems
+        .iter()
+        .find(|p| p.field == "spec.trafficDistribution")
+        .expect("the unknown value is reported");
+    assert!(p.message.contains("PreferSameRack"), "{p}");
+    assert!(
+        unknown.frontends.contains_key(&k),
+        "the Service is still programmed"
+    );
+}
+
 #[test]
 fn external_ips_are_refused_without_an_allow_list() {
     let p = plan(NODEPORT);

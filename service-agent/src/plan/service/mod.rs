@@ -97,6 +97,13 @@ fn compile(
     let affinity = affinity::timeout(spec).map_err(|(field, e)| ctx.refuse(field, e))?;
     let external_addrs = external::addresses(ctx, svc, spec, svc_type, node);
     let source_ranges = external::source_ranges(ctx, spec)?;
+    let (policy, unknown_distribution) = TrafficPolicy::of(svc);
+    if let Some(value) = unknown_distribution {
+        ctx.warn(
+            "spec.trafficDistribution",
+            FieldError::UnknownDistribution(value),
+        );
+    }
     let service = ports::Frontends {
         service: ctx.name.clone(),
         cluster_ip,
@@ -104,7 +111,7 @@ fn compile(
         external_addrs,
         affinity,
         source_ranges,
-        policy: TrafficPolicy::of(svc),
+        policy,
     };
     let (frontends, local_ready) = ports::frontends(ctx, spec, &service, slices, node)?;
     let health = ports::health_check(ctx, spec, svc_type, &service, local_ready);
