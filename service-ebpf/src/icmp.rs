@@ -13,6 +13,7 @@ use crate::{
     access::Packet,
     csum::{half, word},
     headers::*,
+    lb,
     maps::CONNTRACK,
 };
 
@@ -22,6 +23,7 @@ const ICMP_PARAMETER_PROB: u8 = 12;
 
 /// An ICMP error quoting a TCP or UDP packet.
 pub struct IcmpError {
+    pub outer_saddr: [u8; 4],
     pub outer_daddr: [u8; 4],
     /// Offset of the ICMP header.
     pub icmp_off: usize,
@@ -43,7 +45,7 @@ impl IcmpError {
 #[inline(always)]
 pub fn parse<P: Packet>(
     ctx: &P,
-    daddr: [u8; 4],
+    (saddr, daddr): ([u8; 4], [u8; 4]),
     l4_off: usize,
     ip_end: usize,
 ) -> Option<IcmpError> {
@@ -62,6 +64,7 @@ pub fn parse<P: Packet>(
     }
     let ports = ctx.read::<[u8; 4]>(l4_off + ICMP_HLEN + IP_HLEN)?;
     Some(IcmpError {
+        outer_saddr: saddr,
         outer_daddr: daddr,
         icmp_off: l4_off,
         inner: CtKey {
@@ -77,7 +80,14 @@ pub fn parse<P: Packet>(
 
 pub enum IcmpVerdict {
     NotOurs,
-    Translated { svc_id: u32 },
+    /// `local_source`: the error now comes from one of this node's
+    /// addresses (a NodePort), so it goes to its next hop directly.
+    Translated {
+        svc_id: u32,
+        source: [u8; 4],
+        client: [u8; 4],
+        local_source: bool,
+    },
     Failed(Reason),
 }
 
@@ -112,8 +122,11 @@ pub fn translate(ctx: &TcContext, e: &IcmpError) -> IcmpVerdict {
         dport: entry.nat_sport,
     };
     match rewrite(ctx, e, &original) {
-        Ok(()) => IcmpVerdict::Translated {
+        Ok(source) => IcmpVerdict::Translated {
             svc_id: entry.svc_id,
+            source,
+            client: original.src,
+            local_source: source != e.outer_saddr && lb::is_node_address(source),
         },
         Err(()) => IcmpVerdict::Failed(Reason::RewriteFailed),
     }
@@ -128,7 +141,9 @@ struct Quoted {
 }
 
 #[inline(always)]
-fn rewrite(ctx: &TcContext, e: &IcmpError, to: &Quoted) -> Result<(), ()> {
+/// Rewrites the quoted packet to `to` and the error's addresses to match;
+/// gives the error's source as it leaves.
+fn rewrite(ctx: &TcContext, e: &IcmpError, to: &Quoted) -> Result<[u8; 4], ()> {
     let icmp_csum = e.icmp_off + 2;
     let inner_ip = e.inner_ip_off();
     let inner_l4 = e.inner_l4_off();
@@ -173,5 +188,15 @@ fn rewrite(ctx: &TcContext, e: &IcmpError, to: &Quoted) -> Result<(), ()> {
             .map_err(|_| ())?;
         ctx.store(IP_DST_OFF, &src, 0).map_err(|_| ())?;
     }
-    Ok(())
+    // An error the backend sent itself (a UDP port unreachable) names an
+    // address its receiver never talked to: it is made to come from the
+    // frontend, so the client's stack and its firewall match it to the flow.
+    // Errors from routers on the way keep their source.
+    if e.outer_saddr == q.daddr && q.daddr != dst {
+        ctx.l3_csum_replace(IP_CSUM_OFF, word(e.outer_saddr), word(dst), 4)
+            .map_err(|_| ())?;
+        ctx.store(IP_SRC_OFF, &dst, 0).map_err(|_| ())?;
+        return Ok(dst);
+    }
+    Ok(e.outer_saddr)
 }

@@ -106,7 +106,12 @@ pub fn parse<P: Packet>(ctx: &P) -> Parsed {
     }
     let l4_off = ETH_HLEN + ihl;
     if proto == IPPROTO_ICMP {
-        return match icmp::parse(ctx, ip.dst_addr, l4_off, ETH_HLEN + ip_len as usize) {
+        return match icmp::parse(
+            ctx,
+            (ip.src_addr, ip.dst_addr),
+            l4_off,
+            ETH_HLEN + ip_len as usize,
+        ) {
             Some(e) => Parsed::IcmpError(e),
             None => Parsed::Other,
         };

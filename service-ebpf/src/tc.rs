@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use service_common::{
-    CT_F_LOCAL_SOURCE, FragKey, FragValue, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
+    CT_F_LOCAL_SOURCE, FragKey, FragValue, IPPROTO_ICMP, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
 };
 
 use crate::{
@@ -40,9 +40,21 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
         Parsed::IcmpError(e) => {
             return match icmp::translate(ctx, &e) {
                 IcmpVerdict::NotOurs => Outcome::uncounted(PASS),
-                IcmpVerdict::Translated { svc_id } => {
+                IcmpVerdict::Translated {
+                    svc_id,
+                    source,
+                    client,
+                    local_source,
+                } => {
                     count_packet(svc_id, ctx.len());
-                    Outcome::counted(PASS, Reason::IcmpErrorTranslated)
+                    // From a node address, IP input would drop it as a martian.
+                    let action = if local_source {
+                        let ip_len = ctx.size().saturating_sub(ETH_HLEN) as u16;
+                        forward::to_next_hop(ctx, source, client, IPPROTO_ICMP, ip_len)
+                    } else {
+                        PASS
+                    };
+                    Outcome::counted(action, Reason::IcmpErrorTranslated)
                 }
                 IcmpVerdict::Failed(reason) => Outcome::counted(DROP, reason),
             };

@@ -48,7 +48,11 @@ pub enum Expect {
     /// Answered with ICMP port unreachable quoting the first 28 IP bytes.
     PortUnreachable { from: Tuple, quoted: Vec<u8> },
     /// An ICMP error rewritten: outer destination and quoted tuple.
-    IcmpRewritten { outer_daddr: [u8; 4], inner: Tuple },
+    IcmpRewritten {
+        outer_saddr: [u8; 4],
+        outer_daddr: [u8; 4],
+        inner: Tuple,
+    },
 }
 
 type FragId = ([u8; 4], [u8; 4], u16, u8);
@@ -242,6 +246,12 @@ impl Model {
         };
         match self.ct.get(&other) {
             Some(e) => Expect::IcmpRewritten {
+                // An error from the backend itself comes from the frontend.
+                outer_saddr: if addr(pkt, 26) == q.daddr && q.daddr != e.saddr {
+                    e.saddr
+                } else {
+                    addr(pkt, 26)
+                },
                 outer_daddr: e.daddr,
                 inner: Tuple {
                     saddr: e.daddr,
@@ -374,7 +384,11 @@ pub fn check(input: &[u8], verdict: u32, out: &[u8], expect: &Expect) -> Option<
                 return mismatch("ICMP fields or checksums");
             }
         }
-        Expect::IcmpRewritten { outer_daddr, inner } => {
+        Expect::IcmpRewritten {
+            outer_saddr,
+            outer_daddr,
+            inner,
+        } => {
             if verdict != TC_ACT_OK || out.len() != input.len() {
                 return mismatch("verdict or length");
             }
@@ -382,7 +396,8 @@ pub fn check(input: &[u8], verdict: u32, out: &[u8], expect: &Expect) -> Option<
             let q = l4o + 8;
             let tot = 14 + be16(input, 16) as usize;
             let icmp_ok = |p: &[u8]| checksum(&p[l4o..tot]) == 0;
-            let ok = addr(out, 30) == *outer_daddr
+            let ok = addr(out, 26) == *outer_saddr
+                && addr(out, 30) == *outer_daddr
                 && addr(out, q + 12) == inner.saddr
                 && addr(out, q + 16) == inner.daddr
                 && be16(out, q + 20) == inner.sport

@@ -525,7 +525,31 @@ fn icmp_errors_about_a_translated_flow_are_translated_too() {
         (CLIENT.parse().unwrap(), 40000, VIP.parse().unwrap(), 80)
     );
     assert!(qok);
-    assert_eq!(l.reason(Reason::IcmpErrorTranslated), 2);
+    assert_eq!(
+        s.src,
+        "10.0.0.254".parse::<Ipv4Addr>().unwrap(),
+        "a router's error keeps its source"
+    );
+
+    // The backend itself refuses (port unreachable): the client gets the
+    // error from the ClusterIP it talked to, not from an address it never
+    // knew, so its stack and firewall match it to the flow.
+    let err = packet::icmp_error(backend, CLIENT, 3, 3, &request_sent);
+    let (rc, out) = run(&mut l, &err);
+    assert_eq!(rc, TC_ACT_OK);
+    let s = packet::parse(&out);
+    assert_eq!(
+        (s.src, s.dst),
+        (VIP.parse::<Ipv4Addr>().unwrap(), CLIENT.parse().unwrap())
+    );
+    assert!(s.ip_csum_ok && s.l4_csum_ok == Some(true), "{s:?}");
+    let (qs, qsp, qd, qdp, qok) = packet::quoted(&out);
+    assert_eq!(
+        (qs, qsp, qd, qdp),
+        (CLIENT.parse().unwrap(), 40000, VIP.parse().unwrap(), 80)
+    );
+    assert!(qok);
+    assert_eq!(l.reason(Reason::IcmpErrorTranslated), 3);
 }
 
 #[test]
