@@ -237,16 +237,21 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Runs a CLI subcommand against this agent's pins.
-    pub fn cli(&self, sub: &str, extra: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(agent_bin())
-            .arg(sub)
+    /// `service-agent SUB` against this agent's pins and state, with `extra`.
+    fn cli_command(&self, sub: &str, extra: &[&str]) -> Command {
+        let mut c = Command::new(agent_bin());
+        c.arg(sub)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args(extra)
-            .output()?;
+            .args(extra);
+        c
+    }
+
+    /// Runs a CLI subcommand against this agent's pins.
+    pub fn cli(&self, sub: &str, extra: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli_command(sub, extra).output()?;
         if !out.status.success() {
             bail!(
                 "service-agent {sub} failed: {}",
@@ -270,15 +275,7 @@ impl Agent {
     ) -> anyhow::Result<(std::process::ExitStatus, String)> {
         let (reader, writer) = std::io::pipe()?;
         drop(reader);
-        let out = Command::new(agent_bin())
-            .arg(sub)
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .args(extra)
-            .stdout(writer)
-            .output()?;
+        let out = self.cli_command(sub, extra).stdout(writer).output()?;
         Ok((
             out.status,
             String::from_utf8_lossy(&out.stderr).into_owned(),

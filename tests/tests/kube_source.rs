@@ -39,6 +39,22 @@ fn backends(topo: &Topology, names: &[&str]) -> Vec<Ipv4Addr> {
 fn setup() -> Setup {
     // The Pods of its manifest directory go unread: the API is the source.
     let node = OneNode::new(3, 3).unwrap();
+    let api = api_with_web(&node, &["web-1", "web-2"]);
+    let mut agent = Agent::start_kube(
+        &node.topo.nodes[0].ns,
+        api.kubeconfig(),
+        &["--node-name", "node-1"],
+    )
+    .unwrap();
+    agent
+        .wait_log_from(0, "agent running", Duration::from_secs(30))
+        .unwrap();
+    Setup { agent, api, node }
+}
+
+/// The API server double in the node namespace, holding node-1 and Service
+/// `web` with the pods `names` as its endpoints.
+fn api_with_web(node: &OneNode, names: &[&str]) -> ApiServer {
     let topo = &node.topo;
     let api = ApiServer::start(&topo.nodes[0].ns).unwrap();
     api.apply(Kind::Node, apiserver::node("node-1", "zone-a"));
@@ -48,24 +64,9 @@ fn setup() -> Setup {
     );
     api.apply(
         Kind::EndpointSlice,
-        apiserver::endpoint_slice(
-            "shop",
-            "web",
-            "a",
-            &backends(topo, &["web-1", "web-2"]),
-            "TCP",
-        ),
+        apiserver::endpoint_slice("shop", "web", "a", &backends(topo, names), "TCP"),
     );
-    let mut agent = Agent::start_kube(
-        &topo.nodes[0].ns,
-        api.kubeconfig(),
-        &["--node-name", "node-1"],
-    )
-    .unwrap();
-    agent
-        .wait_log_from(0, "agent running", Duration::from_secs(30))
-        .unwrap();
-    Setup { agent, api, node }
+    api
 }
 
 /// Service web's one EndpointSlice now lists the pods `names`.
@@ -222,16 +223,7 @@ fn nothing_is_programmed_before_the_initial_lists_are_complete() {
 fn api_server_flag_replaces_the_configured_server() {
     let node = OneNode::new(1, 1).unwrap();
     let topo = &node.topo;
-    let api = ApiServer::start(&topo.nodes[0].ns).unwrap();
-    api.apply(Kind::Node, apiserver::node("node-1", "zone-a"));
-    api.apply(
-        Kind::Service,
-        apiserver::service("shop", "web", &VIP.to_string(), 80, "TCP"),
-    );
-    api.apply(
-        Kind::EndpointSlice,
-        apiserver::endpoint_slice("shop", "web", "a", &backends(topo, &["web-1"]), "TCP"),
-    );
+    let api = api_with_web(&node, &["web-1"]);
     // The kubeconfig names a port nothing listens on, as a ClusterIP that
     // nothing translates yet would be.
     let text = std::fs::read_to_string(api.kubeconfig()).unwrap();
