@@ -125,6 +125,16 @@ impl Loaded {
         Ok(())
     }
 
+    /// Makes `addrs` this node's addresses and `snat` the source of
+    /// source-NATed flows.
+    pub fn set_node_addrs(&mut self, addrs: &[Ipv4Addr], snat: Ipv4Addr) -> anyhow::Result<()> {
+        self.dp.writer.set_node_addrs(&mut self.dp.tables, addrs)?;
+        self.dp
+            .writer
+            .set_snat_addr(&mut self.dp.tables, Some(snat))?;
+        Ok(())
+    }
+
     /// Attaches XDP (generic) to `iface` of the caller's namespace, lets it
     /// transmit there, and returns the interface's index for `Prog::Xdp`.
     pub fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<u32> {
