@@ -65,6 +65,15 @@ fn refused_by_test_run(pkt: &[u8]) -> bool {
     }
 }
 
+/// An IPv4 packet whose source is one of the node's addresses.
+fn sent_by_node(pkt: &[u8]) -> bool {
+    pkt.len() >= 34
+        && pkt[12..14] == [0x08, 0x00]
+        && [fuzz::NODE, fuzz::NODE2]
+            .iter()
+            .any(|n| pkt[26..30] == fuzz::a(n))
+}
+
 fn settings() -> (u64, u64) {
     let env = |k: &str, d: u64| {
         std::env::var(k)
@@ -140,8 +149,17 @@ fn run(program: Program, stream: &'static str, packets: u64, seconds: u64) -> Re
                     Program::Pod => IfaceRole::Pod,
                     _ => IfaceRole::External,
                 };
-                let out = l.run(Prog::Tc(role), &pkt);
-                match model.observe_tc(&pkt, out.verdict, &out.packet) {
+                // What the node itself sends (a host-network endpoint's
+                // replies) leaves through egress; ingress never sees it.
+                let from_node = program == Program::External && sent_by_node(&pkt);
+                let observed = if from_node {
+                    let out = l.run(Prog::TcEgress, &pkt);
+                    model.observe_egress(&pkt, out.verdict, &out.packet)
+                } else {
+                    let out = l.run(Prog::Tc(role), &pkt);
+                    model.observe_tc(&pkt, out.verdict, &out.packet)
+                };
+                match observed {
                     Ok((e, reasons)) => {
                         *r.kinds.entry(e.kind()).or_default() += 1;
                         for reason in reasons {
@@ -187,6 +205,9 @@ fn expected_reasons(program: Program) -> Vec<Reason> {
     }
     if program == Program::Xdp {
         r.extend([XdpTx, XdpRedirect, XdpPassedToTc]);
+    }
+    if program == Program::External {
+        r.push(LocalReplyTranslated);
     }
     r
 }

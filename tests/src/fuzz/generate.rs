@@ -87,15 +87,21 @@ pub fn packet(r: &mut Rng, m: &Model, clients: &[&str]) -> Vec<u8> {
             None => opening(r, m, clients),
         },
         7 => {
-            // From a backend to a client or the node, on no known flow.
-            let src = *r.pick(&["10.244.0.11", REMOTE_1, "10.244.3.12"]);
+            // From a backend (the node's own too) to a client or the node,
+            // on no known flow.
+            let (src, sport) = *r.pick(&[
+                ("10.244.0.11", 8080),
+                (REMOTE_1, 8080),
+                ("10.244.3.12", 8080),
+                (NODE, 8443),
+            ]);
             let dst = *r.pick(&[clients[0], NODE]);
             let port = if r.chance(50) {
                 1024 + r.below(29000) as u16
             } else {
                 40000 + r.below(64) as u16
             };
-            Builder::tcp(src, 8080, dst, port, flags(r, packet::SYN | packet::ACK))
+            Builder::tcp(src, sport, dst, port, flags(r, packet::SYN | packet::ACK))
         }
         8 => {
             if let Some(mut p) = icmp_error(r, m) {

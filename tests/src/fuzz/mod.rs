@@ -43,6 +43,9 @@ pub const NP_AFFINITY: u16 = 30090;
 pub const NP_LOCAL: u16 = 30100;
 /// Policy Local, endpoints only on other nodes.
 pub const NP_LOCAL_NONE: u16 = 30101;
+/// A NodePort whose endpoint is the node itself (host network): its replies
+/// leave through tc egress.
+pub const NP_HOST: u16 = 30443;
 
 pub fn a(s: &str) -> [u8; 4] {
     s.parse::<Ipv4Addr>().unwrap().octets()
@@ -121,6 +124,7 @@ pub fn frontends() -> Vec<Frontend> {
             policy_local: true,
             ..fe(np, NP_LOCAL_NONE, 17, vec![be(REMOTE_1, 5353, false)])
         },
+        fe(np, NP_HOST, 6, vec![be(NODE, 8443, true)]),
     ]
 }
 

@@ -316,6 +316,42 @@ impl Model {
         Predicted::Known(expect.sent_on(local), vec![Reason::IcmpErrorTranslated])
     }
 
+    /// Predicts what tc egress does with `pkt`: the replies of host-network
+    /// endpoints (a source that is a node address) to translated flows are
+    /// reverse-translated; nothing else is its business.
+    fn predict_egress(&mut self, pkt: &[u8]) -> (Expect, Vec<Reason>) {
+        let Parsed::Flow(flow) = parse(pkt) else {
+            return (Expect::Unchanged, vec![]);
+        };
+        if !self.world.is_node_addr(flow.t.saddr) {
+            return (Expect::Unchanged, vec![]);
+        }
+        match self.ct.get(&flow.t).copied() {
+            Some(e) if e.reply => {
+                if let Some(id) = flow.frag_id {
+                    self.frags.insert(id, (e.to.saddr, e.to.daddr, false));
+                }
+                let to = Expect::Rewritten { to: e.to, l4: true };
+                (to, vec![Reason::LocalReplyTranslated])
+            }
+            _ => (Expect::Unchanged, vec![]),
+        }
+    }
+
+    /// As `observe_tc`, for tc egress.
+    pub fn observe_egress(
+        &mut self,
+        pkt: &[u8],
+        verdict: u32,
+        out: &[u8],
+    ) -> Result<(Expect, Vec<Reason>), String> {
+        let (e, r) = self.predict_egress(pkt);
+        match check(pkt, verdict, out, &e) {
+            None => Ok((e, r)),
+            Some(m) => Err(format!("egress: {m}")),
+        }
+    }
+
     /// Runs the prediction for a tc program against what it did: Ok(the
     /// expectation met and the reasons it counts), Err(the disagreement).
     /// Updates the model's state as the program updated its maps.
