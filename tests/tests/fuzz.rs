@@ -29,18 +29,47 @@ enum Program {
     Xdp,
 }
 
+/// What one program of a run was predicted to do, as the model met it.
+#[derive(Default, Debug)]
+struct Tally {
+    /// Outcomes by kind (the model's, or XDP's own step).
+    kinds: BTreeMap<String, u64>,
+    reasons: BTreeMap<&'static str, u64>,
+}
+
+impl Tally {
+    fn add(&mut self, kind: String, reasons: Vec<Reason>) {
+        *self.kinds.entry(kind).or_default() += 1;
+        self.count(reasons);
+    }
+
+    fn count(&mut self, reasons: Vec<Reason>) {
+        for reason in reasons {
+            *self.reasons.entry(reason.name()).or_default() += 1;
+        }
+    }
+
+    /// Packets counted under a reason of `verdict`.
+    fn verdict(&self, verdict: Verdict) -> u64 {
+        Reason::ALL
+            .iter()
+            .filter(|x| x.verdict() == verdict)
+            .map(|x| self.reasons.get(x.name()).copied().unwrap_or(0))
+            .sum()
+    }
+}
+
 /// What a run saw.
 #[derive(Default)]
 struct Report {
     packets: u64,
     refused: u64,
     mismatches: Vec<String>,
-    /// The model's outcomes by kind (for tc: every packet tc ran).
-    kinds: BTreeMap<&'static str, u64>,
-    /// XDP's own verdicts.
-    xdp: BTreeMap<String, u64>,
-    /// Reasons the model predicted, and what the programs counted.
-    predicted: BTreeMap<&'static str, u64>,
+    /// By program part: tc ingress, tc egress, XDP.
+    tc: Tally,
+    egress: Tally,
+    xdp: Tally,
+    /// What the programs counted (one REASONS map for all of them).
     counted: BTreeMap<&'static str, u64>,
 }
 
@@ -51,6 +80,14 @@ impl Report {
         } else {
             self.mismatches.push(String::new());
         }
+    }
+
+    fn predicted(&self) -> BTreeMap<&'static str, u64> {
+        let mut all = self.tc.reasons.clone();
+        for (k, v) in self.egress.reasons.iter().chain(&self.xdp.reasons) {
+            *all.entry(k).or_default() += v;
+        }
+        all
     }
 }
 
@@ -135,10 +172,7 @@ fn run(program: Program, stream: &'static str, packets: u64, seconds: u64) -> Re
                             continue;
                         }
                         Ok((step, reasons)) => {
-                            *r.xdp.entry(format!("{step:?}")).or_default() += 1;
-                            for reason in reasons {
-                                *r.predicted.entry(reason.name()).or_default() += 1;
-                            }
+                            r.xdp.add(format!("{step:?}"), reasons);
                             if !matches!(step, XdpStep::Passed) {
                                 continue;
                             }
@@ -152,22 +186,20 @@ fn run(program: Program, stream: &'static str, packets: u64, seconds: u64) -> Re
                 // What the node itself sends (a host-network endpoint's
                 // replies) leaves through egress; ingress never sees it.
                 let from_node = program == Program::External && sent_by_node(&pkt);
-                let observed = if from_node {
+                let (observed, tally) = if from_node {
                     let out = l.run(Prog::TcEgress, &pkt);
-                    model.observe_egress(&pkt, out.verdict, &out.packet)
+                    let o = model.observe_egress(&pkt, out.verdict, &out.packet);
+                    (o, &mut r.egress)
                 } else {
                     let out = l.run(Prog::Tc(role), &pkt);
-                    model.observe_tc(&pkt, out.verdict, &out.packet)
+                    let o = model.observe_tc(&pkt, out.verdict, &out.packet);
+                    (o, &mut r.tc)
                 };
                 match observed {
-                    Ok((e, reasons)) => {
-                        *r.kinds.entry(e.kind()).or_default() += 1;
-                        for reason in reasons {
-                            *r.predicted.entry(reason.name()).or_default() += 1;
-                        }
-                    }
+                    Ok((e, reasons)) => tally.add(e.kind().to_string(), reasons),
                     Err(m) => r.mismatch(n, &pkt, m),
                 }
+                r.xdp.count(model.take_deferred_xdp_reasons());
             }
             for reason in Reason::ALL {
                 let c = l.reason(reason);
@@ -180,8 +212,8 @@ fn run(program: Program, stream: &'static str, packets: u64, seconds: u64) -> Re
         .expect("the fuzz run in the world's namespace")
 }
 
-/// The reasons each program's world must produce, at least `MIN` times each.
-fn expected_reasons(program: Program) -> Vec<Reason> {
+/// The reasons tc ingress must count in each world, at least `MIN` times each.
+fn tc_reasons(program: Program) -> Vec<Reason> {
     use Reason::*;
     let mut r = vec![
         RejectedNoBackend,
@@ -203,16 +235,49 @@ fn expected_reasons(program: Program) -> Vec<Reason> {
     if program != Program::Pod {
         r.push(SnatFlow);
     }
-    if program == Program::Xdp {
-        r.extend([XdpTx, XdpRedirect, XdpPassedToTc]);
-    }
-    if program == Program::External {
-        r.push(LocalReplyTranslated);
-    }
     r
 }
 
+/// XDP's own: how it sends, what it hands to tc, what it drops, and the
+/// flows it opens.
+const XDP_REASONS: [Reason; 11] = [
+    Reason::XdpTx,
+    Reason::XdpRedirect,
+    Reason::XdpPassedToTc,
+    Reason::CtInvalid,
+    Reason::SourceRangeDenied,
+    Reason::NewFlow,
+    Reason::SnatFlow,
+    Reason::CtHit,
+    Reason::ReplyTranslated,
+    Reason::AffinityHit,
+    Reason::TupleClashPortRewritten,
+];
+
 const MIN: u64 = 20;
+
+/// Fails unless every reason of `reasons`, every verdict of `verdicts` and
+/// every outcome of `kinds` occurred `MIN` times or more in `t`.
+fn assert_covered(part: &str, t: &Tally, reasons: &[Reason], verdicts: &[Verdict], kinds: &[&str]) {
+    for reason in reasons {
+        let got = t.reasons.get(reason.name()).copied().unwrap_or(0);
+        assert!(
+            got >= MIN,
+            "{part}: only {got} packets counted {reason:?}: {t:?}"
+        );
+    }
+    for v in verdicts {
+        let got = t.verdict(*v);
+        assert!(got >= MIN, "{part}: only {got} packets {}: {t:?}", v.name());
+    }
+    for kind in kinds {
+        let got = t.kinds.get(*kind).copied().unwrap_or(0);
+        assert!(
+            got >= MIN,
+            "{part}: only {got} packets expected {kind}: {t:?}"
+        );
+    }
+}
 
 fn fuzz(program: Program, stream: &'static str) {
     let (packets, seconds) = settings();
@@ -222,8 +287,8 @@ fn fuzz(program: Program, stream: &'static str) {
     );
     let r = run(program, stream, packets, seconds);
     eprintln!(
-        "{program:?}: {} packets; tc outcomes {:?}; XDP {:?}\n  reasons counted {:?}",
-        r.packets, r.kinds, r.xdp, r.counted
+        "{program:?}: {} packets\n  tc {:?}\n  egress {:?}\n  XDP {:?}",
+        r.packets, r.tc, r.egress, r.xdp
     );
     let replay = format!("(replay: TEST_SEED={seed:#x})");
     assert!(
@@ -240,38 +305,16 @@ fn fuzz(program: Program, stream: &'static str) {
         r.packets
     );
     assert_eq!(
-        r.predicted, r.counted,
+        r.predicted(),
+        r.counted,
         "reasons the model predicted (left) and the programs counted (right) {replay}"
     );
     // A short run (FUZZ_SECONDS, FUZZ_PACKETS) cannot be held to the tallies.
     if r.packets < 60_000 {
         return;
     }
-    for reason in expected_reasons(program) {
-        let got = r.counted.get(reason.name()).copied().unwrap_or(0);
-        assert!(
-            got >= MIN,
-            "{program:?}: only {got} packets counted {reason:?} {replay}"
-        );
-    }
-    for verdict in [
-        Verdict::Passed,
-        Verdict::Translated,
-        Verdict::Answered,
-        Verdict::Dropped,
-    ] {
-        let got: u64 = Reason::ALL
-            .iter()
-            .filter(|x| x.verdict() == verdict)
-            .map(|x| r.counted.get(x.name()).copied().unwrap_or(0))
-            .sum();
-        assert!(
-            got >= 10 * MIN,
-            "{program:?}: only {got} packets {}",
-            verdict.name()
-        );
-    }
-    for kind in [
+    use Verdict::*;
+    let kinds = [
         "Unchanged",
         "Drop",
         "Rewritten",
@@ -280,19 +323,25 @@ fn fuzz(program: Program, stream: &'static str) {
         "PortUnreachable",
         "IcmpRewritten",
         "ToNextHop",
-    ] {
-        let got = r.kinds.get(kind).copied().unwrap_or(0);
-        assert!(
-            got >= MIN,
-            "{program:?}: only {got} packets expected {kind}: {:?}",
-            r.kinds
-        );
-    }
-    if program == Program::Xdp {
-        for step in ["Passed", "Dropped", "Forwarded"] {
-            let got = r.xdp.get(step).copied().unwrap_or(0);
-            assert!(got >= MIN, "XDP {step} only {got} times: {:?}", r.xdp);
-        }
+    ];
+    let all = [Passed, Translated, Answered, Dropped];
+    assert_covered("tc ingress", &r.tc, &tc_reasons(program), &all, &kinds);
+    match program {
+        Program::External => assert_covered(
+            "tc egress",
+            &r.egress,
+            &[Reason::LocalReplyTranslated],
+            &[Translated],
+            &["Unchanged", "Rewritten"],
+        ),
+        Program::Xdp => assert_covered(
+            "XDP",
+            &r.xdp,
+            &XDP_REASONS,
+            &[Passed, Translated, Dropped],
+            &["Passed", "Dropped", "Forwarded"],
+        ),
+        Program::Pod => {}
     }
 }
 

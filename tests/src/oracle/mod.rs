@@ -131,6 +131,8 @@ pub struct Model {
     frags: HashMap<FragId, ([u8; 4], [u8; 4], bool)>,
     /// A flow XDP opened and passed on: tc carries its first packet.
     pending: Option<Vec<Candidate>>,
+    /// What XDP counted for that packet, learnt from tc's choice.
+    deferred_xdp: Vec<Reason>,
 }
 
 fn be16(b: &[u8], off: usize) -> u16 {
@@ -226,7 +228,14 @@ impl Model {
             affinity: HashMap::new(),
             frags: HashMap::new(),
             pending: None,
+            deferred_xdp: vec![],
         }
+    }
+
+    /// The reasons XDP counted for the last packet tc carried after it, when
+    /// only tc's output told which they were (a new flow XDP passed on).
+    pub fn take_deferred_xdp_reasons(&mut self) -> Vec<Reason> {
+        std::mem::take(&mut self.deferred_xdp)
     }
 
     /// A conntrack key of a flow the model holds (either direction) and
@@ -371,6 +380,7 @@ impl Model {
                     .choose(pkt, out, candidates, |e| check(pkt, verdict, out, e))
                     .map_err(|m| format!("{m} (verdict {verdict})"))?;
                 let reasons = c.tc_reasons.clone();
+                self.deferred_xdp = c.xdp_reasons.clone();
                 self.commit(&c, &e);
                 Ok((e, reasons))
             }

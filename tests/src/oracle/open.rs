@@ -1,7 +1,7 @@
 //! New flows in the model: which translations the program may choose (any
 //! eligible backend, any free port where it picks one), and recording the
 //! one it chose so the rest of the flow is held to it.
-use service_common::{Reason, SNAT_PORT_COUNT, SNAT_PORT_MIN};
+use service_common::Reason;
 
 use super::{Entry, Expect, Flow, FragId, Model, SourceClass, Tuple, be16};
 
@@ -13,8 +13,10 @@ pub struct Candidate {
     frag_id: Option<FragId>,
     fe: usize,
     backend: usize,
-    /// The translated tuple; with `any_port` its source port is any port of
-    /// the SNAT range whose reply tuple no other flow holds.
+    /// The translated tuple; with `any_port` its source port is any port
+    /// whose reply tuple no other flow holds (how the program picks it, in
+    /// which range and in what order, is its own business; that the reply
+    /// tuple is free is what keeps flows apart).
     pub to: Tuple,
     pub any_port: bool,
     /// Source-NATed to the node.
@@ -27,10 +29,9 @@ pub struct Candidate {
     pub events: Vec<Reason>,
     /// What tc counts for the packet.
     pub tc_reasons: Vec<Reason>,
-}
-
-fn snat_port(p: u16) -> bool {
-    (SNAT_PORT_MIN..SNAT_PORT_MIN + SNAT_PORT_COUNT).contains(&p)
+    /// What XDP counted for it, known once tc reveals the choice (a flow
+    /// XDP recorded and passed on).
+    pub xdp_reasons: Vec<Reason>,
 }
 
 type Refused = (Expect, Vec<Reason>);
@@ -118,6 +119,7 @@ impl Model {
                     reply_local: to_node_addr,
                     fresh_affinity: fe.affinity && affine.is_none(),
                     tc_reasons: events.clone(),
+                    xdp_reasons: vec![],
                     events,
                 }
             })
@@ -163,7 +165,7 @@ impl Model {
         };
         let Some(c) = candidates.iter().find(|c| {
             let port_ok = if c.any_port {
-                snat_port(got.sport) && !self.ct.contains_key(&Tuple { ..got }.reversed())
+                got.sport != 0 && !self.ct.contains_key(&got.reversed())
             } else {
                 got.sport == c.to.sport
             };

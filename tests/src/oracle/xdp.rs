@@ -134,11 +134,11 @@ impl Model {
                 passing
                     .into_iter()
                     .map(|mut c| {
-                        c.tc_reasons = c.events.clone();
+                        c.xdp_reasons = c.events.clone();
                         if c.snat {
-                            c.tc_reasons.push(Reason::XdpPassedToTc);
+                            c.xdp_reasons.push(Reason::XdpPassedToTc);
                         }
-                        c.tc_reasons.push(Reason::CtHit);
+                        c.tc_reasons = vec![Reason::CtHit];
                         c
                     })
                     .collect(),
