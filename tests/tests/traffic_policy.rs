@@ -27,11 +27,19 @@ fn cluster(xdp: &'static str) -> Cluster {
         "web",
         "10.96.0.10",
         &[("http", "TCP", 80, "http")],
-        &format!("  type: LoadBalancer\n  externalTrafficPolicy: Local\n  externalIPs: [{EXTERNAL_IP}]\n"),
+        &format!(
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  externalIPs: [{EXTERNAL_IP}]\n"
+        ),
     )
-    .replace("targetPort: \"http\"}", "targetPort: \"http\", nodePort: 30080}");
+    .replace(
+        "targetPort: \"http\"}",
+        "targetPort: \"http\", nodePort: 30080}",
+    );
     let status = format!("status:\n  loadBalancer:\n    ingress: [{{ip: {LB_IP}}}]\n");
-    nodes.dir.write("svc.yaml", &format!("{svc}{status}")).unwrap();
+    nodes
+        .dir
+        .write("svc.yaml", &format!("{svc}{status}"))
+        .unwrap();
     let t = nodes
         .start(&[
             "--external-ip-allow",
@@ -44,7 +52,10 @@ fn cluster(xdp: &'static str) -> Cluster {
     // an L2 or BGP announcer would arrange).
     for ip in [LB_IP, EXTERNAL_IP] {
         let via = t.topo.nodes[0].ip.to_string();
-        t.topo.clients[0].ns.ip(&["route", "add", ip, "via", &via]).unwrap();
+        t.topo.clients[0]
+            .ns
+            .ip(&["route", "add", ip, "via", &via])
+            .unwrap();
     }
     t
 }
@@ -54,12 +65,19 @@ fn at(ip: impl Into<Ipv4Addr>, port: u16) -> SocketAddrV4 {
 }
 
 fn from_pod(t: &Cluster, pod: &str, to: SocketAddrV4) -> std::io::Result<Reply> {
-    t.topo.pod(pod).ns.within(move || traffic::tcp_ask(to, T)).unwrap()
+    t.topo
+        .pod(pod)
+        .ns
+        .within(move || traffic::tcp_ask(to, T))
+        .unwrap()
 }
 
 fn from_outside(t: &Cluster, to: SocketAddrV4) -> std::io::Result<Reply> {
     let quick = Duration::from_millis(700);
-    t.topo.clients[0].ns.within(move || traffic::tcp_ask(to, quick)).unwrap()
+    t.topo.clients[0]
+        .ns
+        .within(move || traffic::tcp_ask(to, quick))
+        .unwrap()
 }
 
 fn counter(t: &Cluster, node: usize, reason: &str) -> u64 {
@@ -74,24 +92,43 @@ fn pods_inside_the_cluster_reach_a_local_service_without_a_local_endpoint(xdp: &
     let list = t.agents[0].list().unwrap();
     assert!(list.contains("*:30080/TCP -> (no endpoints"), "{list}");
     assert!(
-        list.contains(&format!("*:30080/TCP (in-cluster) -> {}:8080", t.topo.pod("web-2").ip)),
+        list.contains(&format!(
+            "*:30080/TCP (in-cluster) -> {}:8080",
+            t.topo.pod("web-2").ip
+        )),
         "{list}"
     );
     // From outside: dropped on node-1, as policy Local asks, on every address.
     let dropped = counter(&t, 0, "no_local_endpoint");
-    for to in [at(node1, 30080), at(LB_IP.parse::<Ipv4Addr>().unwrap(), 80), at(EXTERNAL_IP.parse::<Ipv4Addr>().unwrap(), 80)] {
+    for to in [
+        at(node1, 30080),
+        at(LB_IP.parse::<Ipv4Addr>().unwrap(), 80),
+        at(EXTERNAL_IP.parse::<Ipv4Addr>().unwrap(), 80),
+    ] {
         let e = from_outside(&t, to).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{to}: dropped, not rejected");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut,
+            "{to}: dropped, not rejected"
+        );
     }
     assert!(counter(&t, 0, "no_local_endpoint") >= dropped + 3);
     // From pod c1 on node-1 to node-1's NodePort, the LB IP and the
     // externalIP: answered by web-2 on node-2, the pod's address kept (no
     // masquerade, as kube-proxy's short-circuit).
     let c1 = IpAddr::V4(t.topo.pod("c1").ip);
-    for to in [at(node1, 30080), at(LB_IP.parse::<Ipv4Addr>().unwrap(), 80), at(EXTERNAL_IP.parse::<Ipv4Addr>().unwrap(), 80)] {
+    for to in [
+        at(node1, 30080),
+        at(LB_IP.parse::<Ipv4Addr>().unwrap(), 80),
+        at(EXTERNAL_IP.parse::<Ipv4Addr>().unwrap(), 80),
+    ] {
         for _ in 0..5 {
             let r = from_pod(&t, "c1", to).unwrap_or_else(|e| panic!("c1 -> {to}: {e}"));
-            assert_eq!((r.server.as_str(), r.seen_from.ip()), ("web-2", c1), "c1 -> {to}");
+            assert_eq!(
+                (r.server.as_str(), r.seen_from.ip()),
+                ("web-2", c1),
+                "c1 -> {to}"
+            );
         }
     }
     // From c1 to node-2's NodePort: on node-2 the endpoint is local anyway.
@@ -103,7 +140,10 @@ fn pods_inside_the_cluster_reach_a_local_service_without_a_local_endpoint(xdp: &
     // would otherwise go straight back to c2, past node-1).
     for _ in 0..5 {
         let r = from_pod(&t, "c2", at(node1, 30080)).unwrap();
-        assert_eq!((r.server.as_str(), r.seen_from.ip()), ("web-2", IpAddr::V4(node1)));
+        assert_eq!(
+            (r.server.as_str(), r.seen_from.ip()),
+            ("web-2", IpAddr::V4(node1))
+        );
     }
     // Once web-2 is gone the Service has no endpoint: refused for everyone.
     t.write_pods(|_| false).unwrap();

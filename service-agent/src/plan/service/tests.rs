@@ -135,12 +135,18 @@ fn the_external_sets_are_what_they_were_without_the_in_cluster_one() {
                 assert_eq!(&without, cluster_policy, "{node} {k}");
             } else {
                 assert_eq!(f.in_cluster.as_ref(), Some(&cluster_policy.backends));
-                assert_eq!(without.affinity_timeout_s, cluster_policy.affinity_timeout_s);
+                assert_eq!(
+                    without.affinity_timeout_s,
+                    cluster_policy.affinity_timeout_s
+                );
             }
         }
     }
     // Policy Cluster: no frontend has a second set.
-    let p = plan_on("node-1", &service("  externalTrafficPolicy: Cluster\n", MIXED));
+    let p = plan_on(
+        "node-1",
+        &service("  externalTrafficPolicy: Cluster\n", MIXED),
+    );
     assert!(p.frontends.values().all(|f| f.in_cluster.is_none()));
 }
 
@@ -183,7 +189,13 @@ fn the_in_cluster_set_falls_back_to_terminating_endpoints_cluster_wide() {
     }
     // A ready endpoint elsewhere wins over the local terminating one for
     // inside sources, while outside ones keep the local terminating one.
-    let p = plan_on("node-1", &service(LOCAL, &MIXED[MIXED.find("- {addresses: [10.244.2.5]").unwrap()..]));
+    let p = plan_on(
+        "node-1",
+        &service(
+            LOCAL,
+            &MIXED[MIXED.find("- {addresses: [10.244.2.5]").unwrap()..],
+        ),
+    );
     let np = EXTERNAL[0];
     assert_eq!(addrs(&frontend(&p, np).backends), ["10.244.1.6:8080"]);
     assert_eq!(in_cluster(&p, np).unwrap(), ["10.244.2.5:8080"]);
@@ -195,7 +207,10 @@ fn internal_traffic_policy_local_does_not_narrow_the_in_cluster_set() {
     // chain the ClusterIP uses.
     let both = format!("{LOCAL}  internalTrafficPolicy: Local\n");
     let p = plan_on("node-2", &service(&both, MIXED));
-    assert_eq!(addrs(&frontend(&p, CLUSTER_IP).backends), ["10.244.2.5:8080"]);
+    assert_eq!(
+        addrs(&frontend(&p, CLUSTER_IP).backends),
+        ["10.244.2.5:8080"]
+    );
     assert_eq!(
         in_cluster(&p, EXTERNAL[0]).unwrap(),
         ["10.244.1.5:8080", "10.244.2.5:8080"]

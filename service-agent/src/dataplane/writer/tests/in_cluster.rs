@@ -30,7 +30,9 @@ fn set_backends(c: &Contents, mk: ServiceKey) -> Option<Vec<Ipv4Addr>> {
     let m = c.services.get(&mk)?;
     Some(
         (1..=m.count)
-            .map(|slot| Ipv4Addr::from(c.backends[&c.services[&ServiceKey { slot, ..mk }].backend_id].addr))
+            .map(|slot| {
+                Ipv4Addr::from(c.backends[&c.services[&ServiceKey { slot, ..mk }].backend_id].addr)
+            })
             .collect(),
     )
 }
@@ -78,7 +80,10 @@ fn the_set_exists_before_the_flag_and_goes_after_it() {
     let start = maps.log.len();
     apply_clean(&mut w, &mut maps, &plan(vec![(fk, local(Some(&[1, 2])))]));
     let log = &maps.log[start..];
-    let (i, o) = (master_write(log, inner).unwrap(), master_write(log, own).unwrap());
+    let (i, o) = (
+        master_write(log, inner).unwrap(),
+        master_write(log, own).unwrap(),
+    );
     assert!(i < o, "the in-cluster master before the flag: {log:?}");
     // Dropping the set: the flag goes first, then the set.
     let start = maps.log.len();
@@ -90,7 +95,10 @@ fn the_set_exists_before_the_flag_and_goes_after_it() {
         .position(|op| *op == Op::Remove(EntryKey::Service(inner)))
         .unwrap();
     assert!(flag_off < gone, "{log:?}");
-    assert_eq!(maps.contents, programmed(&plan(vec![(fk, local(None))])).0.contents);
+    assert_eq!(
+        maps.contents,
+        programmed(&plan(vec![(fk, local(None))])).0.contents
+    );
     // Removing the frontend (also incrementally) removes both sets.
     for incremental in [false, true] {
         let (mut maps, mut w) = programmed(&plan(vec![(fk, local(Some(&[2])))]));
@@ -186,8 +194,12 @@ fn cluster_cidrs_are_kept_under_their_id_and_survive_adoption() {
     let mut w = writer(&mut maps);
     apply_clean(&mut w, &mut maps, &p);
     assert_eq!(ours(&maps.contents).len(), 2);
-    w.set_cluster_cidrs(&mut maps, &nets(&["10.244.0.0/16"])).unwrap();
-    assert_eq!(ours(&maps.contents), BTreeSet::from([range("10.244.0.0/16")]));
+    w.set_cluster_cidrs(&mut maps, &nets(&["10.244.0.0/16"]))
+        .unwrap();
+    assert_eq!(
+        ours(&maps.contents),
+        BTreeSet::from([range("10.244.0.0/16")])
+    );
     w.set_cluster_cidrs(&mut maps, &[]).unwrap();
     assert!(ours(&maps.contents).is_empty());
     // The frontend's own range is untouched throughout.
