@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub pod_iface_globs: Vec<String>,
     /// Fixed node addresses; empty: every non-loopback IPv4 address of the namespace.
     pub node_ips: Vec<Ipv4Addr>,
+    /// The cluster's pod ranges: sources inside the cluster on the wire.
+    pub cluster_cidrs: Vec<plan::ipnet_lite::Ipv4Net>,
     /// The XDP fast path on the external interfaces.
     pub xdp: XdpMode,
     /// The cgroup whose sockets of this namespace are translated at connect().
@@ -346,7 +348,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .source
         .start(cfg.node.name.as_deref(), tx, pending.clone())
         .await?;
-    let dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
+    let mut dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
+    (dp.writer)
+        .set_cluster_cidrs(&mut dp.tables, &cfg.cluster_cidrs)
+        .context("writing --cluster-cidr")?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = cfg.metrics_addr {
         metrics::serve(

@@ -161,6 +161,13 @@ pub struct RunArgs {
     /// outside them is refused. Without it any address is accepted.
     #[arg(long = "service-cidr", value_parser = parse_net)]
     pub service_cidrs: Vec<Ipv4Net>,
+    /// The cluster's pod range(s), as kube-proxy's --cluster-cidr: traffic
+    /// from them arriving on an external interface counts as inside the
+    /// cluster, to which externalTrafficPolicy Local does not apply (it
+    /// reaches the cluster-wide endpoints). Traffic from pod interfaces and
+    /// from the node's own sockets always counts as inside.
+    #[arg(long = "cluster-cidr", value_parser = parse_net)]
+    pub cluster_cidrs: Vec<Ipv4Net>,
     /// cgroup v2 directory whose processes' sockets (in this network
     /// namespace only) are translated at connect()/sendmsg() time: host
     /// processes reaching Services. Default: the cgroup2 mount from

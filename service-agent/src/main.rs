@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
                 node_ips,
                 external_ip_allow,
                 service_cidrs,
+                cluster_cidrs,
                 resync_seconds,
                 frontends_max,
                 services_max,
@@ -100,6 +101,7 @@ fn main() -> anyhow::Result<()> {
                     zone: node_zone,
                 },
                 node_ips,
+                cluster_cidrs,
                 sizes: MapSizes {
                     frontends: frontends_max,
                     services: services_max,

@@ -89,9 +89,19 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// Scope of a service entry: every entry is cluster-wide today (the planner
-/// resolves traffic policies into the slots it writes).
+/// Scope of a service entry set: the one every source uses, except sources
+/// inside the cluster when its master carries SVC_F_IN_CLUSTER. The planner
+/// resolves the traffic policies into the slots of each set.
 pub const SCOPE_ALL: u8 = 0;
+/// The entry set for sources inside the cluster (pods, the node itself) of
+/// an external frontend with `externalTrafficPolicy: Local`: that policy
+/// applies to traffic from outside only, so these get the cluster-wide
+/// endpoints, as kube-proxy's short-circuit gives them.
+pub const SCOPE_IN_CLUSTER: u8 = 1;
+/// SOURCE_RANGES entries under this id (no frontend has it: svc_ids start
+/// at 1) are the cluster's pod ranges (`--cluster-cidr`): a source in them
+/// arriving on an external interface is inside the cluster.
+pub const CLUSTER_CIDRS_ID: u32 = 0;
 
 /// Key of the SERVICES map. Slot 0 is the master entry of a frontend; slots
 /// 1..=count hold its backends. A NodePort frontend has `addr == [0; 4]` and
@@ -116,6 +126,9 @@ pub const SVC_F_NODEPORT: u16 = 1 << 2;
 /// New flows are accepted only from sources in SOURCE_RANGES for this svc_id
 /// (a LoadBalancer's `loadBalancerSourceRanges`).
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 3;
+/// Sources inside the cluster use the SCOPE_IN_CLUSTER entry set under the
+/// same address, port and protocol (its own master, svc_id and slots).
+pub const SVC_F_IN_CLUSTER: u16 = 1 << 4;
 
 /// Value of the SERVICES map. In the master entry (slot 0) `count`, `flags`
 /// and `affinity_timeout_s` are meaningful and `backend_id` is 0; in a slot

@@ -71,6 +71,7 @@ pub fn frontend(service: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -
         port_name: String::new(),
         kind,
         backends,
+        in_cluster: None,
         affinity_timeout_s: None,
         reject_when_empty: true,
         source_ranges: vec![],

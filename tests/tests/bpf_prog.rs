@@ -726,3 +726,48 @@ fn flows_whose_reply_tuples_clash_each_get_their_own_replies() {
         assert_eq!(l.reason(Reason::TupleClashPortRewritten), 1);
     }
 }
+
+/// The entry set a new flow to a Local external frontend uses: sources
+/// inside the cluster (a pod interface, or the external interface from the
+/// cluster's pod range) the in-cluster set, everyone else the frontend's
+/// own. The two sets share no backend here, so the backend names the set.
+#[test]
+fn sources_inside_the_cluster_use_the_in_cluster_set_of_a_local_frontend() {
+    const NODE: &str = "192.168.77.11";
+    const OWN: &str = "10.244.1.5";
+    const IN_CLUSTER: &str = "10.244.1.6";
+    let mut np = bpf::frontend(
+        "default/web",
+        FrontendKind::NodePort,
+        vec![bpf::backend(ip(OWN), 8080, true)],
+    );
+    np.in_cluster = Some(vec![bpf::backend(ip(IN_CLUSTER), 8080, true)]);
+    let mut l = load(vec![(key("0.0.0.0", 30080, Protocol::Tcp), np)]);
+    l.set_node_addr(ip(NODE)).unwrap();
+    (l.dp.writer)
+        .set_cluster_cidrs(&mut l.dp.tables, &["10.244.0.0/16".parse().unwrap()])
+        .unwrap();
+    let external = Prog::Tc(IfaceRole::External);
+    let rows = [
+        ("a pod of this node", POD, CLIENT, IN_CLUSTER),
+        ("outside the cluster", external, "192.168.77.101", OWN),
+        ("a pod of another node", external, "10.244.3.7", IN_CLUSTER),
+        ("next to the pod range", external, "10.245.0.7", OWN),
+    ];
+    bpf::check_table(
+        &rows,
+        |r| r.0,
+        |&(_, prog, src, to)| {
+            let syn = Builder::tcp(src, 41000, NODE, 30080, SYN).build();
+            let out = l.run(prog, &syn);
+            let expect = Expect::Rewritten {
+                to: tuple(src, 41000, to, 8080, packet::TCP),
+                l4: true,
+            };
+            match oracle::check(&syn, out.verdict, &out.packet, &expect) {
+                Some(m) => bail!("{m}"),
+                None => Ok(()),
+            }
+        },
+    );
+}
