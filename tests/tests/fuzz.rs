@@ -18,7 +18,10 @@ use integration_tests::{
     oracle::{Model, SourceClass, XdpStep},
     rng::Rng,
 };
-use service_agent::dataplane::{IfaceRole, MapSizes};
+use service_agent::{
+    dataplane::{IfaceRole, MapSizes},
+    plan::ipnet_lite::Ipv4Net,
+};
 use service_common::{Reason, Verdict};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -102,6 +105,14 @@ fn refused_by_test_run(pkt: &[u8]) -> bool {
     }
 }
 
+/// The world's `--cluster-cidr` as the agent takes it.
+fn model_cidrs(w: &integration_tests::oracle::World) -> Vec<Ipv4Net> {
+    w.cluster_cidrs
+        .iter()
+        .map(|(n, l)| format!("{}/{l}", Ipv4Addr::from(*n)).parse().unwrap())
+        .collect()
+}
+
 /// An IPv4 packet whose source is one of the node's addresses.
 fn sent_by_node(pkt: &[u8]) -> bool {
     pkt.len() >= 34
@@ -139,6 +150,10 @@ fn run(program: Program, stream: &'static str, packets: u64, seconds: u64) -> Re
             let mut l = Loaded::with_plan("fuzz", &sizes, &fuzz::plan(&world)).unwrap();
             let node = |s: &str| s.parse::<Ipv4Addr>().unwrap();
             l.set_node_addrs(&[node(fuzz::NODE), node(fuzz::NODE2)], node(fuzz::NODE))
+                .unwrap();
+            let cidrs: Vec<_> = model_cidrs(&world);
+            l.dp.writer
+                .set_cluster_cidrs(&mut l.dp.tables, &cidrs)
                 .unwrap();
             let ingress = match program {
                 Program::Xdp => {
@@ -226,14 +241,14 @@ fn tc_reasons(program: Program) -> Vec<Reason> {
         CtHit,
         NewFlow,
         AffinityHit,
-        NoLocalEndpoint,
         IcmpErrorTranslated,
         CtInvalid,
         SourceRangeDenied,
         TupleClashPortRewritten,
     ];
+    // Policy Local drops only what comes from outside the cluster.
     if program != Program::Pod {
-        r.push(SnatFlow);
+        r.extend([SnatFlow, NoLocalEndpoint]);
     }
     r
 }

@@ -26,9 +26,17 @@ pub const LOCAL_B: &str = "10.244.0.12";
 /// on, and behind one on the node's other XDP interface.
 pub const REMOTE_1: &str = "10.244.2.11";
 pub const REMOTE_2: &str = "10.244.3.12";
-/// Clients outside the cluster: two on the node's network (inside the
-/// LoadBalancer's source range), one far away behind a router not resolved yet.
-pub const EXTERNAL_CLIENTS: [&str; 3] = ["192.168.50.100", "192.168.50.101", "203.0.113.7"];
+/// Clients on the node's external interfaces: two on its network (inside
+/// the LoadBalancer's source range), one far away behind a router not
+/// resolved yet, and one inside the cluster.
+pub const EXTERNAL_CLIENTS: [&str; 4] = [
+    "192.168.50.100",
+    "192.168.50.101",
+    "203.0.113.7",
+    // A pod of another node (inside `--cluster-cidr`): policy Local does
+    // not narrow what it reaches.
+    "10.244.5.9",
+];
 /// Pods; the last is a backend too (a pod reaching itself through a Service).
 pub const POD_CLIENTS: [&str; 3] = ["10.244.0.20", "10.244.0.21", LOCAL_A];
 
@@ -141,7 +149,8 @@ pub fn world(source: SourceClass, ext0: [u8; 6], ext2: [u8; 6]) -> World {
         node_addrs: vec![a(NODE), a(NODE2)],
         snat_addr: Some(a(NODE)),
         source,
-        local_policy_in_cluster: true,
+        cluster_cidrs: vec![(a("10.244.0.0"), 16)],
+        local_policy_in_cluster: false,
         routes: vec![
             (a("10.244.2.0"), 24, hop(PEER_MAC, ext0, true)),
             (a("10.244.3.0"), 24, hop(PEER2_MAC, ext2, false)),
@@ -173,6 +182,16 @@ pub fn plan(w: &World) -> Plan {
         };
         let mut p = bpf::frontend(&format!("fuzz/world-{i}"), kind, backends);
         p.reject_when_empty = reject;
+        // Sources inside the cluster get every endpoint: the planner's
+        // short-circuit for policy Local on external frontends with any.
+        if f.policy_local && !f.endpoints.is_empty() {
+            p.in_cluster = Some(
+                f.endpoints
+                    .iter()
+                    .map(|b| bpf::backend(b.addr.into(), b.port, b.local))
+                    .collect(),
+            );
+        }
         p.affinity_timeout_s = f.affinity.then_some(3600);
         p.source_ranges = f
             .source_ranges

@@ -124,8 +124,9 @@ pub struct Model {
     ct: HashMap<Tuple, Entry>,
     /// Every conntrack key, in insertion order, for generators to draw from.
     keys: Vec<Tuple>,
-    /// (client, frontend index) → the backend its flows go to.
-    affinity: HashMap<([u8; 4], usize), (usize, usize)>,
+    /// (client, frontend index, its in-cluster set) → the backend its new
+    /// flows go to.
+    affinity: HashMap<([u8; 4], usize, bool), usize>,
     /// (source, destination, IP id, protocol) → rewritten (source,
     /// destination) and whether they leave from a node address.
     frags: HashMap<FragId, ([u8; 4], [u8; 4], bool)>,

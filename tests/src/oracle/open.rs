@@ -12,6 +12,8 @@ pub struct Candidate {
     flow: Tuple,
     frag_id: Option<FragId>,
     fe: usize,
+    /// The frontend's entry set for sources inside the cluster.
+    set: bool,
     backend: usize,
     /// The translated tuple; with `any_port` its source port is any port
     /// whose reply tuple no other flow holds (how the program picks it, in
@@ -58,11 +60,13 @@ impl Model {
         if !fe.source_allowed(t.saddr) {
             return Err((Expect::Drop, vec![Reason::SourceRangeDenied]));
         }
+        let class = w.class_of(t.saddr);
+        let set = fe.in_cluster_set(class, w);
         let affine = fe
             .affinity
-            .then(|| self.affinity.get(&(t.saddr, fi)).map(|b| b.1))
+            .then(|| self.affinity.get(&(t.saddr, fi, set)).copied())
             .flatten();
-        let (eligible, reject) = fe.serving(source, w);
+        let (eligible, reject) = fe.serving(class, w);
         let chosen = match affine {
             Some(b) => vec![b],
             None if eligible.is_empty() => {
@@ -111,6 +115,7 @@ impl Model {
                     flow: t,
                     frag_id: flow.frag_id,
                     fe: fi,
+                    set,
                     backend: bi,
                     to,
                     any_port,
@@ -208,8 +213,7 @@ impl Model {
             }
         }
         if c.fresh_affinity {
-            self.affinity
-                .insert((c.flow.saddr, c.fe), (c.fe, c.backend));
+            self.affinity.insert((c.flow.saddr, c.fe, c.set), c.backend);
         }
         if let Some(id) = c.frag_id {
             self.frags.insert(id, (to.saddr, to.daddr, c.request_local));

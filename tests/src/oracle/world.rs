@@ -57,9 +57,16 @@ pub struct World {
     pub frontends: Vec<Frontend>,
     pub node_addrs: Vec<[u8; 4]>,
     pub snat_addr: Option<[u8; 4]>,
+    /// The interfaces the program sits on: External (traffic from outside
+    /// the node, source-NATed to backends on other nodes) or InCluster
+    /// (pod interfaces).
     pub source: SourceClass,
+    /// Sources on external interfaces that are inside the cluster anyway
+    /// (`--cluster-cidr`): (network, prefix length).
+    pub cluster_cidrs: Vec<([u8; 4], u8)>,
     /// Whether policy Local narrows in-cluster sources to local endpoints
-    /// too (the planner compiles one set of slots per frontend today).
+    /// too (it applies to traffic from outside only, as kube-proxy's
+    /// short-circuit has it: false).
     pub local_policy_in_cluster: bool,
     /// XDP's next hops: (network, prefix length, hop), longest match wins;
     /// no match is `Hop::Tc`.
@@ -88,12 +95,32 @@ impl Frontend {
         (eligible, self.endpoints.is_empty())
     }
 
+    /// Whether sources of `class` use the frontend's entry set for sources
+    /// inside the cluster (its own backends, and its own affinity).
+    pub fn in_cluster_set(&self, class: SourceClass, w: &World) -> bool {
+        self.policy_local
+            && class == SourceClass::InCluster
+            && !w.local_policy_in_cluster
+            && !self.endpoints.is_empty()
+    }
+
     pub fn source_allowed(&self, client: [u8; 4]) -> bool {
         self.source_ranges.is_empty() || self.source_ranges.iter().any(|r| in_net(client, *r))
     }
 }
 
 impl World {
+    /// Whether a packet from `saddr` seen by the world's program comes from
+    /// outside the cluster or inside, for traffic policies.
+    pub fn class_of(&self, saddr: [u8; 4]) -> SourceClass {
+        match self.source {
+            SourceClass::External if !self.cluster_cidrs.iter().any(|c| in_net(saddr, *c)) => {
+                SourceClass::External
+            }
+            _ => SourceClass::InCluster,
+        }
+    }
+
     pub fn is_node_addr(&self, a: [u8; 4]) -> bool {
         self.node_addrs.contains(&a)
     }
