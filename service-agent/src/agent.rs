@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub cgroup: CgroupTarget,
     /// Conntrack lifetimes by flow state, for the garbage collection.
     pub lifetimes: writer::Lifetimes,
+    /// The SNAT port range and the flood guard, for the programs.
+    pub flow_limits: writer::FlowLimits,
 }
 
 struct Agent {
@@ -346,7 +348,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .source
         .start(cfg.node.name.as_deref(), tx, pending.clone())
         .await?;
-    let dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
+    let mut dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
+    dp.writer
+        .set_flow_limits(&mut dp.tables, &cfg.flow_limits)
+        .context("writing the SNAT port range and flood threshold to META")?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = cfg.metrics_addr {
         metrics::serve(
