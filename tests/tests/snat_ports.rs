@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _},
     process::Command,
     time::{Duration, Instant},
 };
@@ -77,86 +77,138 @@ fn wait_conntrack_empty(agent: &Agent, limit: Duration) -> Result<(), usize> {
     }
 }
 
-/// One request on a new connection, ended with a reset (SO_LINGER 0), as
-/// many clients and proxies end theirs: the client keeps no TIME_WAIT, so
-/// it may use the same port again at once. Gives how long connect took,
-/// the client's port and the reply line.
-fn ask_and_abort(to: SocketAddrV4) -> std::io::Result<(Duration, u16, String)> {
+/// A TCP connection to `to` from local port `port` (SO_REUSEADDR, as a
+/// client pinning its ports would), within `T`.
+fn connect_from(port: u16, to: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let sa = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let check = |r: i32| {
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    };
+    let len = size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: plain socket calls on a socket this function owns, with
+    // argument structs of the sizes given.
+    unsafe {
+        let fd = check(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0))?;
+        let s = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let timeout = libc::timeval {
+            tv_sec: T.as_secs() as i64,
+            tv_usec: 0,
+        };
+        set(&s, libc::SO_REUSEADDR, &one)?;
+        // A blocking connect gives up after the send timeout.
+        set(&s, libc::SO_SNDTIMEO, &timeout)?;
+        let local = sa(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port));
+        check(libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len))?;
+        let remote = sa(to);
+        check(libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len))?;
+        Ok(s)
+    }
+}
+
+/// Sets a SOL_SOCKET option of `s` to `v`.
+fn set<V>(s: &TcpStream, opt: i32, v: &V) -> std::io::Result<()> {
+    // SAFETY: a valid socket and a value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (v as *const V).cast(),
+            size_of::<V>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One request on a new connection from `port`, ended with a reset
+/// (SO_LINGER 0), as many clients and proxies end theirs: the client keeps
+/// no TIME_WAIT and may use the port again at once. Gives how long connect
+/// took and the reply line.
+fn ask_and_abort(port: u16, to: SocketAddrV4) -> std::io::Result<(Duration, String)> {
     let started = Instant::now();
-    let mut s = TcpStream::connect_timeout(&to.into(), T)?;
+    let mut s = connect_from(port, to)?;
     let connected = started.elapsed();
-    let local = s.local_addr()?.port();
     s.set_read_timeout(Some(T))?;
     s.write_all(b"hello\n")?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
-    let linger = libc::linger {
+    let abort = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a valid socket and a linger struct of the size given.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    Ok((connected, local, line))
+    set(&s, libc::SO_LINGER, &abort)?;
+    Ok((connected, line))
 }
 
 #[test]
 fn short_connections_reusing_client_ports_never_stall_and_free_their_ports() {
-    // The client's 128 ports lie inside the node's SNAT range of 128: each
+    // The client cycles through 64 ports, the node's whole SNAT range: each
     // flow keeps its own port, so none waits on another's. Giving ports at
     // random (8 tries) finds the range full for some openings, whose SYN is
     // then dropped until the client retransmits a second later.
     let t = remote_backend_only(&[
         "--snat-port-range",
-        "20000-20127",
+        "20000-20063",
         "--conntrack-tcp-timeout-close",
         "2",
     ]);
     let client = &t.topo.clients[0];
-    client
-        .ns
-        .sysctl("net.ipv4.ip_local_port_range", "20000 20127")
-        .unwrap();
     let to = via_node_1(&t);
     let node_1 = IpAddr::V4(t.topo.nodes[0].ip);
-    let (done, problems) = client
+    let (done, stalled, astray) = client
         .ns
         .within(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
-            let (mut done, mut problems) = (0, vec![]);
+            let (mut done, mut stalled, mut astray) = (0, vec![], vec![]);
             while done < 2_000 && Instant::now() < deadline {
+                let port = 20_000 + (done % 64) as u16;
                 done += 1;
-                match ask_and_abort(to) {
+                match ask_and_abort(port, to) {
                     // A dropped SYN shows as a connect of a second or more
                     // (the first retransmission).
-                    Ok((took, _, _)) if took >= Duration::from_secs(1) => {
-                        problems.push(format!("connect took {took:?}"))
+                    Ok((took, _)) if took >= Duration::from_secs(1) => {
+                        stalled.push(format!("connect took {took:?}"))
                     }
-                    Ok((_, port, line)) => {
+                    Ok((_, line)) => {
                         let want = format!("web-2 {}", SocketAddr::new(node_1, port));
                         if line.trim() != want {
-                            problems.push(format!("from port {port}: {line:?}, want {want:?}"));
+                            astray.push(format!("from port {port}: {line:?}, want {want:?}"));
                         }
                     }
-                    Err(e) => problems.push(format!("{e}")),
+                    Err(e) => stalled.push(format!("{e}")),
                 }
             }
-            (done, problems)
+            (done, stalled, astray)
         })
         .unwrap();
     assert!(done >= 500, "only {done} connections in a minute");
     assert!(
-        problems.is_empty(),
-        "{} of {done} connections stalled or went astray, e.g. {:?}",
-        problems.len(),
-        &problems[..problems.len().min(5)]
+        stalled.is_empty(),
+        "{} of {done} connections stalled, e.g. {:?}",
+        stalled.len(),
+        &stalled[..stalled.len().min(5)]
+    );
+    // Each kept its own port.
+    assert!(
+        astray.is_empty(),
+        "{} of {done} connections were not seen from the node with their own port, e.g. {:?}",
+        astray.len(),
+        &astray[..astray.len().min(5)]
     );
     let agent = &t.agents[0];
     assert_eq!(reason(agent, "snat_ports_exhausted"), 0);
