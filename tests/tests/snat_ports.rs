@@ -30,7 +30,10 @@ fn remote_backend_only(flags: &[&str]) -> Cluster {
         &[("http", "TCP", 80, "8080")],
         "  type: NodePort\n",
     )
-    .replace("targetPort: 8080}", &format!("targetPort: 8080, nodePort: {NODE_PORT}}}"));
+    .replace(
+        "targetPort: 8080}",
+        &format!("targetPort: 8080, nodePort: {NODE_PORT}}}"),
+    );
     nodes.dir.write("svc.yaml", &svc).unwrap();
     nodes.write_pods(|name| name == "web-2").unwrap();
     let t = nodes.start(flags).unwrap();
@@ -57,7 +60,10 @@ fn reason(agent: &Agent, name: &str) -> u64 {
 /// The CONNTRACK entry count in `list`'s fill line.
 fn conntrack_entries(agent: &Agent) -> usize {
     let l = agent.list().unwrap();
-    let n = l.split("CONNTRACK ").nth(1).and_then(|r| r.split('/').next());
+    let n = l
+        .split("CONNTRACK ")
+        .nth(1)
+        .and_then(|r| r.split('/').next());
     n.and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no CONNTRACK fill in {l}"))
 }
@@ -110,9 +116,17 @@ fn connect_from(port: u16, to: SocketAddrV4) -> std::io::Result<TcpStream> {
         // A blocking connect gives up after the send timeout.
         set(&s, libc::SO_SNDTIMEO, &timeout)?;
         let local = sa(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port));
-        check(libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len))?;
+        check(libc::bind(
+            fd,
+            (&local as *const libc::sockaddr_in).cast(),
+            len,
+        ))?;
         let remote = sa(to);
-        check(libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len))?;
+        check(libc::connect(
+            fd,
+            (&remote as *const libc::sockaddr_in).cast(),
+            len,
+        ))?;
         Ok(s)
     }
 }
@@ -281,7 +295,13 @@ fn a_full_snat_port_range_refuses_new_flows_counted_and_misdirects_nothing() {
 fn a_bad_snat_port_range_is_refused_naming_the_flag() {
     for bad in ["30000-20000", "0-100", "1024"] {
         let out = Command::new(agent_bin())
-            .args(["run", "--manifests", "/nonexistent", "--snat-port-range", bad])
+            .args([
+                "run",
+                "--manifests",
+                "/nonexistent",
+                "--snat-port-range",
+                bad,
+            ])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
