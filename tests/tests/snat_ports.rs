@@ -20,8 +20,15 @@ use integration_tests::{
 const NODE_PORT: u16 = 30080;
 
 /// NodePort Service `web` (80/TCP -> 8080, nodePort 30080) with only web-2,
-/// on node-2, ready: every connection through node-1 is source-NATed.
-fn remote_backend_only(flags: &[&str]) -> Cluster {
+/// on node-2, ready: every connection through node-1 is source-NATed, to a
+/// port of `snat_ports`; closed flows are forgotten after `close_s` seconds.
+fn remote_backend_only(snat_ports: &str, close_s: &str) -> Cluster {
+    let flags = [
+        "--snat-port-range",
+        snat_ports,
+        "--conntrack-tcp-timeout-close",
+        close_s,
+    ];
     let nodes = TwoNodes::new("off").unwrap();
     let svc = manifests::service(
         "web",
@@ -36,7 +43,7 @@ fn remote_backend_only(flags: &[&str]) -> Cluster {
     );
     nodes.dir.write("svc.yaml", &svc).unwrap();
     nodes.write_pods(|name| name == "web-2").unwrap();
-    let t = nodes.start(flags).unwrap();
+    let t = nodes.start(&flags).unwrap();
     let only_web_2 = format!("*:{NODE_PORT}/TCP -> {}:8080", t.topo.pod("web-2").ip);
     t.wait_all("web-2 alone", |l| {
         l.lines()
@@ -175,12 +182,7 @@ fn short_connections_reusing_client_ports_never_stall_and_free_their_ports() {
     // flow keeps its own port, so none waits on another's. Giving ports at
     // random (8 tries) finds the range full for some openings, whose SYN is
     // then dropped until the client retransmits a second later.
-    let t = remote_backend_only(&[
-        "--snat-port-range",
-        "20000-20063",
-        "--conntrack-tcp-timeout-close",
-        "2",
-    ]);
+    let t = remote_backend_only("20000-20063", "2");
     let client = &t.topo.clients[0];
     let to = via_node_1(&t);
     let node_1 = IpAddr::V4(t.topo.nodes[0].ip);
@@ -238,12 +240,7 @@ fn short_connections_reusing_client_ports_never_stall_and_free_their_ports() {
 
 #[test]
 fn a_full_snat_port_range_refuses_new_flows_counted_and_misdirects_nothing() {
-    let t = remote_backend_only(&[
-        "--snat-port-range",
-        "20000-20003",
-        "--conntrack-tcp-timeout-close",
-        "1",
-    ]);
+    let t = remote_backend_only("20000-20003", "1");
     let client = &t.topo.clients[0];
     let to = via_node_1(&t);
     let mut held: Vec<HeldConnection> = (0..4)
