@@ -14,7 +14,7 @@ use integration_tests::{
     agent::{Agent, agent_bin},
     fixture::{Cluster, T, TwoNodes},
     manifests,
-    traffic::HeldConnection,
+    traffic::{self, HeldConnection},
 };
 
 const NODE_PORT: u16 = 30080;
@@ -22,14 +22,15 @@ const NODE_PORT: u16 = 30080;
 /// NodePort Service `web` (80/TCP -> 8080, nodePort 30080) with only web-2,
 /// on node-2, ready: every connection through node-1 is source-NATed, to a
 /// port of `snat_ports`; closed flows are forgotten after `close_s` seconds.
-fn remote_backend_only(snat_ports: &str, close_s: &str) -> Cluster {
+/// `xdp` is the agents' --xdp mode (XDP carries these flows when it can).
+fn remote_backend_only(xdp: &'static str, snat_ports: &str, close_s: &str) -> Cluster {
     let flags = [
         "--snat-port-range",
         snat_ports,
         "--conntrack-tcp-timeout-close",
         close_s,
     ];
-    let nodes = TwoNodes::new("off").unwrap();
+    let nodes = TwoNodes::new(xdp).unwrap();
     let svc = manifests::service(
         "web",
         "web",
@@ -176,13 +177,12 @@ fn ask_and_abort(port: u16, to: SocketAddrV4) -> std::io::Result<(Duration, Stri
     Ok((connected, line))
 }
 
-#[test]
-fn short_connections_reusing_client_ports_never_stall_and_free_their_ports() {
+fn short_connections_reusing_client_ports_never_stall_and_free_their_ports(xdp: &'static str) {
     // The client cycles through 64 ports, the node's whole SNAT range: each
     // flow keeps its own port, so none waits on another's. Giving ports at
     // random (8 tries) finds the range full for some openings, whose SYN is
     // then dropped until the client retransmits a second later.
-    let t = remote_backend_only("20000-20063", "2");
+    let t = remote_backend_only(xdp, "20000-20063", "2");
     let client = &t.topo.clients[0];
     let to = via_node_1(&t);
     let node_1 = IpAddr::V4(t.topo.nodes[0].ip);
@@ -228,6 +228,10 @@ fn short_connections_reusing_client_ports_never_stall_and_free_their_ports() {
     );
     let agent = &t.agents[0];
     assert_eq!(reason(agent, "snat_ports_exhausted"), 0);
+    if xdp != "off" {
+        let by_xdp = reason(agent, "xdp_tx") + reason(agent, "xdp_redirect");
+        assert!(by_xdp > 1_000, "XDP carried {by_xdp} packets");
+    }
     // Every flow ended with a reset: both of its entries, and so its port,
     // go within the close lifetime and a garbage collection round.
     if let Err(left) = wait_conntrack_empty(agent, Duration::from_secs(30)) {
@@ -238,9 +242,8 @@ fn short_connections_reusing_client_ports_never_stall_and_free_their_ports() {
     }
 }
 
-#[test]
-fn a_full_snat_port_range_refuses_new_flows_counted_and_misdirects_nothing() {
-    let t = remote_backend_only("20000-20003", "1");
+fn a_full_snat_port_range_refuses_new_flows_counted_and_misdirects_nothing(xdp: &'static str) {
+    let t = remote_backend_only(xdp, "20000-20003", "1");
     let client = &t.topo.clients[0];
     let to = via_node_1(&t);
     let mut held: Vec<HeldConnection> = (0..4)
@@ -267,6 +270,22 @@ fn a_full_snat_port_range_refuses_new_flows_counted_and_misdirects_nothing() {
         reason(&t.agents[0], "snat_ports_exhausted") > before,
         "the refusal is counted"
     );
+    let metrics = t.topo.nodes[0]
+        .ns
+        .within(|| {
+            let at = service_agent::cli::DEFAULT_METRICS_ADDR.parse().unwrap();
+            traffic::http_request(at, "/metrics", T)
+        })
+        .unwrap()
+        .unwrap()
+        .1;
+    let line =
+        r#"service_agent_packets_by_reason{reason="snat_ports_exhausted",verdict="dropped"} "#;
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(counted.is_some_and(|n| n > 0), "in /metrics: {counted:?}");
     // The held flows keep their own ports and replies.
     for (h, was) in held.iter_mut().zip(&seen) {
         let r = h.ask().unwrap();
@@ -309,3 +328,8 @@ fn a_bad_snat_port_range_is_refused_naming_the_flag() {
         );
     }
 }
+
+integration_tests::tests_in_modes!([tc_only = "off", xdp_native = "native"] {
+    short_connections_reusing_client_ports_never_stall_and_free_their_ports,
+    a_full_snat_port_range_refuses_new_flows_counted_and_misdirects_nothing,
+});
