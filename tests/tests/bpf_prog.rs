@@ -727,6 +727,18 @@ fn flows_whose_reply_tuples_clash_each_get_their_own_replies() {
     }
 }
 
+/// The conntrack key of a TCP packet from `src`:`sport` to `dst`:`dport`.
+fn tcp_key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
+    CtKey {
+        saddr: ip(src).octets(),
+        daddr: ip(dst).octets(),
+        sport,
+        dport,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
 /// A RST ends the connection in both directions: both entries are marked
 /// closing, or the reply entry (and a SNAT port under it) would be held for
 /// the established lifetime. A SYN on the closing tuple is a new connection
@@ -734,22 +746,8 @@ fn flows_whose_reply_tuples_clash_each_get_their_own_replies() {
 #[test]
 fn a_reset_closes_both_entries_and_a_new_syn_reopens_the_tuple() {
     let mut l = web(&[(BACKEND, 8080)]);
-    let request = CtKey {
-        saddr: ip(CLIENT).octets(),
-        daddr: ip(VIP).octets(),
-        sport: 40000,
-        dport: 80,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
-    let reply = CtKey {
-        saddr: ip(BACKEND).octets(),
-        daddr: ip(CLIENT).octets(),
-        sport: 8080,
-        dport: 40000,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
+    let request = tcp_key(CLIENT, 40000, VIP, 80);
+    let reply = tcp_key(BACKEND, 8080, CLIENT, 40000);
     let closing =
         |l: &Loaded| [request, reply].map(|k| l.conntrack(&k).unwrap().flags & CT_F_CLOSING != 0);
     let open = |l: &mut Loaded| {
@@ -805,14 +803,7 @@ fn the_flood_guard_refuses_openings_past_its_threshold() {
     assert_eq!(rc, bpf::TC_ACT_SHOT, "the third opening this second");
     assert_eq!(l.reason(Reason::FloodDropped), 1);
     assert_eq!(l.reason(Reason::NewFlow), 2);
-    let third = CtKey {
-        saddr: ip(CLIENT).octets(),
-        daddr: ip(VIP).octets(),
-        sport: 40003,
-        dport: 80,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
+    let third = tcp_key(CLIENT, 40003, VIP, 80);
     assert!(l.conntrack(&third).is_none(), "nothing recorded");
     // A flow already open is no opening.
     let data = Builder::tcp(CLIENT, 40001, VIP, 80, ACK).build();
