@@ -52,6 +52,8 @@ pub struct RunConfig {
     pub cgroup: CgroupTarget,
     /// Conntrack lifetimes by flow state, for the garbage collection.
     pub lifetimes: writer::Lifetimes,
+    /// The SNAT port range and the flood guard, for the programs.
+    pub flow_limits: writer::FlowLimits,
 }
 
 struct Agent {
@@ -352,6 +354,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     (dp.writer)
         .set_cluster_cidrs(&mut dp.tables, &cfg.cluster_cidrs)
         .context("writing --cluster-cidr")?;
+    dp.writer
+        .set_flow_limits(&mut dp.tables, &cfg.flow_limits)
+        .context("writing the SNAT port range and flood threshold to META")?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = cfg.metrics_addr {
         metrics::serve(

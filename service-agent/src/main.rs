@@ -69,6 +69,7 @@ fn main() -> anyhow::Result<()> {
                 affinity_max,
                 cgroup,
                 lifetimes,
+                flow_limits,
             } = *args;
             let source = match source {
                 SourceKind::Manifests => SourceConfig::Manifests(
@@ -112,6 +113,7 @@ fn main() -> anyhow::Result<()> {
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 cgroup: CgroupTarget::from_flag(cgroup.as_deref())?,
                 lifetimes: lifetimes.lifetimes(),
+                flow_limits: flow_limits.limits(),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -27,9 +27,10 @@ pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
 pub const MAP_SOCK_REVNAT: &str = "SOCK_REVNAT";
+pub const MAP_FLOOD: &str = "FLOOD";
 
 /// Every map the programs declare, in the order the agent pins and reports them.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -43,6 +44,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_FRAGMENTS,
     MAP_XDP_EGRESS,
     MAP_SOCK_REVNAT,
+    MAP_FLOOD,
 ];
 
 /// tc ingress on pod-facing host veths.
@@ -68,6 +70,7 @@ pub const XDP_EGRESS_MAX: u32 = 64;
 /// the range bounds new source-NATed connections per backend at about
 /// 29,000 per 15 s; the 4,535 ports above 61000 used before ran out at a few
 /// hundred connections a second per backend.
+/// The agent's --snat-port-range overrides it (META_SNAT_PORTS).
 pub const SNAT_PORT_MIN: u16 = 1_024;
 pub const SNAT_PORT_COUNT: u16 = 28_976;
 
@@ -280,7 +283,24 @@ pub const META_SNAT_ADDR: u32 = 1;
 /// The network namespace cookie of the agent: socket hooks translate only
 /// sockets of this namespace (0: none).
 pub const META_NETNS_COOKIE: u32 = 2;
+/// The ports source NAT and tuple-clash rewrites may give a flow: the first
+/// port in bits 0..16, the number of ports in bits 16..32 (0: the default
+/// SNAT_PORT_MIN / SNAT_PORT_COUNT).
+pub const META_SNAT_PORTS: u32 = 3;
+/// The flood guard: new flows one CPU opens per second before it refuses
+/// more until the next second (0: no limit).
+pub const META_FLOOD_THRESHOLD: u32 = 4;
 pub const META_MAX: u32 = 8;
+
+/// The flood guard's count of one CPU (FLOOD, a per-CPU array of one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodWindow {
+    /// When the current one-second window began.
+    pub start_ns: u64,
+    /// New flows this CPU was asked to open in it.
+    pub new_flows: u64,
+}
 
 /// Socket (cgroup) hooks translating the node's own sockets.
 pub const PROG_SOCK_CONNECT4: &str = "svc_sock_connect4";
@@ -347,7 +367,8 @@ mod user {
         FragKey,
         FragValue,
         SockRevKey,
-        SockRevValue
+        SockRevValue,
+        FloodWindow
     );
 }
 
@@ -372,5 +393,6 @@ mod tests {
         assert_eq!(size_of::<FragValue>(), 16);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 16);
+        assert_eq!(size_of::<FloodWindow>(), 16);
     }
 }

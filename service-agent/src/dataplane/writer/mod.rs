@@ -2,6 +2,7 @@
 //! frontend with fewer usable backends than before or after the change.
 //! The writer works through the `Maps` interface: the pinned maps in the
 //! agent, an in-memory fake in the unit tests.
+mod flow_limits;
 mod flows;
 mod frontends;
 mod ids;
@@ -14,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use aya::maps::MapError;
 use service_common::*;
 
+pub use self::flow_limits::FlowLimits;
 pub use self::flows::{
     CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
     Lifetimes, expire_conntrack,
