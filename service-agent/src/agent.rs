@@ -52,6 +52,8 @@ pub struct RunConfig {
     pub cgroup: CgroupTarget,
     /// Conntrack lifetimes by flow state, for the garbage collection.
     pub lifetimes: writer::Lifetimes,
+    /// How NodePort, LoadBalancer and externalIP frontends pick backends.
+    pub balancing: plan::maglev::Balancing,
 }
 
 struct Agent {
@@ -349,6 +351,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .start(cfg.node.name.as_deref(), tx, pending.clone())
         .await?;
     let mut dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
+    dp.writer.set_balancing(cfg.balancing);
     (dp.writer)
         .set_cluster_cidrs(&mut dp.tables, &cfg.cluster_cidrs)
         .context("writing --cluster-cidr")?;
