@@ -12,7 +12,7 @@ use integration_tests::{
     packet::{self, Builder, SYN},
 };
 use service_agent::{
-    dataplane::IfaceRole,
+    dataplane::{Dataplane, IfaceRole},
     plan::{
         FrontendKey, FrontendKind, Plan, Protocol,
         maglev::{Balancing, DEFAULT_TABLE_SIZE},
@@ -104,6 +104,15 @@ fn two_nodes_pick_the_same_backend_and_removing_one_of_ten_moves_few_other_flows
         let n = a1.iter().filter(|a| **a == backend_addr(*i)).count();
         assert!((50..=150).contains(&n), "backend {i}: {n} of {FLOWS} flows");
     }
+
+    // A restarted agent reads the table back as the one it would build:
+    // the same plan writes nothing.
+    let mut again =
+        Dataplane::load(one.l.pin_dir().to_path_buf(), &bpf::sizes(1024, 1 << 15)).unwrap();
+    again.writer.set_balancing(MAGLEV);
+    let r = again.writer.apply(&mut again.tables, &plan(&all));
+    assert!(r.errors.is_empty() && r.frontends_written == 0, "{r:?}");
+    drop(again);
 
     // The contrast: random picks on the second node agree about a tenth of
     // the time.

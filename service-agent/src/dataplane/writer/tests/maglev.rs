@@ -21,6 +21,14 @@ fn node_port(port: u16) -> FrontendKey {
     }
 }
 
+/// The plan of NodePort 30080 alone, with `backends`.
+fn np_plan(backends: &[u8]) -> Plan {
+    plan(vec![(
+        node_port(30080),
+        external(FrontendKind::NodePort, backends),
+    )])
+}
+
 fn external(kind: FrontendKind, backends: &[u8]) -> FrontendPlan {
     FrontendPlan {
         kind,
@@ -194,7 +202,7 @@ fn no_moment_of_a_change_shows_a_flag_without_its_table_or_a_table_without_its_b
         let p = if name == "removed" {
             plan(vec![])
         } else {
-            plan(vec![(np, external(FrontendKind::NodePort, &backends))])
+            np_plan(&backends)
         };
         apply_clean(&mut w, &mut maps, &p);
         for (i, c) in maps.history.take().unwrap().iter().enumerate() {
@@ -216,20 +224,11 @@ fn no_moment_of_a_change_shows_a_flag_without_its_table_or_a_table_without_its_b
 
 #[test]
 fn a_table_replaced_in_one_write_after_its_new_backends_exist() {
-    let np = node_port(30080);
-    let (mut maps, _) = programmed(&plan(vec![]));
+    let mut maps = FakeMaps::default();
     let mut w = maglev_writer(&mut maps);
-    apply_clean(
-        &mut w,
-        &mut maps,
-        &plan(vec![(np, external(FrontendKind::NodePort, &[1, 2]))]),
-    );
+    apply_clean(&mut w, &mut maps, &np_plan(&[1, 2]));
     maps.log.clear();
-    apply_clean(
-        &mut w,
-        &mut maps,
-        &plan(vec![(np, external(FrontendKind::NodePort, &[1, 3]))]),
-    );
+    apply_clean(&mut w, &mut maps, &np_plan(&[1, 3]));
     let log = &maps.log;
     let pos = |f: &dyn Fn(&Op) -> bool| log.iter().position(f).unwrap();
     let table = pos(&|op| matches!(op, Op::InsertMaglev(_)));
@@ -279,8 +278,8 @@ fn a_table_that_cannot_be_written_or_removed_leaves_the_frontend_as_it_was() {
     let np = node_port(30080);
     let mut maps = FakeMaps::default();
     let mut w = maglev_writer(&mut maps);
-    let before = plan(vec![(np, external(FrontendKind::NodePort, &[1, 2]))]);
-    let after = plan(vec![(np, external(FrontendKind::NodePort, &[3]))]);
+    let before = np_plan(&[1, 2]);
+    let after = np_plan(&[3]);
     apply_clean(&mut w, &mut maps, &before);
     let was = maps.contents.clone();
     maps.record_history();
@@ -307,10 +306,7 @@ fn more_backends_than_table_entries_are_spread_at_random_and_reported() {
     let mut maps = FakeMaps::default();
     let mut w = writer(&mut maps);
     w.set_balancing(Balancing::Maglev { table_size: 11 });
-    let r = w.apply(
-        &mut maps,
-        &plan(vec![(np, external(FrontendKind::NodePort, &all))]),
-    );
+    let r = w.apply(&mut maps, &np_plan(&all));
     assert!(
         r.errors.len() == 1 && r.errors[0].contains("--maglev-table-size"),
         "{r:?}"
@@ -322,13 +318,9 @@ fn more_backends_than_table_entries_are_spread_at_random_and_reported() {
 #[test]
 fn adopting_removes_tables_no_frontend_owns() {
     let np = node_port(30080);
-    let (mut maps, _) = programmed(&plan(vec![]));
+    let mut maps = FakeMaps::default();
     let mut w = maglev_writer(&mut maps);
-    apply_clean(
-        &mut w,
-        &mut maps,
-        &plan(vec![(np, external(FrontendKind::NodePort, &[1]))]),
-    );
+    apply_clean(&mut w, &mut maps, &np_plan(&[1]));
     // An agent that died between removing the master and the table.
     let orphan = maps.contents.services[&master_key(&np)].svc_id;
     maps.contents.services.clear();
