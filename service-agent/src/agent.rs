@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub lifetimes: writer::Lifetimes,
     /// The SNAT port range and the flood guard, for the programs.
     pub flow_limits: writer::FlowLimits,
+    /// How NodePort, LoadBalancer and externalIP frontends pick backends.
+    pub balancing: plan::maglev::Balancing,
 }
 
 struct Agent {
@@ -351,6 +353,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .start(cfg.node.name.as_deref(), tx, pending.clone())
         .await?;
     let mut dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
+    dp.writer.set_balancing(cfg.balancing);
     (dp.writer)
         .set_cluster_cidrs(&mut dp.tables, &cfg.cluster_cidrs)
         .context("writing --cluster-cidr")?;

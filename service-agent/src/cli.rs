@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use service_common::*;
 
 use crate::{
-    plan::ipnet_lite::{Ipv4Net, ParseNetError},
+    plan::{
+        ipnet_lite::{Ipv4Net, ParseNetError},
+        maglev::{self, Balancing},
+    },
     status,
 };
 
@@ -245,6 +248,40 @@ pub struct RunArgs {
     /// Capacity of the AFFINITY map (LRU).
     #[arg(long, default_value_t = DEFAULT_AFFINITY_MAX)]
     pub affinity_max: u32,
+    /// How new flows to NodePort, LoadBalancer and externalIP frontends
+    /// pick a backend: `random`, or `maglev` (consistent hashing: every node
+    /// picks the same backend for a flow). ClusterIPs always pick at random.
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    pub lb_algorithm: LbAlgorithm,
+    /// Entries of each Maglev table: a prime, at least 100 per backend.
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
+    pub maglev_table_size: u32,
+    /// Capacity of the MAGLEV map: frontends with a table (about 64 KiB of
+    /// kernel memory each, taken when written). A frontend beyond it picks
+    /// at random, and is reported.
+    #[arg(long, default_value_t = DEFAULT_MAGLEV_MAX)]
+    pub maglev_max: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LbAlgorithm {
+    Random,
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub fn balancing(self, table_size: u32) -> Balancing {
+        match self {
+            LbAlgorithm::Random => Balancing::Random,
+            LbAlgorithm::Maglev => Balancing::Maglev { table_size },
+        }
+    }
+}
+
+pub fn parse_table_size(s: &str) -> Result<u32, String> {
+    let m: u32 = s.parse().map_err(|e| format!("{s}: {e}"))?;
+    maglev::valid_table_size(m)?;
+    Ok(m)
 }
 
 #[derive(Subcommand)]
@@ -269,7 +306,7 @@ pub enum Command {
     Dump {
         #[command(flatten)]
         pins: PinArgs,
-        /// One of SERVICES, BACKENDS, CONNTRACK, AFFINITY, NODE_ADDRS.
+        /// One of SERVICES, BACKENDS, CONNTRACK, AFFINITY, NODE_ADDRS, MAGLEV.
         map: String,
     },
     /// Remove every pin and the status file this agent made (run after stopping it).

@@ -4,6 +4,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use service_agent::dataplane::maps::Maps as _;
 use service_agent::{
     agent::{self, RunConfig, SourceConfig},
     cli::*,
@@ -67,6 +68,9 @@ fn main() -> anyhow::Result<()> {
                 backends_max,
                 conntrack_max,
                 affinity_max,
+                lb_algorithm,
+                maglev_table_size,
+                maglev_max,
                 cgroup,
                 lifetimes,
                 flow_limits,
@@ -109,7 +113,9 @@ fn main() -> anyhow::Result<()> {
                     backends: backends_max,
                     conntrack: conntrack_max,
                     affinity: affinity_max,
+                    maglev: maglev_max,
                 },
+                balancing: lb_algorithm.balancing(maglev_table_size),
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 cgroup: CgroupTarget::from_flag(cgroup.as_deref())?,
                 lifetimes: lifetimes.lifetimes(),
@@ -282,8 +288,26 @@ fn dump(t: &Tables, map: &str) -> anyhow::Result<()> {
                 println!("{}", ip(e?));
             }
         }
+        MAP_MAGLEV => {
+            // A table's entries summed per backend: 16,381 numbers say less.
+            for (svc_id, st) in t.maglev_tables()? {
+                let table = t.maglev.get(&svc_id, 0)?;
+                let shares: Vec<String> = st
+                    .ids
+                    .iter()
+                    .map(|id| {
+                        let n = table.backends[..st.size as usize]
+                            .iter()
+                            .filter(|b| *b == id)
+                            .count();
+                        format!("backend {id} x {n}")
+                    })
+                    .collect();
+                println!("svc {svc_id} size {} => {}", st.size, shares.join(", "));
+            }
+        }
         other => anyhow::bail!(
-            "unknown map {other}: one of SERVICES, BACKENDS, CONNTRACK, AFFINITY, NODE_ADDRS"
+            "unknown map {other}: one of SERVICES, BACKENDS, CONNTRACK, AFFINITY, NODE_ADDRS, MAGLEV"
         ),
     }
     Ok(())

@@ -26,10 +26,14 @@ pub struct ProgrammedFrontend {
     /// `namespace/name` from the agent's status file, when present.
     pub service: Option<String>,
     pub port_name: Option<String>,
+    /// How new flows pick a backend: `random`, or `maglev` with the size of
+    /// the table found (`maglev (no table: random)` while it is missing).
+    pub algorithm: String,
 }
 
 pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<ProgrammedFrontend>> {
     let mut stored = read_frontends(t)?;
+    let tables = t.maglev_tables()?;
     let mut out = vec![];
     for (k, f) in &stored.frontends {
         let Some(proto) = Protocol::from_number(k.proto) else {
@@ -75,6 +79,11 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
                 .collect(),
             service: named.map(|n| n.service.clone()),
             port_name: named.map(|n| n.port_name.clone()),
+            algorithm: match (m.flags & SVC_F_MAGLEV != 0, tables.get(&m.svc_id)) {
+                (false, _) => "random".into(),
+                (true, Some(st)) => format!("maglev {}", st.size),
+                (true, None) => "maglev (no table: random)".into(),
+            },
         });
     }
     Ok(out)
@@ -102,6 +111,9 @@ pub fn render_list(frontends: &[ProgrammedFrontend], status: Option<&Status>) ->
         }
         if !f.source_ranges.is_empty() {
             notes.push(format!("from {}", f.source_ranges.join(" ")));
+        }
+        if f.algorithm != "random" {
+            notes.push(f.algorithm.clone());
         }
         if !notes.is_empty() {
             let _ = write!(s, "    # {}", notes.join(", "));

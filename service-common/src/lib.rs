@@ -28,9 +28,10 @@ pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
 pub const MAP_SOCK_REVNAT: &str = "SOCK_REVNAT";
 pub const MAP_FLOOD: &str = "FLOOD";
+pub const MAP_MAGLEV: &str = "MAGLEV";
 
 /// Every map the programs declare, in the order the agent pins and reports them.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -45,6 +46,7 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_XDP_EGRESS,
     MAP_SOCK_REVNAT,
     MAP_FLOOD,
+    MAP_MAGLEV,
 ];
 
 /// tc ingress on pod-facing host veths.
@@ -132,6 +134,10 @@ pub const SVC_F_SOURCE_RANGES: u16 = 1 << 3;
 /// Sources inside the cluster use the SCOPE_IN_CLUSTER entry set under the
 /// same address, port and protocol (its own master, svc_id and slots).
 pub const SVC_F_IN_CLUSTER: u16 = 1 << 4;
+/// New flows (without a live affinity entry) pick their backend from the
+/// frontend's MAGLEV table by a hash of the flow, so every node picks the
+/// same one; without a table they are spread at random.
+pub const SVC_F_MAGLEV: u16 = 1 << 5;
 
 /// Value of the SERVICES map. In the master entry (slot 0) `count`, `flags`
 /// and `affinity_timeout_s` are meaningful and `backend_id` is 0; in a slot
@@ -157,6 +163,44 @@ pub struct Backend {
     pub port: u16,
     pub proto: u8,
     pub flags: u8,
+}
+
+/// Entries of the largest Maglev table the programs can index: a prime,
+/// Cilium's default, 100 entries a backend up to 163 backends. Every table
+/// takes this much room whatever its own size, so a smaller size saves the
+/// agent's build time, not kernel memory.
+pub const MAGLEV_TABLE_MAX: u32 = 16_381;
+/// Default capacity of the MAGLEV map: frontends with a table (allocated
+/// as they are written, about 64 KiB each).
+pub const DEFAULT_MAGLEV_MAX: u32 = 1_024;
+
+/// Value of the MAGLEV map, keyed by the master's svc_id: the Maglev lookup
+/// table of a frontend. Entry `hash % size` names the backend (a BACKENDS
+/// id) of a new flow. One map update replaces a whole table, so a packet
+/// sees either the old table or the new one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// Entries in use (a prime, at most MAGLEV_TABLE_MAX).
+    pub size: u32,
+    pub backends: [u32; MAGLEV_TABLE_MAX as usize],
+}
+
+/// The hash of a new flow that indexes a Maglev table: the source address
+/// and port, the destination port and the protocol, not the destination
+/// address (a NodePort is reached on a different address on every node).
+/// The same function on every node, in the programs and in the tests.
+#[inline(always)]
+pub fn maglev_flow_hash(saddr: [u8; 4], sport: u16, dport: u16, proto: u8) -> u64 {
+    let mut h = (u32::from_be_bytes(saddr) as u64) << 32 | (sport as u64) << 16 | dport as u64;
+    h ^= (proto as u64) << 59 | 0x9e37_79b9_7f4a_7c15;
+    // splitmix64's finaliser: every input bit reaches the low bits that
+    // `% size` keeps.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 /// A 5-tuple as seen in the packet, before translation.
@@ -368,7 +412,8 @@ mod user {
         FragValue,
         SockRevKey,
         SockRevValue,
-        FloodWindow
+        FloodWindow,
+        MaglevTable
     );
 }
 
@@ -394,5 +439,9 @@ mod tests {
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 16);
         assert_eq!(size_of::<FloodWindow>(), 16);
+        assert_eq!(
+            size_of::<MaglevTable>(),
+            4 * (1 + MAGLEV_TABLE_MAX as usize)
+        );
     }
 }

@@ -8,7 +8,9 @@ use aya_ebpf::{
 };
 use service_common::*;
 
-use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, NODE_ADDRS, SERVICES, SOURCE_RANGES};
+use crate::maps::{
+    AFFINITY, AFFINITY_MATCH, BACKENDS, MAGLEV, NODE_ADDRS, SERVICES, SOURCE_RANGES,
+};
 
 pub struct Frontend {
     pub key: ServiceKey,
@@ -194,10 +196,32 @@ pub fn note_affinity(fe: &Frontend, client: [u8; 4], pick: &Pick) {
     }
 }
 
-/// The backend for a new flow: the client's affinity when it has a live
-/// one, else a random slot of the frontend's scope.
+/// The backend the frontend's Maglev table gives a flow from
+/// `client:sport`; `None` without a table (the agent has not written it, or
+/// could not), and then the caller picks at random.
 #[inline(always)]
-pub fn select_backend(fe: &Frontend, client: [u8; 4]) -> Option<Pick> {
+fn maglev_backend(fe: &Frontend, client: [u8; 4], sport: u16) -> Option<u32> {
+    // SAFETY: read through a pointer to the map's own value, alive until
+    // the program returns; the agent replaces a table with one map update,
+    // so this is one whole version of it.
+    let table = unsafe { MAGLEV.get(fe.master.svc_id) }?;
+    let size = table.size as u64;
+    if size == 0 {
+        return None;
+    }
+    let hash = maglev_flow_hash(client, sport, fe.key.port, fe.key.proto);
+    // The bound the verifier needs: the size is the agent's, the array's
+    // length is compiled in.
+    let id = *table.backends.get((hash % size) as usize)?;
+    (id != 0).then_some(id)
+}
+
+/// The backend for a new flow: the client's affinity when it has a live
+/// one, else for a Maglev frontend its table's entry for the flow (when
+/// `sport` is known: a socket call before bind has none), else a random
+/// slot of the frontend's scope.
+#[inline(always)]
+pub fn select_backend(fe: &Frontend, client: [u8; 4], sport: Option<u16>) -> Option<Pick> {
     let mut affinity = AffinityUse::NotApplicable;
     if fe.master.flags & SVC_F_AFFINITY != 0 {
         // SAFETY: a helper call without arguments.
@@ -221,9 +245,18 @@ pub fn select_backend(fe: &Frontend, client: [u8; 4]) -> Option<Pick> {
     if count == 0 {
         return None;
     }
-    // SAFETY: a helper call without arguments.
-    let slot = (unsafe { bpf_get_prandom_u32() } % count) as u16 + 1;
-    let id = backend_in_slot(fe, fe.key.scope, slot)?;
+    let hashed = match sport {
+        Some(sport) if fe.master.flags & SVC_F_MAGLEV != 0 => maglev_backend(fe, client, sport),
+        _ => None,
+    };
+    let id = match hashed {
+        Some(id) => id,
+        None => {
+            // SAFETY: a helper call without arguments.
+            let slot = (unsafe { bpf_get_prandom_u32() } % count) as u16 + 1;
+            backend_in_slot(fe, fe.key.scope, slot)?
+        }
+    };
     // SAFETY: copied out of a live value (see master_of).
     let backend = *unsafe { BACKENDS.get(id) }?;
     Some(Pick {

@@ -1,6 +1,7 @@
 //! The maps, as the agent pins them. Sizes here are defaults; the agent may
 //! override max_entries at load time.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -34,3 +35,13 @@ maps! {
     /// Each CPU's count of new flows in the current second (the flood guard).
     FLOOD: PerCpuArray<FloodWindow>, 1;
 }
+
+/// svc_id -> the frontend's Maglev table. Not preallocated: only frontends
+/// that use Maglev take the room of a table.
+#[btf_map]
+pub static MAGLEV: HashMap<
+    u32,
+    MaglevTable,
+    { DEFAULT_MAGLEV_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();

@@ -45,7 +45,7 @@ pub fn choose(flow: &Flow, fe: &Frontend, from_outside: bool) -> Opening {
     if !lb::source_allowed(fe, flow.saddr) {
         return Opening::Drop(Reason::SourceRangeDenied);
     }
-    let Some(pick) = lb::select_backend(fe, flow.saddr) else {
+    let Some(pick) = lb::select_backend(fe, flow.saddr, Some(flow.sport)) else {
         if fe.master.count == 0 {
             return Opening::Reject;
         }

@@ -129,7 +129,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
         count_reason(Reason::SourceRangeDenied);
         return REFUSE;
     }
-    let Some(pick) = lb::select_backend(&fe, client) else {
+    let Some(pick) = lb::select_backend(&fe, client, None) else {
         if fe.master.count != 0 {
             return refuse(&fe, Reason::NoBackendEntry);
         }

@@ -60,6 +60,7 @@ pub fn sizes(entries: u32, conntrack: u32) -> MapSizes {
         backends: entries,
         conntrack,
         affinity: entries,
+        maglev: entries,
     }
 }
 

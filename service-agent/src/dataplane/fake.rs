@@ -10,7 +10,7 @@ use std::{
 use aya::{maps::MapError, sys::SyscallError};
 use service_common::*;
 
-use super::maps::{Entry, EntryKey, Maps, RangeKey};
+use super::maps::{Entry, EntryKey, Maps, RangeKey, StoredTable};
 
 /// What the maps hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub struct Contents {
     pub node_addrs: BTreeSet<[u8; 4]>,
     pub meta: BTreeMap<u32, u64>,
     pub conntrack: HashMap<CtKey, CtValue>,
+    /// MAGLEV: svc_id → the table's entries in use.
+    pub maglev: BTreeMap<u32, Vec<u32>>,
 }
 
 impl Contents {
@@ -36,6 +38,7 @@ impl Contents {
             MAP_NODE_ADDRS => self.node_addrs.len(),
             MAP_META => self.meta.len(),
             MAP_CONNTRACK => self.conntrack.len(),
+            MAP_MAGLEV => self.maglev.len(),
             _ => 0,
         }
     }
@@ -72,6 +75,7 @@ impl Contents {
             EntryKey::SourceRange(r) => drop(self.source_ranges.remove(&r)),
             EntryKey::NodeAddr(a) => drop(self.node_addrs.remove(&a)),
             EntryKey::Conntrack(k) => drop(self.conntrack.remove(&k)),
+            EntryKey::Maglev(id) => drop(self.maglev.remove(&id)),
         }
     }
 }
@@ -81,6 +85,8 @@ impl Contents {
 pub enum Op {
     Insert(Entry),
     Remove(EntryKey),
+    /// The Maglev table of a svc_id written.
+    InsertMaglev(u32),
 }
 
 impl Op {
@@ -88,6 +94,7 @@ impl Op {
         match self {
             Op::Insert(e) => e.map(),
             Op::Remove(k) => k.map(),
+            Op::InsertMaglev(_) => MAP_MAGLEV,
         }
     }
 }
@@ -189,6 +196,25 @@ impl Maps for FakeMaps {
         Ok(())
     }
 
+    fn insert_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), MapError> {
+        if self.injected(MAP_MAGLEV) {
+            return Err(syscall_error("bpf_map_update_elem", libc::EIO));
+        }
+        let full = self
+            .capacity
+            .get(MAP_MAGLEV)
+            .is_some_and(|c| self.contents.maglev.len() >= *c);
+        if full && !self.contents.maglev.contains_key(&svc_id) {
+            return Err(syscall_error("bpf_map_update_elem", libc::E2BIG));
+        }
+        let n = (table.size as usize).min(table.backends.len());
+        self.contents
+            .maglev
+            .insert(svc_id, table.backends[..n].to_vec());
+        self.done(Op::InsertMaglev(svc_id));
+        Ok(())
+    }
+
     fn remove(&mut self, k: EntryKey) -> Result<(), MapError> {
         if self.injected(k.map()) {
             return Err(syscall_error("bpf_map_delete_elem", libc::EIO));
@@ -229,6 +255,21 @@ impl Maps for FakeMaps {
 
     fn source_ranges(&self) -> Result<Vec<RangeKey>, MapError> {
         Ok(self.contents.source_ranges.iter().copied().collect())
+    }
+
+    fn maglev_tables(&self) -> Result<BTreeMap<u32, StoredTable>, MapError> {
+        Ok(self
+            .contents
+            .maglev
+            .iter()
+            .map(|(id, t)| {
+                let stored = StoredTable {
+                    size: t.len() as u32,
+                    ids: t.iter().copied().collect(),
+                };
+                (*id, stored)
+            })
+            .collect())
     }
 
     fn conntrack(&self) -> Vec<(CtKey, CtValue)> {

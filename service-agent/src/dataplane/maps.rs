@@ -1,6 +1,8 @@
 //! The map operations the writer needs, as one small interface: the pinned
 //! BPF maps implement it (`Tables`), and so does an in-memory fake that the
 //! writer's unit tests run against without a kernel.
+use std::collections::{BTreeMap, BTreeSet};
+
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use service_common::*;
 
@@ -59,6 +61,8 @@ pub enum EntryKey {
     SourceRange(RangeKey),
     NodeAddr([u8; 4]),
     Conntrack(CtKey),
+    /// A frontend's Maglev table, by svc_id.
+    Maglev(u32),
 }
 
 impl Entry {
@@ -84,6 +88,24 @@ impl EntryKey {
             EntryKey::SourceRange(_) => MAP_SOURCE_RANGES,
             EntryKey::NodeAddr(_) => MAP_NODE_ADDRS,
             EntryKey::Conntrack(_) => MAP_CONNTRACK,
+            EntryKey::Maglev(_) => MAP_MAGLEV,
+        }
+    }
+}
+
+/// A Maglev table as read back: its size and the backend ids it names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredTable {
+    pub size: u32,
+    pub ids: BTreeSet<u32>,
+}
+
+impl StoredTable {
+    pub fn of(t: &MaglevTable) -> Self {
+        let n = (t.size as usize).min(t.backends.len());
+        StoredTable {
+            size: t.size,
+            ids: t.backends[..n].iter().copied().collect(),
         }
     }
 }
@@ -95,6 +117,9 @@ pub trait Maps {
     fn insert(&mut self, e: Entry) -> Result<(), MapError>;
     /// Deletes an entry; one that is not there is not an error.
     fn remove(&mut self, k: EntryKey) -> Result<(), MapError>;
+    /// Creates or replaces the Maglev table of `svc_id` (a value too large
+    /// to travel in an [`Entry`]).
+    fn insert_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), MapError>;
     /// Zeroes a frontend's per-CPU counters, so a reused svc_id starts from zero.
     fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), MapError>;
 
@@ -103,6 +128,7 @@ pub trait Maps {
     fn backend(&self, id: u32) -> Result<Option<Backend>, MapError>;
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError>;
     fn source_ranges(&self) -> Result<Vec<RangeKey>, MapError>;
+    fn maglev_tables(&self) -> Result<BTreeMap<u32, StoredTable>, MapError>;
     /// The entries that could be read: the programs add and drop flows
     /// while the agent walks the map.
     fn conntrack(&self) -> Vec<(CtKey, CtValue)>;
@@ -141,7 +167,12 @@ impl Maps for Tables {
             EntryKey::SourceRange(r) => self.source_ranges.remove(&r.to_trie()),
             EntryKey::NodeAddr(a) => self.node_addrs.remove(&a),
             EntryKey::Conntrack(k) => self.conntrack.remove(&k),
+            EntryKey::Maglev(id) => self.maglev.remove(&id),
         })
+    }
+
+    fn insert_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), MapError> {
+        self.maglev.insert(svc_id, table, 0)
     }
 
     fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), MapError> {
@@ -174,6 +205,20 @@ impl Maps for Tables {
             .keys()
             .map(|k| k.map(|k| RangeKey::from_trie(&k)))
             .collect()
+    }
+
+    fn maglev_tables(&self) -> Result<BTreeMap<u32, StoredTable>, MapError> {
+        // One table at a time: the iterator's values are 64 KiB each.
+        let mut out = BTreeMap::new();
+        for id in self.maglev.keys() {
+            let id = id?;
+            match self.maglev.get(&id, 0) {
+                Ok(t) => drop(out.insert(id, StoredTable::of(&t))),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     fn conntrack(&self) -> Vec<(CtKey, CtValue)> {

@@ -42,6 +42,9 @@ pub struct MapSizes {
     pub backends: u32,
     pub conntrack: u32,
     pub affinity: u32,
+    /// Frontends with a Maglev table (each takes about 64 KiB of kernel
+    /// memory, allocated when written).
+    pub maglev: u32,
 }
 
 impl Default for MapSizes {
@@ -52,6 +55,7 @@ impl Default for MapSizes {
             backends: DEFAULT_BACKENDS_MAX,
             conntrack: DEFAULT_CONNTRACK_MAX,
             affinity: DEFAULT_AFFINITY_MAX,
+            maglev: DEFAULT_MAGLEV_MAX,
         }
     }
 }
@@ -72,6 +76,7 @@ impl MapSizes {
             MAP_XDP_EGRESS => XDP_EGRESS_MAX,
             MAP_SOCK_REVNAT => DEFAULT_SOCK_REVNAT_MAX,
             MAP_FLOOD => 1,
+            MAP_MAGLEV => self.maglev,
             _ => 0,
         }
     }

@@ -74,6 +74,7 @@ pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
         MAP_XDP_EGRESS => s(4, 8),
         MAP_SOCK_REVNAT => s(size_of::<SockRevKey>(), size_of::<SockRevValue>()),
         MAP_FLOOD => s(4, size_of::<FloodWindow>()),
+        MAP_MAGLEV => s(4, size_of::<MaglevTable>()),
         _ => None,
     }
 }

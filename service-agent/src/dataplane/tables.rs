@@ -19,6 +19,7 @@ pub struct Tables {
     pub meta: Array<MapData, u64>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
+    pub maglev: HashMap<MapData, u32, MaglevTable>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,7 @@ impl Tables {
             meta: open!(Array, MAP_META),
             source_ranges: open!(LpmTrie, MAP_SOURCE_RANGES),
             sock_revnat: open!(HashMap, MAP_SOCK_REVNAT),
+            maglev: open!(HashMap, MAP_MAGLEV),
         })
     }
 }

@@ -9,6 +9,8 @@
 //! - `endpoints`: which endpoints a port sends to (readiness, topology,
 //!   traffic policies); `slices`: reading EndpointSlices;
 //! - `contention`: two Services claiming one frontend;
+//! - [`maglev`]: which frontends use Maglev and their lookup tables (the
+//!   writer builds one per backend set);
 //! - [`compile_after`] over everything, [`Incremental`] one Service at a time.
 use std::collections::BTreeSet;
 
@@ -19,6 +21,7 @@ mod endpoints;
 pub mod error;
 mod incremental;
 pub mod ipnet_lite;
+pub mod maglev;
 mod service;
 mod slices;
 pub mod types;

@@ -1,19 +1,22 @@
 //! Writing and removing one frontend. Every change, also a rollback, goes
 //! through `transition`, whose order never lets a packet see a master that
-//! counts more slots than are present, or fewer backends than before or
-//! after the change.
+//! counts more slots than are present, a Maglev flag without its table, or
+//! fewer backends than before or after the change.
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::MapError;
 use service_common::*;
 
-use super::{ApplyReport, Writer, describe};
+use super::{
+    ApplyReport, Writer, describe,
+    maglev::{MaglevState, TableCache},
+};
 use crate::{
     dataplane::{
         maps::{Entry, EntryKey, Maps, RangeKey},
         readback::slot_key,
     },
-    plan::FrontendPlan,
+    plan::{FrontendPlan, maglev::Member},
 };
 
 /// The entries of one frontend in the maps, exactly: updated after each
@@ -28,6 +31,8 @@ pub(super) struct Programmed {
     /// AFFINITY_MATCH entries (svc_id, backend id), by backend id.
     pub members: BTreeSet<u32>,
     pub ranges: BTreeSet<RangeKey>,
+    /// The MAGLEV table under svc_id, when there is one.
+    pub maglev: Option<MaglevState>,
 }
 
 impl Programmed {
@@ -36,10 +41,15 @@ impl Programmed {
             && self.slots.is_empty()
             && self.members.is_empty()
             && self.ranges.is_empty()
+            && self.maglev.is_none()
     }
 
+    /// The backend ids the frontend's entries name: its slots, then its
+    /// table's (the same set when both are current; they differ while one
+    /// is behind, and each keeps its backends alive meanwhile).
     pub fn backend_ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.slots.values().map(|v| v.backend_id)
+        let table = self.maglev.iter().flat_map(|m| m.ids.iter().copied());
+        self.slots.values().map(|v| v.backend_id).chain(table)
     }
 
     fn empty(svc_id: u32) -> Self {
@@ -58,15 +68,16 @@ fn step(cur_map: &'static str, r: Result<(), MapError>) -> Result<(), Failed> {
 }
 
 /// Brings the frontend at `mk` from `cur` to `to`: allowed sources,
-/// affinity memberships and slots first, then the master (the moment
-/// packets switch), then what only the old state had. `cur` follows every
-/// write that succeeds. Memberships removed land in `gone`.
+/// affinity memberships, slots and the Maglev table first, then the master
+/// (the moment packets switch), then what only the old state had. `cur`
+/// follows every write that succeeds. Memberships removed land in `gone`.
 fn transition(
     t: &mut impl Maps,
     mk: ServiceKey,
     cur: &mut Programmed,
     to: &Programmed,
     gone: &mut BTreeSet<(u32, u32)>,
+    tables: &mut TableCache,
 ) -> Result<(), Failed> {
     let svc_id = to.svc_id;
     for r in to.ranges.difference(&cur.ranges.clone()) {
@@ -90,6 +101,14 @@ fn transition(
             cur.slots.insert(*slot, *v);
         }
     }
+    if let Some(m) = &to.maglev
+        && cur.maglev.as_ref() != Some(m)
+    {
+        // One update replaces the whole table; the backends both tables
+        // name stay in BACKENDS until the apply ends.
+        step(MAP_MAGLEV, t.insert_maglev(svc_id, &tables.value(m)))?;
+        cur.maglev = Some(m.clone());
+    }
     if cur.master != to.master {
         step(
             MAP_SERVICES,
@@ -99,6 +118,10 @@ fn transition(
             },
         )?;
         cur.master = to.master;
+    }
+    if to.maglev.is_none() && cur.maglev.is_some() {
+        step(MAP_MAGLEV, t.remove(EntryKey::Maglev(cur.svc_id)))?;
+        cur.maglev = None;
     }
     for r in cur.ranges.clone().difference(&to.ranges) {
         step(MAP_SOURCE_RANGES, t.remove(EntryKey::SourceRange(*r)))?;
@@ -150,11 +173,18 @@ fn flags(mk: &ServiceKey, fe: &FrontendPlan) -> u16 {
     flags
 }
 
-fn desired(mk: &ServiceKey, fe: &FrontendPlan, svc_id: u32, ids: &[u32]) -> Programmed {
+fn desired(
+    mk: &ServiceKey,
+    fe: &FrontendPlan,
+    svc_id: u32,
+    ids: &[u32],
+    maglev: Option<MaglevState>,
+) -> Programmed {
+    let maglev_flag = if maglev.is_some() { SVC_F_MAGLEV } else { 0 };
     let master = ServiceValue {
         backend_id: 0,
         count: ids.len() as u16,
-        flags: flags(mk, fe),
+        flags: flags(mk, fe) | maglev_flag,
         svc_id,
         affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
     };
@@ -180,6 +210,21 @@ fn desired(mk: &ServiceKey, fe: &FrontendPlan, svc_id: u32, ids: &[u32]) -> Prog
                 addr: n.network().octets(),
             })
             .collect(),
+        maglev,
+    }
+}
+
+/// `p` without its Maglev table: what a frontend falls back to when the
+/// table cannot be written (its new flows are spread at random).
+fn without_table(p: &Programmed) -> Programmed {
+    let master = p.master.map(|m| ServiceValue {
+        flags: m.flags & !SVC_F_MAGLEV,
+        ..m
+    });
+    Programmed {
+        master,
+        maglev: None,
+        ..p.clone()
     }
 }
 
@@ -217,18 +262,29 @@ impl Writer {
                 )
             })?),
         };
-        let new = desired(&mk, fe, old.svc_id, &ids);
+        let (maglev, unhashed) = self.maglev_state(fe, &ids);
+        let new = desired(&mk, fe, old.svc_id, &ids, maglev);
         if old == new {
-            return Ok(());
+            return unhashed.map_or(Ok(()), Err);
         }
         let mut cur = old.clone();
         let mut gone = BTreeSet::new();
-        let result = match transition(t, mk, &mut cur, &new, &mut gone) {
-            Ok(()) => Ok(()),
+        let tables = &mut self.tables;
+        let result = match transition(t, mk, &mut cur, &new, &mut gone, tables) {
+            Ok(()) => unhashed.map_or(Ok(()), Err),
             Err(Failed(map, e)) => {
                 let mut why = describe(map, e);
-                // Back to the state before, in the same safe order.
-                if let Err(Failed(map, e)) = transition(t, mk, &mut cur, &old, &mut gone) {
+                // A table that cannot be written (a full MAGLEV map) costs
+                // the frontend consistent hashing, not its new state.
+                let fell_back = map == MAP_MAGLEV
+                    && new.maglev.is_some()
+                    && transition(t, mk, &mut cur, &without_table(&new), &mut gone, tables).is_ok();
+                if fell_back {
+                    why.push_str("; its new flows are spread at random until the table fits");
+                // Else back to the state before, in the same safe order.
+                } else if let Err(Failed(map, e)) =
+                    transition(t, mk, &mut cur, &old, &mut gone, tables)
+                {
                     why.push_str(&format!("; and rolling back: {}", describe(map, e)));
                 }
                 Err(why)
@@ -241,6 +297,38 @@ impl Writer {
         }
         self.settle(mk, &old, cur);
         result
+    }
+
+    /// The Maglev table a frontend with backends `ids` (in the order of
+    /// its plan's) should have, and why it has none when it should.
+    fn maglev_state(
+        &self,
+        fe: &FrontendPlan,
+        ids: &[u32],
+    ) -> (Option<MaglevState>, Option<String>) {
+        let Some(size) = self.balancing.table_size(fe.kind) else {
+            return (None, None);
+        };
+        if ids.is_empty() {
+            return (None, None);
+        }
+        let members = fe.backends.iter().zip(ids).map(|(b, id)| {
+            let m = Member {
+                addr: b.addr,
+                port: b.port,
+            };
+            (m, *id)
+        });
+        let state = MaglevState::new(size, members);
+        if state.members.len() > size as usize {
+            let why = format!(
+                "{} backends do not fit a Maglev table of {size}; raise \
+                 --maglev-table-size (its new flows are spread at random)",
+                state.members.len()
+            );
+            return (None, Some(why));
+        }
+        (Some(state), None)
     }
 
     /// Records `cur` as what the maps hold for `mk`, moving the slot
@@ -277,6 +365,7 @@ impl Writer {
             &mut cur,
             &Programmed::empty(old.svc_id),
             removed_pairs,
+            &mut self.tables,
         )
         .map_err(|Failed(map, e)| describe(map, e));
         if cur.is_empty() {

@@ -52,6 +52,11 @@ impl Ids {
         self.next_backend_id = self.next_backend_id.max(id + 1);
     }
 
+    /// The backend behind `id`, when it is known.
+    pub fn backend(&self, id: u32) -> Option<Backend> {
+        self.refs.get(&id).map(|(b, _)| *b)
+    }
+
     pub fn adopt_svc_id(&mut self, id: u32) {
         self.next_svc_id = self.next_svc_id.max(id + 1);
     }

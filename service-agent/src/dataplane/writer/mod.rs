@@ -6,6 +6,7 @@ mod flow_limits;
 mod flows;
 mod frontends;
 mod ids;
+mod maglev;
 mod node_addrs;
 #[cfg(test)]
 mod tests;
@@ -20,12 +21,15 @@ pub use self::flows::{
     CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
     Lifetimes, expire_conntrack,
 };
-use self::{frontends::Programmed, ids::Ids};
+use self::{frontends::Programmed, ids::Ids, maglev::MaglevState};
 use super::{
     maps::{EntryKey, Maps},
     readback::read_frontends,
 };
-use crate::plan::{FrontendKey, FrontendPlan, Plan};
+use crate::plan::{
+    FrontendKey, FrontendPlan, Plan,
+    maglev::{Balancing, Member},
+};
 
 /// What one apply did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -52,6 +56,9 @@ pub struct Writer {
     /// frontend refused by a full map gets in once there is room, and its
     /// error keeps being reported until then.
     failed: BTreeSet<FrontendKey>,
+    /// How the frontends reached from outside pick backends for new flows.
+    balancing: Balancing,
+    tables: maglev::TableCache,
 }
 
 pub fn master_key(k: &FrontendKey) -> ServiceKey {
@@ -93,6 +100,7 @@ fn describe(map: &str, e: MapError) -> String {
         (true, MAP_BACKENDS | MAP_AFFINITY_MATCH) => {
             format!("map {map} is full; raise --backends-max")
         }
+        (true, MAP_MAGLEV) => format!("map {map} is full; raise --maglev-max"),
         (true, _) => format!("map {map} is full"),
         _ => format!("map {map}: {e}"),
     }
@@ -110,8 +118,11 @@ impl Writer {
             frontends: BTreeMap::new(),
             ids: Ids::new(svc_id_limit),
             failed: BTreeSet::new(),
+            balancing: Balancing::default(),
+            tables: maglev::TableCache::default(),
         };
         let mut stored = read_frontends(t)?;
+        let mut tables = t.maglev_tables()?;
         let mut members: HashMap<u32, BTreeSet<u32>> = HashMap::new();
         for k in t.affinity_matches()? {
             members.entry(k.svc_id).or_default().insert(k.backend_id);
@@ -131,6 +142,19 @@ impl Writer {
                 slots: f.slots,
                 members: members.remove(&svc_id).unwrap_or_default(),
                 ranges: stored.ranges.remove(&svc_id).unwrap_or_default(),
+                // Its members in the order a new table numbers them: equal
+                // to the plan's state when the backend set is unchanged.
+                maglev: tables.remove(&svc_id).map(|st| {
+                    let members = st.ids.iter().filter_map(|id| {
+                        let b = w.ids.backend(*id)?;
+                        let m = Member {
+                            addr: b.addr.into(),
+                            port: b.port,
+                        };
+                        Some((m, *id))
+                    });
+                    MaglevState::new(st.size, members)
+                }),
             };
             for id in p.backend_ids() {
                 w.ids.add_ref(id, 1);
@@ -152,11 +176,18 @@ impl Writer {
                     .into_values()
                     .flatten()
                     .map(EntryKey::SourceRange),
-            );
+            )
+            .chain(tables.into_keys().map(EntryKey::Maglev));
         for k in orphans.collect::<Vec<_>>() {
             t.remove(k)?;
         }
         Ok(w)
+    }
+
+    /// Sets how new flows pick backends; the next apply brings every
+    /// frontend's tables to it.
+    pub fn set_balancing(&mut self, b: Balancing) {
+        self.balancing = b;
     }
 
     pub fn frontend_count(&self) -> usize {
@@ -263,7 +294,9 @@ impl Writer {
     ) -> ApplyReport {
         report.udp_flows_flushed = flows::flush_udp_flows(t, removed_pairs);
         report.removed_pairs = removed_pairs.clone();
+        // Only now: until every table naming them has been replaced.
         self.ids.release_unused(t, &mut report);
+        self.tables.clear();
         report
     }
 }

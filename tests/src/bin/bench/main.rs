@@ -42,6 +42,7 @@ pub fn load(services: u32) -> Loaded {
         backends: services * BACKENDS_PER_SERVICE + 1024,
         conntrack: 1 << 20,
         affinity: 1024,
+        maglev: 1024,
     };
     Loaded::new("bench", &sizes).expect("load the programs")
 }

@@ -3,6 +3,7 @@
 mod flows;
 mod frontends;
 mod in_cluster;
+mod maglev;
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
