@@ -32,7 +32,14 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{Pending, ServiceObjects, SharedPending, Source};
-use crate::model::{SERVICE_NAME_LABEL, ServiceId, Sourced, TOPOLOGY_MODE_ANNOTATIONS};
+use crate::{
+    faults::{FaultKind, Faults},
+    model::{SERVICE_NAME_LABEL, ServiceId, Sourced, TOPOLOGY_MODE_ANNOTATIONS},
+};
+
+/// When the endpoints controller saw the change an EndpointSlice carries
+/// (RFC 3339): where `network_programming_duration_seconds` starts.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// The label carrying a Node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -119,9 +126,10 @@ fn slice_key(slice: &EndpointSlice) -> (String, String) {
     )
 }
 
-/// Wakes the agent after each event a watcher passes on.
+/// Wakes the agent after each event a watcher passes on, and reports the
+/// watchers' failures.
 #[derive(Clone)]
-struct Wake(mpsc::Sender<()>);
+struct Wake(mpsc::Sender<()>, Arc<Faults>);
 
 /// Polls `stream` in a task, calling `on_item` for each item and waking the
 /// agent after it.
@@ -136,17 +144,20 @@ fn drive<T: Send + 'static>(
         while let Some(item) = stream.next().await {
             match item {
                 Ok(item) => {
+                    // An item after a failure means the watch is back.
+                    wake.1.succeeded(FaultKind::Watch, what);
                     // The store already holds what the item says.
                     on_item(&item);
+                    // Full: a wake is already queued, and it covers this item.
                     let _ = wake.0.try_send(());
                 }
                 // The watcher backs off and relists by itself; the stores
                 // keep their last contents meanwhile, and so do the maps.
-                Err(e) => warn!(
-                    resource = what,
-                    "watch failed, retrying: {}",
-                    crate::error_chain::error_chain(&e)
-                ),
+                Err(e) => {
+                    let e = crate::error_chain::error_chain(&e);
+                    warn!(resource = what, "watch failed, retrying: {e}");
+                    wake.1.failed(FaultKind::Watch, what, e);
+                }
             }
         }
     });
@@ -182,12 +193,14 @@ where
 }
 
 /// What no reader of a Service or slice looks at: the server-side apply
-/// bookkeeping and annotations other than the topology ones (the
-/// last-applied-configuration annotation alone can double an object).
+/// bookkeeping and annotations other than the topology ones and the
+/// trigger time (the last-applied-configuration annotation alone can
+/// double an object).
 fn strip_metadata<K: ResourceExt>(obj: &mut K) {
     obj.managed_fields_mut().clear();
-    obj.annotations_mut()
-        .retain(|k, _| TOPOLOGY_MODE_ANNOTATIONS.contains(&k.as_str()));
+    obj.annotations_mut().retain(|k, _| {
+        TOPOLOGY_MODE_ANNOTATIONS.contains(&k.as_str()) || k == TRIGGER_TIME_ANNOTATION
+    });
 }
 
 /// The Node matters for its labels only (the zone): its status (images,
@@ -207,8 +220,9 @@ impl KubeSource {
         node_name: Option<&str>,
         changed: mpsc::Sender<()>,
         pending: SharedPending,
+        faults: Arc<Faults>,
     ) -> Self {
-        let wake = Wake(changed);
+        let wake = Wake(changed, faults);
         let p = pending.clone();
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
@@ -371,5 +385,28 @@ impl Source for KubeSource {
             .as_ref()?
             .get(ZONE_LABEL)
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_keeps_the_trigger_time_and_topology_annotations_only() {
+        let mut slice = EndpointSlice::default();
+        let a = slice.annotations_mut();
+        a.insert(TRIGGER_TIME_ANNOTATION.into(), "2026-01-02T03:04:05Z".into());
+        a.insert(TOPOLOGY_MODE_ANNOTATIONS[0].into(), "Auto".into());
+        a.insert(
+            "kubectl.kubernetes.io/last-applied-configuration".into(),
+            "{}".into(),
+        );
+        strip_metadata(&mut slice);
+        let mut kept: Vec<&str> = slice.annotations().keys().map(String::as_str).collect();
+        kept.sort();
+        let mut want = vec![TRIGGER_TIME_ANNOTATION, TOPOLOGY_MODE_ANNOTATIONS[0]];
+        want.sort();
+        assert_eq!(kept, want);
     }
 }

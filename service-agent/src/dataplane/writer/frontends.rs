@@ -13,6 +13,7 @@ use crate::{
         maps::{Entry, EntryKey, Maps, RangeKey},
         readback::slot_key,
     },
+    faults::FaultKind,
     plan::FrontendPlan,
 };
 
@@ -226,7 +227,12 @@ impl Writer {
                 let mut why = describe(map, e);
                 // Back to the state before, in the same safe order.
                 if let Err(Failed(map, e)) = transition(t, mk, &mut cur, &old, &mut gone) {
-                    why.push_str(&format!("; and rolling back: {}", describe(map, e)));
+                    let e = describe(map, e);
+                    why.push_str(&format!("; and rolling back: {e}"));
+                    report.faults.push((
+                        FaultKind::Rollback,
+                        format!("Service {} frontend {mk:?}: {e}", fe.service),
+                    ));
                 }
                 Err(why)
             }
@@ -278,7 +284,12 @@ impl Writer {
         .map_err(|Failed(map, e)| describe(map, e));
         if cur.is_empty() {
             // A reused svc_id must start its counters from zero.
-            let _ = t.reset_svc_stats(old.svc_id);
+            if let Err(e) = t.reset_svc_stats(old.svc_id) {
+                report.faults.push((
+                    FaultKind::StatsReset,
+                    format!("zeroing the counters of svc_id {}: {e}", old.svc_id),
+                ));
+            }
             report.frontends_removed += 1;
         }
         self.settle(mk, &old, cur);

@@ -16,14 +16,17 @@ use service_common::*;
 
 pub use self::flows::{
     CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
-    Lifetimes, expire_conntrack,
+    FlowPass, Lifetimes, expire_conntrack,
 };
 use self::{frontends::Programmed, ids::Ids};
 use super::{
     maps::{EntryKey, Maps},
     readback::read_frontends,
 };
-use crate::plan::{FrontendKey, FrontendPlan, Plan};
+use crate::{
+    faults::FaultKind,
+    plan::{FrontendKey, FrontendPlan, Plan},
+};
 
 /// What one apply did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -39,6 +42,9 @@ pub struct ApplyReport {
     /// Frontends that could not be written, with the Service and the reason;
     /// their previous state stays in the maps.
     pub errors: Vec<String>,
+    /// What else failed (a rollback, a counter reset, the UDP flow flush),
+    /// by kind: none of it leaves a frontend unwritten, all of it is reported.
+    pub faults: Vec<(FaultKind, String)>,
 }
 
 /// The agent's view of what is in the maps, rebuilt from them at start.
@@ -229,7 +235,11 @@ impl Writer {
         removed_pairs: &BTreeSet<(u32, u32)>,
         mut report: ApplyReport,
     ) -> ApplyReport {
-        report.udp_flows_flushed = flows::flush_udp_flows(t, removed_pairs);
+        let flushed = flows::flush_udp_flows(t, removed_pairs);
+        report.udp_flows_flushed = flushed.removed;
+        (report.faults).extend(
+            (flushed.errors.into_iter()).map(|e| (FaultKind::ConntrackFlush, e)),
+        );
         report.removed_pairs = removed_pairs.clone();
         self.ids.release_unused(t, &mut report);
         report
