@@ -16,7 +16,7 @@ use crate::{
         Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, cgroup::CgroupTarget, interfaces,
         sock_destroy, takeover, writer,
     },
-    faults::{FaultKind, Failing},
+    faults::{Failing, FaultKind},
     gc::{self, monotonic_ns},
     health::HealthServers,
     metrics::{self, Metrics, SyncOutcome, changes::ChangeTracker},
@@ -99,8 +99,7 @@ impl Agent {
             Some(ids) => {
                 for id in ids {
                     let (services, slices) = self.source.objects(&id);
-                    self.changes
-                        .observe(&id, &services, &slices, &mut observed);
+                    self.changes.observe(&id, &services, &slices, &mut observed);
                     self.planner.set(id, services, slices);
                 }
                 self.planner.set_unlabeled(&self.source.unlabeled_slices());
@@ -140,23 +139,8 @@ impl Agent {
             );
         }
         let health_errors = self.health.sync(&plan.health_checks).await;
-        // Each sync is the next attempt of these: a kind without an error
-        // this time has recovered.
         let faults = &self.metrics.faults;
-        faults.record(FaultKind::Apply, "", &report.errors);
-        for kind in [
-            FaultKind::Rollback,
-            FaultKind::StatsReset,
-            FaultKind::ConntrackFlush,
-        ] {
-            let errors: Vec<String> = (report.faults.iter())
-                .filter(|(k, _)| *k == kind)
-                .map(|(_, e)| e.clone())
-                .collect();
-            faults.record(kind, "", &errors);
-        }
-        faults.record(FaultKind::SockDestroy, "", &ended.errors);
-        faults.record(FaultKind::HealthCheck, "", &health_errors);
+        faults.record_sync(&report, &ended.errors, &health_errors);
         // What the input got wrong is logged here, each distinct problem
         // once, not at every resync (the faults log their own).
         let input: Vec<String> = (self.source.errors().into_iter())

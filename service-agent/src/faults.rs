@@ -20,6 +20,8 @@ use prometheus_client::{
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
+use crate::dataplane::writer::ApplyReport;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FaultKind {
     /// A frontend could not be written or removed; it keeps its previous state.
@@ -180,6 +182,26 @@ impl Faults {
             Ok(()) => self.succeeded(kind, subject),
             Err(e) => self.failed(kind, subject, e.to_string()),
         }
+    }
+
+    /// Records what one sync's operations met. Each sync is the next
+    /// attempt of all of them: a kind without an error this time has
+    /// recovered.
+    pub fn record_sync(&self, report: &ApplyReport, sock_destroy: &[String], health: &[String]) {
+        self.record(FaultKind::Apply, "", &report.errors);
+        for kind in [
+            FaultKind::Rollback,
+            FaultKind::StatsReset,
+            FaultKind::ConntrackFlush,
+        ] {
+            let errors: Vec<String> = (report.faults.iter())
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, e)| e.clone())
+                .collect();
+            self.record(kind, "", &errors);
+        }
+        self.record(FaultKind::SockDestroy, "", sock_destroy);
+        self.record(FaultKind::HealthCheck, "", health);
     }
 
     /// What is failing now, oldest kind first.

@@ -109,7 +109,11 @@ pub fn render_list(frontends: &[ProgrammedFrontend], status: Option<&Status>) ->
         }
         for f in &st.failing {
             let subject = if f.subject.is_empty() { "" } else { " " };
-            let _ = writeln!(s, "failing: {}{subject}{}: {}", f.kind, f.subject, f.message);
+            let _ = writeln!(
+                s,
+                "failing: {}{subject}{}: {}",
+                f.kind, f.subject, f.message
+            );
         }
     }
     s

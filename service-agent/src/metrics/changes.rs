@@ -62,7 +62,11 @@ fn fingerprint<T: Serialize>(meta: &ObjectMeta, object: &T) -> u64 {
 
 /// The slice's trigger time, when it carries a valid one.
 pub fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
-    let v = slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    let v = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(TRIGGER_TIME_ANNOTATION)?;
     let t: k8s_openapi::jiff::Timestamp = v.parse().ok()?;
     Some(SystemTime::from(t))
 }
@@ -109,7 +113,10 @@ impl ChangeTracker {
                     .extend(trigger_time(&s.object).filter(|t| *t >= self.start));
             }
         }
-        let deleted = before.slices.keys().filter(|n| !now.slices.contains_key(*n));
+        let deleted = before
+            .slices
+            .keys()
+            .filter(|n| !now.slices.contains_key(*n));
         out.endpoint_changes += deleted.count() as u64;
         if now != Seen::default() {
             self.seen.insert(id.clone(), now);
@@ -167,14 +174,24 @@ mod tests {
         let mut o = Observed::default();
         let a = slice("web-a", "10.0.0.1", Some("2026-01-02T00:00:00Z"));
         let b = slice("web-b", "10.0.0.2", Some("2025-12-31T00:00:00Z"));
-        t.observe(&id, &[svc("web", 80, None)], &[a.clone(), b.clone()], &mut o);
+        t.observe(
+            &id,
+            &[svc("web", 80, None)],
+            &[a.clone(), b.clone()],
+            &mut o,
+        );
         // b's trigger time is from before the start: not a sample.
         assert_eq!((o.service_changes, o.endpoint_changes), (1, 2));
         assert_eq!(o.triggers, [start + Duration::from_secs(86400)]);
 
         // Nothing changed: nothing counted, no sample from the old annotation.
         let mut o = Observed::default();
-        t.observe(&id, &[svc("web", 80, None)], &[a.clone(), b.clone()], &mut o);
+        t.observe(
+            &id,
+            &[svc("web", 80, None)],
+            &[a.clone(), b.clone()],
+            &mut o,
+        );
         assert_eq!(o, Observed::default());
 
         // One slice changed, the other deleted; the Service changed.

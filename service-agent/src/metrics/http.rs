@@ -104,7 +104,9 @@ mod tests {
         let req = http::Request::get(path).body(Body::empty()).unwrap();
         let res = app.clone().oneshot(req).await.unwrap();
         let code = res.status().as_u16();
-        let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
         (code, String::from_utf8(body.to_vec()).unwrap())
     }
 

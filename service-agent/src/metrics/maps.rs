@@ -110,7 +110,8 @@ impl MapCollector {
             if map == service_common::MAP_CONNTRACK && ct.is_none() {
                 continue;
             }
-            snap.fill.push((MapLabel { map: map.into() }, entries, capacity));
+            snap.fill
+                .push((MapLabel { map: map.into() }, entries, capacity));
         }
         *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
         Ok(())

@@ -4,6 +4,8 @@
 //! counters the programs keep in the maps (`maps.rs`, read at scrape time
 //! off the async workers). HTTP handling is in `http.rs`.
 pub mod changes;
+#[cfg(test)]
+mod dashboard_tests;
 mod http;
 mod maps;
 
@@ -48,8 +50,8 @@ struct Health {
 
 fn buckets() -> impl Iterator<Item = f64> {
     [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        30.0, 60.0,
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
     ]
     .into_iter()
 }

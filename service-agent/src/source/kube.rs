@@ -396,7 +396,10 @@ mod tests {
     fn the_store_keeps_the_trigger_time_and_topology_annotations_only() {
         let mut slice = EndpointSlice::default();
         let a = slice.annotations_mut();
-        a.insert(TRIGGER_TIME_ANNOTATION.into(), "2026-01-02T03:04:05Z".into());
+        a.insert(
+            TRIGGER_TIME_ANNOTATION.into(),
+            "2026-01-02T03:04:05Z".into(),
+        );
         a.insert(TOPOLOGY_MODE_ANNOTATIONS[0].into(), "Auto".into());
         a.insert(
             "kubectl.kubernetes.io/last-applied-configuration".into(),

@@ -237,9 +237,8 @@ impl Writer {
     ) -> ApplyReport {
         let flushed = flows::flush_udp_flows(t, removed_pairs);
         report.udp_flows_flushed = flushed.removed;
-        (report.faults).extend(
-            (flushed.errors.into_iter()).map(|e| (FaultKind::ConntrackFlush, e)),
-        );
+        (report.faults)
+            .extend((flushed.errors.into_iter()).map(|e| (FaultKind::ConntrackFlush, e)));
         report.removed_pairs = removed_pairs.clone();
         self.ids.release_unused(t, &mut report);
         report

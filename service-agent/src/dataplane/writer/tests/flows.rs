@@ -432,7 +432,10 @@ fn a_failed_address_listing_keeps_the_last_good_node_addresses() {
         .refresh_node_addrs(&mut maps, || Err("netlink: EBUSY"))
         .unwrap_err();
     assert_eq!(maps.contents.node_addrs, before);
-    assert!(e.contains("NODE_ADDRS keeps its last set: netlink: EBUSY"), "{e}");
+    assert!(
+        e.contains("NODE_ADDRS keeps its last set: netlink: EBUSY"),
+        "{e}"
+    );
     // A listing that comes back empty is a listing: NodePorts answer nowhere.
     w.refresh_node_addrs(&mut maps, || Ok::<_, String>(vec![]))
         .unwrap();
