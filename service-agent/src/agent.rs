@@ -143,15 +143,13 @@ impl Agent {
         faults.record_sync(&report, &ended.errors, &health_errors);
         // What the input got wrong is logged here, each distinct problem
         // once, not at every resync (the faults log their own).
-        let input: Vec<String> = (self.source.errors().into_iter())
-            .chain(plan.problems.iter().map(|p| p.to_string()))
-            .collect();
-        for p in &input {
-            if !self.last_errors.contains(p) {
+        let mut problems = self.source.errors();
+        let input = problems.iter().cloned();
+        for p in input.chain(plan.problems.iter().map(|p| p.to_string())) {
+            if !self.last_errors.contains(&p) {
                 error!("{p}");
             }
         }
-        let mut problems = self.source.errors();
         problems.extend(report.errors.iter().cloned());
         problems.extend(ended.errors);
         problems.extend(health_errors);
