@@ -93,10 +93,19 @@ pub struct Failing {
     pub since_unix: u64,
 }
 
+/// A failure kept: its message, since when, and until when without a new
+/// error (None: until the next success).
+#[derive(Debug)]
+struct Kept {
+    message: String,
+    since: SystemTime,
+    until: Option<SystemTime>,
+}
+
 #[derive(Debug)]
 pub struct Faults {
     counter: Family<KindLabel, Counter>,
-    failing: Mutex<BTreeMap<(FaultKind, String), (String, SystemTime)>>,
+    failing: Mutex<BTreeMap<(FaultKind, String), Kept>>,
 }
 
 impl Default for Faults {
@@ -142,10 +151,25 @@ impl Faults {
     /// An attempt of `kind` on `subject` failed with `errors` (one count
     /// each); no errors: it succeeded, which ends a failure kept for it.
     pub fn record(&self, kind: FaultKind, subject: &str, errors: &[String]) {
+        self.record_held(kind, subject, errors, None);
+    }
+
+    /// As [`Faults::record`], for an operation whose success may go
+    /// unseen (a watch that reconnects quietly yields nothing): the
+    /// failure also ends `hold` after its last error.
+    pub fn record_held(
+        &self,
+        kind: FaultKind,
+        subject: &str,
+        errors: &[String],
+        hold: Option<std::time::Duration>,
+    ) {
         if errors.is_empty() {
             self.succeeded(kind, subject);
             return;
         }
+        let now = SystemTime::now();
+        let until = hold.map(|h| now + h);
         self.counter
             .get_or_create(&label(kind))
             .inc_by(errors.len() as u64);
@@ -153,14 +177,24 @@ impl Faults {
         let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
         let key = (kind, subject.to_string());
         match failing.get_mut(&key) {
-            Some((m, _)) if *m == message => {}
-            Some((m, _)) => {
-                error!(kind = kind.name(), "{}: {message}", what(kind, subject));
-                *m = message;
+            Some(k) => {
+                if k.message != message {
+                    error!(kind = kind.name(), "{}: {message}", what(kind, subject));
+                    k.message = message;
+                }
+                k.until = until;
             }
             None => {
                 error!(kind = kind.name(), "{}: {message}", what(kind, subject));
-                failing.insert(key, (message, SystemTime::now()));
+                let since = now;
+                failing.insert(
+                    key,
+                    Kept {
+                        message,
+                        since,
+                        until,
+                    },
+                );
             }
         }
     }
@@ -204,16 +238,32 @@ impl Faults {
         self.record(FaultKind::HealthCheck, "", health);
     }
 
-    /// What is failing now, oldest kind first.
+    /// What is failing now, by kind.
     pub fn failing(&self) -> Vec<Failing> {
-        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let now = SystemTime::now();
+        failing.retain(|(kind, subject), k| {
+            let keep = k.until.is_none_or(|u| u > now);
+            if !keep {
+                info!(
+                    kind = kind.name(),
+                    "{}: no error since {}s, taken as recovered",
+                    what(*kind, subject),
+                    now.duration_since(k.since)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0)
+                );
+            }
+            keep
+        });
         failing
             .iter()
-            .map(|((kind, subject), (message, since))| Failing {
+            .map(|((kind, subject), k)| Failing {
                 kind: kind.name().into(),
                 subject: subject.clone(),
-                message: message.clone(),
-                since_unix: since
+                message: k.message.clone(),
+                since_unix: k
+                    .since
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
@@ -248,5 +298,20 @@ mod tests {
         assert!(f.failing().is_empty());
         // The counts stay: they are counters.
         assert_eq!(f.count(FaultKind::ConntrackGc), 2);
+    }
+
+    #[test]
+    fn a_held_failure_ends_by_itself_when_no_error_renews_it() {
+        let f = Faults::default();
+        let hold = Some(std::time::Duration::from_millis(100));
+        f.record_held(FaultKind::Watch, "node", &["reset".into()], hold);
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        // A new error renews the hold.
+        f.record_held(FaultKind::Watch, "node", &["reset".into()], hold);
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert_eq!(f.failing().len(), 1);
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(f.failing().is_empty());
+        assert_eq!(f.count(FaultKind::Watch), 2);
     }
 }

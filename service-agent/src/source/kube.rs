@@ -126,6 +126,12 @@ fn slice_key(slice: &EndpointSlice) -> (String, String) {
     )
 }
 
+/// How long a watch counts as failing after its last error when no event
+/// shows it back: a watch that reconnects yields nothing until something
+/// changes. Longer than the watcher's longest wait between attempts (30 s
+/// of backoff, plus up to 30 s for a connection attempt to time out).
+const WATCH_HOLD: std::time::Duration = std::time::Duration::from_secs(65);
+
 /// Wakes the agent after each event a watcher passes on, and reports the
 /// watchers' failures.
 #[derive(Clone)]
@@ -156,7 +162,7 @@ fn drive<T: Send + 'static>(
                 Err(e) => {
                     let e = crate::error_chain::error_chain(&e);
                     warn!(resource = what, "watch failed, retrying: {e}");
-                    wake.1.failed(FaultKind::Watch, what, e);
+                    (wake.1).record_held(FaultKind::Watch, what, &[e], Some(WATCH_HOLD));
                 }
             }
         }
@@ -278,6 +284,9 @@ impl KubeSource {
         // is seen at the next sync.
         let node_filter = format!("metadata.name={}", node_name.unwrap_or(""));
         let (reader, writer) = reflector::store();
+        // The label filter lets few items through: the watch is known to
+        // be back at any object it yields, before the filter.
+        let faults = wake.1.clone();
         let stream = watcher(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&node_filter),
@@ -286,6 +295,11 @@ impl KubeSource {
         .modify(strip_node)
         .reflect(writer)
         .touched_objects()
+        .inspect(move |item| {
+            if item.is_ok() {
+                faults.succeeded(FaultKind::Watch, "node");
+            }
+        })
         .predicate_filter(predicates::labels, PredicateConfig::default());
         drive(stream, "node", wake, |_| {});
         Self {
