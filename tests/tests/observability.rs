@@ -1,8 +1,9 @@
-//! What the agent reports about itself under load: with 500k flows in
+//! What the agent reports about itself: under load, with 500k flows in
 //! CONNTRACK, a conntrack GC pass and `/metrics` scrapes running, a Service
 //! change is programmed as fast as on an empty table (neither walks the
 //! table on the agent's loop), and the scrape still reports CONNTRACK's
-//! fill (counted by the GC pass).
+//! fill (counted by the GC pass); the network programming latency starts
+//! at an EndpointSlice's trigger time.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
@@ -14,6 +15,8 @@ use std::{
 };
 
 use integration_tests::{
+    agent::Agent,
+    apiserver::{self, ApiServer, Kind},
     fixture::{OneNode, Running, T},
     manifests, traffic,
 };
@@ -206,4 +209,69 @@ fn a_service_change_is_not_delayed_by_conntrack_gc_and_scrapes_over_500k_flows()
         "CONNTRACK's fill is not reported:\n{metrics}"
     );
     assert!(scrapes >= LOADED_CHANGES, "only {scrapes} scrapes answered");
+}
+
+/// The count of `le` bucket of `network_programming_duration_seconds`.
+fn programming_bucket(metrics: &str, le: &str) -> u64 {
+    let prefix =
+        format!("service_agent_network_programming_duration_seconds_bucket{{le=\"{le}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bucket {le}:\n{metrics}"))
+}
+
+#[test]
+fn network_programming_latency_starts_at_the_slices_trigger_time() {
+    let s = OneNode::new(1, 1).unwrap();
+    let node = &s.topo.nodes[0].ns;
+    let api = ApiServer::start(node).unwrap();
+    api.apply(Kind::Node, apiserver::node("node-1", "zone-a"));
+    api.apply(
+        Kind::Service,
+        apiserver::service("shop", "web", "10.96.0.10", 80, "TCP"),
+    );
+    let mut agent = Agent::start_kube(node, api.kubeconfig(), &["--node-name", "node-1"]).unwrap();
+    agent
+        .wait_log_from(0, "agent running", Duration::from_secs(30))
+        .unwrap();
+    let scrape = || {
+        node.within(|| traffic::http_request(metrics_addr(), "/metrics", T))
+            .unwrap()
+            .unwrap()
+            .1
+    };
+    // Samples between 2.5 s and 5 s: none before the change.
+    let slow = |m: &str| programming_bucket(m, "5.0") - programming_bucket(m, "2.5");
+    assert_eq!(slow(&scrape()), 0);
+    // The endpoints controller saw the change 3 s ago (whole seconds, as
+    // it writes the annotation), after the agent started: trigger times
+    // from before its start are of changes it never saw happen.
+    thread::sleep(Duration::from_secs(5));
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let trigger = k8s_openapi::jiff::Timestamp::from_second(now - 3).unwrap();
+    let mut slice = apiserver::endpoint_slice("shop", "web", "a", &[s.topo.pod("web-1").ip], "TCP");
+    slice["metadata"]["annotations"] = serde_json::json!({
+        "endpoints.kubernetes.io/last-change-trigger-time": trigger.to_string(),
+    });
+    api.apply(Kind::EndpointSlice, slice);
+    agent
+        .wait_list("web-1", |l| {
+            l.contains(&format!("{}:8080", s.topo.pod("web-1").ip))
+        })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = scrape();
+        if slow(&m) > 0 || Instant::now() > deadline {
+            break m;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(slow(&metrics), 1, "{metrics}");
+    assert!(
+        metrics.contains("service_agent_sync_proxy_rules_endpoint_changes_total 1\n"),
+        "{metrics}"
+    );
 }
