@@ -208,8 +208,10 @@ impl Agent {
         }
         self.last_errors = all;
         // Without a slice's own trigger time, a change starts when the
-        // source noted it (a manifest file written, a Service event).
-        if observed.triggers.is_empty() && !changed.is_empty() {
+        // source noted it (a manifest file written, a Service event). The
+        // first sync programs what existed before the agent ran, which
+        // is no change: it has no sample.
+        if observed.triggers.is_empty() && !changed.is_empty() && self.metrics.ready() {
             let noted = pending.first_noted.map(|t| SystemTime::now() - t.elapsed());
             observed.triggers.extend(noted);
         }
