@@ -108,6 +108,8 @@ pub struct FakeMaps {
     failing_maps: BTreeSet<&'static str>,
     /// Walks of CONNTRACK end with an error after this many entries.
     conntrack_walk_fails_after: Option<usize>,
+    /// Walks of CONNTRACK so far.
+    pub conntrack_walks: std::cell::Cell<usize>,
 }
 
 fn pairs<K: Copy, V: Copy>(m: &BTreeMap<K, V>) -> Vec<(K, V)> {
@@ -246,6 +248,7 @@ impl Maps for FakeMaps {
     }
 
     fn conntrack(&self) -> Walk<(CtKey, CtValue)> {
+        self.conntrack_walks.set(self.conntrack_walks.get() + 1);
         let all = self.contents.conntrack.iter().map(|(k, v)| Ok((*k, *v)));
         match self.conntrack_walk_fails_after {
             None => all.collect(),

@@ -181,6 +181,15 @@ fn desired(mk: &ServiceKey, fe: &FrontendPlan, svc_id: u32, ids: &[u32]) -> Prog
     }
 }
 
+/// Keeps the pairs that left a UDP frontend: only UDP flows are flushed and
+/// only host UDP sockets ended, so a TCP change never walks CONNTRACK
+/// (seconds at 500k flows, on the agent's loop).
+fn udp_only(mk: ServiceKey, gone: BTreeSet<(u32, u32)>, removed_pairs: &mut BTreeSet<(u32, u32)>) {
+    if mk.proto == IPPROTO_UDP {
+        removed_pairs.extend(gone);
+    }
+}
+
 impl Writer {
     pub(super) fn write_frontend(
         &mut self,
@@ -238,7 +247,8 @@ impl Writer {
             }
         };
         // A membership that went and came back lost no flow.
-        removed_pairs.extend(gone.into_iter().filter(|(_, id)| !cur.members.contains(id)));
+        gone.retain(|(_, id)| !cur.members.contains(id));
+        udp_only(mk, gone, removed_pairs);
         if result.is_ok() {
             report.frontends_written += 1;
         }
@@ -274,14 +284,10 @@ impl Writer {
             return Ok(());
         };
         let mut cur = old.clone();
-        let result = transition(
-            t,
-            mk,
-            &mut cur,
-            &Programmed::empty(old.svc_id),
-            removed_pairs,
-        )
-        .map_err(|Failed(map, e)| describe(map, e));
+        let mut gone = BTreeSet::new();
+        let result = transition(t, mk, &mut cur, &Programmed::empty(old.svc_id), &mut gone)
+            .map_err(|Failed(map, e)| describe(map, e));
+        udp_only(mk, gone, removed_pairs);
         if cur.is_empty() {
             // A reused svc_id must start its counters from zero.
             if let Err(e) = t.reset_svc_stats(old.svc_id) {

@@ -36,8 +36,8 @@ pub struct ApplyReport {
     pub backends_added: usize,
     pub backends_removed: usize,
     pub udp_flows_flushed: usize,
-    /// (svc_id, backend_id) pairs that left their frontend, for ending the
-    /// host sockets connected to them.
+    /// (svc_id, backend_id) pairs that left their UDP frontend: their
+    /// flows were flushed, and the host sockets connected to them are ended.
     pub removed_pairs: BTreeSet<(u32, u32)>,
     /// Frontends that could not be written, with the Service and the reason;
     /// their previous state stays in the maps.

@@ -179,6 +179,30 @@ fn gc_errors_are_reported_with_what_was_read() {
     assert!(pass.errors.is_empty());
 }
 
+/// Only UDP flows are flushed: a TCP frontend losing a backend, or going,
+/// does not walk CONNTRACK at all.
+#[test]
+fn a_tcp_change_does_not_walk_conntrack() {
+    let (web, dns) = (tcp(1), udp(2));
+    let (mut maps, mut w) = programmed(&plan(vec![
+        (web, fe("web", &[1, 2])),
+        (dns, fe("dns", &[1, 2])),
+    ]));
+    let walks = |m: &FakeMaps| m.conntrack_walks.get();
+    let r = apply_clean(
+        &mut w,
+        &mut maps,
+        &plan(vec![(web, fe("web", &[1])), (dns, fe("dns", &[1, 2]))]),
+    );
+    assert_eq!((r.frontends_written, walks(&maps)), (1, 0), "{r:?}");
+    assert!(r.removed_pairs.is_empty(), "{r:?}");
+    let r = apply_clean(&mut w, &mut maps, &plan(vec![(dns, fe("dns", &[1, 2]))]));
+    assert_eq!((r.frontends_removed, walks(&maps)), (1, 0), "{r:?}");
+    let r = apply_clean(&mut w, &mut maps, &plan(vec![(dns, fe("dns", &[2]))]));
+    assert_eq!(walks(&maps), 1, "{r:?}");
+    assert_eq!(r.removed_pairs.len(), 1, "{r:?}");
+}
+
 #[test]
 fn an_update_that_keeps_the_backends_flushes_nothing() {
     let fk = udp(1);
