@@ -46,12 +46,16 @@ pub struct RunConfig {
     pub pod_iface_globs: Vec<String>,
     /// Fixed node addresses; empty: every non-loopback IPv4 address of the namespace.
     pub node_ips: Vec<Ipv4Addr>,
+    /// The cluster's pod ranges: sources inside the cluster on the wire.
+    pub cluster_cidrs: Vec<plan::ipnet_lite::Ipv4Net>,
     /// The XDP fast path on the external interfaces.
     pub xdp: XdpMode,
     /// The cgroup whose sockets of this namespace are translated at connect().
     pub cgroup: CgroupTarget,
     /// Conntrack lifetimes by flow state, for the garbage collection.
     pub lifetimes: writer::Lifetimes,
+    /// The SNAT port range and the flood guard, for the programs.
+    pub flow_limits: writer::FlowLimits,
 }
 
 struct Agent {
@@ -378,7 +382,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             metrics.faults.clone(),
         )
         .await?;
-    let dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
+    let mut dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
+    (dp.writer)
+        .set_cluster_cidrs(&mut dp.tables, &cfg.cluster_cidrs)
+        .context("writing --cluster-cidr")?;
+    dp.writer
+        .set_flow_limits(&mut dp.tables, &cfg.flow_limits)
+        .context("writing the SNAT port range and flood threshold to META")?;
     gc::spawn(
         cfg.pin_dir.clone(),
         cfg.lifetimes,

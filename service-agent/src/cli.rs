@@ -102,6 +102,54 @@ impl LifetimeArgs {
     }
 }
 
+/// How the programs give out source ports and admit new flows.
+#[derive(clap::Args)]
+pub struct FlowLimitArgs {
+    /// Source ports for flows source-NATed to the node address (NodePort,
+    /// LoadBalancer, externalIPs to a backend on another node) and for
+    /// client ports rewritten on a tuple clash, as MIN-MAX. Keep it clear of
+    /// the node's ip_local_port_range (its own connections share the node
+    /// address) and of the NodePort range.
+    #[arg(long, default_value = "1024-29999", value_parser = parse_port_range)]
+    pub snat_port_range: PortRange,
+    /// Flood guard: new flows one CPU may open per second; past it further
+    /// openings are dropped (flood_dropped) until the next second, so a
+    /// flood cannot push established flows out of conntrack. 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    pub flood_threshold: u64,
+}
+
+impl FlowLimitArgs {
+    pub fn limits(&self) -> crate::dataplane::writer::FlowLimits {
+        crate::dataplane::writer::FlowLimits {
+            snat_ports: (self.snat_port_range.min, self.snat_port_range.max),
+            flood_threshold: self.flood_threshold,
+        }
+    }
+}
+
+/// An inclusive range of ports, from 1 up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    let Some((a, b)) = s.split_once('-') else {
+        return Err(format!("{s}: expected MIN-MAX, e.g. 1024-29999"));
+    };
+    let port = |p: &str| match p.trim().parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{s}: {p:?} is not a port (1 to 65535)")),
+        Ok(n) => Ok(n),
+    };
+    let (min, max) = (port(a)?, port(b)?);
+    if min > max {
+        return Err(format!("{s}: the first port is above the last"));
+    }
+    Ok(PortRange { min, max })
+}
+
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// Where Services and endpoints come from: a manifest directory, or the API server.
@@ -161,6 +209,13 @@ pub struct RunArgs {
     /// outside them is refused. Without it any address is accepted.
     #[arg(long = "service-cidr", value_parser = parse_net)]
     pub service_cidrs: Vec<Ipv4Net>,
+    /// The cluster's pod range(s), as kube-proxy's --cluster-cidr: traffic
+    /// from them arriving on an external interface counts as inside the
+    /// cluster, to which externalTrafficPolicy Local does not apply (it
+    /// reaches the cluster-wide endpoints). Traffic from pod interfaces and
+    /// from the node's own sockets always counts as inside.
+    #[arg(long = "cluster-cidr", value_parser = parse_net)]
+    pub cluster_cidrs: Vec<Ipv4Net>,
     /// cgroup v2 directory whose processes' sockets (in this network
     /// namespace only) are translated at connect()/sendmsg() time: host
     /// processes reaching Services. Default: the cgroup2 mount from
@@ -169,6 +224,8 @@ pub struct RunArgs {
     pub cgroup: Option<PathBuf>,
     #[command(flatten)]
     pub lifetimes: LifetimeArgs,
+    #[command(flatten)]
+    pub flow_limits: FlowLimitArgs,
     /// Full resync period in seconds, besides file change events.
     #[arg(long, default_value_t = 30)]
     pub resync_seconds: u64,
@@ -239,6 +296,36 @@ impl From<XdpArg> for crate::dataplane::XdpMode {
             XdpArg::Off => Self::Off,
             XdpArg::Native => Self::Native,
             XdpArg::Generic => Self::Generic,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_port_range("20000-20003"),
+            Ok(PortRange {
+                min: 20_000,
+                max: 20_003
+            })
+        );
+        assert_eq!(
+            parse_port_range("1-65535").map(|r| (r.min, r.max)),
+            Ok((1, 65_535))
+        );
+        for (bad, why) in [
+            ("30000-20000", "the first port is above the last"),
+            ("0-100", "\"0\" is not a port"),
+            ("100-70000", "\"70000\" is not a port"),
+            ("1024", "expected MIN-MAX"),
+            ("a-b", "\"a\" is not a port"),
+        ] {
+            let e = parse_port_range(bad).unwrap_err();
+            assert!(e.starts_with(bad) && e.contains(why), "{bad}: {e}");
         }
     }
 }

@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
                 node_ips,
                 external_ip_allow,
                 service_cidrs,
+                cluster_cidrs,
                 resync_seconds,
                 frontends_max,
                 services_max,
@@ -68,6 +69,7 @@ fn main() -> anyhow::Result<()> {
                 affinity_max,
                 cgroup,
                 lifetimes,
+                flow_limits,
             } = *args;
             let source = match source {
                 SourceKind::Manifests => SourceConfig::Manifests(
@@ -100,6 +102,7 @@ fn main() -> anyhow::Result<()> {
                     zone: node_zone,
                 },
                 node_ips,
+                cluster_cidrs,
                 sizes: MapSizes {
                     frontends: frontends_max,
                     services: services_max,
@@ -110,6 +113,7 @@ fn main() -> anyhow::Result<()> {
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 cgroup: CgroupTarget::from_flag(cgroup.as_deref())?,
                 lifetimes: lifetimes.lifetimes(),
+                flow_limits: flow_limits.limits(),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -11,6 +11,10 @@ use crate::{
     status::Status,
 };
 
+/// After the frontend in `list` (and the metrics' frontend label): the
+/// entry set sources inside the cluster use (a Local external frontend's).
+pub const IN_CLUSTER_TAG: &str = "(in-cluster)";
+
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ProgrammedFrontend {
     pub frontend: String,
@@ -52,8 +56,12 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
             });
         }
         backends.sort();
-        let frontend = key.to_string();
-        let named = status.and_then(|s| s.frontends.iter().find(|f| f.frontend == frontend));
+        let named = status.and_then(|s| s.frontends.iter().find(|f| f.frontend == key.to_string()));
+        let frontend = if k.scope == SCOPE_IN_CLUSTER {
+            format!("{key} {IN_CLUSTER_TAG}")
+        } else {
+            key.to_string()
+        };
         let m = f.master;
         let ranges = stored.ranges.remove(&m.svc_id).unwrap_or_default();
         out.push(ProgrammedFrontend {

@@ -27,9 +27,10 @@ pub const MAP_SOURCE_RANGES: &str = "SOURCE_RANGES";
 pub const MAP_FRAGMENTS: &str = "FRAGMENTS";
 pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
 pub const MAP_SOCK_REVNAT: &str = "SOCK_REVNAT";
+pub const MAP_FLOOD: &str = "FLOOD";
 
 /// Every map the programs declare, in the order the agent pins and reports them.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -43,6 +44,7 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_FRAGMENTS,
     MAP_XDP_EGRESS,
     MAP_SOCK_REVNAT,
+    MAP_FLOOD,
 ];
 
 /// tc ingress on pod-facing host veths.
@@ -68,6 +70,7 @@ pub const XDP_EGRESS_MAX: u32 = 64;
 /// the range bounds new source-NATed connections per backend at about
 /// 29,000 per 15 s; the 4,535 ports above 61000 used before ran out at a few
 /// hundred connections a second per backend.
+/// The agent's --snat-port-range overrides it (META_SNAT_PORTS).
 pub const SNAT_PORT_MIN: u16 = 1_024;
 pub const SNAT_PORT_COUNT: u16 = 28_976;
 
@@ -89,9 +92,19 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// Scope of a service entry: every entry is cluster-wide today (the planner
-/// resolves traffic policies into the slots it writes).
+/// Scope of a service entry set: the one every source uses, except sources
+/// inside the cluster when its master carries SVC_F_IN_CLUSTER. The planner
+/// resolves the traffic policies into the slots of each set.
 pub const SCOPE_ALL: u8 = 0;
+/// The entry set for sources inside the cluster (pods, the node itself) of
+/// an external frontend with `externalTrafficPolicy: Local`: that policy
+/// applies to traffic from outside only, so these get the cluster-wide
+/// endpoints, as kube-proxy's short-circuit gives them.
+pub const SCOPE_IN_CLUSTER: u8 = 1;
+/// SOURCE_RANGES entries under this id (no frontend has it: svc_ids start
+/// at 1) are the cluster's pod ranges (`--cluster-cidr`): a source in them
+/// arriving on an external interface is inside the cluster.
+pub const CLUSTER_CIDRS_ID: u32 = 0;
 
 /// Key of the SERVICES map. Slot 0 is the master entry of a frontend; slots
 /// 1..=count hold its backends. A NodePort frontend has `addr == [0; 4]` and
@@ -116,6 +129,9 @@ pub const SVC_F_NODEPORT: u16 = 1 << 2;
 /// New flows are accepted only from sources in SOURCE_RANGES for this svc_id
 /// (a LoadBalancer's `loadBalancerSourceRanges`).
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 3;
+/// Sources inside the cluster use the SCOPE_IN_CLUSTER entry set under the
+/// same address, port and protocol (its own master, svc_id and slots).
+pub const SVC_F_IN_CLUSTER: u16 = 1 << 4;
 
 /// Value of the SERVICES map. In the master entry (slot 0) `count`, `flags`
 /// and `affinity_timeout_s` are meaningful and `backend_id` is 0; in a slot
@@ -267,7 +283,24 @@ pub const META_SNAT_ADDR: u32 = 1;
 /// The network namespace cookie of the agent: socket hooks translate only
 /// sockets of this namespace (0: none).
 pub const META_NETNS_COOKIE: u32 = 2;
+/// The ports source NAT and tuple-clash rewrites may give a flow: the first
+/// port in bits 0..16, the number of ports in bits 16..32 (0: the default
+/// SNAT_PORT_MIN / SNAT_PORT_COUNT).
+pub const META_SNAT_PORTS: u32 = 3;
+/// The flood guard: new flows one CPU opens per second before it refuses
+/// more until the next second (0: no limit).
+pub const META_FLOOD_THRESHOLD: u32 = 4;
 pub const META_MAX: u32 = 8;
+
+/// The flood guard's count of one CPU (FLOOD, a per-CPU array of one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodWindow {
+    /// When the current one-second window began.
+    pub start_ns: u64,
+    /// New flows this CPU was asked to open in it.
+    pub new_flows: u64,
+}
 
 /// Socket (cgroup) hooks translating the node's own sockets.
 pub const PROG_SOCK_CONNECT4: &str = "svc_sock_connect4";
@@ -334,7 +367,8 @@ mod user {
         FragKey,
         FragValue,
         SockRevKey,
-        SockRevValue
+        SockRevValue,
+        FloodWindow
     );
 }
 
@@ -359,5 +393,6 @@ mod tests {
         assert_eq!(size_of::<FragValue>(), 16);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 16);
+        assert_eq!(size_of::<FloodWindow>(), 16);
     }
 }

@@ -94,7 +94,8 @@ reasons! {
     NoLocalEndpoint "no_local_endpoint" Dropped,
     /// A new flow was source-NATed to the node address (remote backend; event).
     SnatFlow "snat_flow" Translated,
-    /// No free SNAT port, or no SNAT address configured.
+    /// No SNAT address configured (a full port range is
+    /// `snat_ports_exhausted`).
     SnatFailed "snat_failed" Dropped,
     /// An ICMP error quoting a translated flow was translated too.
     IcmpErrorTranslated "icmp_error_translated" Translated,
@@ -142,6 +143,14 @@ reasons! {
     /// As above, but no free port was found: the opening was dropped, never
     /// given the other flow's replies.
     TupleClash "tuple_clash" Dropped,
+    /// A new source-NATed flow found no free port in the SNAT port range
+    /// (its own, then up to 4,096 others): dropped, never given a port
+    /// another flow holds.
+    SnatPortsExhausted "snat_ports_exhausted" Dropped,
+    /// The flood guard: this CPU had opened its --flood-threshold new flows
+    /// this second, so this one was dropped rather than recorded (its
+    /// entries would push established flows out of the LRU conntrack).
+    FloodDropped "flood_dropped" Dropped,
 }
 
 #[cfg(test)]

@@ -1,16 +1,14 @@
 //! Connection tracking: both directions of a translated flow get an entry
 //! that says the whole rewrite, so every later packet costs one lookup.
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use service_common::*;
 
 use crate::{
-    headers::{TCP_FIN, TCP_RST},
+    headers::{TCP_FIN, TCP_RST, TCP_SYN},
     maps::{BACKENDS, CONNTRACK, META},
     nat::Target,
     packet::Flow,
+    ports::{self, PortRange},
     stats::count_reason,
 };
 
@@ -94,19 +92,37 @@ pub fn lookup(flow: &Flow) -> CtLookup {
     }
 }
 
-/// A packet of the flow was seen: it stays recent, and FIN or RST marks it
-/// closing so the agent expires it sooner.
+/// A packet of the flow was seen: it stays recent. FIN marks its own
+/// direction closing (the other may still send after a half-close), RST
+/// both: the connection is over, and a reply entry left established would
+/// hold its tuple (and SNAT port) for the established lifetime. A SYN on a
+/// closing entry is a new connection reusing the tuple (a client port
+/// reused quickly), which must not inherit the old one's short lifetime.
 #[inline(always)]
 fn touch(entry: &mut CtValue, flow: &Flow) {
     // SAFETY: a helper call without arguments.
     entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         entry.flags |= CT_F_CLOSING;
+    } else if flow.tcp_flags & TCP_SYN != 0 {
+        entry.flags &= !CT_F_CLOSING;
+    }
+    if flow.tcp_flags & TCP_RST != 0 {
+        // The partner's key is what this entry rewrites packets into, reversed.
+        let partner = CtKey {
+            saddr: entry.nat_daddr,
+            daddr: entry.nat_saddr,
+            sport: entry.nat_dport,
+            dport: entry.nat_sport,
+            proto: flow.proto,
+            _pad: [0; 3],
+        };
+        if let Some(p) = CONNTRACK.get_ptr_mut(partner) {
+            // SAFETY: the map's own value (see lookup); only a flag is set.
+            unsafe { (*p).flags |= CT_F_CLOSING };
+        }
     }
 }
-
-/// Ports tried for one SNAT flow before giving up.
-const SNAT_TRIES: u32 = 8;
 
 /// The node address the agent configured as SNAT source.
 #[inline(always)]
@@ -176,9 +192,9 @@ fn request_value(
     }
 }
 
-/// Records a new source-NATed flow: picks a free source port on the SNAT
-/// address by random probing (the reply key must be unique, so the insert
-/// refuses a port in use) and sets it in `to`.
+/// Records a new source-NATed flow: gives it a source port on the SNAT
+/// address whose reply tuple is free (the client's own when the range holds
+/// it, as netfilter's masquerade keeps it) and sets it in `to`.
 #[inline(always)]
 pub fn create_snat(
     flow: &Flow,
@@ -186,32 +202,29 @@ pub fn create_snat(
     backend_id: u32,
     svc_id: u32,
     reply_flags: u16,
-) -> Result<(), ()> {
+) -> Result<(), Reason> {
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let reply = reply_value(flow, backend_id, svc_id, CT_F_SNAT | reply_flags, now);
-    for _ in 0..SNAT_TRIES {
-        // SAFETY: a helper call without arguments.
-        to.sport =
-            SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORT_COUNT as u32) as u16;
-        if CONNTRACK
-            .insert(reply_key(flow, to), reply, BPF_NOEXIST as u64)
-            .is_ok()
-        {
-            let request = request_value(
-                flow,
-                to,
-                backend_id,
-                svc_id,
-                CT_F_SNAT | CT_F_LOCAL_SOURCE,
-                now,
-            );
-            return CONNTRACK.insert(key_of(flow), request, 0).map_err(|_| {
-                let _ = CONNTRACK.remove(reply_key(flow, to));
-            });
-        }
-    }
-    Err(())
+    to.sport = ports::claim_port(
+        reply_key(flow, to),
+        &reply,
+        PortRange::configured(),
+        Some(flow.sport),
+    )
+    .ok_or(Reason::SnatPortsExhausted)?;
+    let request = request_value(
+        flow,
+        to,
+        backend_id,
+        svc_id,
+        CT_F_SNAT | CT_F_LOCAL_SOURCE,
+        now,
+    );
+    CONNTRACK.insert(key_of(flow), request, 0).map_err(|_| {
+        let _ = CONNTRACK.remove(reply_key(flow, to));
+        Reason::CtInsertFailed
+    })
 }
 
 /// Records a new flow in both directions. The reply entry goes in first so
@@ -233,10 +246,7 @@ pub fn create(
     let now = unsafe { bpf_ktime_get_ns() };
     let reply = reply_value(flow, backend_id, svc_id, reply_flags, now);
     let mut moved = false;
-    if CONNTRACK
-        .insert(reply_key(flow, to), reply, BPF_NOEXIST as u64)
-        .is_err()
-    {
+    if !ports::claim(&reply_key(flow, to), &reply) {
         if holds_this_flow(&reply_key(flow, to), &reply) {
             // The same flow opening again (a SYN retransmitted after its
             // request entry was lost): it takes its own entry back.
@@ -278,20 +288,11 @@ fn holds_this_flow(key: &CtKey, reply: &CtValue) -> bool {
 }
 
 /// Moves a clashing flow's client port (as the backend sees it) to one whose
-/// reply tuple is free, probing like the SNAT port choice; the reply entry
-/// still rewrites to the client's own port.
+/// reply tuple is free, from the SNAT port range; the reply entry still
+/// rewrites to the client's own port.
 #[inline(always)]
 fn free_client_port(flow: &Flow, to: &mut Target, reply: &CtValue) -> Result<(), Reason> {
-    for _ in 0..SNAT_TRIES {
-        // SAFETY: a helper call without arguments.
-        to.sport =
-            SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % SNAT_PORT_COUNT as u32) as u16;
-        if CONNTRACK
-            .insert(reply_key(flow, to), *reply, BPF_NOEXIST as u64)
-            .is_ok()
-        {
-            return Ok(());
-        }
-    }
-    Err(Reason::TupleClash)
+    to.sport = ports::claim_port(reply_key(flow, to), reply, PortRange::configured(), None)
+        .ok_or(Reason::TupleClash)?;
+    Ok(())
 }

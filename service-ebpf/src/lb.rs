@@ -17,13 +17,35 @@ pub struct Frontend {
     pub to_node_addr: bool,
 }
 
+/// Where a packet or socket call that may open a flow comes from, as far
+/// as `externalTrafficPolicy: Local` cares: that policy applies to traffic
+/// from outside the cluster only.
+#[derive(Clone, Copy)]
+pub enum Origin {
+    /// A pod's interface or one of the node's own sockets: inside the cluster.
+    Inside,
+    /// An external interface: inside the cluster when the source is in
+    /// the cluster's pod ranges (`--cluster-cidr`).
+    Wire([u8; 4]),
+}
+
+impl Origin {
+    #[inline(always)]
+    fn is_inside(self) -> bool {
+        match self {
+            Origin::Inside => true,
+            Origin::Wire(saddr) => in_ranges(CLUSTER_CIDRS_ID, saddr),
+        }
+    }
+}
+
 #[inline(always)]
-fn master_of(addr: [u8; 4], port: u16, proto: u8) -> Option<Frontend> {
+fn master_of(addr: [u8; 4], port: u16, proto: u8, scope: u8) -> Option<Frontend> {
     let key = ServiceKey {
         addr,
         port,
         proto,
-        scope: SCOPE_ALL,
+        scope,
         slot: 0,
         _pad: 0,
     };
@@ -46,30 +68,46 @@ pub fn is_node_address(addr: [u8; 4]) -> bool {
 }
 
 /// The frontend at `daddr:dport/proto`: a ClusterIP / external address
-/// entry first, then a NodePort entry when the destination is a node address.
+/// entry first, then a NodePort entry when the destination is a node
+/// address; its in-cluster entry set when it has one and `from` is inside
+/// the cluster. (Only such frontends pay for the source check.)
 #[inline(always)]
-pub fn lookup_frontend(daddr: [u8; 4], dport: u16, proto: u8) -> Option<Frontend> {
+pub fn lookup_frontend(daddr: [u8; 4], dport: u16, proto: u8, from: Origin) -> Option<Frontend> {
     let to_node_addr = is_node_address(daddr);
-    let found = match master_of(daddr, dport, proto) {
-        Some(f) => Some(f),
-        None if to_node_addr => master_of([0; 4], dport, proto),
-        None => None,
+    let mut found = match master_of(daddr, dport, proto, SCOPE_ALL) {
+        Some(f) => f,
+        None if to_node_addr => master_of([0; 4], dport, proto, SCOPE_ALL)?,
+        None => return None,
     };
-    found.map(|f| Frontend { to_node_addr, ..f })
+    if found.master.flags & SVC_F_IN_CLUSTER != 0 && from.is_inside() {
+        // Missing only for a moment while the agent writes or removes the
+        // set: the frontend's own set serves meanwhile.
+        let k = found.key;
+        if let Some(inner) = master_of(k.addr, k.port, k.proto, SCOPE_IN_CLUSTER) {
+            found = inner;
+        }
+    }
+    Some(Frontend {
+        to_node_addr,
+        ..found
+    })
 }
 
 /// Whether a new flow from `client` may use the frontend: always, unless the
 /// frontend lists source ranges and none holds the client.
 #[inline(always)]
 pub fn source_allowed(fe: &Frontend, client: [u8; 4]) -> bool {
-    if fe.master.flags & SVC_F_SOURCE_RANGES == 0 {
-        return true;
-    }
+    fe.master.flags & SVC_F_SOURCE_RANGES == 0 || in_ranges(fe.master.svc_id, client)
+}
+
+/// Whether a SOURCE_RANGES entry under `id` holds `addr`.
+#[inline(always)]
+fn in_ranges(id: u32, addr: [u8; 4]) -> bool {
     let key = Key::new(
         64,
         SourceRange {
-            svc_id: fe.master.svc_id.to_be_bytes(),
-            addr: client,
+            svc_id: id.to_be_bytes(),
+            addr,
         },
     );
     SOURCE_RANGES.get(&key).is_some()

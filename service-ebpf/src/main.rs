@@ -6,6 +6,7 @@
 mod access;
 mod conntrack;
 mod csum;
+mod flood;
 mod forward;
 mod headers;
 mod icmp;
@@ -14,6 +15,7 @@ mod maps;
 mod nat;
 mod opening;
 mod packet;
+mod ports;
 mod reject;
 mod sock;
 mod stats;

@@ -31,4 +31,6 @@ maps! {
     XDP_EGRESS: DevMapHash, XDP_EGRESS_MAX;
     /// (socket cookie, backend) -> the Service address the socket asked for.
     SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue>, DEFAULT_SOCK_REVNAT_MAX;
+    /// Each CPU's count of new flows in the current second (the flood guard).
+    FLOOD: PerCpuArray<FloodWindow>, 1;
 }

@@ -5,7 +5,7 @@
 use service_common::{BE_F_LOCAL, CT_F_LOCAL_SOURCE, Reason};
 
 use crate::{
-    conntrack,
+    conntrack, flood,
     lb::{self, Frontend, Pick},
     nat::Target,
     packet::Flow,
@@ -89,13 +89,16 @@ pub fn choose(flow: &Flow, fe: &Frontend, from_outside: bool) -> Opening {
 }
 
 /// Pins the flow to its backend in conntrack (picking the SNAT source port)
-/// and notes its affinity; from here on the packet must be translated.
+/// and notes its affinity, unless the flood guard refuses another opening
+/// on this CPU this second; from here on the packet must be translated.
 /// Err: the reason the packet is dropped.
 #[inline(always)]
 pub fn record(flow: &Flow, fe: &Frontend, c: &mut Choice) -> Result<(), Reason> {
+    if !flood::admit() {
+        return Err(Reason::FloodDropped);
+    }
     if c.snat {
-        conntrack::create_snat(flow, &mut c.to, c.pick.id, c.svc_id, c.reply_flags)
-            .map_err(|_| Reason::SnatFailed)?;
+        conntrack::create_snat(flow, &mut c.to, c.pick.id, c.svc_id, c.reply_flags)?;
     } else {
         let moved = conntrack::create(
             flow,

@@ -117,7 +117,11 @@ fn forward(ctx: &SockAddrContext) -> i32 {
     // ClientIP affinity and source ranges see host processes as the node's
     // own address, the source its packets carry to other nodes.
     let client = snat_address().unwrap_or([0; 4]);
-    let Some(fe) = lb::lookup_frontend(daddr, dport, proto) else {
+    // The node's own processes are inside the cluster: a Local external
+    // frontend gives them its cluster-wide endpoints (kube-proxy
+    // short-circuits and masquerades them; here they connect from a node
+    // address anyway).
+    let Some(fe) = lb::lookup_frontend(daddr, dport, proto, lb::Origin::Inside) else {
         return PROCEED;
     };
     if !lb::source_allowed(&fe, client) {

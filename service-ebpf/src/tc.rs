@@ -81,7 +81,12 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
         CtLookup::Kernel => return Outcome::counted(PASS, Reason::KernelFlowPassed),
         CtLookup::Stale | CtLookup::Miss => {}
     }
-    match lb::lookup_frontend(flow.daddr, flow.dport, flow.proto) {
+    let origin = if from_outside {
+        lb::Origin::Wire(flow.saddr)
+    } else {
+        lb::Origin::Inside
+    };
+    match lb::lookup_frontend(flow.daddr, flow.dport, flow.proto, origin) {
         Some(fe) => start_flow(ctx, &flow, &fe, from_outside),
         None => Outcome::uncounted(PASS),
     }

@@ -60,7 +60,9 @@ pub fn ingress(ctx: &XdpContext) -> XdpOutcome {
         }
         CtLookup::Stale | CtLookup::Miss => {}
     }
-    let Some(fe) = lb::lookup_frontend(flow.daddr, flow.dport, flow.proto) else {
+    // The same scope as tc on this interface would choose.
+    let origin = lb::Origin::Wire(flow.saddr);
+    let Some(fe) = lb::lookup_frontend(flow.daddr, flow.dport, flow.proto, origin) else {
         return Outcome::uncounted(PASS);
     };
     match opening::choose(&flow, &fe, true) {

@@ -11,7 +11,7 @@ use service_agent::{
     dataplane::{Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode},
     plan::{BackendAddr, FrontendKind, FrontendPlan, Plan},
 };
-use service_common::{CtKey, CtValue, Reason};
+use service_common::{CtKey, CtValue, PROG_TC_EGRESS, Reason};
 
 use crate::{PinDir, netns::Netns, unique};
 
@@ -33,6 +33,8 @@ const OUT_BYTES: usize = 2048;
 #[derive(Clone, Copy, Debug)]
 pub enum Prog {
     Tc(IfaceRole),
+    /// tc egress (replies of host-network endpoints).
+    TcEgress,
     /// The XDP program, as if the frame came in on interface `ingress`
     /// (the FIB lookup and the transmit decision depend on it).
     Xdp {
@@ -69,6 +71,7 @@ pub fn frontend(service: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -
         port_name: String::new(),
         kind,
         backends,
+        in_cluster: None,
         affinity_timeout_s: None,
         reject_when_empty: true,
         source_ranges: vec![],
@@ -125,6 +128,16 @@ impl Loaded {
         Ok(())
     }
 
+    /// Makes `addrs` this node's addresses and `snat` the source of
+    /// source-NATed flows.
+    pub fn set_node_addrs(&mut self, addrs: &[Ipv4Addr], snat: Ipv4Addr) -> anyhow::Result<()> {
+        self.dp.writer.set_node_addrs(&mut self.dp.tables, addrs)?;
+        self.dp
+            .writer
+            .set_snat_addr(&mut self.dp.tables, Some(snat))?;
+        Ok(())
+    }
+
     /// Attaches XDP (generic) to `iface` of the caller's namespace, lets it
     /// transmit there, and returns the interface's index for `Prog::Xdp`.
     pub fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<u32> {
@@ -149,7 +162,7 @@ impl Loaded {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
         let mut xdp_md = [0u8; 24];
         let ctx_in = match prog {
-            Prog::Tc(_) => None,
+            Prog::Tc(_) | Prog::TcEgress => None,
             Prog::Xdp { ingress } => {
                 xdp_md[4..8].copy_from_slice(&(pkt.len() as u32).to_ne_bytes());
                 xdp_md[12..16].copy_from_slice(&ingress.to_ne_bytes());
@@ -165,6 +178,7 @@ impl Loaded {
         };
         let r = match prog {
             Prog::Tc(role) => self.dp.program(role)?.test_run(opts),
+            Prog::TcEgress => self.dp.tc_program(PROG_TC_EGRESS)?.test_run(opts),
             Prog::Xdp { .. } => self.dp.xdp_program()?.test_run(opts),
         }
         .with_context(|| format!("BPF_PROG_TEST_RUN of {prog:?} on {} bytes", pkt.len()))?;

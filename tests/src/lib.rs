@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod bpf;
 pub mod cgroup;
 pub mod fixture;
+pub mod fuzz;
 pub mod host_client;
 pub mod load;
 pub mod manifests;

@@ -264,6 +264,17 @@ pub fn http_get(to: SocketAddrV4, path: &str, timeout: Duration) -> std::io::Res
 /// forged source in 10.99.0.0/16 (a raw socket, as a SYN flood would): every
 /// one is a new flow for the dataplane. Returns how many were sent.
 pub fn syn_flood(to: SocketAddrV4, count: u32, limit: Duration) -> std::io::Result<u32> {
+    syn_flood_repeating(to, count, 1, limit)
+}
+
+/// As `syn_flood`, each forged SYN sent `times` times in a row, as a
+/// flooder that retransmits does: the repeats find the flow's entry.
+pub fn syn_flood_repeating(
+    to: SocketAddrV4,
+    count: u32,
+    times: u32,
+    limit: Duration,
+) -> std::io::Result<u32> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if fd < 0 {
@@ -291,20 +302,22 @@ pub fn syn_flood(to: SocketAddrV4, count: u32, limit: Duration) -> std::io::Resu
         )
         .build();
         let ip = &pkt[14..];
-        let r = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                ip.as_ptr().cast(),
-                ip.len(),
-                0,
-                (&dest as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOBUFS) {
-                return Err(e);
+        for _ in 0..times.max(1) {
+            let r = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    ip.as_ptr().cast(),
+                    ip.len(),
+                    0,
+                    (&dest as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ENOBUFS) {
+                    return Err(e);
+                }
             }
         }
         sent += 1;

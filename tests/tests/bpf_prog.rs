@@ -726,3 +726,136 @@ fn flows_whose_reply_tuples_clash_each_get_their_own_replies() {
         assert_eq!(l.reason(Reason::TupleClashPortRewritten), 1);
     }
 }
+
+/// The entry set a new flow to a Local external frontend uses: sources
+/// inside the cluster (a pod interface, or the external interface from the
+/// cluster's pod range) the in-cluster set, everyone else the frontend's
+/// own. The two sets share no backend here, so the backend names the set.
+#[test]
+fn sources_inside_the_cluster_use_the_in_cluster_set_of_a_local_frontend() {
+    const NODE: &str = "192.168.77.11";
+    const OWN: &str = "10.244.1.5";
+    const IN_CLUSTER: &str = "10.244.1.6";
+    let mut np = bpf::frontend(
+        "default/web",
+        FrontendKind::NodePort,
+        vec![bpf::backend(ip(OWN), 8080, true)],
+    );
+    np.in_cluster = Some(vec![bpf::backend(ip(IN_CLUSTER), 8080, true)]);
+    let mut l = load(vec![(key("0.0.0.0", 30080, Protocol::Tcp), np)]);
+    l.set_node_addr(ip(NODE)).unwrap();
+    (l.dp.writer)
+        .set_cluster_cidrs(&mut l.dp.tables, &["10.244.0.0/16".parse().unwrap()])
+        .unwrap();
+    let external = Prog::Tc(IfaceRole::External);
+    let rows = [
+        ("a pod of this node", POD, CLIENT, IN_CLUSTER),
+        ("outside the cluster", external, "192.168.77.101", OWN),
+        ("a pod of another node", external, "10.244.3.7", IN_CLUSTER),
+        ("next to the pod range", external, "10.245.0.7", OWN),
+    ];
+    bpf::check_table(
+        &rows,
+        |r| r.0,
+        |&(_, prog, src, to)| {
+            let syn = Builder::tcp(src, 41000, NODE, 30080, SYN).build();
+            let out = l.run(prog, &syn);
+            let expect = Expect::Rewritten {
+                to: tuple(src, 41000, to, 8080, packet::TCP),
+                l4: true,
+            };
+            match oracle::check(&syn, out.verdict, &out.packet, &expect) {
+                Some(m) => bail!("{m}"),
+                None => Ok(()),
+            }
+        },
+    );
+}
+
+/// The conntrack key of a TCP packet from `src`:`sport` to `dst`:`dport`.
+fn tcp_key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
+    CtKey {
+        saddr: ip(src).octets(),
+        daddr: ip(dst).octets(),
+        sport,
+        dport,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// A RST ends the connection in both directions: both entries are marked
+/// closing, or the reply entry (and a SNAT port under it) would be held for
+/// the established lifetime. A SYN on the closing tuple is a new connection
+/// (a client port reused at once) and takes the marks off as it is answered.
+#[test]
+fn a_reset_closes_both_entries_and_a_new_syn_reopens_the_tuple() {
+    let mut l = web(&[(BACKEND, 8080)]);
+    let request = tcp_key(CLIENT, 40000, VIP, 80);
+    let reply = tcp_key(BACKEND, 8080, CLIENT, 40000);
+    let closing =
+        |l: &Loaded| [request, reply].map(|k| l.conntrack(&k).unwrap().flags & CT_F_CLOSING != 0);
+    let open = |l: &mut Loaded| {
+        run(l, &Builder::tcp(CLIENT, 40000, VIP, 80, SYN).build());
+        run(
+            l,
+            &Builder::tcp(BACKEND, 8080, CLIENT, 40000, SYN | ACK).build(),
+        );
+    };
+    open(&mut l);
+    assert_eq!(closing(&l), [false, false]);
+    run(
+        &mut l,
+        &Builder::tcp(CLIENT, 40000, VIP, 80, RST | ACK).build(),
+    );
+    assert_eq!(closing(&l), [true, true], "a reset from the client");
+    open(&mut l);
+    assert_eq!(closing(&l), [false, false], "reopened by SYN and SYN-ACK");
+    run(
+        &mut l,
+        &Builder::tcp(BACKEND, 8080, CLIENT, 40000, RST).build(),
+    );
+    assert_eq!(closing(&l), [true, true], "a reset from the backend");
+    // A FIN closes its own direction only: the other may still send.
+    open(&mut l);
+    run(
+        &mut l,
+        &Builder::tcp(CLIENT, 40000, VIP, 80, FIN | ACK).build(),
+    );
+    assert_eq!(closing(&l), [true, false], "a half-close");
+}
+
+/// The flood guard counts openings per CPU per second: past the threshold
+/// a new flow is dropped with nothing recorded; known flows go on.
+#[test]
+fn the_flood_guard_refuses_openings_past_its_threshold() {
+    // BPF_PROG_TEST_RUN runs on the caller's CPU: stay on one.
+    // SAFETY: affinity of this thread only, with a set built by the libc macros.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(libc::sched_getcpu() as usize, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+    let mut l = web(&[(BACKEND, 8080)]);
+    l.dp.tables.meta.set(META_FLOOD_THRESHOLD, 2, 0).unwrap();
+    let syn = |port| Builder::tcp(CLIENT, port, VIP, 80, SYN).build();
+    for port in [40001, 40002] {
+        let (rc, out) = run(&mut l, &syn(port));
+        assert_eq!(rc, TC_ACT_OK);
+        assert_eq!(packet::parse(&out).dst, ip(BACKEND));
+    }
+    let (rc, _) = run(&mut l, &syn(40003));
+    assert_eq!(rc, bpf::TC_ACT_SHOT, "the third opening this second");
+    assert_eq!(l.reason(Reason::FloodDropped), 1);
+    assert_eq!(l.reason(Reason::NewFlow), 2);
+    let third = tcp_key(CLIENT, 40003, VIP, 80);
+    assert!(l.conntrack(&third).is_none(), "nothing recorded");
+    // A flow already open is no opening.
+    let data = Builder::tcp(CLIENT, 40001, VIP, 80, ACK).build();
+    assert_eq!(run(&mut l, &data).0, TC_ACT_OK);
+    assert_eq!(l.reason(Reason::FloodDropped), 1);
+    // Without a threshold the opening gets in.
+    l.dp.tables.meta.set(META_FLOOD_THRESHOLD, 0, 0).unwrap();
+    let (_, out) = run(&mut l, &syn(40003));
+    assert_eq!(packet::parse(&out).dst, ip(BACKEND));
+}

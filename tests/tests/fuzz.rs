@@ -1,277 +1,97 @@
-//! Packet fuzzing through BPF_PROG_TEST_RUN: packets generated around valid
-//! ones (truncated, bad header lengths, options, fragments, every TCP flag,
-//! bad data offsets, UDP length mismatches, ICMP errors quoting translated
-//! flows and garbage, non-IPv4 frames) run through each program; a reference
-//! model (`integration_tests::oracle`) predicts verdict and bytes, and every
-//! rewritten packet's checksums are verified.
+//! Packet fuzzing through BPF_PROG_TEST_RUN: packets generated around the
+//! fuzz world's flows (`integration_tests::fuzz`: ClusterIPs, NodePorts
+//! source-NATed to backends on other nodes, several backends, affinity,
+//! source ranges, policy Local) run through each program, and the
+//! reference model (`integration_tests::oracle`) predicts verdict, bytes and
+//! counted reasons; it accepts any backend or port the program may choose
+//! for a new flow and holds the flow to it. The XDP program runs first on
+//! external traffic, and what it passes goes on to tc, as on a node.
 //!
-//! `FUZZ_PACKETS` (default 100,000 per program), `FUZZ_SECONDS` and the
-//! seed (`TEST_SEED`, see `integration_tests::rng`) tune a run; `cargo xtask
+//! `FUZZ_PACKETS` (default 60,000 per program), `FUZZ_SECONDS` and the seed
+//! (`TEST_SEED`, see `integration_tests::rng`) tune a run; `cargo xtask
 //! fuzz` runs a long one.
-use std::time::Instant;
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
 
 use integration_tests::{
-    bpf::{self, Loaded, Prog},
-    oracle::{self, Frontend, Model},
-    packet::{self, Builder},
+    bpf::{Loaded, Prog},
+    fuzz::{self, EXTERNAL_CLIENTS, POD_CLIENTS, generate},
+    oracle::{Model, SourceClass, XdpStep},
     rng::Rng,
 };
 use service_agent::{
     dataplane::{IfaceRole, MapSizes},
-    plan::{FrontendKey, FrontendKind, Plan, Protocol},
+    plan::ipnet_lite::Ipv4Net,
 };
+use service_common::{Reason, Verdict};
 
-const VIP: &str = "10.96.0.10";
-const EMPTY: &str = "10.96.0.20";
-const BACKEND: &str = "10.244.0.11";
-const CLIENTS: [&str; 3] = ["10.244.0.20", "10.244.0.21", BACKEND];
-
-fn world() -> Vec<Frontend> {
-    let a = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap().octets();
-    vec![
-        Frontend {
-            addr: a(VIP),
-            port: 80,
-            proto: 6,
-            backend: Some((a(BACKEND), 8080)),
-        },
-        Frontend {
-            addr: a(VIP),
-            port: 53,
-            proto: 17,
-            backend: Some((a(BACKEND), 5353)),
-        },
-        Frontend {
-            addr: a(EMPTY),
-            port: 80,
-            proto: 6,
-            backend: None,
-        },
-        Frontend {
-            addr: a(EMPTY),
-            port: 53,
-            proto: 17,
-            backend: None,
-        },
-    ]
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Program {
+    Pod,
+    External,
+    /// XDP, then tc on external interfaces for what it passes.
+    Xdp,
 }
 
-fn plan_of(frontends: &[Frontend]) -> Plan {
-    let mut plan = Plan::default();
-    for f in frontends {
-        let key = FrontendKey {
-            addr: f.addr.into(),
-            port: f.port,
-            proto: if f.proto == 6 {
-                Protocol::Tcp
-            } else {
-                Protocol::Udp
-            },
-        };
-        let backends = f
-            .backend
+/// What one program of a run was predicted to do, as the model met it.
+#[derive(Default, Debug)]
+struct Tally {
+    /// Outcomes by kind (the model's, or XDP's own step).
+    kinds: BTreeMap<String, u64>,
+    reasons: BTreeMap<&'static str, u64>,
+}
+
+impl Tally {
+    fn add(&mut self, kind: String, reasons: Vec<Reason>) {
+        *self.kinds.entry(kind).or_default() += 1;
+        self.count(reasons);
+    }
+
+    fn count(&mut self, reasons: Vec<Reason>) {
+        for reason in reasons {
+            *self.reasons.entry(reason.name()).or_default() += 1;
+        }
+    }
+
+    /// Packets counted under a reason of `verdict`.
+    fn verdict(&self, verdict: Verdict) -> u64 {
+        Reason::ALL
             .iter()
-            .map(|(a, p)| bpf::backend((*a).into(), *p, true))
-            .collect();
-        plan.frontends.insert(
-            key,
-            bpf::frontend("fuzz/world", FrontendKind::ClusterIp, backends),
-        );
-    }
-    plan
-}
-
-/// A packet near a valid one.
-fn generate(r: &mut Rng) -> Vec<u8> {
-    let client = *r.pick(&CLIENTS);
-    let cport = 40000 + r.below(64) as u16;
-    let mut b = match r.below(10) {
-        0 => Builder::tcp(client, cport, VIP, 80, packet::SYN),
-        1 => Builder::tcp(client, cport, VIP, 80, r.below(256) as u8),
-        2 => Builder::tcp(BACKEND, 8080, client, cport, packet::SYN | packet::ACK),
-        3 => Builder::udp(client, cport, VIP, 53),
-        4 => Builder::udp(BACKEND, 5353, client, cport),
-        5 => Builder::tcp(
-            client,
-            cport,
-            EMPTY,
-            80,
-            if r.chance(70) {
-                packet::SYN
-            } else {
-                r.below(256) as u8
-            },
-        ),
-        6 => Builder::udp(client, cport, EMPTY, 53),
-        7 => Builder::tcp(client, cport, "10.244.0.99", 80, packet::SYN),
-        8 => {
-            // An ICMP error quoting a flow (maybe translated, maybe not).
-            let quoted = if r.chance(50) {
-                Builder::tcp(VIP, 80, client, cport, packet::ACK).build()
-            } else {
-                Builder::udp(client, cport, BACKEND, 5353).build()
-            };
-            let mut pkt = packet::icmp_error(
-                "10.0.0.254",
-                if r.chance(50) { VIP } else { client },
-                *r.pick(&[3u8, 11, 12, 0, 8]),
-                4,
-                &quoted,
-            );
-            mutate(r, &mut pkt);
-            return pkt;
-        }
-        _ => {
-            let mut b = Builder::udp(client, cport, VIP, 53);
-            b.frag = if r.chance(50) {
-                0x2000
-            } else {
-                1 + r.below(0x1fff) as u16
-            };
-            b
-        }
-    };
-    b.payload = (0..r.below(64)).map(|_| r.next_u64() as u8).collect();
-    b.udp_zero_csum = r.chance(15);
-    if r.chance(10) {
-        b.ip_options = 4 * r.below(11) as usize;
-    }
-    b.seq = r.next_u64() as u32;
-    let mut pkt = b.build();
-    // Fragments of one datagram share an id; a few ids only, so later
-    // fragments meet first ones.
-    if b.frag != 0 {
-        pkt[18] = 0;
-        pkt[19] = r.below(4) as u8;
-        fix_ip_checksum(&mut pkt);
-    }
-    mutate(r, &mut pkt);
-    pkt
-}
-
-fn fix_ip_checksum(pkt: &mut [u8]) {
-    if pkt.len() < 34 {
-        return;
-    }
-    let ihl = ((pkt[14] & 0x0f) as usize) * 4;
-    if pkt.len() >= 14 + ihl && ihl >= 20 {
-        pkt[24] = 0;
-        pkt[25] = 0;
-        let c = packet::checksum(&pkt[14..14 + ihl]);
-        pkt[24..26].copy_from_slice(&c.to_be_bytes());
+            .filter(|x| x.verdict() == verdict)
+            .map(|x| self.reasons.get(x.name()).copied().unwrap_or(0))
+            .sum()
     }
 }
 
-fn mutate(r: &mut Rng, pkt: &mut Vec<u8>) {
-    if !r.chance(40) {
-        return;
-    }
-    match r.below(9) {
-        0 => pkt.truncate(r.below(pkt.len() as u64 + 1) as usize),
-        1 => pkt[14] = 0x40 | r.below(16) as u8,
-        2 => {
-            let v = r.below(1600) as u16;
-            pkt[16..18].copy_from_slice(&v.to_be_bytes());
-        }
-        3 => pkt[22] = r.below(2) as u8, // TTL 0 or 1
-        4 if !pkt.is_empty() => {
-            let i = r.below(pkt.len() as u64) as usize;
-            pkt[i] ^= 1 << r.below(8);
-        }
-        5 => {
-            // TCP data offset out of range (if TCP with a plain header).
-            if pkt.len() > 46 && pkt[23] == 6 {
-                pkt[46] = (r.below(16) as u8) << 4;
-            }
-        }
-        6 => {
-            // UDP length that disagrees with the IP length.
-            if pkt.len() > 40 && pkt[23] == 17 {
-                let v = r.below(2000) as u16;
-                pkt[38..40].copy_from_slice(&v.to_be_bytes());
-            }
-        }
-        7 => {
-            // A VLAN tag or another ethertype.
-            const OTHER: [[u8; 2]; 3] = [[0x81, 0x00], [0x86, 0xdd], [0x08, 0x06]];
-            let t = *r.pick(&OTHER);
-            pkt[12..14].copy_from_slice(&t);
-        }
-        _ => {
-            pkt[20] = r.below(256) as u8;
-            pkt[21] = r.below(256) as u8;
-        }
-    }
-    if r.chance(50) {
-        fix_ip_checksum(pkt);
-    }
+/// What a run saw.
+#[derive(Default)]
+struct Report {
+    packets: u64,
+    refused: u64,
+    mismatches: Vec<String>,
+    /// By program part: tc ingress, tc egress, XDP.
+    tc: Tally,
+    egress: Tally,
+    xdp: Tally,
+    /// What the programs counted (one REASONS map for all of them).
+    counted: BTreeMap<&'static str, u64>,
 }
 
-/// Runs `packets` generated packets (or as many as `seconds` allow) through
-/// the program of `role`: how many ran, and the mismatches with the model.
-fn run_program(role: IfaceRole, rng: &mut Rng, packets: u64, seconds: u64) -> (u64, Vec<String>) {
-    let sizes = MapSizes {
-        conntrack: 1 << 20,
-        ..MapSizes::default()
-    };
-    let frontends = world();
-    let mut l = Loaded::with_plan("fuzz", &sizes, &plan_of(&frontends)).unwrap();
-    let mut model = Model::new(frontends);
-    let deadline = Instant::now() + std::time::Duration::from_secs(seconds);
-    let mut mismatches = vec![];
-    let mut n = 0;
-    let mut refused = 0u64;
-    let mut seen: std::collections::BTreeMap<String, u64> = Default::default();
-    while n < packets && Instant::now() < deadline {
-        let pkt = generate(rng);
-        if pkt.len() < 14 {
-            refused += 1; // BPF_PROG_TEST_RUN refuses frames shorter than Ethernet.
-            continue;
-        }
-        let expect = model.step(&pkt);
-        let kind = format!("{expect:?}");
-        *seen
-            .entry(kind.split([' ', '{']).next().unwrap_or("").to_string())
-            .or_insert(0u64) += 1;
-        let r = match l.test_run(Prog::Tc(role), &pkt, 1) {
-            Ok(r) => r,
-            Err(_) if refused_by_test_run(&pkt) => {
-                refused += 1;
-                continue;
-            }
-            Err(e) => panic!("{e:#}: {pkt:02x?}"),
-        };
-        n += 1;
-        if let Some(m) = oracle::check(&pkt, r.verdict, &r.packet, &expect) {
-            if mismatches.len() < 5 {
-                mismatches.push(format!("packet #{n} {pkt:02x?}: {m}"));
-            } else {
-                mismatches.push(String::new());
-            }
+impl Report {
+    fn mismatch(&mut self, n: u64, pkt: &[u8], m: String) {
+        if self.mismatches.len() < 5 {
+            self.mismatches.push(format!("packet #{n} {pkt:02x?}: {m}"));
+        } else {
+            self.mismatches.push(String::new());
         }
     }
-    // Every kind of outcome was exercised, so agreement means something.
-    if n >= 100_000 {
-        for kind in [
-            "Unchanged",
-            "Drop",
-            "Rewritten",
-            "AddressesRewritten",
-            "Reset",
-            "PortUnreachable",
-            "IcmpRewritten",
-        ] {
-            let got = seen.get(kind).copied().unwrap_or(0);
-            assert!(got >= 100, "only {got} packets expected {kind}: {seen:?}");
+
+    fn predicted(&self) -> BTreeMap<&'static str, u64> {
+        let mut all = self.tc.reasons.clone();
+        for (k, v) in self.egress.reasons.iter().chain(&self.xdp.reasons) {
+            *all.entry(k).or_default() += v;
         }
+        all
     }
-    eprintln!("{role:?}: {seen:?}");
-    // The harness, not the program: a few percent at most.
-    assert!(
-        refused * 20 <= n,
-        "{refused} frames refused by BPF_PROG_TEST_RUN for {n} run"
-    );
-    (n, mismatches)
 }
 
 /// BPF_PROG_TEST_RUN refuses an IPv4/IPv6 frame too short to hold its
@@ -285,6 +105,23 @@ fn refused_by_test_run(pkt: &[u8]) -> bool {
     }
 }
 
+/// The world's `--cluster-cidr` as the agent takes it.
+fn model_cidrs(w: &integration_tests::oracle::World) -> Vec<Ipv4Net> {
+    w.cluster_cidrs
+        .iter()
+        .map(|(n, l)| format!("{}/{l}", Ipv4Addr::from(*n)).parse().unwrap())
+        .collect()
+}
+
+/// An IPv4 packet whose source is one of the node's addresses.
+fn sent_by_node(pkt: &[u8]) -> bool {
+    pkt.len() >= 34
+        && pkt[12..14] == [0x08, 0x00]
+        && [fuzz::NODE, fuzz::NODE2]
+            .iter()
+            .any(|n| pkt[26..30] == fuzz::a(n))
+}
+
 fn settings() -> (u64, u64) {
     let env = |k: &str, d: u64| {
         std::env::var(k)
@@ -292,35 +129,248 @@ fn settings() -> (u64, u64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    (env("FUZZ_PACKETS", 100_000), env("FUZZ_SECONDS", 600))
+    (env("FUZZ_PACKETS", 60_000), env("FUZZ_SECONDS", 600))
 }
 
-fn fuzz(role: IfaceRole, stream: &'static str) {
+/// Runs generated packets through `program` in the world's namespace.
+fn run(program: Program, stream: &'static str, packets: u64, seconds: u64) -> Report {
+    let fib = fuzz::network().unwrap();
+    let (ext0, ext2) = (fib.mac("ext0").unwrap(), fib.mac("ext2").unwrap());
+    fib.ns
+        .within(move || {
+            let source = match program {
+                Program::Pod => SourceClass::InCluster,
+                _ => SourceClass::External,
+            };
+            let world = fuzz::world(source, ext0, ext2);
+            let sizes = MapSizes {
+                conntrack: 1 << 20,
+                ..MapSizes::default()
+            };
+            let mut l = Loaded::with_plan("fuzz", &sizes, &fuzz::plan(&world)).unwrap();
+            let node = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+            l.set_node_addrs(&[node(fuzz::NODE), node(fuzz::NODE2)], node(fuzz::NODE))
+                .unwrap();
+            let cidrs: Vec<_> = model_cidrs(&world);
+            l.dp.writer
+                .set_cluster_cidrs(&mut l.dp.tables, &cidrs)
+                .unwrap();
+            let ingress = match program {
+                Program::Xdp => {
+                    l.attach_xdp("ext2").unwrap();
+                    l.attach_xdp("ext0").unwrap()
+                }
+                _ => 0,
+            };
+            let mut rng = Rng::for_test(stream);
+            let clients: &[&str] = match program {
+                Program::Pod => &POD_CLIENTS,
+                _ => &EXTERNAL_CLIENTS,
+            };
+            let mut model = Model::new(world);
+            let mut r = Report::default();
+            let deadline = Instant::now() + std::time::Duration::from_secs(seconds);
+            while r.packets < packets && Instant::now() < deadline {
+                let pkt = generate::packet(&mut rng, &model, clients);
+                if pkt.len() < 14 || refused_by_test_run(&pkt) {
+                    // BPF_PROG_TEST_RUN refuses frames shorter than their headers.
+                    r.refused += 1;
+                    continue;
+                }
+                r.packets += 1;
+                let n = r.packets;
+                if program == Program::Xdp {
+                    let x = l.run(Prog::Xdp { ingress }, &pkt);
+                    match model.observe_xdp(&pkt, x.verdict, &x.packet) {
+                        Err(m) => {
+                            r.mismatch(n, &pkt, m);
+                            continue;
+                        }
+                        Ok((step, reasons)) => {
+                            r.xdp.add(format!("{step:?}"), reasons);
+                            if !matches!(step, XdpStep::Passed) {
+                                continue;
+                            }
+                        }
+                    }
+                }
+                let role = match program {
+                    Program::Pod => IfaceRole::Pod,
+                    _ => IfaceRole::External,
+                };
+                // What the node itself sends (a host-network endpoint's
+                // replies) leaves through egress; ingress never sees it.
+                let from_node = program == Program::External && sent_by_node(&pkt);
+                let (observed, tally) = if from_node {
+                    let out = l.run(Prog::TcEgress, &pkt);
+                    let o = model.observe_egress(&pkt, out.verdict, &out.packet);
+                    (o, &mut r.egress)
+                } else {
+                    let out = l.run(Prog::Tc(role), &pkt);
+                    let o = model.observe_tc(&pkt, out.verdict, &out.packet);
+                    (o, &mut r.tc)
+                };
+                match observed {
+                    Ok((e, reasons)) => tally.add(e.kind().to_string(), reasons),
+                    Err(m) => r.mismatch(n, &pkt, m),
+                }
+                r.xdp.count(model.take_deferred_xdp_reasons());
+            }
+            for reason in Reason::ALL {
+                let c = l.reason(reason);
+                if c > 0 {
+                    r.counted.insert(reason.name(), c);
+                }
+            }
+            r
+        })
+        .expect("the fuzz run in the world's namespace")
+}
+
+/// The reasons tc ingress must count in each world, at least `MIN` times each.
+fn tc_reasons(program: Program) -> Vec<Reason> {
+    use Reason::*;
+    let mut r = vec![
+        RejectedNoBackend,
+        RejectFailed,
+        FragmentPassed,
+        FragmentTranslated,
+        MalformedIp,
+        TruncatedL4,
+        ReplyTranslated,
+        CtHit,
+        NewFlow,
+        AffinityHit,
+        IcmpErrorTranslated,
+        CtInvalid,
+        SourceRangeDenied,
+        TupleClashPortRewritten,
+    ];
+    // Policy Local drops only what comes from outside the cluster.
+    if program != Program::Pod {
+        r.extend([SnatFlow, NoLocalEndpoint]);
+    }
+    r
+}
+
+/// XDP's own: how it sends, what it hands to tc, what it drops, and the
+/// flows it opens.
+const XDP_REASONS: [Reason; 11] = [
+    Reason::XdpTx,
+    Reason::XdpRedirect,
+    Reason::XdpPassedToTc,
+    Reason::CtInvalid,
+    Reason::SourceRangeDenied,
+    Reason::NewFlow,
+    Reason::SnatFlow,
+    Reason::CtHit,
+    Reason::ReplyTranslated,
+    Reason::AffinityHit,
+    Reason::TupleClashPortRewritten,
+];
+
+const MIN: u64 = 20;
+
+/// Fails unless every reason of `reasons`, every verdict of `verdicts` and
+/// every outcome of `kinds` occurred `MIN` times or more in `t`.
+fn assert_covered(part: &str, t: &Tally, reasons: &[Reason], verdicts: &[Verdict], kinds: &[&str]) {
+    for reason in reasons {
+        let got = t.reasons.get(reason.name()).copied().unwrap_or(0);
+        assert!(
+            got >= MIN,
+            "{part}: only {got} packets counted {reason:?}: {t:?}"
+        );
+    }
+    for v in verdicts {
+        let got = t.verdict(*v);
+        assert!(got >= MIN, "{part}: only {got} packets {}: {t:?}", v.name());
+    }
+    for kind in kinds {
+        let got = t.kinds.get(*kind).copied().unwrap_or(0);
+        assert!(
+            got >= MIN,
+            "{part}: only {got} packets expected {kind}: {t:?}"
+        );
+    }
+}
+
+fn fuzz(program: Program, stream: &'static str) {
     let (packets, seconds) = settings();
-    let mut rng = Rng::for_test(stream);
-    let (n, m) = run_program(role, &mut rng, packets, seconds);
-    assert!(
-        m.is_empty(),
-        "{} mismatches in {n} packets:\n{}",
-        m.len(),
-        m.join("\n")
-    );
-    assert!(
-        n >= packets.min(100_000) || seconds < 600,
-        "only {n} packets"
-    );
+    let seed = integration_tests::rng::seed();
     eprintln!(
-        "{role:?} program: {n} packets, 0 mismatches (TEST_SEED={:#x})",
-        rng.seed()
+        "{program:?}: seed {seed:#x}; replay with TEST_SEED={seed:#x} cargo test -p integration-tests --test fuzz"
     );
+    let r = run(program, stream, packets, seconds);
+    eprintln!(
+        "{program:?}: {} packets\n  tc {:?}\n  egress {:?}\n  XDP {:?}",
+        r.packets, r.tc, r.egress, r.xdp
+    );
+    let replay = format!("(replay: TEST_SEED={seed:#x})");
+    assert!(
+        r.mismatches.is_empty(),
+        "{} mismatches in {} packets {replay}:\n{}",
+        r.mismatches.len(),
+        r.packets,
+        r.mismatches.join("\n")
+    );
+    assert!(
+        r.refused * 20 <= r.packets,
+        "{} frames refused by BPF_PROG_TEST_RUN for {} run",
+        r.refused,
+        r.packets
+    );
+    assert_eq!(
+        r.predicted(),
+        r.counted,
+        "reasons the model predicted (left) and the programs counted (right) {replay}"
+    );
+    // A short run (FUZZ_SECONDS, FUZZ_PACKETS) cannot be held to the tallies.
+    if r.packets < 60_000 {
+        return;
+    }
+    use Verdict::*;
+    let kinds = [
+        "Unchanged",
+        "Drop",
+        "Rewritten",
+        "AddressesRewritten",
+        "Reset",
+        "PortUnreachable",
+        "IcmpRewritten",
+        "ToNextHop",
+    ];
+    let all = [Passed, Translated, Answered, Dropped];
+    assert_covered("tc ingress", &r.tc, &tc_reasons(program), &all, &kinds);
+    match program {
+        Program::External => assert_covered(
+            "tc egress",
+            &r.egress,
+            &[Reason::LocalReplyTranslated],
+            &[Translated],
+            &["Unchanged", "Rewritten"],
+        ),
+        Program::Xdp => assert_covered(
+            "XDP",
+            &r.xdp,
+            &XDP_REASONS,
+            &[Passed, Translated, Dropped],
+            &["Passed", "Dropped", "Forwarded"],
+        ),
+        Program::Pod => {}
+    }
 }
 
 #[test]
 fn pod_program_matches_the_model_on_generated_packets() {
-    fuzz(IfaceRole::Pod, "fuzz pod program");
+    fuzz(Program::Pod, "fuzz pod program");
 }
 
 #[test]
 fn external_program_matches_the_model_on_generated_packets() {
-    fuzz(IfaceRole::External, "fuzz external program");
+    fuzz(Program::External, "fuzz external program");
+}
+
+#[test]
+fn xdp_then_tc_match_the_model_on_generated_packets() {
+    fuzz(Program::Xdp, "fuzz xdp program");
 }

@@ -209,6 +209,38 @@ fn host_reaches_its_own_node_port() {
     assert_eq!(peer, format!("{node_ip}:{NODE_PORT}"));
 }
 
+/// `externalTrafficPolicy: Local` does not apply to the node's own
+/// sockets: with no endpoint on this node they reach the other nodes'
+/// (kube-proxy short-circuits LOCAL sources to its cluster policy chain).
+#[test]
+fn host_reaches_a_local_node_port_without_a_local_endpoint() {
+    let f = fixture();
+    let local = service_yaml().replacen(
+        "type: NodePort\n",
+        "type: NodePort\n  externalTrafficPolicy: Local\n",
+        1,
+    );
+    f.dir.write("svc.yaml", &local).unwrap();
+    // The backends' Pods say they run on node-2 (their namespaces stay
+    // reachable from node-1, as another node's pods would be).
+    let pods: String = (f.topo.pods.iter().filter(|p| p.name.starts_with("web-")))
+        .map(|p| manifests::pod(&p.name, "web", p.ip, true, "node-2") + "---\n")
+        .collect();
+    f.dir.write("pods.yaml", &pods).unwrap();
+    f.agent
+        .wait_list("in-cluster set", |l| {
+            l.contains(&format!("*:{NODE_PORT}/TCP -> (no endpoints"))
+                && l.contains(&format!("*:{NODE_PORT}/TCP (in-cluster) -> "))
+        })
+        .unwrap();
+    let node_ip = f.topo.nodes[0].ip;
+    let mut c = f.host_client();
+    let (server, peer) = server_and_peer(&c.ask(&format!("tcp {node_ip}:{NODE_PORT}")).unwrap());
+    assert!(server.starts_with("web-"), "{server}");
+    assert_eq!(peer, format!("{node_ip}:{NODE_PORT}"));
+    assert_eq!(f.reason("sock_no_local_endpoint"), 0);
+}
+
 #[test]
 fn service_without_endpoints_refuses_at_once() {
     let f = fixture();

@@ -71,6 +71,7 @@ impl MapSizes {
             MAP_FRAGMENTS => DEFAULT_FRAGMENTS_MAX,
             MAP_XDP_EGRESS => XDP_EGRESS_MAX,
             MAP_SOCK_REVNAT => DEFAULT_SOCK_REVNAT_MAX,
+            MAP_FLOOD => 1,
             _ => 0,
         }
     }

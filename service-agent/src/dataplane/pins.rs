@@ -73,6 +73,7 @@ pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
         // struct bpf_devmap_val: ifindex and a program fd/id.
         MAP_XDP_EGRESS => s(4, 8),
         MAP_SOCK_REVNAT => s(size_of::<SockRevKey>(), size_of::<SockRevValue>()),
+        MAP_FLOOD => s(4, size_of::<FloodWindow>()),
         _ => None,
     }
 }

@@ -67,7 +67,8 @@ impl Frontends {
         f.node_addrs
             .extend(t.node_addrs.keys().filter_map(Result::ok));
         for (k, v) in t.services.iter().filter_map(Result::ok) {
-            if k.slot != 0 {
+            // One master per frontend: its own set, not the in-cluster one.
+            if k.slot != 0 || k.scope != SCOPE_ALL {
                 continue;
             }
             if v.flags & SVC_F_NODEPORT != 0 {

@@ -95,6 +95,11 @@ pub(super) struct Chosen {
     pub internal: Vec<BackendAddr>,
     /// For traffic from outside (NodePorts, externalIPs, LoadBalancer IPs).
     pub external: Vec<BackendAddr>,
+    /// Cluster-wide (topology-narrowed), whatever the policies say: what
+    /// sources inside the cluster get on external addresses of a Service
+    /// with `externalTrafficPolicy: Local` (kube-proxy's short-circuit to
+    /// its cluster policy chain).
+    pub cluster: Vec<BackendAddr>,
     /// Some endpoint anywhere can serve: without one the frontends reject;
     /// with one but none chosen (policy Local), they drop.
     pub has_any: bool,
@@ -142,6 +147,7 @@ pub(super) fn categorize_endpoints(
         internal: pick(policy.internal_local),
         external: pick(policy.external_local),
         has_any: !all.is_empty(),
+        cluster,
     }
 }
 

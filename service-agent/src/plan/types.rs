@@ -95,6 +95,13 @@ pub struct FrontendPlan {
     pub kind: FrontendKind,
     /// Sorted, without duplicates. Empty: the frontend rejects.
     pub backends: Vec<BackendAddr>,
+    /// The backends for sources inside the cluster (pods, the node itself),
+    /// when they differ in kind from `backends`: on the external addresses
+    /// of a Service with `externalTrafficPolicy: Local`, which applies to
+    /// traffic from outside only, these get every cluster-wide endpoint as
+    /// kube-proxy's short-circuit gives them. `None`: every source uses
+    /// `backends`.
+    pub in_cluster: Option<Vec<BackendAddr>>,
     /// ClientIP affinity timeout, when the Service asks for affinity.
     pub affinity_timeout_s: Option<u32>,
     /// With no backend: answer with a reject (the Service has no endpoint

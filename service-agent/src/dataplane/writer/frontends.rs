@@ -145,6 +145,9 @@ fn flags(mk: &ServiceKey, fe: &FrontendPlan) -> u16 {
     if !fe.source_ranges.is_empty() {
         flags |= SVC_F_SOURCE_RANGES;
     }
+    if mk.scope == SCOPE_ALL && fe.in_cluster.is_some() {
+        flags |= SVC_F_IN_CLUSTER;
+    }
     flags
 }
 

@@ -2,6 +2,7 @@
 //! frontend with fewer usable backends than before or after the change.
 //! The writer works through the `Maps` interface: the pinned maps in the
 //! agent, an in-memory fake in the unit tests.
+mod flow_limits;
 mod flows;
 mod frontends;
 mod ids;
@@ -14,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use aya::maps::MapError;
 use service_common::*;
 
+pub use self::flow_limits::FlowLimits;
 pub use self::flows::{
     CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
     FlowPass, Lifetimes, expire_conntrack,
@@ -67,6 +69,24 @@ pub fn master_key(k: &FrontendKey) -> ServiceKey {
         slot: 0,
         _pad: 0,
     }
+}
+
+/// The master key of a frontend's entry set for sources inside the cluster.
+pub fn in_cluster_key(k: &FrontendKey) -> ServiceKey {
+    ServiceKey {
+        scope: SCOPE_IN_CLUSTER,
+        ..master_key(k)
+    }
+}
+
+/// The entry set of a frontend's plan for sources inside the cluster, when
+/// it has one: the same frontend with the in-cluster backends.
+fn in_cluster_plan(fe: &FrontendPlan) -> Option<FrontendPlan> {
+    Some(FrontendPlan {
+        backends: fe.in_cluster.clone()?,
+        in_cluster: None,
+        ..fe.clone()
+    })
 }
 
 /// A map error as the operator needs to read it: a full map says which flag raises it.
@@ -123,6 +143,8 @@ impl Writer {
             }
             w.frontends.insert(mk, p);
         }
+        // The cluster's pod ranges belong to no frontend.
+        stored.ranges.remove(&CLUSTER_CIDRS_ID);
         // What no master owns is left by an agent that died removing a frontend.
         let orphans = (stored.orphan_slots.into_iter().map(EntryKey::Service))
             .chain(members.into_iter().flat_map(|(svc_id, ids)| {
@@ -156,19 +178,20 @@ impl Writer {
     pub fn apply(&mut self, t: &mut impl Maps, plan: &Plan) -> ApplyReport {
         let mut report = ApplyReport::default();
         let mut removed_pairs = BTreeSet::new();
-        let desired: BTreeMap<ServiceKey, (&FrontendKey, &FrontendPlan)> = plan
-            .frontends
-            .iter()
-            .map(|(k, f)| (master_key(k), (k, f)))
-            .collect();
+        let mut desired = BTreeSet::new();
         self.failed.clear();
-        for (mk, (fk, fe)) in &desired {
-            self.write_or_report(t, *mk, fk, fe, &mut removed_pairs, &mut report);
+        for (fk, fe) in &plan.frontends {
+            desired.insert(master_key(fk));
+            if fe.in_cluster.is_some() {
+                desired.insert(in_cluster_key(fk));
+            }
+            self.write_or_report(t, fk, fe, &mut removed_pairs, &mut report);
         }
         // Frontends the plan no longer has, except those of Services the
-        // planner refused: those keep their last good state.
+        // planner refused: those keep their last good state. (In key
+        // order: a frontend's own set goes before its in-cluster one.)
         let mut gone: Vec<ServiceKey> = self.frontends.keys().copied().collect();
-        gone.retain(|k| !desired.contains_key(k));
+        gone.retain(|k| !desired.contains(k));
         for mk in gone {
             if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {
                 report.errors.push(format!("removing frontend {mk:?}: {e}"));
@@ -192,40 +215,49 @@ impl Writer {
         // Removals first: the room they free may be what a write needs.
         for fk in keys.iter().filter(|k| !plan.frontends.contains_key(k)) {
             self.failed.remove(fk);
-            let mk = master_key(fk);
-            if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {
-                self.failed.insert(*fk);
-                report.errors.push(format!("removing frontend {fk}: {e}"));
+            for mk in [master_key(fk), in_cluster_key(fk)] {
+                if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {
+                    self.failed.insert(*fk);
+                    report.errors.push(format!("removing frontend {fk}: {e}"));
+                }
             }
         }
         for (fk, fe) in keys
             .iter()
             .filter_map(|k| Some((k, plan.frontends.get(k)?)))
         {
-            self.write_or_report(t, master_key(fk), fk, fe, &mut removed_pairs, &mut report);
+            self.write_or_report(t, fk, fe, &mut removed_pairs, &mut report);
         }
         self.finish(t, &removed_pairs, report)
     }
 
+    /// Writes the entry sets of one frontend: the in-cluster one exists
+    /// before the master that sends sources there, and goes after it.
     fn write_or_report(
         &mut self,
         t: &mut impl Maps,
-        mk: ServiceKey,
         fk: &FrontendKey,
         fe: &FrontendPlan,
         removed_pairs: &mut BTreeSet<(u32, u32)>,
         report: &mut ApplyReport,
     ) {
-        match self.write_frontend(t, mk, fe, removed_pairs, report) {
-            Ok(()) => {
-                self.failed.remove(fk);
-            }
-            Err(e) => {
-                self.failed.insert(*fk);
-                report
-                    .errors
-                    .push(format!("Service {} frontend {fk}: {e}", fe.service));
-            }
+        let (own, inner) = (master_key(fk), in_cluster_key(fk));
+        let results = match in_cluster_plan(fe) {
+            Some(fi) => [
+                self.write_frontend(t, inner, &fi, removed_pairs, report),
+                self.write_frontend(t, own, fe, removed_pairs, report),
+            ],
+            None => [
+                self.write_frontend(t, own, fe, removed_pairs, report),
+                self.remove_frontend(t, inner, removed_pairs, report),
+            ],
+        };
+        self.failed.remove(fk);
+        for e in results.into_iter().filter_map(Result::err) {
+            self.failed.insert(*fk);
+            report
+                .errors
+                .push(format!("Service {} frontend {fk}: {e}", fe.service));
         }
     }
 

@@ -1,12 +1,16 @@
 //! The node's own addresses: NODE_ADDRS (where NodePorts answer) and the
-//! SNAT source in META.
+//! SNAT source in META; and the cluster's pod ranges (in SOURCE_RANGES under
+//! CLUSTER_CIDRS_ID), which tell traffic from inside the cluster on the wire.
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::MapError;
 use service_common::*;
 
 use super::Writer;
-use crate::dataplane::maps::{Entry, EntryKey, Maps};
+use crate::{
+    dataplane::maps::{Entry, EntryKey, Maps, RangeKey},
+    plan::ipnet_lite::Ipv4Net,
+};
 
 impl Writer {
     /// Sets the address traffic from outside is source-NATed to when its
@@ -42,6 +46,28 @@ impl Writer {
         }
         for a in have.difference(&want) {
             t.remove(EntryKey::NodeAddr(*a))?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the cluster's pod ranges (`--cluster-cidr`) equal to `cidrs`.
+    pub fn set_cluster_cidrs(&self, t: &mut impl Maps, cidrs: &[Ipv4Net]) -> Result<(), MapError> {
+        let want: BTreeSet<RangeKey> = cidrs
+            .iter()
+            .map(|n| RangeKey {
+                svc_id: CLUSTER_CIDRS_ID,
+                prefix: n.prefix,
+                addr: n.network().octets(),
+            })
+            .collect();
+        let have: BTreeSet<RangeKey> = (t.source_ranges()?.into_iter())
+            .filter(|r| r.svc_id == CLUSTER_CIDRS_ID)
+            .collect();
+        for r in want.difference(&have) {
+            t.insert(Entry::SourceRange(*r))?;
+        }
+        for r in have.difference(&want) {
+            t.remove(EntryKey::SourceRange(*r))?;
         }
         Ok(())
     }

@@ -117,3 +117,6 @@ fn compile(
     let health = ports::health_check(ctx, spec, svc_type, &service, local_ready);
     Ok(Compiled::Frontends(frontends, health))
 }
+
+#[cfg(test)]
+mod tests;

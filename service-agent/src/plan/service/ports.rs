@@ -62,6 +62,8 @@ pub(super) struct Frontends {
 impl Frontends {
     fn plan(&self, port_name: &str, kind: FrontendKind, chosen: &Chosen) -> FrontendPlan {
         let internal = kind == FrontendKind::ClusterIp;
+        // Without any endpoint every source is refused alike: no short-circuit.
+        let short_circuit = !internal && self.policy.external_local && chosen.has_any;
         FrontendPlan {
             service: self.service.clone(),
             port_name: port_name.to_string(),
@@ -71,6 +73,7 @@ impl Frontends {
             } else {
                 chosen.external.clone()
             },
+            in_cluster: short_circuit.then(|| chosen.cluster.clone()),
             affinity_timeout_s: self.affinity,
             reject_when_empty: !chosen.has_any,
             source_ranges: if kind == FrontendKind::LoadBalancer {

@@ -3,7 +3,7 @@ use std::collections::HashMap;
 use super::*;
 use crate::dataplane::writer::{
     CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
-    Lifetimes, expire_conntrack,
+    FlowLimits, Lifetimes, expire_conntrack,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 9);
@@ -464,4 +464,29 @@ fn a_failed_address_listing_keeps_the_last_good_node_addresses() {
     w.refresh_node_addrs(&mut maps, || Ok::<_, String>(vec![]))
         .unwrap();
     assert!(maps.contents.node_addrs.is_empty());
+}
+
+#[test]
+fn flow_limits_reach_meta_as_the_programs_read_them() {
+    let mut maps = FakeMaps::default();
+    let w = writer(&mut maps);
+    let l = FlowLimits {
+        snat_ports: (20_000, 20_003),
+        flood_threshold: 500,
+    };
+    w.set_flow_limits(&mut maps, &l).unwrap();
+    let ports = maps.contents.meta[&META_SNAT_PORTS];
+    assert_eq!((ports & 0xffff, ports >> 16), (20_000, 4));
+    assert_eq!(maps.contents.meta[&META_FLOOD_THRESHOLD], 500);
+    // The whole port space fits: 65,535 ports from 1.
+    let all = FlowLimits {
+        snat_ports: (1, 65_535),
+        ..l
+    };
+    assert_eq!(all.snat_ports_word(), 1 | 65_535 << 16);
+    let d = FlowLimits::default().snat_ports_word();
+    assert_eq!(
+        (d & 0xffff, d >> 16),
+        (SNAT_PORT_MIN as u64, SNAT_PORT_COUNT as u64)
+    );
 }

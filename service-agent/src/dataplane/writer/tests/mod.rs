@@ -2,6 +2,7 @@
 //! id reuse and the conntrack it removes, without a kernel.
 mod flows;
 mod frontends;
+mod in_cluster;
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
@@ -49,6 +50,7 @@ fn fe(name: &str, backends: &[u8]) -> FrontendPlan {
                 local: false,
             })
             .collect(),
+        in_cluster: None,
         affinity_timeout_s: None,
         reject_when_empty: true,
         source_ranges: vec![],
