@@ -4,7 +4,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -16,8 +16,10 @@ use crate::{
         Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, cgroup::CgroupTarget, interfaces,
         sock_destroy, takeover, writer,
     },
+    faults::{Failing, FaultKind},
+    gc::{self, monotonic_ns},
     health::HealthServers,
-    metrics::{self, Metrics},
+    metrics::{self, Metrics, SyncOutcome, changes::ChangeTracker},
     plan::{self, FrontendKey, Incremental, NodeContext},
     source::{SharedPending, Source},
     status,
@@ -65,6 +67,11 @@ struct Agent {
     pending: SharedPending,
     planner: Incremental,
     last_errors: Vec<String>,
+    /// What was failing when the status file was last written.
+    last_failing: Vec<Failing>,
+    /// Which objects each sync found changed, for the change counters and
+    /// the programming latency.
+    changes: ChangeTracker,
     /// (Service, port name) of each frontend in the last status file: the
     /// file is rewritten only when these, skips or problems change.
     status_names: BTreeMap<FrontendKey, (String, String)>,
@@ -84,8 +91,9 @@ impl Agent {
     /// watchers noted since the last sync.
     async fn sync(&mut self, full: bool) {
         let started = Instant::now();
-        let changed_at = self.metrics.pending_since();
         let pending = self.pending.take();
+        self.metrics.sync_started(pending.first_noted);
+        let mut observed = metrics::changes::Observed::default();
         let mut node = self.cfg.node.clone();
         if node.zone.is_none() {
             node.zone = self.source.node_zone();
@@ -97,6 +105,7 @@ impl Agent {
             Some(ids) => {
                 for id in ids {
                     let (services, slices) = self.source.objects(&id);
+                    self.changes.observe(&id, &services, &slices, &mut observed);
                     self.planner.set(id, services, slices);
                 }
                 self.planner.set_unlabeled(&self.source.unlabeled_slices());
@@ -107,10 +116,13 @@ impl Agent {
                 // compiled again, every clash decided again.
                 let previous = std::mem::take(&mut self.planner).into_plan();
                 let mut planner = Incremental::new(node, previous);
-                for id in self.source.ids() {
-                    let (services, slices) = self.source.objects(&id);
-                    planner.set(id, services, slices);
+                let ids = self.source.ids();
+                for id in &ids {
+                    let (services, slices) = self.source.objects(id);
+                    self.changes.observe(id, &services, &slices, &mut observed);
+                    planner.set(id.clone(), services, slices);
                 }
+                (self.changes).forget_except(&|id| ids.contains(id), &mut observed);
                 planner.set_unlabeled(&self.source.unlabeled_slices());
                 let changed = planner.commit();
                 self.planner = planner;
@@ -125,8 +137,6 @@ impl Agent {
                 .writer
                 .apply_changes(&mut self.dp.tables, plan, &changed)
         };
-        let mut problems = self.source.errors();
-        problems.extend(report.errors.iter().cloned());
         let ended = sock_destroy::destroy_removed(&mut self.dp.tables, &report.removed_pairs);
         if ended.sockets > 0 {
             info!(
@@ -134,22 +144,26 @@ impl Agent {
                 "ended host UDP sockets of removed backends"
             );
         }
+        let health_errors = self.health.sync(&plan.health_checks).await;
+        let faults = &self.metrics.faults;
+        faults.record_sync(&report, &ended.errors, &health_errors);
+        // What the input got wrong is logged here, each distinct problem
+        // once, not at every resync (the faults log their own).
+        let mut problems = self.source.errors();
+        let input = problems.iter().cloned();
+        for p in input.chain(plan.problems.iter().map(|p| p.to_string())) {
+            if !self.last_errors.contains(&p) {
+                error!("{p}");
+            }
+        }
+        problems.extend(report.errors.iter().cloned());
         problems.extend(ended.errors);
-        problems.extend(self.health.sync(&plan.health_checks).await);
-        // Log each distinct problem once, not at every resync.
+        problems.extend(health_errors);
         let all: Vec<String> = problems
             .iter()
             .cloned()
             .chain(plan.problems.iter().map(|p| p.to_string()))
             .collect();
-        for p in &all {
-            if !self.last_errors.contains(p) {
-                error!("{p}");
-            }
-        }
-        if !all.is_empty() {
-            self.metrics.sync_errors.inc();
-        }
         if report.frontends_written + report.frontends_removed > 0 || report.udp_flows_flushed > 0 {
             info!(
                 written = report.frontends_written,
@@ -185,22 +199,37 @@ impl Agent {
                 .map(|(k, f)| (*k, (f.service.clone(), f.port_name.clone())))
                 .collect();
         }
-        if names_changed || all != self.last_errors || plan.skipped != self.last_skipped {
-            if let Err(e) = status::write(
-                &self.cfg.state_dir,
-                &status::Status::from_plan(plan, &problems),
-            ) {
-                warn!("writing {}: {e}", self.cfg.state_dir.display());
-            }
+        let failing = faults.failing();
+        if names_changed
+            || all != self.last_errors
+            || plan.skipped != self.last_skipped
+            || failing != self.last_failing
+        {
+            let st = status::Status::from_plan(plan, &problems, failing.clone());
+            let written = status::write(&self.cfg.state_dir, &st)
+                .map_err(|e| format!("writing {}: {e}", self.cfg.state_dir.display()));
+            faults.outcome(FaultKind::StatusFile, "", written);
             self.last_skipped = plan.skipped.clone();
+            self.last_failing = failing;
         }
         self.last_errors = all;
-        self.metrics.synced(
-            started.elapsed(),
-            changed_at,
-            self.dp.writer.frontend_count(),
-            self.dp.writer.backend_count(),
-        );
+        // Without a slice's own trigger time, a change starts when the
+        // source noted it (a manifest file written, a Service event). The
+        // first sync programs what existed before the agent ran, which
+        // is no change: it has no sample.
+        if observed.triggers.is_empty() && !changed.is_empty() && self.metrics.ready() {
+            let noted = pending.first_noted.map(|t| SystemTime::now() - t.elapsed());
+            observed.triggers.extend(noted);
+        }
+        self.metrics.synced(&SyncOutcome {
+            took: started.elapsed(),
+            ok: report.errors.is_empty() && report.faults.is_empty(),
+            triggers: observed.triggers,
+            service_changes: observed.service_changes,
+            endpoint_changes: observed.endpoint_changes,
+            frontends: self.dp.writer.frontend_count(),
+            backends: self.dp.writer.backend_count(),
+        });
     }
 
     /// Attaches to new interfaces and keeps NODE_ADDRS current.
@@ -256,29 +285,31 @@ impl Agent {
             }
         }
         self.xdp_egress = standing;
-        let addrs = if self.cfg.node_ips.is_empty() {
-            match interfaces::node_addresses() {
-                Ok(a) => a,
-                // An empty list would stop every NodePort answering: the
-                // last good set stays until the addresses can be read.
-                Err(e) => {
-                    warn!(
-                        "listing the node's addresses failed, NODE_ADDRS keeps its last set: {e}"
-                    );
-                    self.metrics.sync_errors.inc();
-                    return;
-                }
+        let fixed = self.cfg.node_ips.clone();
+        let listed = self.dp.writer.refresh_node_addrs(&mut self.dp.tables, || {
+            if fixed.is_empty() {
+                interfaces::node_addresses()
+            } else {
+                Ok(fixed)
             }
-        } else {
-            self.cfg.node_ips.clone()
+        });
+        let faults = &self.metrics.faults;
+        let addrs = match listed {
+            Ok(a) => {
+                faults.succeeded(FaultKind::NodeAddrs, "");
+                a
+            }
+            Err(e) => {
+                faults.failed(FaultKind::NodeAddrs, "", e);
+                return;
+            }
         };
-        if let Err(e) = self.dp.writer.set_node_addrs(&mut self.dp.tables, &addrs) {
-            warn!("updating NODE_ADDRS: {e}");
-        }
         let snat = self.snat_address(&addrs);
-        if let Err(e) = self.dp.writer.set_snat_addr(&mut self.dp.tables, snat) {
-            warn!("setting the SNAT address: {e}");
-        }
+        let set = self.dp.writer.set_snat_addr(&mut self.dp.tables, snat);
+        let set = set.map_err(|e| format!("setting the SNAT address: {e}"));
+        self.metrics
+            .faults
+            .outcome(FaultKind::NodeAddrs, "snat", set);
     }
 
     /// Attaches (or, with `--cgroup none`, removes) the host socket hooks.
@@ -330,13 +361,8 @@ impl Agent {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    // The same clock as bpf_ktime_get_ns(), which stamps conntrack entries.
-    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
-        Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
-        Err(_) => 0,
-    }
-}
+/// How often the conntrack GC passes over the table.
+const GC_PERIOD: Duration = Duration::from_secs(10);
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let present = interfaces::interface_names()?;
@@ -348,9 +374,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Wakes the loop; what changed is in `pending`.
     let (tx, mut changes) = mpsc::channel::<()>(1);
     let pending = SharedPending::default();
+    let metrics = Arc::new(Metrics::default());
     let source = cfg
         .source
-        .start(cfg.node.name.as_deref(), tx, pending.clone())
+        .start(
+            cfg.node.name.as_deref(),
+            tx,
+            pending.clone(),
+            metrics.faults.clone(),
+        )
         .await?;
     let mut dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
     dp.writer.set_balancing(cfg.balancing);
@@ -360,7 +392,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     dp.writer
         .set_flow_limits(&mut dp.tables, &cfg.flow_limits)
         .context("writing the SNAT port range and flood threshold to META")?;
-    let metrics = Arc::new(Metrics::default());
+    gc::spawn(
+        cfg.pin_dir.clone(),
+        cfg.lifetimes,
+        GC_PERIOD,
+        metrics.clone(),
+    )?;
     if let Some(addr) = cfg.metrics_addr {
         metrics::serve(
             addr,
@@ -369,6 +406,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 pin_dir: cfg.pin_dir.clone(),
                 state_dir: cfg.state_dir.clone(),
                 max_pending: cfg.max_pending,
+                pending: pending.clone(),
             },
         )
         .await?;
@@ -383,6 +421,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         pending,
         planner: Incremental::default(),
         last_errors: vec![],
+        last_failing: vec![],
+        changes: ChangeTracker::default(),
         status_names: BTreeMap::new(),
         last_skipped: vec![],
         health: HealthServers::default(),
@@ -426,13 +466,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         tokio::time::Instant::now() + agent.cfg.resync,
         agent.cfg.resync,
     );
-    let mut gc_tick = tokio::time::interval(Duration::from_secs(10));
     let mut takeover_tick = tokio::time::interval(takeover::REFRESH_PERIOD);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             Some(()) = changes.recv() => {
-                agent.metrics.change_seen();
                 // No settling delay: a sync costs what the change touches,
                 // and events that arrive meanwhile are handled together at
                 // the next one.
@@ -447,16 +485,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             }
             _ = iface_tick.tick() => agent.watch_interfaces(),
             _ = resync_tick.tick() => agent.sync(true).await,
-            _ = gc_tick.tick() => {
-                let n = writer::expire_conntrack(
-                    &mut agent.dp.tables,
-                    monotonic_ns(),
-                    &agent.cfg.lifetimes,
-                );
-                if n > 0 {
-                    info!(expired = n, "conntrack entries expired");
-                }
-            }
             _ = takeover_tick.tick() => takeover::renew(&mut agent.dp.tables, monotonic_ns()),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,

@@ -4,6 +4,8 @@ pub mod agent;
 pub mod cli;
 pub mod dataplane;
 pub mod error_chain;
+pub mod faults;
+pub mod gc;
 pub mod health;
 pub mod metrics;
 pub mod model;

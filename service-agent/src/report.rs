@@ -127,6 +127,14 @@ pub fn render_list(frontends: &[ProgrammedFrontend], status: Option<&Status>) ->
         for p in &st.problems {
             let _ = writeln!(s, "problem: {p}");
         }
+        for f in &st.failing {
+            let subject = if f.subject.is_empty() { "" } else { " " };
+            let _ = writeln!(
+                s,
+                "failing: {}{subject}{}: {}",
+                f.kind, f.subject, f.message
+            );
+        }
     }
     s
 }
@@ -161,6 +169,16 @@ pub fn counters(
 /// How full each table map is: (name, entries, max_entries), read from the
 /// kernel (capacity from the pinned map's info, not from flags).
 pub fn fill(t: &Tables, pin_dir: &std::path::Path) -> Vec<(&'static str, usize, u32)> {
+    fill_with(t, pin_dir, None)
+}
+
+/// As [`fill`], with CONNTRACK's entry count given instead of walked when
+/// `conntrack` is set (a walk of a large table is what the caller avoids).
+pub fn fill_with(
+    t: &Tables,
+    pin_dir: &std::path::Path,
+    conntrack: Option<usize>,
+) -> Vec<(&'static str, usize, u32)> {
     let capacity = |name: &str| {
         aya::maps::MapInfo::from_pin(crate::dataplane::pins::map_pin_path(pin_dir, name))
             .map(|i| i.max_entries())
@@ -169,7 +187,10 @@ pub fn fill(t: &Tables, pin_dir: &std::path::Path) -> Vec<(&'static str, usize, 
     [
         (MAP_SERVICES, t.services.keys().count()),
         (MAP_BACKENDS, t.backends.keys().count()),
-        (MAP_CONNTRACK, t.conntrack.keys().count()),
+        (
+            MAP_CONNTRACK,
+            conntrack.unwrap_or_else(|| t.conntrack.keys().count()),
+        ),
         (MAP_AFFINITY, t.affinity.keys().count()),
         (MAP_AFFINITY_MATCH, t.affinity_match.keys().count()),
         (MAP_NODE_ADDRS, t.node_addrs.keys().count()),

@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::Plan;
+use crate::{faults::Failing, plan::Plan};
 
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Status {
@@ -17,6 +17,10 @@ pub struct Status {
     pub frontends: Vec<FrontendStatus>,
     pub skipped: Vec<SkippedStatus>,
     pub problems: Vec<String>,
+    /// The agent's own operations failing now (see `faults`); absent in
+    /// files of agents before it.
+    #[serde(default)]
+    pub failing: Vec<Failing>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -33,7 +37,7 @@ pub struct SkippedStatus {
 }
 
 impl Status {
-    pub fn from_plan(plan: &Plan, extra_problems: &[String]) -> Self {
+    pub fn from_plan(plan: &Plan, extra_problems: &[String], failing: Vec<Failing>) -> Self {
         Self {
             frontends: plan
                 .frontends
@@ -57,6 +61,7 @@ impl Status {
                 .cloned()
                 .chain(plan.problems.iter().map(|p| p.to_string()))
                 .collect(),
+            failing,
         }
     }
 }

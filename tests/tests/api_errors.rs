@@ -1,6 +1,7 @@
 //! When the agent cannot reach the API server, its log names the cause a
 //! person can act on, not only "client error (Connect)": nothing listening,
-//! an untrusted certificate, a refusal by RBAC.
+//! an untrusted certificate, a refusal by RBAC; and a failing watch reaches
+//! `/healthz`, `/metrics` and `list` until it recovers.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
@@ -15,8 +16,10 @@ use std::{
 
 use integration_tests::{
     agent::{Agent, ManifestDir},
+    apiserver::{self, ApiServer, Kind},
     netns::Netns,
     topology::Topology,
+    traffic,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -208,4 +211,98 @@ fn one_node() -> Topology {
     let mut topo = Topology::new().unwrap();
     topo.add_node().unwrap();
     topo
+}
+
+/// GET `path` on the agent's metrics address in `node`; (0, "") when it
+/// does not answer.
+fn http_get(node: &Netns, path: &'static str) -> (u16, String) {
+    let to: SocketAddrV4 = service_agent::cli::DEFAULT_METRICS_ADDR.parse().unwrap();
+    node.within(move || traffic::http_request(to, path, Duration::from_secs(3)))
+        .unwrap()
+        .unwrap_or_default()
+}
+
+/// Polls `path` until `pred` holds on (code, body), for at most `limit`.
+fn wait_http(
+    node: &Netns,
+    agent: &Agent,
+    path: &'static str,
+    limit: Duration,
+    pred: impl Fn(u16, &str) -> bool,
+) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (code, body) = http_get(node, path);
+        if pred(code, &body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} still answers {code}: {body}\nlog:\n{}",
+            agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_failing_watch_turns_healthz_503_until_it_recovers() {
+    let topo = one_node();
+    let node = &topo.nodes[0].ns;
+    let api = ApiServer::start(node).unwrap();
+    api.apply(Kind::Node, apiserver::node("node-1", "zone-a"));
+    api.apply(
+        Kind::Service,
+        apiserver::service("shop", "web", "10.96.0.10", 80, "TCP"),
+    );
+    let mut agent = Agent::start_kube(
+        node,
+        api.kubeconfig(),
+        &["--node-name", "node-1", "--resync-seconds", "1"],
+    )
+    .unwrap();
+    agent
+        .wait_log_from(0, "agent running", Duration::from_secs(30))
+        .unwrap();
+    wait_http(node, &agent, "/healthz", WAIT, |c, _| c == 200);
+    assert_eq!(http_get(node, "/readyz").0, 200);
+
+    api.set_down(true);
+    let body = wait_http(node, &agent, "/healthz", WAIT, |c, b| {
+        c == 503 && b.contains("watch ")
+    });
+    assert!(body.contains(" failing for "), "{body}");
+    let (_, metrics) = http_get(node, "/metrics");
+    let watch_errors: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("service_agent_sync_errors_total{kind=\"watch\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no watch errors counted:\n{metrics}"));
+    assert!(watch_errors >= 1, "{metrics}");
+    // The status file (rewritten at the next resync) shows it to `list`.
+    agent
+        .wait_list("the failing watch", |l| l.contains("failing: watch "))
+        .unwrap();
+    // Readiness is about the first sync, which stays done.
+    assert_eq!(http_get(node, "/readyz").0, 200);
+
+    api.set_down(false);
+    // An event on each watch shows it back (a watch that reconnects to a
+    // quiet API yields nothing; its failure then ends 65 s after its last
+    // error, see the faults unit tests). The watchers retry with backoff.
+    api.apply(
+        Kind::Service,
+        apiserver::service("shop", "web", "10.96.0.10", 81, "TCP"),
+    );
+    api.apply(
+        Kind::EndpointSlice,
+        apiserver::endpoint_slice("shop", "web", "a", &[Ipv4Addr::new(10, 244, 1, 9)], "TCP"),
+    );
+    api.apply(Kind::Node, apiserver::node("node-1", "zone-b"));
+    wait_http(node, &agent, "/healthz", Duration::from_secs(60), |c, _| {
+        c == 200
+    });
+    agent
+        .wait_list("no failure", |l| !l.contains("failing:"))
+        .unwrap();
 }

@@ -366,7 +366,7 @@ fn metrics_health_and_readiness_are_served() {
         "service_agent_network_programming_duration_seconds_bucket",
         "service_agent_map_entries{map=\"SERVICES\"} 8",
         "service_agent_map_capacity{map=\"CONNTRACK\"}",
-        "service_agent_packets_by_reason{reason=\"new_flow\",verdict=\"translated\"} 10",
+        "service_agent_packets_by_reason_total{reason=\"new_flow\",verdict=\"translated\"} 10",
     ] {
         assert!(
             text.contains(want),
@@ -376,7 +376,8 @@ fn metrics_health_and_readiness_are_served() {
     let packets = text
         .lines()
         .find(|l| {
-            l.starts_with("service_agent_frontend_packets{") && l.contains("10.96.0.10:80/TCP")
+            l.starts_with("service_agent_frontend_packets_total{")
+                && l.contains("10.96.0.10:80/TCP")
         })
         .unwrap_or_else(|| panic!("no per-frontend packets:\n{text}"));
     let n: u64 = packets.rsplit(' ').next().unwrap().parse().unwrap();

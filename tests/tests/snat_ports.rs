@@ -279,8 +279,7 @@ fn a_full_snat_port_range_refuses_new_flows_counted_and_misdirects_nothing(xdp: 
         .unwrap()
         .unwrap()
         .1;
-    let line =
-        r#"service_agent_packets_by_reason{reason="snat_ports_exhausted",verdict="dropped"} "#;
+    let line = r#"service_agent_packets_by_reason_total{reason="snat_ports_exhausted",verdict="dropped"} "#;
     let counted = metrics
         .lines()
         .find_map(|l| l.strip_prefix(line))

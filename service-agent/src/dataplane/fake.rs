@@ -10,7 +10,7 @@ use std::{
 use aya::{maps::MapError, sys::SyscallError};
 use service_common::*;
 
-use super::maps::{Entry, EntryKey, Maps, RangeKey, StoredTable};
+use super::maps::{Entry, EntryKey, Maps, RangeKey, StoredTable, Walk};
 
 /// What the maps hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -113,6 +113,10 @@ pub struct FakeMaps {
     writes: usize,
     fail_at: BTreeSet<usize>,
     failing_maps: BTreeSet<&'static str>,
+    /// Walks of CONNTRACK end with an error after this many entries.
+    conntrack_walk_fails_after: Option<usize>,
+    /// Walks of CONNTRACK so far.
+    pub conntrack_walks: std::cell::Cell<usize>,
 }
 
 fn pairs<K: Copy, V: Copy>(m: &BTreeMap<K, V>) -> Vec<(K, V)> {
@@ -142,9 +146,16 @@ impl FakeMaps {
         self.failing_maps.insert(map);
     }
 
+    /// Makes walks of CONNTRACK fail after `n` entries, as a failing
+    /// `bpf_map_get_next_key` ends aya's iteration.
+    pub fn fail_conntrack_walk(&mut self, n: usize) {
+        self.conntrack_walk_fails_after = Some(n);
+    }
+
     pub fn heal(&mut self) {
         self.fail_at.clear();
         self.failing_maps.clear();
+        self.conntrack_walk_fails_after = None;
     }
 
     /// Writes attempted so far.
@@ -225,6 +236,11 @@ impl Maps for FakeMaps {
     }
 
     fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), MapError> {
+        // Not counted as a write: the tests that fail the Nth write count
+        // the writes of the Service maps only.
+        if self.failing_maps.contains(MAP_SVC_STATS) {
+            return Err(syscall_error("bpf_map_update_elem", libc::EIO));
+        }
         self.stats_reset.push(svc_id);
         Ok(())
     }
@@ -272,12 +288,16 @@ impl Maps for FakeMaps {
             .collect())
     }
 
-    fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
-        self.contents
-            .conntrack
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect()
+    fn conntrack(&self) -> Walk<(CtKey, CtValue)> {
+        self.conntrack_walks.set(self.conntrack_walks.get() + 1);
+        let all = self.contents.conntrack.iter().map(|(k, v)| Ok((*k, *v)));
+        match self.conntrack_walk_fails_after {
+            None => all.collect(),
+            Some(n) => all
+                .take(n)
+                .chain([Err(syscall_error("bpf_map_get_next_key", libc::EIO))])
+                .collect(),
+        }
     }
 
     fn node_addrs(&self) -> Vec<[u8; 4]> {

@@ -129,10 +129,35 @@ pub trait Maps {
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError>;
     fn source_ranges(&self) -> Result<Vec<RangeKey>, MapError>;
     fn maglev_tables(&self) -> Result<BTreeMap<u32, StoredTable>, MapError>;
-    /// The entries that could be read: the programs add and drop flows
-    /// while the agent walks the map.
-    fn conntrack(&self) -> Vec<(CtKey, CtValue)>;
+    /// The entries that could be read, and what could not: the programs
+    /// add and drop flows while the agent walks the map (an entry gone
+    /// meanwhile is skipped, not an error).
+    fn conntrack(&self) -> Walk<(CtKey, CtValue)>;
     fn node_addrs(&self) -> Vec<[u8; 4]>;
+}
+
+/// A walk of a map: the entries read, and the errors met on the way (an
+/// error of the key iteration ends the walk early).
+#[derive(Debug)]
+pub struct Walk<T> {
+    pub entries: Vec<T>,
+    pub errors: Vec<MapError>,
+}
+
+impl<T> FromIterator<Result<T, MapError>> for Walk<T> {
+    fn from_iter<I: IntoIterator<Item = Result<T, MapError>>>(iter: I) -> Self {
+        let mut w = Walk {
+            entries: vec![],
+            errors: vec![],
+        };
+        for r in iter {
+            match r {
+                Ok(e) => w.entries.push(e),
+                Err(e) => w.errors.push(e),
+            }
+        }
+        w
+    }
 }
 
 pub fn is_not_found(e: &MapError) -> bool {
@@ -221,8 +246,8 @@ impl Maps for Tables {
         Ok(out)
     }
 
-    fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+    fn conntrack(&self) -> Walk<(CtKey, CtValue)> {
+        self.conntrack.iter().collect()
     }
 
     fn node_addrs(&self) -> Vec<[u8; 4]> {

@@ -32,7 +32,14 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{Pending, ServiceObjects, SharedPending, Source};
-use crate::model::{SERVICE_NAME_LABEL, ServiceId, Sourced, TOPOLOGY_MODE_ANNOTATIONS};
+use crate::{
+    faults::{FaultKind, Faults},
+    model::{SERVICE_NAME_LABEL, ServiceId, Sourced, TOPOLOGY_MODE_ANNOTATIONS},
+};
+
+/// When the endpoints controller saw the change an EndpointSlice carries
+/// (RFC 3339): where `network_programming_duration_seconds` starts.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// The label carrying a Node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -119,9 +126,16 @@ fn slice_key(slice: &EndpointSlice) -> (String, String) {
     )
 }
 
-/// Wakes the agent after each event a watcher passes on.
+/// How long a watch counts as failing after its last error when no event
+/// shows it back: a watch that reconnects yields nothing until something
+/// changes. Longer than the watcher's longest wait between attempts (30 s
+/// of backoff, plus up to 30 s for a connection attempt to time out).
+const WATCH_HOLD: std::time::Duration = std::time::Duration::from_secs(65);
+
+/// Wakes the agent after each event a watcher passes on, and reports the
+/// watchers' failures.
 #[derive(Clone)]
-struct Wake(mpsc::Sender<()>);
+struct Wake(mpsc::Sender<()>, Arc<Faults>);
 
 /// Polls `stream` in a task, calling `on_item` for each item and waking the
 /// agent after it.
@@ -136,17 +150,20 @@ fn drive<T: Send + 'static>(
         while let Some(item) = stream.next().await {
             match item {
                 Ok(item) => {
+                    // An item after a failure means the watch is back.
+                    wake.1.succeeded(FaultKind::Watch, what);
                     // The store already holds what the item says.
                     on_item(&item);
+                    // Full: a wake is already queued, and it covers this item.
                     let _ = wake.0.try_send(());
                 }
                 // The watcher backs off and relists by itself; the stores
                 // keep their last contents meanwhile, and so do the maps.
-                Err(e) => warn!(
-                    resource = what,
-                    "watch failed, retrying: {}",
-                    crate::error_chain::error_chain(&e)
-                ),
+                Err(e) => {
+                    let e = crate::error_chain::error_chain(&e);
+                    warn!(resource = what, "watch failed, retrying: {e}");
+                    (wake.1).record_held(FaultKind::Watch, what, &[e], Some(WATCH_HOLD));
+                }
             }
         }
     });
@@ -182,12 +199,14 @@ where
 }
 
 /// What no reader of a Service or slice looks at: the server-side apply
-/// bookkeeping and annotations other than the topology ones (the
-/// last-applied-configuration annotation alone can double an object).
+/// bookkeeping and annotations other than the topology ones and the
+/// trigger time (the last-applied-configuration annotation alone can
+/// double an object).
 fn strip_metadata<K: ResourceExt>(obj: &mut K) {
     obj.managed_fields_mut().clear();
-    obj.annotations_mut()
-        .retain(|k, _| TOPOLOGY_MODE_ANNOTATIONS.contains(&k.as_str()));
+    obj.annotations_mut().retain(|k, _| {
+        TOPOLOGY_MODE_ANNOTATIONS.contains(&k.as_str()) || k == TRIGGER_TIME_ANNOTATION
+    });
 }
 
 /// The Node matters for its labels only (the zone): its status (images,
@@ -207,8 +226,9 @@ impl KubeSource {
         node_name: Option<&str>,
         changed: mpsc::Sender<()>,
         pending: SharedPending,
+        faults: Arc<Faults>,
     ) -> Self {
-        let wake = Wake(changed);
+        let wake = Wake(changed, faults);
         let p = pending.clone();
         let services = spawn_reflector(
             Api::<Service>::all(client.clone()),
@@ -264,6 +284,9 @@ impl KubeSource {
         // is seen at the next sync.
         let node_filter = format!("metadata.name={}", node_name.unwrap_or(""));
         let (reader, writer) = reflector::store();
+        // The label filter lets few items through: the watch is known to
+        // be back at any object it yields, before the filter.
+        let faults = wake.1.clone();
         let stream = watcher(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&node_filter),
@@ -272,6 +295,11 @@ impl KubeSource {
         .modify(strip_node)
         .reflect(writer)
         .touched_objects()
+        .inspect(move |item| {
+            if item.is_ok() {
+                faults.succeeded(FaultKind::Watch, "node");
+            }
+        })
         .predicate_filter(predicates::labels, PredicateConfig::default());
         drive(stream, "node", wake, |_| {});
         Self {
@@ -371,5 +399,31 @@ impl Source for KubeSource {
             .as_ref()?
             .get(ZONE_LABEL)
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_keeps_the_trigger_time_and_topology_annotations_only() {
+        let mut slice = EndpointSlice::default();
+        let a = slice.annotations_mut();
+        a.insert(
+            TRIGGER_TIME_ANNOTATION.into(),
+            "2026-01-02T03:04:05Z".into(),
+        );
+        a.insert(TOPOLOGY_MODE_ANNOTATIONS[0].into(), "Auto".into());
+        a.insert(
+            "kubectl.kubernetes.io/last-applied-configuration".into(),
+            "{}".into(),
+        );
+        strip_metadata(&mut slice);
+        let mut kept: Vec<&str> = slice.annotations().keys().map(String::as_str).collect();
+        kept.sort();
+        let mut want = vec![TRIGGER_TIME_ANNOTATION, TOPOLOGY_MODE_ANNOTATIONS[0]];
+        want.sort();
+        assert_eq!(kept, want);
     }
 }

@@ -7,13 +7,17 @@ use std::{
     collections::BTreeSet,
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tokio::sync::mpsc;
 
-use crate::model::{ServiceId, Sourced};
+use crate::{
+    faults::Faults,
+    model::{ServiceId, Sourced},
+};
 
 /// The Service objects of one Service id and the EndpointSlices the
 /// planner should see for it.
@@ -69,12 +73,14 @@ pub enum SourceConfig {
 
 impl SourceConfig {
     /// Starts the source's watchers. `changed` gets a message after every
-    /// change, and `pending` what the change touched.
+    /// change, and `pending` what the change touched; watch failures go to
+    /// `faults`.
     pub async fn start(
         &self,
         node_name: Option<&str>,
         changed: mpsc::Sender<()>,
         pending: SharedPending,
+        faults: Arc<Faults>,
     ) -> anyhow::Result<Box<dyn Source>> {
         Ok(match self {
             SourceConfig::Manifests(dir) => {
@@ -85,7 +91,9 @@ impl SourceConfig {
                 api_server,
             } => {
                 let client = kube::client(kubeconfig.as_deref(), api_server.as_ref()).await?;
-                Box::new(kube::KubeSource::start(client, node_name, changed, pending))
+                Box::new(kube::KubeSource::start(
+                    client, node_name, changed, pending, faults,
+                ))
             }
         })
     }
@@ -100,6 +108,9 @@ pub struct Pending {
     pub files: BTreeSet<PathBuf>,
     /// Read everything again (a relist, a lost inotify queue, the node).
     pub everything: bool,
+    /// When the oldest of these changes was noted: where the time a change
+    /// waits to be programmed starts (`/healthz`, the programming latency).
+    pub first_noted: Option<Instant>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -110,7 +121,13 @@ impl SharedPending {
         // A poisoned lock only means a watcher thread panicked mid-note;
         // the sets are still usable.
         let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        p.first_noted.get_or_insert_with(Instant::now);
         f(&mut p);
+    }
+
+    /// When the oldest change not yet taken was noted.
+    pub fn first_noted(&self) -> Option<Instant> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).first_noted
     }
 
     pub fn take(&self) -> Pending {

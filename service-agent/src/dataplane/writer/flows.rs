@@ -4,7 +4,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use service_common::*;
 
-use crate::dataplane::maps::{EntryKey, Maps};
+use crate::{
+    dataplane::maps::{EntryKey, Maps, Walk},
+    error_chain::error_chain,
+};
 
 /// How long a conntrack entry lives without traffic.
 pub const CT_TCP_TIMEOUT_NS: u64 = 6 * 3600 * 1_000_000_000;
@@ -37,27 +40,63 @@ impl Default for Lifetimes {
     }
 }
 
+/// What a pass over CONNTRACK did: entries removed, and what failed (the
+/// walk, each removal), for the log, `/metrics` and `/healthz`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlowPass {
+    /// Entries the walk read.
+    pub entries: usize,
+    pub removed: usize,
+    pub errors: Vec<String>,
+}
+
 /// Drops the conntrack entries of UDP flows whose backend left their
 /// frontend (`removed` holds (svc_id, backend id) pairs), so clients that
 /// keep sending move to a live backend instead of a blackhole. TCP flows
 /// are left to finish (or fail) on their own.
-pub(super) fn flush_udp_flows(t: &mut impl Maps, removed: &BTreeSet<(u32, u32)>) -> usize {
+pub(super) fn flush_udp_flows(t: &mut impl Maps, removed: &BTreeSet<(u32, u32)>) -> FlowPass {
     if removed.is_empty() {
-        return 0;
+        return FlowPass::default();
     }
-    let doomed: Vec<CtKey> = t
-        .conntrack()
-        .into_iter()
+    let walk = t.conntrack();
+    let doomed: Vec<CtKey> = walk
+        .entries
+        .iter()
         .filter(|(k, v)| k.proto == IPPROTO_UDP && removed.contains(&(v.svc_id, v.backend_id)))
-        .map(|(k, _)| k)
+        .map(|(k, _)| *k)
         .collect();
-    remove_flows(t, doomed)
+    remove_flows(t, &walk, doomed)
 }
 
-fn remove_flows(t: &mut impl Maps, keys: Vec<CtKey>) -> usize {
-    keys.into_iter()
-        .filter(|k| t.remove(EntryKey::Conntrack(*k)).is_ok())
-        .count()
+fn remove_flows(t: &mut impl Maps, walk: &Walk<(CtKey, CtValue)>, keys: Vec<CtKey>) -> FlowPass {
+    let mut pass = FlowPass {
+        entries: walk.entries.len(),
+        removed: 0,
+        errors: walk
+            .errors
+            .iter()
+            .map(|e| format!("walking {MAP_CONNTRACK}: {}", error_chain(e)))
+            .collect(),
+    };
+    let mut failed = 0;
+    let mut first = None;
+    for k in keys {
+        match t.remove(EntryKey::Conntrack(k)) {
+            Ok(()) => pass.removed += 1,
+            Err(e) => {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+        }
+    }
+    // One line for many failed removals: they share their cause.
+    if let Some(e) = first {
+        pass.errors.push(format!(
+            "removing {failed} {MAP_CONNTRACK} entries failed, the first with: {}",
+            error_chain(&e)
+        ));
+    }
+    pass
 }
 
 impl Lifetimes {
@@ -87,8 +126,9 @@ fn opening(v: &CtValue, partner: Option<&CtValue>) -> bool {
 /// Removes conntrack entries idle past their lifetime. Both directions of a
 /// flow go together, and only when both are idle, so a flow whose replies
 /// still run is never half-forgotten.
-pub fn expire_conntrack(t: &mut impl Maps, now_ns: u64, lifetimes: &Lifetimes) -> usize {
-    let entries: HashMap<CtKey, CtValue> = t.conntrack().into_iter().collect();
+pub fn expire_conntrack(t: &mut impl Maps, now_ns: u64, lifetimes: &Lifetimes) -> FlowPass {
+    let walk = t.conntrack();
+    let entries: HashMap<CtKey, CtValue> = walk.entries.iter().copied().collect();
     let idle = |v: &CtValue, limit: u64| now_ns.saturating_sub(v.last_seen_ns) > limit;
     let expired = entries
         .iter()
@@ -108,5 +148,5 @@ pub fn expire_conntrack(t: &mut impl Maps, now_ns: u64, lifetimes: &Lifetimes) -
         })
         .map(|(k, _)| *k)
         .collect();
-    remove_flows(t, expired)
+    remove_flows(t, &walk, expired)
 }

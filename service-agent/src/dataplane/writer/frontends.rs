@@ -16,6 +16,7 @@ use crate::{
         maps::{Entry, EntryKey, Maps, RangeKey},
         readback::slot_key,
     },
+    faults::FaultKind,
     plan::{FrontendPlan, maglev::Member},
 };
 
@@ -228,6 +229,15 @@ fn without_table(p: &Programmed) -> Programmed {
     }
 }
 
+/// Keeps the pairs that left a UDP frontend: only UDP flows are flushed and
+/// only host UDP sockets ended, so a TCP change never walks CONNTRACK
+/// (seconds at 500k flows, on the agent's loop).
+fn udp_only(mk: ServiceKey, gone: BTreeSet<(u32, u32)>, removed_pairs: &mut BTreeSet<(u32, u32)>) {
+    if mk.proto == IPPROTO_UDP {
+        removed_pairs.extend(gone);
+    }
+}
+
 impl Writer {
     pub(super) fn write_frontend(
         &mut self,
@@ -285,13 +295,19 @@ impl Writer {
                 } else if let Err(Failed(map, e)) =
                     transition(t, mk, &mut cur, &old, &mut gone, tables)
                 {
-                    why.push_str(&format!("; and rolling back: {}", describe(map, e)));
+                    let e = describe(map, e);
+                    why.push_str(&format!("; and rolling back: {e}"));
+                    report.faults.push((
+                        FaultKind::Rollback,
+                        format!("Service {} frontend {mk:?}: {e}", fe.service),
+                    ));
                 }
                 Err(why)
             }
         };
         // A membership that went and came back lost no flow.
-        removed_pairs.extend(gone.into_iter().filter(|(_, id)| !cur.members.contains(id)));
+        gone.retain(|(_, id)| !cur.members.contains(id));
+        udp_only(mk, gone, removed_pairs);
         if result.is_ok() {
             report.frontends_written += 1;
         }
@@ -359,18 +375,25 @@ impl Writer {
             return Ok(());
         };
         let mut cur = old.clone();
+        let mut gone = BTreeSet::new();
         let result = transition(
             t,
             mk,
             &mut cur,
             &Programmed::empty(old.svc_id),
-            removed_pairs,
+            &mut gone,
             &mut self.tables,
         )
         .map_err(|Failed(map, e)| describe(map, e));
+        udp_only(mk, gone, removed_pairs);
         if cur.is_empty() {
             // A reused svc_id must start its counters from zero.
-            let _ = t.reset_svc_stats(old.svc_id);
+            if let Err(e) = t.reset_svc_stats(old.svc_id) {
+                report.faults.push((
+                    FaultKind::StatsReset,
+                    format!("zeroing the counters of svc_id {}: {e}", old.svc_id),
+                ));
+            }
             report.frontends_removed += 1;
         }
         self.settle(mk, &old, cur);

@@ -19,16 +19,19 @@ use service_common::*;
 pub use self::flow_limits::FlowLimits;
 pub use self::flows::{
     CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
-    Lifetimes, expire_conntrack,
+    FlowPass, Lifetimes, expire_conntrack,
 };
 use self::{frontends::Programmed, ids::Ids, maglev::MaglevState};
 use super::{
     maps::{EntryKey, Maps},
     readback::read_frontends,
 };
-use crate::plan::{
-    FrontendKey, FrontendPlan, Plan,
-    maglev::{Balancing, Member},
+use crate::{
+    faults::FaultKind,
+    plan::{
+        FrontendKey, FrontendPlan, Plan,
+        maglev::{Balancing, Member},
+    },
 };
 
 /// What one apply did.
@@ -39,12 +42,15 @@ pub struct ApplyReport {
     pub backends_added: usize,
     pub backends_removed: usize,
     pub udp_flows_flushed: usize,
-    /// (svc_id, backend_id) pairs that left their frontend, for ending the
-    /// host sockets connected to them.
+    /// (svc_id, backend_id) pairs that left their UDP frontend: their
+    /// flows were flushed, and the host sockets connected to them are ended.
     pub removed_pairs: BTreeSet<(u32, u32)>,
     /// Frontends that could not be written, with the Service and the reason;
     /// their previous state stays in the maps.
     pub errors: Vec<String>,
+    /// What else failed (a rollback, a counter reset, the UDP flow flush),
+    /// by kind: none of it leaves a frontend unwritten, all of it is reported.
+    pub faults: Vec<(FaultKind, String)>,
 }
 
 /// The agent's view of what is in the maps, rebuilt from them at start.
@@ -292,7 +298,10 @@ impl Writer {
         removed_pairs: &BTreeSet<(u32, u32)>,
         mut report: ApplyReport,
     ) -> ApplyReport {
-        report.udp_flows_flushed = flows::flush_udp_flows(t, removed_pairs);
+        let flushed = flows::flush_udp_flows(t, removed_pairs);
+        report.udp_flows_flushed = flushed.removed;
+        (report.faults)
+            .extend((flushed.errors.into_iter()).map(|e| (FaultKind::ConntrackFlush, e)));
         report.removed_pairs = removed_pairs.clone();
         // Only now: until every table naming them has been replaced.
         self.ids.release_unused(t, &mut report);

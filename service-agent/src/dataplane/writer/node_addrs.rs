@@ -20,6 +20,23 @@ impl Writer {
         t.insert(Entry::Meta(META_SNAT_ADDR, v))
     }
 
+    /// Keeps NODE_ADDRS equal to what `list` reads and returns it. A
+    /// listing that fails leaves NODE_ADDRS as it is: an empty set would
+    /// stop every NodePort answering, so the last good one stays until the
+    /// addresses can be read again.
+    pub fn refresh_node_addrs<E: std::fmt::Display>(
+        &self,
+        t: &mut impl Maps,
+        list: impl FnOnce() -> Result<Vec<Ipv4Addr>, E>,
+    ) -> Result<Vec<Ipv4Addr>, String> {
+        let addrs = list().map_err(|e| {
+            format!("listing the node's addresses failed, {MAP_NODE_ADDRS} keeps its last set: {e}")
+        })?;
+        self.set_node_addrs(t, &addrs)
+            .map_err(|e| format!("updating {MAP_NODE_ADDRS}: {e}"))?;
+        Ok(addrs)
+    }
+
     /// Keeps NODE_ADDRS equal to `addrs`.
     pub fn set_node_addrs(&self, t: &mut impl Maps, addrs: &[Ipv4Addr]) -> Result<(), MapError> {
         let want: BTreeSet<[u8; 4]> = addrs.iter().map(|a| a.octets()).collect();

@@ -125,6 +125,84 @@ fn removing_a_backend_flushes_exactly_its_udp_flows_of_that_frontend() {
     );
 }
 
+/// A walk cut short and removals the kernel refuses are reported, with
+/// what could be done done: the flush is not silently partial.
+#[test]
+fn flush_errors_are_reported_as_conntrack_flush_faults() {
+    let dns = udp(1);
+    let (mut maps, mut w) = programmed(&plan(vec![(dns, fe("dns", &[1, 2]))]));
+    let (svc_id, backend) = ids(&maps.contents, &dns, 1);
+    maps.contents.conntrack = flow(&dns, svc_id, backend, 40000, (NOW, NOW))
+        .into_iter()
+        .collect();
+    maps.fail_map(MAP_CONNTRACK);
+    let r = w.apply(&mut maps, &plan(vec![(dns, fe("dns", &[2]))]));
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.udp_flows_flushed, 0);
+    let kinds: Vec<_> = r.faults.iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds, [crate::faults::FaultKind::ConntrackFlush], "{r:?}");
+    assert!(
+        r.faults[0]
+            .1
+            .starts_with("removing 2 CONNTRACK entries failed, the first with: "),
+        "{r:?}"
+    );
+    assert_eq!(maps.contents.conntrack.len(), 2);
+}
+
+/// The GC names a walk that failed and removals that failed, and says how
+/// many entries it read (what /metrics reports as CONNTRACK's fill).
+#[test]
+fn gc_errors_are_reported_with_what_was_read() {
+    let web = tcp(2);
+    let old = NOW - CT_TCP_TIMEOUT_NS - 1_000_000_000;
+    let mut maps = FakeMaps::default();
+    for port in 1..=3 {
+        maps.contents
+            .conntrack
+            .extend(flow(&web, 2, (1, pod(1)), port, (old, old)));
+    }
+    maps.fail_conntrack_walk(4);
+    maps.fail_map(MAP_CONNTRACK);
+    let pass = expire_conntrack(&mut maps, NOW, &Lifetimes::default());
+    assert_eq!((pass.entries, pass.removed), (4, 0), "{pass:?}");
+    assert_eq!(pass.errors.len(), 2, "{pass:?}");
+    assert!(
+        pass.errors[0].starts_with("walking CONNTRACK: `bpf_map_get_next_key` failed: "),
+        "{pass:?}"
+    );
+    assert!(pass.errors[0].contains("Input/output error"), "{pass:?}");
+    assert!(pass.errors[1].starts_with("removing "), "{pass:?}");
+    maps.heal();
+    let pass = expire_conntrack(&mut maps, NOW, &Lifetimes::default());
+    assert_eq!((pass.entries, pass.removed), (6, 6), "{pass:?}");
+    assert!(pass.errors.is_empty());
+}
+
+/// Only UDP flows are flushed: a TCP frontend losing a backend, or going,
+/// does not walk CONNTRACK at all.
+#[test]
+fn a_tcp_change_does_not_walk_conntrack() {
+    let (web, dns) = (tcp(1), udp(2));
+    let (mut maps, mut w) = programmed(&plan(vec![
+        (web, fe("web", &[1, 2])),
+        (dns, fe("dns", &[1, 2])),
+    ]));
+    let walks = |m: &FakeMaps| m.conntrack_walks.get();
+    let r = apply_clean(
+        &mut w,
+        &mut maps,
+        &plan(vec![(web, fe("web", &[1])), (dns, fe("dns", &[1, 2]))]),
+    );
+    assert_eq!((r.frontends_written, walks(&maps)), (1, 0), "{r:?}");
+    assert!(r.removed_pairs.is_empty(), "{r:?}");
+    let r = apply_clean(&mut w, &mut maps, &plan(vec![(dns, fe("dns", &[1, 2]))]));
+    assert_eq!((r.frontends_removed, walks(&maps)), (1, 0), "{r:?}");
+    let r = apply_clean(&mut w, &mut maps, &plan(vec![(dns, fe("dns", &[2]))]));
+    assert_eq!(walks(&maps), 1, "{r:?}");
+    assert_eq!(r.removed_pairs.len(), 1, "{r:?}");
+}
+
 #[test]
 fn an_update_that_keeps_the_backends_flushes_nothing() {
     let fk = udp(1);
@@ -238,7 +316,7 @@ fn idle_flows_expire_by_their_timeout_both_directions_together() {
     // A request whose reply entry is gone expires alone.
     let lone = flow(&dns, 1, backend, 8, (NOW - CT_UDP_TIMEOUT_NS - just, 0))[0];
     maps.contents.conntrack.insert(lone.0, lone.1);
-    let n = expire_conntrack(&mut maps, NOW, &Lifetimes::default());
+    let n = expire_conntrack(&mut maps, NOW, &Lifetimes::default()).removed;
     let expired = cases.iter().filter(|c| c.2).count() * 2 + 1;
     assert_eq!(n, expired);
     for (name, pair, gone) in &cases {
@@ -322,7 +400,7 @@ fn unanswered_openings_expire_within_the_syn_lifetime_established_flows_live_on(
     let mut lone = flow(&web, 2, backend, 6, (idle, 0))[0];
     lone.1.flags |= CT_F_SYN_ONLY;
     maps.contents.conntrack.insert(lone.0, lone.1);
-    let n = expire_conntrack(&mut maps, NOW, &Lifetimes::default());
+    let n = expire_conntrack(&mut maps, NOW, &Lifetimes::default()).removed;
     assert_eq!(n, cases.iter().filter(|c| c.2).count() * 2 + 1);
     for (name, pair, gone) in &cases {
         for (k, _) in pair {
@@ -341,7 +419,7 @@ fn unanswered_openings_expire_within_the_syn_lifetime_established_flows_live_on(
         true,
     );
     maps.contents.conntrack.extend(pair);
-    assert_eq!(expire_conntrack(&mut maps, NOW, &short), 2);
+    assert_eq!(expire_conntrack(&mut maps, NOW, &short).removed, 2);
 }
 
 #[test]
@@ -364,6 +442,28 @@ fn node_addresses_follow_the_list() {
     assert_eq!(maps.contents.meta[&META_SNAT_ADDR], 0);
     maps.fail_map(MAP_NODE_ADDRS);
     assert!(w.set_node_addrs(&mut maps, &[a(4)]).is_err());
+}
+
+#[test]
+fn a_failed_address_listing_keeps_the_last_good_node_addresses() {
+    let mut maps = FakeMaps::default();
+    let w = writer(&mut maps);
+    let a = |last| Ipv4Addr::new(192, 168, 0, last);
+    let listed = w.refresh_node_addrs(&mut maps, || Ok::<_, String>(vec![a(1), a(2)]));
+    assert_eq!(listed, Ok(vec![a(1), a(2)]));
+    let before = maps.contents.node_addrs.clone();
+    let e = w
+        .refresh_node_addrs(&mut maps, || Err("netlink: EBUSY"))
+        .unwrap_err();
+    assert_eq!(maps.contents.node_addrs, before);
+    assert!(
+        e.contains("NODE_ADDRS keeps its last set: netlink: EBUSY"),
+        "{e}"
+    );
+    // A listing that comes back empty is a listing: NodePorts answer nowhere.
+    w.refresh_node_addrs(&mut maps, || Ok::<_, String>(vec![]))
+        .unwrap();
+    assert!(maps.contents.node_addrs.is_empty());
 }
 
 #[test]

@@ -219,6 +219,9 @@ fn a_failed_rollback_is_finished_by_the_next_apply() {
         "{e}"
     );
     assert!(e.contains("; and rolling back: map SERVICES: "), "{e}");
+    // The failed rollback is reported as its own kind too.
+    assert_eq!(r.faults.len(), 1, "{r:?}");
+    assert_eq!(r.faults[0].0, crate::faults::FaultKind::Rollback);
     assert_consistent(&maps.contents, "after the failed rollback");
     let r = w.apply_changes(&mut maps, &after, &BTreeSet::new());
     assert!(r.errors.is_empty(), "{r:?}");
@@ -396,4 +399,19 @@ fn a_restarted_writer_rewrites_nothing_and_repairs_half_writes() {
     let mut adopted = writer(&mut maps);
     apply_clean(&mut adopted, &mut maps, &p);
     assert_eq!(maps.contents, programmed(&p).0.contents);
+}
+
+/// A removed frontend's counters that cannot be zeroed are reported (a
+/// reused svc_id would start from the old counts), and the removal stands.
+#[test]
+fn a_failed_counter_reset_is_reported() {
+    let (mut maps, mut w) = programmed(&plan(vec![(tcp(1), fe("web", &[1]))]));
+    maps.fail_map(MAP_SVC_STATS);
+    let r = w.apply(&mut maps, &plan(vec![]));
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.frontends_removed, 1);
+    assert_eq!(r.faults.len(), 1, "{r:?}");
+    let (kind, e) = &r.faults[0];
+    assert_eq!(*kind, crate::faults::FaultKind::StatsReset);
+    assert!(e.starts_with("zeroing the counters of svc_id "), "{e}");
 }
