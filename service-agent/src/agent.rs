@@ -50,6 +50,8 @@ pub struct RunConfig {
     pub cgroup: CgroupTarget,
     /// Conntrack lifetimes by flow state, for the garbage collection.
     pub lifetimes: writer::Lifetimes,
+    /// Service DNS, when on.
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 struct Agent {
@@ -346,6 +348,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .source
         .start(cfg.node.name.as_deref(), tx, pending.clone())
         .await?;
+    let node = cfg.node.name.as_deref();
+    let source = crate::dns::attach(
+        cfg.dns.as_ref(),
+        source,
+        &cfg.node_ips,
+        node,
+        &cfg.state_dir,
+    )
+    .await?;
     let dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = cfg.metrics_addr {

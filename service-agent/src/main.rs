@@ -13,6 +13,7 @@ use service_agent::{
         pins,
         tables::Tables,
     },
+    dns,
     plan::NodeContext,
     report, status,
 };
@@ -44,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => {
+            let dns = args.dns_config().map_err(anyhow::Error::msg)?;
             let RunArgs {
                 source,
                 manifests,
@@ -68,6 +70,7 @@ fn main() -> anyhow::Result<()> {
                 affinity_max,
                 cgroup,
                 lifetimes,
+                ..
             } = *args;
             let source = match source {
                 SourceKind::Manifests => SourceConfig::Manifests(
@@ -110,6 +113,7 @@ fn main() -> anyhow::Result<()> {
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 cgroup: CgroupTarget::from_flag(cgroup.as_deref())?,
                 lifetimes: lifetimes.lifetimes(),
+                dns,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -167,6 +171,9 @@ fn main() -> anyhow::Result<()> {
                     for (r, n) in &reasons {
                         println!("{:<24} {n:>12}  {}", r.name(), r.verdict().name());
                     }
+                    if let Some(d) = dns::counters::read_snapshot(&pins.state_dir()) {
+                        print!("\n{}", dns::counters::render(&d));
+                    }
                 }
                 Output::Json => {
                     let per: Vec<_> = per
@@ -180,7 +187,7 @@ fn main() -> anyhow::Result<()> {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(
-                            &serde_json::json!({"frontends": per, "reasons": reasons})
+                            &serde_json::json!({"frontends": per, "reasons": reasons, "dns": dns::counters::read_snapshot(&pins.state_dir())})
                         )?
                     );
                 }

@@ -108,6 +108,7 @@ impl Default for Metrics {
             bytes: "frontend_bytes", "Bytes translated per frontend";
             reasons: "packets_by_reason", "Packets counted per reason, with what happened to them (passed, translated, answered, dropped)";
         );
+        crate::dns::counters::register(&mut registry);
         Metrics { registry, ..m }
     }
 }
