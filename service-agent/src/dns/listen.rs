@@ -26,6 +26,8 @@ use super::{
 /// UDP queries being answered at once at most (forwarded ones wait for an
 /// upstream); past that new ones are dropped, counted.
 const MAX_UDP_IN_FLIGHT: usize = 1024;
+/// The UDP socket's receive buffer, in bytes.
+const UDP_RCVBUF: usize = 4 << 20;
 /// A TCP connection sending nothing this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(5);
 
@@ -130,6 +132,13 @@ pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> anyhow::Result<()
     let udp = UdpSocket::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("--dns-listen {addr} (UDP): {e}"))?;
+    // Room for bursts: a full receive buffer drops every source's queries
+    // alike, before the rate limit can tell them apart.
+    if nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::RcvBufForce, &UDP_RCVBUF)
+        .is_err()
+    {
+        let _ = nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::RcvBuf, &UDP_RCVBUF);
+    }
     let tcp = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("--dns-listen {addr} (TCP): {e}"))?;
