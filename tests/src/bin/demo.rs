@@ -352,7 +352,7 @@ fn main() -> anyhow::Result<()> {
     print!("{out}");
     for ip in &myapp_ips {
         ensure!(
-            out.contains(&format!("IN\tA\t{ip}")),
+            out.lines().any(|l| l.ends_with(&format!("A\t{ip}"))),
             "dig of headless myapp-svc lacks {ip}"
         );
     }
