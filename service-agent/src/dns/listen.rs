@@ -26,7 +26,9 @@ use super::{
 /// UDP queries being answered at once at most (forwarded ones wait for an
 /// upstream); past that new ones are dropped, counted.
 const MAX_UDP_IN_FLIGHT: usize = 1024;
-/// The UDP socket's receive buffer, in bytes.
+/// UDP sockets on the listen address.
+const UDP_SOCKETS: usize = 4;
+/// Each UDP socket's receive buffer, in bytes.
 const UDP_RCVBUF: usize = 4 << 20;
 /// A TCP connection sending nothing this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(5);
@@ -78,8 +80,7 @@ fn formerr(bytes: &[u8]) -> Option<Vec<u8>> {
         .ok()
 }
 
-async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<Handler>) {
-    let in_flight = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
+async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<Handler>, in_flight: Arc<Semaphore>) {
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, src) = match socket.recv_from(&mut buf).await {
@@ -127,22 +128,52 @@ async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<Handler>) {
     }
 }
 
+/// A UDP socket on `addr` sharing it with the others (SO_REUSEPORT), with
+/// a large receive buffer.
+fn udp_socket(addr: SocketAddr) -> nix::Result<UdpSocket> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    // Room for bursts; past the system's limit only with CAP_NET_ADMIN.
+    if setsockopt(&fd, sockopt::RcvBufForce, &UDP_RCVBUF).is_err() {
+        setsockopt(&fd, sockopt::RcvBuf, &UDP_RCVBUF)?;
+    }
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    UdpSocket::from_std(std::net::UdpSocket::from(fd))
+        .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)))
+}
+
 /// Binds UDP and TCP on `addr` and serves until the process ends.
+///
+/// UDP is read through several sockets on the one address: the kernel
+/// spreads flows over them by address and port, so a flood from one source
+/// fills one socket's buffer, and the other sources' queries (each from a
+/// new port, retried from another) mostly land in the others.
 pub async fn serve(addr: SocketAddr, handler: Arc<Handler>) -> anyhow::Result<()> {
-    let udp = UdpSocket::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("--dns-listen {addr} (UDP): {e}"))?;
-    // Room for bursts: a full receive buffer drops every source's queries
-    // alike, before the rate limit can tell them apart.
-    if nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::RcvBufForce, &UDP_RCVBUF)
-        .is_err()
-    {
-        let _ = nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::RcvBuf, &UDP_RCVBUF);
+    let in_flight = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
+    for _ in 0..UDP_SOCKETS {
+        let udp =
+            udp_socket(addr).map_err(|e| anyhow::anyhow!("--dns-listen {addr} (UDP): {e}"))?;
+        tokio::spawn(serve_udp(Arc::new(udp), handler.clone(), in_flight.clone()));
     }
     let tcp = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("--dns-listen {addr} (TCP): {e}"))?;
-    tokio::spawn(serve_udp(Arc::new(udp), handler.clone()));
     let mut server = Server::new(Shared(handler));
     server.register_listener(tcp, TCP_IDLE, 16);
     tokio::spawn(async move {
