@@ -114,7 +114,13 @@ impl Handler {
         let qname = query.original().name().clone();
         let answer = {
             let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-            match self.zone.scope(&qname, &table) {
+            let scope = self.zone.scope(&qname, &table);
+            // Until the source is read (the API's initial lists), no
+            // name of the zone is known not to exist.
+            if !table.complete && !matches!(scope, Scope::Outside) {
+                return (Reply::code(ResponseCode::ServFail), label);
+            }
+            match scope {
                 Scope::Zone(labels) => Some(self.zone.answer_zone(&table, &qname, qtype, &labels)),
                 Scope::Reverse(ip) => Some(self.zone.answer_reverse(&table, &qname, qtype, ip)),
                 Scope::Outside => None,

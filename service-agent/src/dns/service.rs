@@ -6,7 +6,10 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use futures::future::BoxFuture;
@@ -103,6 +106,9 @@ pub struct DnsSource {
     pub own: ServiceObjects,
     /// The source's own Service of the DNS Service's name, which wins.
     shadowed_by: Mutex<Option<String>>,
+    /// A full read is handing every Service over: the table is complete
+    /// once it has.
+    filling: AtomicBool,
 }
 
 impl DnsSource {
@@ -118,6 +124,7 @@ impl DnsSource {
             service_ip,
             own,
             shadowed_by: Mutex::new(None),
+            filling: AtomicBool::new(false),
         }
     }
 }
@@ -134,6 +141,7 @@ impl Source for DnsSource {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(&ids);
+        self.filling.store(true, Ordering::Relaxed);
         ids
     }
 
@@ -153,7 +161,14 @@ impl Source for DnsSource {
         objects
     }
 
+    /// Asked for after every Service of a sync was: a full read's last step.
     fn unlabeled_slices(&self) -> Vec<Sourced<EndpointSlice>> {
+        if self.filling.swap(false, Ordering::Relaxed) {
+            self.table
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .complete = true;
+        }
         self.inner.unlabeled_slices()
     }
 

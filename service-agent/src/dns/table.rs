@@ -54,6 +54,9 @@ pub struct Table {
     namespaces: BTreeMap<String, usize>,
     /// ClusterIPs and ready headless endpoints → (Service, host for an endpoint).
     reverse: HashMap<IpAddr, BTreeSet<(ServiceId, Option<String>)>>,
+    /// A full read of the source has filled the table: before that a
+    /// missing name may only be missing from the table.
+    pub complete: bool,
 }
 
 impl Table {

@@ -63,6 +63,7 @@ fn headless(name: &str, publish_not_ready: bool) -> Sourced<Service> {
 /// ext (ExternalName to redis).
 fn table() -> Table {
     let mut t = Table::default();
+    t.complete = true;
     let id = |n: &str| ServiceId::new("default", n);
     t.set(
         &id("redis"),
@@ -340,6 +341,17 @@ async fn answers_over_udp_truncate_to_the_client_size_and_tcp_gives_all() {
     assert!(matches!(nx.authorities[0].data, RData::SOA(_)));
     let refused = udp(addr, &query("example.com.", RecordType::A, None)).await;
     assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+}
+
+#[tokio::test]
+async fn before_the_source_is_read_the_zone_answers_servfail_not_nxdomain() {
+    let addr = server(Table::default(), None, 0).await;
+    let m = udp(
+        addr,
+        &query("redis.default.svc.cluster.local.", RecordType::A, None),
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
 }
 
 /// A query header for `name`-less bodies: id 7, one question.
