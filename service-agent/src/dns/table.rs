@@ -171,13 +171,7 @@ pub fn entry_of<'a>(
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| {
-            named_port(
-                p.name.as_deref(),
-                p.protocol.as_deref(),
-                u16::try_from(p.port).ok()?,
-            )
-        })
+        .filter_map(|p| named_port(p.name.as_deref(), p.protocol.as_deref(), Some(p.port)))
         .collect();
     if spec.type_.as_deref() == Some("ExternalName") {
         let target = spec.external_name.as_deref()?.trim_end_matches('.');
@@ -204,12 +198,13 @@ pub fn entry_of<'a>(
     Some(Entry { kind, ports })
 }
 
-fn named_port(name: Option<&str>, proto: Option<&str>, port: u16) -> Option<NamedPort> {
+/// A port with a name (unnamed ones have no SRV record) and a number.
+fn named_port(name: Option<&str>, proto: Option<&str>, port: Option<i32>) -> Option<NamedPort> {
     let name = name.filter(|n| !n.is_empty())?;
     Some(NamedPort {
         name: name.to_ascii_lowercase(),
         proto: proto.unwrap_or("TCP").to_ascii_lowercase(),
-        port,
+        port: u16::try_from(port?).ok()?,
     })
 }
 
@@ -224,13 +219,7 @@ fn ready_endpoints<'a>(
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                named_port(
-                    p.name.as_deref(),
-                    p.protocol.as_deref(),
-                    u16::try_from(p.port?).ok()?,
-                )
-            })
+            .filter_map(|p| named_port(p.name.as_deref(), p.protocol.as_deref(), p.port))
             .collect();
         for ep in slice.endpoints.iter().flatten() {
             // A missing condition means ready, as the API defines it.

@@ -1,7 +1,7 @@
 //! The name table and the answers, then the server on loopback sockets:
 //! malformed datagrams, truncation and TCP, forwarding and refusal.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     str::FromStr,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
@@ -503,4 +503,110 @@ async fn a_source_over_its_rate_is_dropped() {
     )
     .await;
     assert_eq!(other.answers.len(), 1);
+}
+
+/// A source holding just these Services (no slices).
+struct Fixed(Vec<Sourced<Service>>);
+
+impl crate::source::Source for Fixed {
+    fn refresh(
+        &mut self,
+        _: &crate::source::Pending,
+        _: bool,
+    ) -> Option<std::collections::BTreeSet<ServiceId>> {
+        None
+    }
+
+    fn ids(&self) -> std::collections::BTreeSet<ServiceId> {
+        self.0
+            .iter()
+            .map(|s| ServiceId::of(&s.object.metadata))
+            .collect()
+    }
+
+    fn objects(&self, id: &ServiceId) -> crate::source::ServiceObjects {
+        let svcs = self
+            .0
+            .iter()
+            .filter(|s| ServiceId::of(&s.object.metadata) == *id)
+            .cloned()
+            .collect();
+        (svcs, vec![])
+    }
+}
+
+/// Runs a full sync's calls, as the agent makes them, through the wrapper.
+fn full_sync(src: &dyn crate::source::Source) -> Vec<crate::source::ServiceObjects> {
+    let objs = src.ids().iter().map(|id| src.objects(id)).collect();
+    src.unlabeled_slices();
+    objs
+}
+
+fn wrapped(services: Vec<Sourced<Service>>) -> (super::service::DnsSource, Arc<RwLock<Table>>) {
+    let ip: IpAddr = "10.96.0.10".parse().unwrap();
+    let listen: SocketAddr = "192.168.77.11:53".parse().unwrap();
+    let table = Arc::new(RwLock::new(Table::default()));
+    let own = super::service::objects(ip, listen, Some("node-1"));
+    let src = super::service::DnsSource::new(Box::new(Fixed(services)), table.clone(), ip, own);
+    (src, table)
+}
+
+#[test]
+fn the_wrapped_source_adds_the_dns_service_and_fills_the_table_in_the_same_sync() {
+    use crate::source::Source as _;
+    let (src, table) = wrapped(vec![cluster_ip("redis", "10.96.0.20")]);
+    assert!(!table.read().unwrap().complete);
+    let objs = full_sync(&src);
+    let own = objs
+        .iter()
+        .find(|(s, _)| {
+            s.first()
+                .is_some_and(|s| ServiceId::of(&s.object.metadata) == super::service::id())
+        })
+        .expect("kube-system/kube-dns handed to the planner");
+    let slice = &own.1[0].object;
+    assert_eq!(
+        slice.endpoints.as_ref().unwrap()[0].addresses,
+        ["192.168.77.11"]
+    );
+    let t = table.read().unwrap();
+    assert!(t.complete);
+    let a = ask(&t, "kube-dns.kube-system.svc.cluster.local.", RecordType::A);
+    assert_eq!(datas(&a), ["10.96.0.10"]);
+    assert_eq!(
+        datas(&ask(&t, "redis.default.svc.cluster.local.", RecordType::A)),
+        ["10.96.0.20"]
+    );
+    drop(t);
+    assert!(src.errors().is_empty(), "{:?}", src.errors());
+}
+
+#[test]
+fn a_service_on_the_dns_address_or_of_its_name_is_reported_naming_both() {
+    use crate::source::Source as _;
+    let (src, _) = wrapped(vec![cluster_ip("web", "10.96.0.10")]);
+    full_sync(&src);
+    let errors = src.errors();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("--dns-service-ip 10.96.0.10")
+                && e.contains("default/web")
+                && e.contains("kube-system/kube-dns")),
+        "{errors:?}"
+    );
+    let theirs = service(
+        json!({"metadata": {"name": "kube-dns", "namespace": "kube-system"},
+        "spec": {"clusterIP": "10.96.0.53", "ports": [{"name": "dns", "protocol": "UDP", "port": 53}]}}),
+    );
+    let (src, table) = wrapped(vec![theirs]);
+    full_sync(&src);
+    let errors = src.errors();
+    assert!(
+        errors.iter().any(|e| e.contains("takes the place")),
+        "{errors:?}"
+    );
+    let t = table.read().unwrap();
+    let a = ask(&t, "kube-dns.kube-system.svc.cluster.local.", RecordType::A);
+    assert_eq!(datas(&a), ["10.96.0.53"]);
 }
