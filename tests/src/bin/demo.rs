@@ -161,6 +161,10 @@ impl PodResolvConf {
 impl Drop for PodResolvConf {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        // /etc/netns itself, unless something else keeps files there.
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
