@@ -58,6 +58,8 @@ pub struct RunConfig {
     pub flow_limits: writer::FlowLimits,
     /// How NodePort, LoadBalancer and externalIP frontends pick backends.
     pub balancing: plan::maglev::Balancing,
+    /// Service DNS, when on.
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 struct Agent {
@@ -384,6 +386,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             metrics.faults.clone(),
         )
         .await?;
+    let node = cfg.node.name.as_deref();
+    let source = crate::dns::attach(
+        cfg.dns.as_ref(),
+        source,
+        &cfg.node_ips,
+        node,
+        &cfg.state_dir,
+    )
+    .await?;
     let mut dp = Dataplane::load(cfg.pin_dir.clone(), &cfg.sizes)?;
     dp.writer.set_balancing(cfg.balancing);
     (dp.writer)

@@ -261,6 +261,91 @@ pub struct RunArgs {
     /// at random, and is reported.
     #[arg(long, default_value_t = DEFAULT_MAGLEV_MAX)]
     pub maglev_max: u32,
+    /// Serve Service DNS (`--dns` or `--dns=true|false`); default: on with
+    /// --source manifests, off with --source kube (a cluster has CoreDNS).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub dns: Option<bool>,
+    /// The cluster's DNS zone.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// The ClusterIP of the agent's DNS Service (kube-system/kube-dns), UDP and TCP 53.
+    #[arg(long, default_value = "10.96.0.10")]
+    pub dns_service_ip: Ipv4Addr,
+    /// Where the DNS server listens (the endpoint of the DNS Service):
+    /// ADDR:PORT; default: the first --node-ip (else the first node address), port 53.
+    #[arg(long)]
+    pub dns_listen: Option<std::net::SocketAddr>,
+    /// Where names outside the cluster zone go: `resolv.conf` (the
+    /// nameservers of /etc/resolv.conf), `none` (answered REFUSED), or
+    /// ADDR[:PORT] (repeatable).
+    #[arg(long = "dns-upstream", default_value = "resolv.conf", value_parser = parse_upstream)]
+    pub dns_upstreams: Vec<Upstream>,
+    /// DNS queries a second accepted from one source address (the excess is
+    /// dropped and counted); 0: no limit.
+    #[arg(long, default_value_t = 1000)]
+    pub dns_rate_limit: u32,
+    /// TTL of the DNS answers, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub dns_ttl: u32,
+}
+
+/// One `--dns-upstream` value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Upstream {
+    ResolvConf,
+    None,
+    Server(std::net::SocketAddr),
+}
+
+pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    match s {
+        "resolv.conf" => Ok(Upstream::ResolvConf),
+        "none" => Ok(Upstream::None),
+        _ => s
+            .parse()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+            .map(Upstream::Server)
+            .map_err(|_| format!("{s}: not resolv.conf, none or ADDR[:PORT]")),
+    }
+}
+
+impl RunArgs {
+    /// The DNS server's settings, when it is on.
+    pub fn dns_config(&self) -> Result<Option<crate::dns::DnsConfig>, String> {
+        let on = self
+            .dns
+            .unwrap_or(matches!(self.source, SourceKind::Manifests));
+        if !on {
+            return Ok(None);
+        }
+        let servers: Vec<_> = self
+            .dns_upstreams
+            .iter()
+            .filter_map(|u| match u {
+                Upstream::Server(a) => Some(*a),
+                _ => None,
+            })
+            .collect();
+        let upstream = match self.dns_upstreams.as_slice() {
+            [Upstream::None] => crate::dns::Upstream::None,
+            [Upstream::ResolvConf] => crate::dns::Upstream::ResolvConf("/etc/resolv.conf".into()),
+            all if servers.len() == all.len() => crate::dns::Upstream::Servers(servers),
+            _ => {
+                return Err(
+                    "--dns-upstream: resolv.conf and none stand alone, not with other values"
+                        .into(),
+                );
+            }
+        };
+        Ok(Some(crate::dns::DnsConfig {
+            cluster_domain: self.cluster_domain.clone(),
+            service_ip: self.dns_service_ip.into(),
+            listen: self.dns_listen,
+            upstream,
+            rate_limit: self.dns_rate_limit,
+            ttl: self.dns_ttl,
+        }))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cli;
 pub mod dataplane;
+pub mod dns;
 pub mod error_chain;
 pub mod faults;
 pub mod gc;

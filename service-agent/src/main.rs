@@ -14,6 +14,7 @@ use service_agent::{
         pins,
         tables::Tables,
     },
+    dns,
     plan::NodeContext,
     report, status,
 };
@@ -45,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => {
+            let dns = args.dns_config().map_err(anyhow::Error::msg)?;
             let RunArgs {
                 source,
                 manifests,
@@ -74,6 +76,7 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 lifetimes,
                 flow_limits,
+                ..
             } = *args;
             let source = match source {
                 SourceKind::Manifests => SourceConfig::Manifests(
@@ -120,6 +123,7 @@ fn main() -> anyhow::Result<()> {
                 cgroup: CgroupTarget::from_flag(cgroup.as_deref())?,
                 lifetimes: lifetimes.lifetimes(),
                 flow_limits: flow_limits.limits(),
+                dns,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -177,6 +181,9 @@ fn main() -> anyhow::Result<()> {
                     for (r, n) in &reasons {
                         println!("{:<24} {n:>12}  {}", r.name(), r.verdict().name());
                     }
+                    if let Some(d) = dns::counters::read_snapshot(&pins.state_dir()) {
+                        print!("\n{}", dns::counters::render(&d));
+                    }
                 }
                 Output::Json => {
                     let per: Vec<_> = per
@@ -190,7 +197,7 @@ fn main() -> anyhow::Result<()> {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(
-                            &serde_json::json!({"frontends": per, "reasons": reasons})
+                            &serde_json::json!({"frontends": per, "reasons": reasons, "dns": dns::counters::read_snapshot(&pins.state_dir())})
                         )?
                     );
                 }

@@ -125,6 +125,15 @@ fn pod_ip(pod: &Pod) -> Option<&str> {
         .or_else(|| status.pod_ips.as_ref()?.first().map(|p| p.ip.as_str()))
 }
 
+/// The endpoint hostname the controller gives a Pod: its `spec.hostname`
+/// when its `spec.subdomain` names this Service (a StatefulSet's pods).
+fn pod_hostname(pod: &Pod, svc: &Service) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    (spec.subdomain.is_some() && spec.subdomain == svc.metadata.name)
+        .then(|| spec.hostname.clone())
+        .flatten()
+}
+
 fn pod_is_finished(pod: &Pod) -> bool {
     matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -261,6 +270,7 @@ pub fn slices_from_pods<'a>(
                 terminating: Some(terminating),
             }),
             node_name: p.spec.as_ref().and_then(|sp| sp.node_name.clone()),
+            hostname: pod_hostname(p, s),
             target_ref: None,
             ..Default::default()
         });

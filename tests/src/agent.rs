@@ -125,6 +125,11 @@ impl Agent {
         if !args.iter().any(|a| a == "--cgroup") {
             args.extend(["--cgroup".into(), "none".into()]);
         }
+        // DNS (on by default with manifests) adds a Service to every plan:
+        // only the tests that ask for it get it.
+        if !args.iter().any(|a| a.starts_with("--dns")) {
+            args.push("--dns=false".into());
+        }
         Self {
             child: None,
             netns_path: node.path(),

@@ -9,7 +9,8 @@ use crate::run;
 /// Debian packages: LLVM 22 for bpf-linker, bpftool to inspect maps,
 /// iproute2/util-linux/procps for namespaces, curl for the demo's client,
 /// iptables/nftables for side-by-side comparisons, ethtool to make test
-/// veths behave like wires for XDP (complete checksums, NAPI on the peer).
+/// veths behave like wires for XDP (complete checksums, NAPI on the peer),
+/// dig (bind9-dnsutils) for the DNS tests and the demo.
 const DEB_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +22,7 @@ const DEB_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "ethtool",
+    "bind9-dnsutils",
     // The bench's PNG plots render text with this TTF, loaded from its
     // file (no fontconfig).
     "fonts-dejavu-core",

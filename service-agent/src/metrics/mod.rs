@@ -128,6 +128,7 @@ impl Default for Metrics {
             faults.counter(),
         );
         registry.register_collector(Box::new(maps));
+        crate::dns::counters::register(&mut registry);
         Metrics { registry, ..m }
     }
 }

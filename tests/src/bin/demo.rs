@@ -68,11 +68,11 @@ spec:
 ---
 apiVersion: v1
 kind: Service
-metadata: {name: myapp-headless}
+metadata: {name: myapp-svc}
 spec:
   clusterIP: None
   selector: {app: myapp}
-  ports: [{port: 80}]
+  ports: [{name: http, port: 80}]
 "#;
 
 /// `curl -s http://ADDR/hostname.html` from the outside client, 12 times.
@@ -142,6 +142,50 @@ fn xdp_sent(agent: &Agent) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no xdp_tx counter in stats"))
 }
 
+/// The resolv.conf a pod gets (`ip netns exec` mounts it over
+/// /etc/resolv.conf for the command it runs); removed on drop.
+struct PodResolvConf(std::path::PathBuf);
+
+impl PodResolvConf {
+    fn new(ns: &str) -> anyhow::Result<Self> {
+        let dir = std::path::Path::new("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            "search default.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n",
+        )?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for PodResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        // /etc/netns itself, unless something else keeps files there.
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// `dig ARGS` as a pod runs it: in its namespace, with its resolv.conf.
+fn dig_in_pod(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    println!("$ dig {}", args.join(" "));
+    let _conf = PodResolvConf::new(ns)?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "dig"])
+        .args(args)
+        .output()
+        .context("running dig (cargo xtask setup installs bind9-dnsutils)")?;
+    ensure!(
+        out.status.success(),
+        "dig {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn main() -> anyhow::Result<()> {
     heading("A two-node cluster in network namespaces (nothing leaves this machine)");
     let mut topo = Topology::new()?;
@@ -188,8 +232,16 @@ fn main() -> anyhow::Result<()> {
     dir.write("myapp.yaml", &myapp_service(false))?;
     dir.write("other.yaml", OTHER_SERVICES)?;
     heading("service-agent on each node, same manifests, its own pin directory");
-    let mut a1 = Agent::start(&topo.nodes[n1].ns, &dir.path, &["--node-name", "node-1"])?;
-    let mut a2 = Agent::start(&topo.nodes[n2].ns, &dir.path, &["--node-name", "node-2"])?;
+    let mut a1 = Agent::start(
+        &topo.nodes[n1].ns,
+        &dir.path,
+        &["--node-name", "node-1", "--dns"],
+    )?;
+    let mut a2 = Agent::start(
+        &topo.nodes[n2].ns,
+        &dir.path,
+        &["--node-name", "node-2", "--dns"],
+    )?;
     println!(
         "  node-1: {}\n  node-2: {}",
         a1.pin_dir.display(),
@@ -262,7 +314,7 @@ fn main() -> anyhow::Result<()> {
     let list = a1.list()?;
     print!("{list}");
     ensure!(
-        list.contains("skipped default/myapp-headless: clusterIP None: headless"),
+        list.contains("skipped default/myapp-svc: clusterIP None: headless"),
         "headless Service not shown as skipped"
     );
     ensure!(
@@ -284,6 +336,34 @@ fn main() -> anyhow::Result<()> {
     if !text.contains("\"backend_id\"") {
         bail!("bpftool did not print the map's field names");
     }
+    let toolbox = topo.pods[cp].ns.name.clone();
+    let myapp_ips: Vec<String> = topo
+        .pods
+        .iter()
+        .filter(|p| p.name.starts_with("myapp-"))
+        .map(|p| p.ip.to_string())
+        .collect();
+    heading("DNS from pod toolbox: the agent serves kube-dns on 10.96.0.10");
+    let out = dig_in_pod(
+        &toolbox,
+        &[
+            "-t",
+            "A",
+            "myapp-svc.default.svc.cluster.local.",
+            "@10.96.0.10",
+        ],
+    )?;
+    print!("{out}");
+    for ip in &myapp_ips {
+        ensure!(
+            out.lines().any(|l| l.ends_with(&format!("A\t{ip}"))),
+            "dig of headless myapp-svc lacks {ip}"
+        );
+    }
+    let out = dig_in_pod(&toolbox, &["redis.default.svc.cluster.local", "+short"])?;
+    print!("{out}");
+    ensure!(out.trim() == REDIS_IP, "dig +short redis gave {out:?}");
+
     heading("stats (node-1)");
     print!("{}", a1.cli("stats", &[])?);
     drop((a1, a2, servers));

@@ -4,6 +4,7 @@
 //! noise cancels out.
 
 mod control_plane;
+mod dns;
 mod edge_cost;
 mod end_to_end;
 mod kube_proxy;
@@ -220,6 +221,22 @@ fn main() -> anyhow::Result<()> {
     if parts.run("layouts") {
         eprintln!("kube-proxy layouts ...");
         layouts_report(&mut md, &e2e, quick);
+    }
+
+    if parts.run("dns") {
+        eprintln!("DNS ...");
+        match dns::dns_rates() {
+            Ok(rows) => {
+                for r in &rows {
+                    eprintln!(
+                        "  {}: {:.0}/s, p50 {:.0} µs, p99 {:.0} µs, {} unanswered",
+                        r.what, r.qps, r.p50_us, r.p99_us, r.lost
+                    );
+                }
+                dns::report(&mut md, &rows);
+            }
+            Err(e) => eprintln!("  failed: {e:#}"),
+        }
     }
 
     let _ = writeln!(md, "## Targets\n\n| target | result | |\n|---|---:|---|");
