@@ -1,8 +1,7 @@
 //! `service-agent run`: keeps the maps equal to what the source says.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -13,54 +12,18 @@ use tracing::{error, info, warn};
 
 use crate::{
     dataplane::{
-        Dataplane, IfaceRole, MapSizes, XdpEgress, XdpMode, cgroup::CgroupTarget, interfaces,
-        sock_destroy, takeover, writer,
+        Dataplane, IfaceRole, XdpEgress, cgroup::CgroupTarget, interfaces, sock_destroy, takeover,
     },
     faults::{Failing, FaultKind},
     gc::{self, monotonic_ns},
     health::HealthServers,
     metrics::{self, Metrics, SyncOutcome, changes::ChangeTracker},
-    plan::{self, FrontendKey, Incremental, NodeContext},
+    plan::{self, FrontendKey, Incremental},
     source::{SharedPending, Source},
     status,
 };
 
-pub use crate::source::SourceConfig;
-
-/// What `service-agent run` is told on its command line.
-#[derive(Clone, Debug)]
-pub struct RunConfig {
-    pub source: SourceConfig,
-    pub node: NodeContext,
-    pub sizes: MapSizes,
-    pub resync: Duration,
-    pub metrics_addr: Option<SocketAddr>,
-    pub max_pending: Duration,
-    /// Where the maps and links are pinned, to outlive the agent, and
-    /// where the status file is written.
-    pub pin_dir: PathBuf,
-    pub state_dir: PathBuf,
-    /// Interfaces traffic from outside the cluster arrives on, and the
-    /// names (globs) of the pods' host-side interfaces.
-    pub external_ifaces: Vec<String>,
-    pub pod_iface_globs: Vec<String>,
-    /// Fixed node addresses; empty: every non-loopback IPv4 address of the namespace.
-    pub node_ips: Vec<Ipv4Addr>,
-    /// The cluster's pod ranges: sources inside the cluster on the wire.
-    pub cluster_cidrs: Vec<plan::ipnet_lite::Ipv4Net>,
-    /// The XDP fast path on the external interfaces.
-    pub xdp: XdpMode,
-    /// The cgroup whose sockets of this namespace are translated at connect().
-    pub cgroup: CgroupTarget,
-    /// Conntrack lifetimes by flow state, for the garbage collection.
-    pub lifetimes: writer::Lifetimes,
-    /// The SNAT port range and the flood guard, for the programs.
-    pub flow_limits: writer::FlowLimits,
-    /// How NodePort, LoadBalancer and externalIP frontends pick backends.
-    pub balancing: plan::maglev::Balancing,
-    /// Service DNS, when on.
-    pub dns: Option<crate::dns::DnsConfig>,
-}
+pub use crate::{run_config::RunConfig, source::SourceConfig};
 
 struct Agent {
     cfg: RunConfig,

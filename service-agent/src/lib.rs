@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod report;
+pub mod run_config;
 pub mod source;
 pub mod status;
 
