@@ -49,12 +49,26 @@ struct Agent {
     xdp_errors: BTreeMap<String, String>,
 }
 
+/// How much a sync looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sweep {
+    /// What the watchers noted since the last sync.
+    Events,
+    /// The periodic safety net: the source rereads what it can (every
+    /// manifest file, by its hash) and the Services that differ are
+    /// compiled again; every frontend is compared with the maps. Compiling
+    /// the unchanged ones again would give the same plan (the planner's
+    /// tests hold the incremental plan equal to the full compile) at a
+    /// cost that grows with the cluster, every period.
+    Resync,
+    /// Start, a relist, a lost event queue, a new node zone: a fresh
+    /// planner, every Service compiled, every clash decided again.
+    Everything,
+}
+
 impl Agent {
-    /// Brings the maps (and health checks) to the source. `full`: read and
-    /// compile everything and compare every frontend with the maps (start
-    /// and periodic resync, the safety net); otherwise only what the
-    /// watchers noted since the last sync.
-    async fn sync(&mut self, full: bool) {
+    /// Brings the maps (and health checks) to the source; see [`Sweep`].
+    async fn sync(&mut self, sweep: Sweep) {
         let started = Instant::now();
         let pending = self.pending.take();
         self.metrics.sync_started(pending.first_noted);
@@ -64,8 +78,16 @@ impl Agent {
             node.zone = self.source.node_zone();
         }
         // Node context (zone) changes every Service: compile all of them.
-        let full = full || pending.everything || node != *self.planner.node();
-        let dirty = self.source.refresh(&pending, full);
+        let sweep = if pending.everything || node != *self.planner.node() {
+            Sweep::Everything
+        } else {
+            sweep
+        };
+        let dirty = match sweep {
+            Sweep::Events => self.source.refresh(&pending, false),
+            Sweep::Resync => Some(self.source.resync(&pending)),
+            Sweep::Everything => self.source.refresh(&pending, true),
+        };
         let changed = match dirty {
             Some(ids) => {
                 for id in ids {
@@ -94,6 +116,7 @@ impl Agent {
                 changed
             }
         };
+        let full = sweep != Sweep::Events;
         let plan = self.planner.plan();
         let report = if full {
             self.dp.writer.apply(&mut self.dp.tables, plan)
@@ -143,7 +166,7 @@ impl Agent {
         }
         // The status file names every frontend: rewriting it for a change
         // of backends only would cost more than the change itself.
-        let mut names_changed = full;
+        let mut names_changed = sweep == Sweep::Everything;
         for k in &changed {
             let now = plan
                 .frontends
@@ -157,7 +180,7 @@ impl Agent {
                 };
             }
         }
-        if full {
+        if sweep == Sweep::Everything {
             self.status_names = plan
                 .frontends
                 .iter()
@@ -408,7 +431,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         info!(link = %gone, "detached XDP of another mode");
     }
     // Program before attaching, so no packet meets an empty table.
-    agent.sync(true).await;
+    agent.sync(Sweep::Everything).await;
     // kube-proxy's connections are left to the kernel before the programs
     // see them, and once more after, for those opened in between.
     let ips = agent.cfg.node_ips.clone();
@@ -448,7 +471,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 // No settling delay: a sync costs what the change touches,
                 // and events that arrive meanwhile are handled together at
                 // the next one.
-                agent.sync(false).await;
+                agent.sync(Sweep::Events).await;
             }
             r = links.changed() => {
                 if let Err(e) = r {
@@ -458,7 +481,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 agent.watch_interfaces();
             }
             _ = iface_tick.tick() => agent.watch_interfaces(),
-            _ = resync_tick.tick() => agent.sync(true).await,
+            _ = resync_tick.tick() => agent.sync(Sweep::Resync).await,
             _ = takeover_tick.tick() => takeover::renew(&mut agent.dp.tables, monotonic_ns()),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,

@@ -15,8 +15,19 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
+pub mod trim;
+
 /// The label that joins an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Services carrying this label belong to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services carrying this label are headless whatever their spec says.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// When the endpoints controller saw the change an EndpointSlice carries
+/// (RFC 3339): where `network_programming_duration_seconds` starts.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Annotations that ask for topology-aware routing (older spellings of
 /// `spec.trafficDistribution`). The only annotations the planner reads, so

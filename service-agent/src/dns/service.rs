@@ -134,6 +134,10 @@ impl Source for DnsSource {
         self.inner.refresh(pending, all)
     }
 
+    fn resync(&mut self, pending: &Pending) -> BTreeSet<ServiceId> {
+        self.inner.resync(pending)
+    }
+
     fn ids(&self) -> BTreeSet<ServiceId> {
         let mut ids = self.inner.ids();
         ids.insert(id());

@@ -227,7 +227,13 @@ impl Incremental {
     /// the frontends whose plan changed (added, removed or different).
     pub fn commit(&mut self) -> BTreeSet<FrontendKey> {
         let mut seeds: BTreeSet<ServiceId> = std::mem::take(&mut self.dirty);
-        seeds.extend(std::mem::take(&mut self.flipped));
+        // A flip only reorders a group with others in it; alone, a Service
+        // claims its frontends first whatever its place. (Were another to
+        // join it later, the joiner's change replays the group.) Replaying
+        // every flipped one would recompile the whole cluster once after
+        // the start.
+        let flipped = std::mem::take(&mut self.flipped);
+        seeds.extend(flipped.into_iter().filter(|id| self.contested(id)));
         seeds.retain(|id| self.units.contains_key(id));
         // 1. Replay the claims of every group a changed Service belongs to.
         let mut replayed: BTreeSet<ServiceId> = BTreeSet::new();
@@ -316,6 +322,15 @@ impl Incremental {
             }
         }
         changed
+    }
+
+    /// Whether another Service claims one of `id`'s frontends too.
+    fn contested(&self, id: &ServiceId) -> bool {
+        self.units.get(id).is_some_and(|u| {
+            u.keys
+                .iter()
+                .any(|k| self.claims.get(k).is_some_and(|c| c.len() > 1))
+        })
     }
 
     /// The Services linked to `seed` through frontends more than one claims.

@@ -34,12 +34,10 @@ use tracing::{info, warn};
 use super::{Pending, ServiceObjects, SharedPending, Source};
 use crate::{
     faults::{FaultKind, Faults},
-    model::{SERVICE_NAME_LABEL, ServiceId, Sourced, TOPOLOGY_MODE_ANNOTATIONS},
+    model::{SERVICE_NAME_LABEL, ServiceId, Sourced, trim},
 };
 
-/// When the endpoints controller saw the change an EndpointSlice carries
-/// (RFC 3339): where `network_programming_duration_seconds` starts.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub use crate::model::TRIGGER_TIME_ANNOTATION;
 
 /// The label carrying a Node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -198,21 +196,10 @@ where
     reader
 }
 
-/// What no reader of a Service or slice looks at: the server-side apply
-/// bookkeeping and annotations other than the topology ones and the
-/// trigger time (the last-applied-configuration annotation alone can
-/// double an object).
-fn strip_metadata<K: ResourceExt>(obj: &mut K) {
-    obj.managed_fields_mut().clear();
-    obj.annotations_mut().retain(|k, _| {
-        TOPOLOGY_MODE_ANNOTATIONS.contains(&k.as_str()) || k == TRIGGER_TIME_ANNOTATION
-    });
-}
-
 /// The Node matters for its labels only (the zone): its status (images,
 /// conditions, heartbeats) is most of its size.
 fn strip_node(node: &mut Node) {
-    strip_metadata(node);
+    node.managed_fields_mut().clear();
     node.annotations_mut().clear();
     node.spec = None;
     node.status = None;
@@ -234,7 +221,7 @@ impl KubeSource {
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
             "services",
-            strip_metadata,
+            trim::service,
             wake.clone(),
             move |event, _| match event {
                 watcher::Event::Apply(s) | watcher::Event::Delete(s) => p.note(|p| {
@@ -251,7 +238,7 @@ impl KubeSource {
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(SERVICE_NAME_LABEL),
             "endpointslices",
-            strip_metadata,
+            trim::endpoint_slice,
             wake.clone(),
             move |event, store| {
                 let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
@@ -405,25 +392,32 @@ impl Source for KubeSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::TOPOLOGY_MODE_ANNOTATIONS;
 
     #[test]
-    fn the_store_keeps_the_trigger_time_and_topology_annotations_only() {
+    fn the_stores_keep_the_trigger_time_and_topology_annotations_only() {
         let mut slice = EndpointSlice::default();
         let a = slice.annotations_mut();
         a.insert(
             TRIGGER_TIME_ANNOTATION.into(),
             "2026-01-02T03:04:05Z".into(),
         );
+        a.insert(
+            "kubectl.kubernetes.io/last-applied-configuration".into(),
+            "{}".into(),
+        );
+        trim::endpoint_slice(&mut slice);
+        let kept: Vec<&str> = slice.annotations().keys().map(String::as_str).collect();
+        assert_eq!(kept, [TRIGGER_TIME_ANNOTATION]);
+        let mut svc = Service::default();
+        let a = svc.annotations_mut();
         a.insert(TOPOLOGY_MODE_ANNOTATIONS[0].into(), "Auto".into());
         a.insert(
             "kubectl.kubernetes.io/last-applied-configuration".into(),
             "{}".into(),
         );
-        strip_metadata(&mut slice);
-        let mut kept: Vec<&str> = slice.annotations().keys().map(String::as_str).collect();
-        kept.sort();
-        let mut want = vec![TRIGGER_TIME_ANNOTATION, TOPOLOGY_MODE_ANNOTATIONS[0]];
-        want.sort();
-        assert_eq!(kept, want);
+        trim::service(&mut svc);
+        let kept: Vec<&str> = svc.annotations().keys().map(String::as_str).collect();
+        assert_eq!(kept, [TOPOLOGY_MODE_ANNOTATIONS[0]]);
     }
 }

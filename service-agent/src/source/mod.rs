@@ -30,6 +30,12 @@ pub trait Source: Send {
     /// Reads what changed (everything when `all`) and names the Services
     /// whose objects may differ; `None` stands for all of them.
     fn refresh(&mut self, pending: &Pending, all: bool) -> Option<BTreeSet<ServiceId>>;
+    /// The periodic reread: like `refresh(pending, false)`, and a source
+    /// that can miss an event (a file watch) also looks again at
+    /// everything it reads, naming the Services that differ.
+    fn resync(&mut self, pending: &Pending) -> BTreeSet<ServiceId> {
+        self.refresh(pending, false).unwrap_or_else(|| self.ids())
+    }
 
     /// Every Service id known (with Service objects or slices).
     fn ids(&self) -> BTreeSet<ServiceId>;

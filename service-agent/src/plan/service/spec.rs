@@ -7,10 +7,7 @@ use k8s_openapi::api::core::v1::ServiceSpec;
 use super::{Ctx, FieldError, Refusal};
 use crate::plan::types::NodeContext;
 
-/// Services carrying this label belong to another proxy.
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// Services carrying this label are headless whatever their spec says.
-pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+pub use crate::model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// Why a Service is deliberately left alone.
 #[derive(Clone, Debug, PartialEq, Eq)]

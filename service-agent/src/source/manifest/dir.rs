@@ -34,8 +34,10 @@ pub struct ManifestDir {
     seen: BTreeMap<PathBuf, (FileStamp, Option<ManifestError>)>,
     /// The directory could not be listed at the last full read.
     dir_error: Option<ManifestError>,
-    /// Service → files with its Service objects, slices or Endpoints.
-    files_of: BTreeMap<ServiceId, BTreeSet<PathBuf>>,
+    /// Service → files with its Service objects, slices or Endpoints, and
+    /// where in each they are: gathering one Service's objects must not scan
+    /// a file that holds all 10,000 (`kubectl get -o yaml` output).
+    files_of: BTreeMap<ServiceId, BTreeMap<PathBuf, Held>>,
     /// (namespace, label, value) → Pods carrying it, by file and position.
     pods: BTreeMap<LabelKey, BTreeSet<(PathBuf, usize)>>,
     /// (namespace, label, value) of the first term of a selector → the
@@ -46,6 +48,14 @@ pub struct ManifestDir {
 }
 
 type LabelKey = (String, String, String);
+
+/// Positions of one Service's objects in one file's lists, in document order.
+#[derive(Debug, Default)]
+struct Held {
+    services: Vec<usize>,
+    slices: Vec<usize>,
+    endpoints: Vec<usize>,
+}
 
 /// What reading files again changed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -162,23 +172,21 @@ impl ManifestDir {
     /// the same, in the same order, as `Cluster::all_endpoint_slices` has
     /// for it.
     pub fn objects(&self, id: &ServiceId) -> ServiceObjects {
-        let files: Vec<&FileObjects> = self
+        let held: Vec<(&FileObjects, &Held)> = self
             .files_of
             .get(id)
             .into_iter()
             .flatten()
-            .filter_map(|p| self.last_good.get(p))
+            .filter_map(|(p, h)| Some((self.last_good.get(p)?, h)))
             .collect();
-        let services: Vec<Sourced<Service>> = files
+        let services: Vec<Sourced<Service>> = held
             .iter()
-            .flat_map(|f| &f.services)
-            .filter(|s| ServiceId::of(&s.object.metadata) == *id)
+            .flat_map(|(f, h)| h.services.iter().filter_map(|i| f.services.get(*i)))
             .cloned()
             .collect();
-        let mut slices: Vec<Sourced<EndpointSlice>> = files
+        let mut slices: Vec<Sourced<EndpointSlice>> = held
             .iter()
-            .flat_map(|f| &f.endpoint_slices)
-            .filter(|s| ServiceId::of_slice(&s.object).as_ref() == Some(id))
+            .flat_map(|(f, h)| h.slices.iter().filter_map(|i| f.endpoint_slices.get(*i)))
             .cloned()
             .collect();
         let own_slices = !slices.is_empty();
@@ -198,11 +206,9 @@ impl ManifestDir {
             slices.extend(slices_from_pods(svc, candidates));
         }
         if !own_slices && services.iter().any(|s| is_selectorless(&s.object)) {
-            for f in &files {
-                for ep in &f.endpoints {
-                    if ServiceId::of(&ep.object.metadata) == *id {
-                        slices.extend(mirror_endpoints(ep));
-                    }
+            for (f, h) in &held {
+                for ep in h.endpoints.iter().filter_map(|i| f.endpoints.get(*i)) {
+                    slices.extend(mirror_endpoints(ep));
                 }
             }
         }
@@ -311,8 +317,8 @@ impl ManifestDir {
 
     /// Adds (or removes) what `objects` of `file` contribute to the indexes.
     fn index(&mut self, file: &Path, objects: &FileObjects, add: bool) {
-        let mut ids: BTreeSet<ServiceId> = BTreeSet::new();
-        for s in &objects.services {
+        let mut held: BTreeMap<ServiceId, Held> = BTreeMap::new();
+        for (i, s) in objects.services.iter().enumerate() {
             let id = ServiceId::of(&s.object.metadata);
             if let Some((ns, selector)) = pod_selector(&s.object)
                 && let Some((k, v)) = selector.iter().next()
@@ -332,28 +338,24 @@ impl ManifestDir {
                     }
                 }
             }
-            ids.insert(id);
+            held.entry(id).or_default().services.push(i);
         }
         let mut unlabeled = false;
-        for s in &objects.endpoint_slices {
+        for (i, s) in objects.endpoint_slices.iter().enumerate() {
             match ServiceId::of_slice(&s.object) {
-                Some(id) => {
-                    ids.insert(id);
-                }
+                Some(id) => held.entry(id).or_default().slices.push(i),
                 None => unlabeled = true,
             }
         }
-        ids.extend(
-            objects
-                .endpoints
-                .iter()
-                .map(|e| ServiceId::of(&e.object.metadata)),
-        );
-        for id in ids {
-            let files = self.files_of.entry(id.clone()).or_default();
+        for (i, e) in objects.endpoints.iter().enumerate() {
+            let id = ServiceId::of(&e.object.metadata);
+            held.entry(id).or_default().endpoints.push(i);
+        }
+        for (id, h) in held {
             if add {
-                files.insert(file.to_path_buf());
-            } else {
+                let files = self.files_of.entry(id).or_default();
+                files.insert(file.to_path_buf(), h);
+            } else if let Some(files) = self.files_of.get_mut(&id) {
                 files.remove(file);
                 if files.is_empty() {
                     self.files_of.remove(&id);

@@ -10,7 +10,7 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
-use crate::model::{Cluster, Sourced};
+use crate::model::{Cluster, Sourced, trim};
 
 /// A manifest that could not be read, with the place it came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,17 +117,163 @@ pub fn parse_str(text: &str, name: &str) -> Result<FileObjects, ManifestError> {
     let mut index = 0usize;
     for doc in serde_yaml_ng::Deserializer::from_str(text) {
         index += 1;
-        let value: serde_yaml_ng::Value =
-            serde::Deserialize::deserialize(doc).map_err(|e| ManifestError {
+        let read = serde::de::DeserializeSeed::deserialize(Document { name, index }, doc).map_err(
+            |e| ManifestError {
                 file: PathBuf::from(name),
                 document: Some(index),
                 object: None,
                 field: None,
                 message: format!("not valid YAML: {e}"),
-            })?;
-        add_document(&mut out, value, name, index)?;
+            },
+        )?;
+        match read {
+            Read::Null => {}
+            Read::Object(value) => add_document(&mut out, value, name, index)?,
+            Read::List { head, items } => {
+                let kind = head.get("kind").and_then(|k| k.as_str());
+                let api_version = head.get("apiVersion").and_then(|k| k.as_str());
+                // Items of anything but a List (a DeploymentList, say) are
+                // not the dataplane's, whatever they hold.
+                if (api_version, kind) == (Some("v1"), Some("List")) {
+                    let items = items?;
+                    out.services.extend(items.services);
+                    out.endpoint_slices.extend(items.endpoint_slices);
+                    out.endpoints.extend(items.endpoints);
+                    out.pods.extend(items.pods);
+                } else {
+                    add_document(&mut out, serde_yaml_ng::Value::Mapping(head), name, index)?;
+                }
+            }
+        }
     }
     Ok(out)
+}
+
+/// One YAML document as it streams in. The items of a list are typed one at
+/// a time, so `kubectl get svc,endpointslices -A -o yaml` (one `List` of
+/// every object) is never held as one YAML tree, which takes several times
+/// the text's size.
+struct Document<'a> {
+    name: &'a str,
+    index: usize,
+}
+
+enum Read {
+    Null,
+    Object(serde_yaml_ng::Value),
+    /// A document with `items`: its other fields, and its items typed (or
+    /// the first item's error).
+    List {
+        head: serde_yaml_ng::Mapping,
+        items: Result<FileObjects, ManifestError>,
+    },
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Document<'_> {
+    type Value = Read;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Read, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Document<'_> {
+    type Value = Read;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a Kubernetes object")
+    }
+
+    fn visit_unit<E>(self) -> Result<Read, E> {
+        Ok(Read::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Read, E> {
+        Ok(Read::Null)
+    }
+
+    // Not a mapping: no kind, which add_document reports.
+    fn visit_bool<E>(self, _: bool) -> Result<Read, E> {
+        Ok(Read::Object(serde_yaml_ng::Value::Bool(false)))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Read, E> {
+        Ok(Read::Object(serde_yaml_ng::Value::Bool(false)))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Read, E> {
+        Ok(Read::Object(serde_yaml_ng::Value::Bool(false)))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Read, E> {
+        Ok(Read::Object(serde_yaml_ng::Value::Bool(false)))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Read, E> {
+        Ok(Read::Object(serde_yaml_ng::Value::Bool(false)))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Read, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Read::Object(serde_yaml_ng::Value::Bool(false)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Read, A::Error> {
+        let mut head = serde_yaml_ng::Mapping::new();
+        let mut items = None;
+        while let Some(key) = map.next_key::<serde_yaml_ng::Value>()? {
+            if key.as_str() == Some("items") && items.is_none() {
+                items = Some(map.next_value_seed(Items {
+                    name: self.name,
+                    index: self.index,
+                })?);
+            } else {
+                let value = map.next_value::<serde_yaml_ng::Value>()?;
+                head.insert(key, value);
+            }
+        }
+        Ok(match items {
+            Some(items) => Read::List { head, items },
+            None => Read::Object(serde_yaml_ng::Value::Mapping(head)),
+        })
+    }
+}
+
+/// The `items` of a list document, each typed as it is read.
+struct Items<'a> {
+    name: &'a str,
+    index: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Items<'_> {
+    type Value = Result<FileObjects, ManifestError>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Items<'_> {
+    type Value = Result<FileObjects, ManifestError>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of Kubernetes objects")
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Ok(FileObjects::default()))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = FileObjects::default();
+        let mut failed = None;
+        while let Some(item) = seq.next_element::<serde_yaml_ng::Value>()? {
+            // After a bad item the rest is only read through: the whole
+            // file is refused anyway.
+            if failed.is_none()
+                && let Err(e) = add_document(&mut out, item, self.name, self.index)
+            {
+                failed = Some(e);
+            }
+        }
+        Ok(match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        })
+    }
 }
 
 fn str_field<'a>(v: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {
@@ -170,21 +316,36 @@ fn add_document(
     };
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            let items = value
-                .get("items")
-                .and_then(|i| i.as_sequence())
-                .cloned()
-                .unwrap_or_default();
-            for item in items {
-                add_document(out, item, name, index)?;
+            let items = match value {
+                serde_yaml_ng::Value::Mapping(mut m) => m.remove("items"),
+                _ => None,
+            };
+            if let Some(serde_yaml_ng::Value::Sequence(items)) = items {
+                for item in items {
+                    add_document(out, item, name, index)?;
+                }
             }
         }
-        ("v1", "Service") => out.services.push(Sourced::new(origin, typed(value, err)?)),
-        ("v1", "Pod") => out.pods.push(Sourced::new(origin, typed(value, err)?)),
-        ("v1", "Endpoints") => out.endpoints.push(Sourced::new(origin, typed(value, err)?)),
-        ("discovery.k8s.io/v1", "EndpointSlice") => out
-            .endpoint_slices
-            .push(Sourced::new(origin, typed(value, err)?)),
+        ("v1", "Service") => {
+            let mut svc = typed(value, err)?;
+            trim::service(&mut svc);
+            out.services.push(Sourced::new(origin, svc));
+        }
+        ("v1", "Pod") => {
+            let mut pod = typed(value, err)?;
+            trim::pod(&mut pod);
+            out.pods.push(Sourced::new(origin, pod));
+        }
+        ("v1", "Endpoints") => {
+            let mut ep = typed(value, err)?;
+            trim::endpoints(&mut ep);
+            out.endpoints.push(Sourced::new(origin, ep));
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let mut slice = typed(value, err)?;
+            trim::endpoint_slice(&mut slice);
+            out.endpoint_slices.push(Sourced::new(origin, slice));
+        }
         // Deployments, ConfigMaps and the like may share a file with Services;
         // the dataplane has no use for them.
         _ => {}

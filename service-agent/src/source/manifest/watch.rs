@@ -77,6 +77,12 @@ impl Source for ManifestSource {
         }
     }
 
+    /// Every file by its hash: a lost or coalesced inotify event is caught
+    /// here, and only the Services of files that differ are named.
+    fn resync(&mut self, _: &Pending) -> BTreeSet<ServiceId> {
+        self.files.load_all(&self.dir).services
+    }
+
     fn ids(&self) -> BTreeSet<ServiceId> {
         self.files.ids().cloned().collect()
     }
