@@ -96,6 +96,29 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Like `start`, without waiting for anything (a start that takes
+    /// longer than `spawn` waits, measured by the caller).
+    pub fn start_nowait(node: &Netns, manifests: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let source = ["--manifests".to_string(), manifests.display().to_string()];
+        let mut agent = Self::prepare(node, &source, extra);
+        agent.spawn_nowait()?;
+        Ok(agent)
+    }
+
+    /// CPU time the agent has used (user + system, all threads), from /proc.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which is in parentheses and may
+        // hold spaces: utime and stime are the 12th and 13th.
+        let after = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Some(ticks / hz)
+    }
+
     /// Starts the agent on the Kubernetes API source, without waiting for it
     /// to program anything (it waits for its initial lists).
     pub fn start_kube(node: &Netns, kubeconfig: &Path, extra: &[&str]) -> anyhow::Result<Self> {

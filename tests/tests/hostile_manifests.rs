@@ -7,6 +7,7 @@ use std::{
 };
 
 use integration_tests::fixture::{self, OneNode, Running};
+use service_agent::source::manifest::MAX_FILE_BYTES;
 
 /// web-1 behind Service web on VIP:80, and the agent with `flags`.
 fn setup(flags: &[&str]) -> Running {
@@ -60,23 +61,36 @@ fn each_mistake_is_named_once_and_the_rest_keeps_serving() {
 }
 
 #[test]
-fn a_huge_manifest_is_refused_with_memory_bounded() {
+fn a_huge_manifest_is_read_in_pieces_and_one_over_the_limit_refused() {
     let s = setup(&[]);
+    // 50 MB that hold nothing: read a line at a time, never held whole.
     let mut text = String::with_capacity(50 << 20);
     while text.len() < 50 << 20 {
         text.push_str("# filler line to make the file very large, as a runaway generator would\n");
     }
-    s.dir.write("huge.yaml", &text).unwrap();
+    s.dir.write("filler.yaml", &text).unwrap();
+    drop(text);
+    // Over the limit: refused by its size, without a read (a sparse file,
+    // so the test writes nothing).
+    let huge = s.dir.path.join("huge.yaml");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(MAX_FILE_BYTES + 1)
+        .unwrap();
     let l = s
         .agent
         .wait_list("size problem", |l| l.contains("huge.yaml"))
         .unwrap();
-    assert!(l.contains("over the 16777216-byte limit"), "{l}");
-    still_serving(&s);
-    let rss = s.agent.rss_kib().unwrap();
     assert!(
-        rss < 100 * 1024,
-        "agent RSS {rss} KiB after a 50 MB manifest"
+        l.contains(&format!("over the {MAX_FILE_BYTES}-byte limit")),
+        "{l}"
+    );
+    assert!(!l.contains("filler.yaml"), "{l}");
+    still_serving(&s);
+    let peak = s.agent.status_kib("VmHWM").unwrap();
+    assert!(
+        peak < 100 * 1024,
+        "agent peak memory {peak} KiB after a 50 MB manifest"
     );
 }
 

@@ -46,6 +46,10 @@ enum Task {
         /// shorter rounds; written to bench/results/<date>-quick.md.
         #[arg(long)]
         quick: bool,
+        /// Only these parts, comma-separated (packet, edge, control, scale,
+        /// e2e, layouts, dns, ...); nothing is written to bench/results.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// A long packet-fuzzing run of the programs against the reference model.
     Fuzz {
@@ -146,7 +150,7 @@ fn main() -> anyhow::Result<()> {
                 .env("FUZZ_SECONDS", seconds.to_string())
                 .env("FUZZ_SEED", seed.to_string()))
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             setup::setup()?;
             run(cargo().args(["build", "--release", "--bins"]))?;
             let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -160,6 +164,9 @@ fn main() -> anyhow::Result<()> {
             );
             if quick {
                 c.arg("--quick");
+            }
+            if let Some(only) = only {
+                c.args(["--only", &only]);
             }
             run(&mut c)
         }

@@ -75,17 +75,27 @@ struct FileStamp {
 }
 
 fn stamp(path: &Path) -> Option<FileStamp> {
-    use std::hash::{Hash as _, Hasher as _};
+    use std::{hash::Hasher as _, io::Read as _};
     let len = fs::metadata(path).ok()?.len();
     if len > MAX_FILE_BYTES {
         // Refused by parse_file without reading; the size is its stamp.
         return Some(FileStamp { len, hash: 0 });
     }
-    let bytes = fs::read(path).ok()?;
+    // Hashed as it is read: a file of every object is not held whole.
+    let mut file = fs::File::open(path).ok()?;
     let mut h = std::hash::DefaultHasher::new();
-    bytes.hash(&mut h);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read = 0u64;
+    loop {
+        let n = file.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        h.write(&buf[..n]);
+        read += n as u64;
+    }
     Some(FileStamp {
-        len: bytes.len() as u64,
+        len: read,
         hash: h.finish(),
     })
 }

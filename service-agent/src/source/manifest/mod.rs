@@ -3,6 +3,7 @@
 //! indexed by Service and watched for changes.
 mod dir;
 mod parse;
+mod stream;
 mod watch;
 
 pub use self::{

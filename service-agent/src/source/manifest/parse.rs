@@ -10,6 +10,7 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
+use super::stream::Stream;
 use crate::model::{Cluster, Sourced, trim};
 
 /// A manifest that could not be read, with the place it came from.
@@ -64,8 +65,11 @@ pub fn list_manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Largest manifest file read; larger ones are refused rather than buffered.
-pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest manifest file read. Files are read a piece at a time (see
+/// `stream.rs`), so this bounds the time a read takes, not its memory:
+/// `kubectl get -o yaml` of 100,000 Services and their slices is about
+/// 500 MB.
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
 
 fn typed<T: DeserializeOwned>(
     value: serde_yaml_ng::Value,
@@ -104,8 +108,18 @@ pub fn parse_file(path: &Path) -> Result<FileObjects, ManifestError> {
             format!("file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit"),
         ));
     }
-    let text = fs::read_to_string(path).map_err(|e| err(None, None, None, e.to_string()))?;
-    parse_str(&text, &path.display().to_string()).map_err(|mut e| {
+    let name = path.display().to_string();
+    let file = fs::File::open(path).map_err(|e| err(None, None, None, e.to_string()))?;
+    let read = match super::stream::parse_stream(std::io::BufReader::new(file), &name) {
+        Ok(objects) => Ok(objects),
+        Err(Stream::Failed(e)) => Err(e),
+        Err(Stream::ReadWhole) => {
+            let text =
+                fs::read_to_string(path).map_err(|e| err(None, None, None, e.to_string()))?;
+            parse_str(&text, &name)
+        }
+    };
+    read.map_err(|mut e| {
         e.file = path.to_path_buf();
         e
     })
@@ -114,9 +128,21 @@ pub fn parse_file(path: &Path) -> Result<FileObjects, ManifestError> {
 /// Reads the documents of a manifest text; `name` labels the objects' origin.
 pub fn parse_str(text: &str, name: &str) -> Result<FileObjects, ManifestError> {
     let mut out = FileObjects::default();
-    let mut index = 0usize;
+    parse_documents(text, name, &mut 0, &mut out)?;
+    Ok(out)
+}
+
+/// Adds the objects of the documents of `text` to `out`; `index` is the
+/// number of documents before them, and counts these.
+pub(super) fn parse_documents(
+    text: &str,
+    name: &str,
+    index: &mut usize,
+    out: &mut FileObjects,
+) -> Result<(), ManifestError> {
     for doc in serde_yaml_ng::Deserializer::from_str(text) {
-        index += 1;
+        *index += 1;
+        let index = *index;
         let read = serde::de::DeserializeSeed::deserialize(Document { name, index }, doc).map_err(
             |e| ManifestError {
                 file: PathBuf::from(name),
@@ -128,7 +154,7 @@ pub fn parse_str(text: &str, name: &str) -> Result<FileObjects, ManifestError> {
         )?;
         match read {
             Read::Null => {}
-            Read::Object(value) => add_document(&mut out, value, name, index)?,
+            Read::Object(value) => add_document(out, value, name, index)?,
             Read::List { head, items } => {
                 let kind = head.get("kind").and_then(|k| k.as_str());
                 let api_version = head.get("apiVersion").and_then(|k| k.as_str());
@@ -141,12 +167,12 @@ pub fn parse_str(text: &str, name: &str) -> Result<FileObjects, ManifestError> {
                     out.endpoints.extend(items.endpoints);
                     out.pods.extend(items.pods);
                 } else {
-                    add_document(&mut out, serde_yaml_ng::Value::Mapping(head), name, index)?;
+                    add_document(out, serde_yaml_ng::Value::Mapping(head), name, index)?;
                 }
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// One YAML document as it streams in. The items of a list are typed one at
@@ -280,7 +306,7 @@ fn str_field<'a>(v: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(|k| k.as_str())
 }
 
-fn add_document(
+pub(super) fn add_document(
     out: &mut FileObjects,
     value: serde_yaml_ng::Value,
     name: &str,

@@ -91,3 +91,104 @@ fn a_failing_file_keeps_its_last_good_objects() {
     );
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The file reader splits documents and List items; it must give what the
+/// whole-text parser gives, objects and errors alike.
+#[test]
+fn reading_a_file_in_pieces_gives_what_the_whole_text_gives() {
+    let item = |name: &str, ip: &str| {
+        format!(
+            "- apiVersion: v1\n  kind: Service\n  metadata:\n    name: {name}\n    annotations:\n      note: |\n        a block scalar\n        - not an item\n  spec:\n    clusterIP: {ip}\n    ports:\n    - port: 80\n"
+        )
+    };
+    let slice = "- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\n  addressType: IPv4\n  endpoints:\n  - addresses: [10.1.0.5]\n  ports: [{port: 80}]\n";
+    let indented = |t: &str| t.lines().map(|l| format!("  {l}\n")).collect::<String>();
+    let kubectl = format!(
+        "apiVersion: v1\nitems:\n{}{}# a comment between items\n\n{slice}kind: List\nmetadata:\n  resourceVersion: \"\"\n",
+        item("a", "10.96.0.1"),
+        item("b", "10.96.0.2")
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("documents", GOOD.to_string()),
+        ("kubectl list", kubectl.clone()),
+        ("list and documents", format!("{GOOD}---\n{kubectl}---\n{GOOD}")),
+        (
+            "indented items",
+            format!(
+                "apiVersion: v1\nkind: List\nitems:\n{}",
+                indented(&item("c", "10.96.0.3"))
+            ),
+        ),
+        ("crlf", kubectl.replace('\n', "\r\n")),
+        (
+            "a bad item",
+            format!(
+                "apiVersion: v1\nitems:\n{}- apiVersion: v1\n  kind: Service\n  metadata: {{name: bad}}\n  spec: {{ports: [{{port: eighty}}]}}\nkind: List\n",
+                item("a", "10.96.0.1")
+            ),
+        ),
+        (
+            "a bad item of another kind of list",
+            "apiVersion: apps/v1\nitems:\n- {kind: Deployment}\n- apiVersion: v1\n  kind: Service\n  spec: {ports: [{port: eighty}]}\nkind: DeploymentList\n".to_string(),
+        ),
+        ("empty items", "apiVersion: v1\nkind: List\nitems: []\n".to_string()),
+        (
+            "empty documents",
+            format!("# only a comment\n---\n---\n{GOOD}---\n...\n"),
+        ),
+        (
+            "an error after empty documents",
+            "---\n---\napiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: x}]}\n".to_string(),
+        ),
+        (
+            "content on the marker line",
+            format!("--- {{apiVersion: v1, kind: Service, metadata: {{name: m}}}}\n{GOOD}"),
+        ),
+        (
+            "an anchor shared by items",
+            "apiVersion: v1\nkind: List\nitems:\n- &svc {apiVersion: v1, kind: Service, metadata: {name: p}}\n- *svc\n".to_string(),
+        ),
+        ("broken yaml in an item", format!("apiVersion: v1\nitems:\n- a: [1, 2\n{slice}kind: List\n")),
+        ("items as a mapping", "apiVersion: v1\nkind: List\nitems:\n  a: b\n".to_string()),
+    ];
+    let dir = std::env::temp_dir().join(format!("svc-manifest-stream-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    for (what, text) in &cases {
+        let path = dir.join("f.yaml");
+        fs::write(&path, text).unwrap();
+        let name = path.display().to_string();
+        let whole = parse_str(text, &name).map_err(|e| e.to_string());
+        let pieces = parse_file(&path).map_err(|e| e.to_string());
+        match (&whole, &pieces) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a.services, b.services, "{what}");
+                assert_eq!(a.endpoint_slices, b.endpoint_slices, "{what}");
+                assert_eq!(a.endpoints, b.endpoints, "{what}");
+                assert_eq!(a.pods, b.pods, "{what}");
+            }
+            _ => assert_eq!(whole.err(), pieces.err(), "{what}"),
+        }
+    }
+    // And the splitter did the reading where it should (reading whole
+    // gives the same answers, so only this tells them apart).
+    let streamed = |t: &str| {
+        !matches!(
+            super::stream::parse_stream(t.as_bytes(), "s.yaml"),
+            Err(super::stream::Stream::ReadWhole)
+        )
+    };
+    for (what, text) in &cases {
+        let whole = matches!(
+            *what,
+            "content on the marker line"
+                | "an anchor shared by items"
+                | "broken yaml in an item"
+                | "items as a mapping"
+        );
+        assert_eq!(streamed(text), !whole, "{what}");
+    }
+    // The kubectl file does give its objects.
+    let objs = parse_str(&kubectl, "k.yaml").unwrap();
+    assert_eq!((objs.services.len(), objs.endpoint_slices.len()), (2, 1));
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -270,7 +270,7 @@ fn in_process(services: u32, changes: usize) -> ControlPlane {
 /// whose other end stays in the same namespace (nothing is sent; the agent
 /// only needs its external interface to exist, and this kernel has no
 /// dummy links).
-fn node_namespace() -> anyhow::Result<Netns> {
+pub(crate) fn node_namespace() -> anyhow::Result<Netns> {
     let ns = Netns::new(&unique("bench-cp"))?;
     ns.ip(&[
         "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
@@ -286,7 +286,7 @@ const AGENT_FLAGS: [&str; 4] = ["--metrics-addr", "off", "--resync-seconds", "36
 
 /// Waits until the pinned maps send Service `i`'s frontend to exactly
 /// `want`, polling as `service-agent list` reads them.
-fn wait_for_backends(
+pub(crate) fn wait_for_backends(
     t: &Tables,
     i: u32,
     want: &BTreeSet<Ipv4Addr>,

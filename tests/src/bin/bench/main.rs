@@ -10,6 +10,7 @@ mod end_to_end;
 mod kube_proxy;
 mod packet_cost;
 mod plots;
+mod scale;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
 
@@ -194,6 +195,12 @@ fn main() -> anyhow::Result<()> {
         eprintln!("control plane ...");
         let cp = control_plane(10_000, 100);
         control_plane::report(&mut md, &cp, &mut targets);
+    }
+
+    if parts.run("scale") {
+        eprintln!("the agent at scale ...");
+        let runs = scale::scale(quick);
+        scale::report(&mut md, &runs, &mut targets);
     }
 
     let mut e2e: Vec<PathResult> = vec![];
