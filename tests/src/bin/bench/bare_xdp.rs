@@ -9,7 +9,8 @@
 use std::{ffi::CString, os::fd::AsRawFd as _, os::unix::ffi::OsStrExt as _, path::Path};
 
 use anyhow::Context as _;
-use aya::programs::{Xdp, XdpAttachType};
+use aya::programs::Xdp;
+use aya_obj::programs::XdpAttachType;
 use integration_tests::{PinDir, bpf::XDP_DROP, bpf::XDP_TX};
 
 // bpf(2) commands and BPF_PROG_TYPE_XDP (linux/bpf.h).
@@ -110,14 +111,7 @@ struct ObjPinAttr {
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
     // SAFETY: attr is a live, initialised bpf_attr prefix of its true size;
     // the kernel reads at most that many bytes and zero-extends the rest.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -157,8 +151,9 @@ pub fn load(name: &str, insns: &[u64], pins: &PinDir) -> anyhow::Result<Xdp> {
     pin(fd.as_raw_fd(), &path)?;
     let prog = Xdp::from_pin(&path, XdpAttachType::Interface)
         .with_context(|| format!("opening the pinned {name} at {}", path.display()));
+    // The open descriptor keeps the program loaded once the pin is gone.
     let _ = std::fs::remove_file(&path);
-    Ok(prog?)
+    prog
 }
 
 fn pin(fd: i32, path: &Path) -> anyhow::Result<()> {
@@ -168,7 +163,8 @@ fn pin(fd: i32, path: &Path) -> anyhow::Result<()> {
         bpf_fd: fd as u32,
         file_flags: 0,
     };
-    sys_bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("BPF_OBJ_PIN at {}", path.display()))?;
+    sys_bpf(BPF_OBJ_PIN, &mut attr)
+        .with_context(|| format!("BPF_OBJ_PIN at {}", path.display()))?;
     Ok(())
 }
 

@@ -94,8 +94,11 @@ pub fn attached_programs(pin_dir: &Path) -> Vec<u32> {
     ids
 }
 
-/// One path's programs: name, runs, mean ns per run.
-pub fn rows(stats: &BTreeMap<String, Sample>) -> Vec<(String, u64, f64)> {
+/// A program's row: name, runs, mean ns per run.
+pub type Row = (String, u64, f64);
+
+/// One path's programs that ran.
+pub fn rows(stats: &BTreeMap<String, Sample>) -> Vec<Row> {
     stats
         .values()
         .filter(|s| s.runs > 0)
@@ -105,7 +108,7 @@ pub fn rows(stats: &BTreeMap<String, Sample>) -> Vec<(String, u64, f64)> {
 
 /// The table of the programs' own time during the end-to-end runs, one row
 /// per path and program that ran.
-pub fn report(md: &mut String, paths: &[(String, u32, Vec<(String, u64, f64)>)]) {
+pub fn report(md: &mut String, paths: &[(String, u32, Vec<Row>)]) {
     let _ = writeln!(
         md,
         "### Program time under the end-to-end traffic (kernel.bpf_stats_enabled)\n\n\

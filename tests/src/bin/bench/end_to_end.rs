@@ -383,7 +383,7 @@ pub struct PathResult {
     pub error: Option<String>,
     /// The agent's attached programs during the rounds, when statistics
     /// were on: name, runs, mean ns per run (see `bpf_stats`).
-    pub programs: Vec<(String, u64, f64)>,
+    pub programs: Vec<bpf_stats::Row>,
 }
 
 /// Rounds of one mode on one path.
