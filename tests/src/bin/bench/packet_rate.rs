@@ -92,6 +92,9 @@ fn world(services: u32, pins: &PinDir) -> anyhow::Result<World> {
         .neighbour("192.168.50.20", [0x02, 0, 0, 0, 0x00, 0x20], "ext0")?
         .route("10.128.0.0/12", &["via", "192.168.50.20"])?
         .route("172.16.0.0/12", &["via", "192.168.50.20"])?;
+    // No IPv6 chatter (router and neighbour solicitations) towards the sink.
+    fib.ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+    fib.ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
     enter(&fib.ns.path())?;
     // The measured NodePort Service and `services - 1` ClusterIP fillers,
     // every backend on another node.
@@ -145,6 +148,8 @@ fn world(services: u32, pins: &PinDir) -> anyhow::Result<World> {
 }
 
 /// Frames the sink on wire0 has received (veth counts XDP frames in rx).
+/// The namespace's own stack may add one now and then (a neighbour
+/// probe out of ext0), so a run checks for at least its frames.
 fn sink_received(w: &World) -> anyhow::Result<u64> {
     let out = w.fib.ns.ip(&["-s", "-j", "link", "show", "dev", "wire0"])?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -179,7 +184,7 @@ fn run_bare(bare: &mut Xdp, w: &World) -> anyhow::Result<Duration> {
     let t = live(bare, w.ifindex, &w.frame)?;
     let got = sink_received(w)? - before;
     ensure!(
-        got == FRAMES as u64,
+        got >= FRAMES as u64,
         "bare XDP_TX: the sink received {got} of {FRAMES} frames"
     );
     Ok(t)
@@ -193,7 +198,7 @@ fn run_xdp(w: &mut World) -> anyhow::Result<Duration> {
     let t = live(w.l.dp.xdp_program()?, w.ifindex, &w.frame)?;
     let sent = w.l.reason(Reason::XdpTx) - sent;
     let seen = sink_received(w)? - seen;
-    if sent != FRAMES as u64 || seen != FRAMES as u64 {
+    if sent != FRAMES as u64 || seen < FRAMES as u64 {
         bail!(
             "XDP NodePort at {} Services: {sent} of {FRAMES} frames took the fast path, the sink received {seen}",
             w.services
