@@ -9,6 +9,7 @@
 //! client is 2 threads with one connection each, and the report compares
 //! paths by ratio rather than by absolute rates.
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
@@ -22,7 +23,7 @@ use integration_tests::{
 };
 
 use crate::{
-    BACKENDS_PER_SERVICE, backend_ip,
+    BACKENDS_PER_SERVICE, backend_ip, bpf_stats,
     kube_proxy::{self, SvcPort},
     packet_cost::median,
     vip,
@@ -380,6 +381,9 @@ pub struct PathResult {
     pub load_ms: Option<f64>,
     /// Why the path could not be measured.
     pub error: Option<String>,
+    /// The agent's attached programs during the rounds, when statistics
+    /// were on: name, runs, mean ns per run (see `bpf_stats`).
+    pub programs: Vec<bpf_stats::Row>,
 }
 
 /// Rounds of one mode on one path.
@@ -413,12 +417,22 @@ impl Pooled {
 /// path was being measured. A path that cannot be set up is reported with
 /// its error and the others go on.
 pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<PathResult> {
-    let mut live: Vec<(usize, Target, Pooled, Pooled)> = vec![];
+    let mut live: Vec<(usize, Target, Pooled, Pooled, Vec<u32>)> = vec![];
+    let mut times: Vec<BTreeMap<String, bpf_stats::Sample>> = vec![BTreeMap::new(); specs.len()];
     let mut errors: Vec<Option<String>> = vec![None; specs.len()];
     for (i, spec) in specs.iter().enumerate() {
         eprintln!("  setting up {} at {} Services", spec.name, spec.services);
         match set_up(spec) {
-            Ok(t) => live.push((i, t, Pooled::default(), Pooled::default())),
+            Ok(t) => {
+                // The programs the agent attached (none on the baselines).
+                let ids = t
+                    .guard
+                    ._agent
+                    .as_ref()
+                    .map(|a| bpf_stats::attached_programs(&a.pin_dir))
+                    .unwrap_or_default();
+                live.push((i, t, Pooled::default(), Pooled::default(), ids))
+            }
             Err(e) => {
                 eprintln!("    failed: {e:#}");
                 errors[i] = Some(format!("{e:#}"));
@@ -427,7 +441,7 @@ pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<Path
     }
     for round in 0..rounds {
         eprintln!("  round {} of {rounds}", round + 1);
-        for (i, target, short, kept) in live.iter_mut() {
+        for (i, target, short, kept, ids) in live.iter_mut() {
             for (mode, pooled) in [(Mode::ShortConnections, short), (Mode::KeptAlive, kept)] {
                 let load = Load {
                     mode,
@@ -438,7 +452,10 @@ pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<Path
                     // CPUs do in `limit`: time is what ends a round.
                     max_ops: 2_000_000,
                 };
-                match load::run(&target.client_ns, &target.addrs, load) {
+                let before = bpf_stats::sample(ids);
+                let run = load::run(&target.client_ns, &target.addrs, load);
+                bpf_stats::accumulate(&mut times[*i], &before, &bpf_stats::sample(ids));
+                match run {
                     Ok(r) => pooled.add(r),
                     Err(e) => {
                         errors[*i].get_or_insert_with(|| format!("{e:#}"));
@@ -459,13 +476,15 @@ pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<Path
             kept: LoadResult::default(),
             load_ms: None,
             error: e.clone(),
+            programs: vec![],
         })
         .collect();
-    for (i, target, short, kept) in live {
+    for (i, target, short, kept, _) in live {
         let r = &mut results[i];
         (r.short_rate, r.short) = short.finish();
         (r.kept_rate, r.kept) = kept.finish();
         r.load_ms = target.load_ms;
+        r.programs = bpf_stats::rows(&times[i]);
         // Everything the path set up goes now.
         drop(target.guard);
     }

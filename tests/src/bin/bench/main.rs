@@ -3,12 +3,15 @@
 //! the tests; the targets are judged here, as ratios where the machine's
 //! noise cancels out.
 
+mod bare_xdp;
+mod bpf_stats;
 mod control_plane;
 mod dns;
 mod edge_cost;
 mod end_to_end;
 mod kube_proxy;
 mod packet_cost;
+mod packet_rate;
 mod plots;
 mod scale;
 
@@ -191,6 +194,23 @@ fn main() -> anyhow::Result<()> {
         edge_cost::report(&mut md, &edge, flows, rounds, &mut targets);
     }
 
+    if parts.run("rate") {
+        eprintln!("packet rate (live frames) ...");
+        let rate_rounds = if quick { 5 } else { 9 };
+        match packet_rate::packet_rates(&[10, 100_000], rate_rounds) {
+            Ok(rows) => {
+                for r in &rows {
+                    eprintln!(
+                        "  {} at {:?}: {:.2} Mpps, program {:.0} ns",
+                        r.what, r.services, r.mpps, r.prog_ns
+                    );
+                }
+                packet_rate::report(&mut md, &rows, rate_rounds, &mut targets);
+            }
+            Err(e) => eprintln!("  failed: {e:#}"),
+        }
+    }
+
     if parts.run("control") {
         eprintln!("control plane ...");
         let cp = control_plane(10_000, 100);
@@ -210,7 +230,12 @@ fn main() -> anyhow::Result<()> {
             .into_iter()
             .filter(|p| !(quick && p.name == end_to_end::NFTABLES))
             .collect();
+        // The programs' own time under this traffic (see bpf_stats).
+        let stats = bpf_stats::enable()
+            .map_err(|e| eprintln!("  no program statistics: {e:#}"))
+            .ok();
         e2e = measure_all(&specs, e2e_rounds, e2e_limit);
+        drop(stats);
         for r in &e2e {
             eprintln!(
                 "  {} at {}: {:.0} conn/s, {:.0} req/s",
@@ -218,6 +243,12 @@ fn main() -> anyhow::Result<()> {
             );
         }
         end_to_end_report(&mut md, &e2e, e2e_rounds, e2e_limit, &mut targets);
+        let progs: Vec<_> = e2e
+            .iter()
+            .filter(|r| !r.programs.is_empty())
+            .map(|r| (r.name.to_string(), r.services, r.programs.clone()))
+            .collect();
+        bpf_stats::report(&mut md, &progs);
         let name = format!("{stem}-end-to-end.png");
         match plots::end_to_end(&e2e, e2e_sizes, &dir.join(&name)) {
             Ok(()) => pngs.push(("End-to-end rates".into(), name)),
