@@ -15,6 +15,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
+pub mod packed;
 pub mod trim;
 
 /// The label that joins an EndpointSlice to its Service.

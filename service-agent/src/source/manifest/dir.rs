@@ -5,18 +5,62 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 
 use super::parse::{
-    FileObjects, MAX_FILE_BYTES, ManifestError, is_manifest, list_manifest_files, parse_file,
+    MAX_FILE_BYTES, ManifestError, Sink, is_manifest, list_manifest_files, parse_file_into,
 };
 use crate::{
     model::{
-        Cluster, ServiceId, Sourced, is_selectorless, mirror_endpoints, pod_namespace,
-        pod_selector, slices_from_pods,
+        Cluster, ServiceId, Sourced, is_selectorless, mirror_endpoints, packed::Packed,
+        pod_namespace, pod_selector, slices_from_pods,
     },
     source::ServiceObjects,
 };
+
+/// One file's objects as the directory keeps them: Services, slices and
+/// Endpoints packed (the planner reads them only when they change), each
+/// with what the indexes need of it; Pods as read (the selector index
+/// looks at their labels at every change, and they are few next to
+/// endpoints).
+#[derive(Default)]
+struct Stored {
+    services: Vec<(Packed<Service>, ServiceId, Option<LabelKey>)>,
+    slices: Vec<(Packed<EndpointSlice>, Option<ServiceId>)>,
+    endpoints: Vec<(Packed<Endpoints>, ServiceId)>,
+    pods: Vec<Sourced<Pod>>,
+}
+
+impl Sink for Stored {
+    fn service(&mut self, s: Sourced<Service>) {
+        let id = ServiceId::of(&s.object.metadata);
+        let first_term = pod_selector(&s.object).and_then(|(ns, selector)| {
+            let (k, v) = selector.iter().next()?;
+            Some((ns.to_string(), k.clone(), v.clone()))
+        });
+        self.services.push((Packed::pack(&s), id, first_term));
+    }
+    fn endpoint_slice(&mut self, s: Sourced<EndpointSlice>) {
+        let id = ServiceId::of_slice(&s.object);
+        self.slices.push((Packed::pack(&s), id));
+    }
+    fn endpoints(&mut self, e: Sourced<Endpoints>) {
+        let id = ServiceId::of(&e.object.metadata);
+        self.endpoints.push((Packed::pack(&e), id));
+    }
+    fn pod(&mut self, p: Sourced<Pod>) {
+        self.pods.push(p);
+    }
+    fn append(&mut self, other: Self) {
+        self.services.extend(other.services);
+        self.slices.extend(other.slices);
+        self.endpoints.extend(other.endpoints);
+        self.pods.extend(other.pods);
+    }
+}
 
 /// The manifest directory, read file by file. A file that fails keeps the
 /// objects it had the last time it was read (the last good state).
@@ -27,7 +71,7 @@ use crate::{
 /// (with the endpoints its selector makes of Pods) without a scan.
 #[derive(Default)]
 pub struct ManifestDir {
-    last_good: BTreeMap<PathBuf, FileObjects>,
+    last_good: BTreeMap<PathBuf, Stored>,
     /// What each file looked like when last read, and its error if any: an
     /// unchanged file is not parsed again, so one edit among thousands of
     /// files costs one parse.
@@ -182,7 +226,7 @@ impl ManifestDir {
     /// the same, in the same order, as `Cluster::all_endpoint_slices` has
     /// for it.
     pub fn objects(&self, id: &ServiceId) -> ServiceObjects {
-        let held: Vec<(&FileObjects, &Held)> = self
+        let held: Vec<(&Stored, &Held)> = self
             .files_of
             .get(id)
             .into_iter()
@@ -192,12 +236,12 @@ impl ManifestDir {
         let services: Vec<Sourced<Service>> = held
             .iter()
             .flat_map(|(f, h)| h.services.iter().filter_map(|i| f.services.get(*i)))
-            .cloned()
+            .map(|(s, _, _)| s.unpack())
             .collect();
         let mut slices: Vec<Sourced<EndpointSlice>> = held
             .iter()
-            .flat_map(|(f, h)| h.slices.iter().filter_map(|i| f.endpoint_slices.get(*i)))
-            .cloned()
+            .flat_map(|(f, h)| h.slices.iter().filter_map(|i| f.slices.get(*i)))
+            .map(|(s, _)| s.unpack())
             .collect();
         let own_slices = !slices.is_empty();
         for svc in &services {
@@ -217,8 +261,8 @@ impl ManifestDir {
         }
         if !own_slices && services.iter().any(|s| is_selectorless(&s.object)) {
             for (f, h) in &held {
-                for ep in h.endpoints.iter().filter_map(|i| f.endpoints.get(*i)) {
-                    slices.extend(mirror_endpoints(ep));
+                for (ep, _) in h.endpoints.iter().filter_map(|i| f.endpoints.get(*i)) {
+                    slices.extend(mirror_endpoints(&ep.unpack()));
                 }
             }
         }
@@ -230,9 +274,9 @@ impl ManifestDir {
         self.unlabeled
             .iter()
             .filter_map(|p| self.last_good.get(p))
-            .flat_map(|f| &f.endpoint_slices)
-            .filter(|s| ServiceId::of_slice(&s.object).is_none())
-            .cloned()
+            .flat_map(|f| &f.slices)
+            .filter(|(_, id)| id.is_none())
+            .map(|(s, _)| s.unpack())
             .collect()
     }
 
@@ -243,7 +287,7 @@ impl ManifestDir {
         {
             return;
         }
-        let error = match parse_file(file) {
+        let error = match parse_file_into::<Stored>(file) {
             Ok(objects) => {
                 self.replace(file, objects, changes);
                 None
@@ -263,40 +307,37 @@ impl ManifestDir {
     fn forget(&mut self, file: &Path, changes: &mut Changes) {
         self.seen.remove(file);
         if self.last_good.contains_key(file) {
-            self.replace(file, FileObjects::default(), changes);
+            self.replace(file, Stored::default(), changes);
             self.last_good.remove(file);
         }
     }
 
     /// Puts `new` in place of what `file` held, keeping the indexes, and
     /// notes the Services whose objects differ.
-    fn replace(&mut self, file: &Path, new: FileObjects, changes: &mut Changes) {
+    fn replace(&mut self, file: &Path, new: Stored, changes: &mut Changes) {
         let old = self.last_good.remove(file).unwrap_or_default();
         // Objects compared by position: an edit in place touches one
         // Service, an inserted document shifts the origins of those after it.
-        fn differing<'a, T: PartialEq>(
-            old: &'a [Sourced<T>],
-            new: &'a [Sourced<T>],
-        ) -> impl Iterator<Item = &'a Sourced<T>> {
+        fn differing<'a, T: PartialEq>(old: &'a [T], new: &'a [T]) -> impl Iterator<Item = &'a T> {
             let n = old.len().max(new.len());
             (0..n).flat_map(move |i| match (old.get(i), new.get(i)) {
                 (Some(a), Some(b)) if a == b => vec![],
                 (a, b) => a.into_iter().chain(b).collect(),
             })
         }
-        for s in differing(&old.services, &new.services) {
-            changes.services.insert(ServiceId::of(&s.object.metadata));
+        for (_, id, _) in differing(&old.services, &new.services) {
+            changes.services.insert(id.clone());
         }
-        for s in differing(&old.endpoint_slices, &new.endpoint_slices) {
-            match ServiceId::of_slice(&s.object) {
+        for (_, id) in differing(&old.slices, &new.slices) {
+            match id {
                 Some(id) => {
-                    changes.services.insert(id);
+                    changes.services.insert(id.clone());
                 }
                 None => changes.unlabeled = true,
             }
         }
-        for e in differing(&old.endpoints, &new.endpoints) {
-            changes.services.insert(ServiceId::of(&e.object.metadata));
+        for (_, id) in differing(&old.endpoints, &new.endpoints) {
+            changes.services.insert(id.clone());
         }
         let moved_pods: Vec<&Sourced<Pod>> = differing(&old.pods, &new.pods).collect();
         // Services selecting a Pod before the change, by the old index...
@@ -326,14 +367,10 @@ impl ManifestDir {
     }
 
     /// Adds (or removes) what `objects` of `file` contribute to the indexes.
-    fn index(&mut self, file: &Path, objects: &FileObjects, add: bool) {
+    fn index(&mut self, file: &Path, objects: &Stored, add: bool) {
         let mut held: BTreeMap<ServiceId, Held> = BTreeMap::new();
-        for (i, s) in objects.services.iter().enumerate() {
-            let id = ServiceId::of(&s.object.metadata);
-            if let Some((ns, selector)) = pod_selector(&s.object)
-                && let Some((k, v)) = selector.iter().next()
-            {
-                let key = (ns.to_string(), k.clone(), v.clone());
+        for (i, (_, id, first_term)) in objects.services.iter().enumerate() {
+            if let Some(key) = first_term {
                 let counts = self.selectors.entry(key.clone()).or_default();
                 let n = counts.entry(id.clone()).or_default();
                 if add {
@@ -341,25 +378,24 @@ impl ManifestDir {
                 } else {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
-                        counts.remove(&id);
+                        counts.remove(id);
                     }
                     if counts.is_empty() {
-                        self.selectors.remove(&key);
+                        self.selectors.remove(key);
                     }
                 }
             }
-            held.entry(id).or_default().services.push(i);
+            held.entry(id.clone()).or_default().services.push(i);
         }
         let mut unlabeled = false;
-        for (i, s) in objects.endpoint_slices.iter().enumerate() {
-            match ServiceId::of_slice(&s.object) {
-                Some(id) => held.entry(id).or_default().slices.push(i),
+        for (i, (_, id)) in objects.slices.iter().enumerate() {
+            match id {
+                Some(id) => held.entry(id.clone()).or_default().slices.push(i),
                 None => unlabeled = true,
             }
         }
-        for (i, e) in objects.endpoints.iter().enumerate() {
-            let id = ServiceId::of(&e.object.metadata);
-            held.entry(id).or_default().endpoints.push(i);
+        for (i, (_, id)) in objects.endpoints.iter().enumerate() {
+            held.entry(id.clone()).or_default().endpoints.push(i);
         }
         for (id, h) in held {
             if add {
@@ -398,10 +434,12 @@ impl ManifestDir {
     pub fn cluster(&self) -> Cluster {
         let mut c = Cluster::default();
         for objs in self.last_good.values() {
-            c.services.extend(objs.services.iter().cloned());
+            c.services
+                .extend(objs.services.iter().map(|(s, _, _)| s.unpack()));
             c.endpoint_slices
-                .extend(objs.endpoint_slices.iter().cloned());
-            c.endpoints.extend(objs.endpoints.iter().cloned());
+                .extend(objs.slices.iter().map(|(s, _)| s.unpack()));
+            c.endpoints
+                .extend(objs.endpoints.iter().map(|(e, _)| e.unpack()));
             c.pods.extend(objs.pods.iter().cloned());
         }
         c

@@ -9,7 +9,8 @@ mod watch;
 pub use self::{
     dir::{Changes, ManifestDir},
     parse::{
-        FileObjects, MAX_FILE_BYTES, ManifestError, list_manifest_files, parse_file, parse_str,
+        FileObjects, MAX_FILE_BYTES, ManifestError, Sink, list_manifest_files, parse_file,
+        parse_file_into, parse_str,
     },
     watch::ManifestSource,
 };

@@ -11,6 +11,11 @@ use std::{
 use serde::de::DeserializeOwned;
 
 use super::stream::Stream;
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+
 use crate::model::{Cluster, Sourced, trim};
 
 /// A manifest that could not be read, with the place it came from.
@@ -44,6 +49,46 @@ impl fmt::Display for ManifestError {
 
 /// Objects read from one file.
 pub type FileObjects = Cluster;
+
+/// Where a reader puts the objects it types, one at a time: a `Cluster`,
+/// or the manifest directory's packed store.
+pub trait Sink: Default {
+    fn service(&mut self, s: Sourced<Service>);
+    fn endpoint_slice(&mut self, s: Sourced<EndpointSlice>);
+    fn endpoints(&mut self, e: Sourced<Endpoints>);
+    fn pod(&mut self, p: Sourced<Pod>);
+    fn append(&mut self, other: Self);
+
+    fn append_objects(&mut self, c: FileObjects) {
+        c.services.into_iter().for_each(|s| self.service(s));
+        c.endpoint_slices
+            .into_iter()
+            .for_each(|s| self.endpoint_slice(s));
+        c.endpoints.into_iter().for_each(|e| self.endpoints(e));
+        c.pods.into_iter().for_each(|p| self.pod(p));
+    }
+}
+
+impl Sink for FileObjects {
+    fn service(&mut self, s: Sourced<Service>) {
+        self.services.push(s);
+    }
+    fn endpoint_slice(&mut self, s: Sourced<EndpointSlice>) {
+        self.endpoint_slices.push(s);
+    }
+    fn endpoints(&mut self, e: Sourced<Endpoints>) {
+        self.endpoints.push(e);
+    }
+    fn pod(&mut self, p: Sourced<Pod>) {
+        self.pods.push(p);
+    }
+    fn append(&mut self, other: Self) {
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+        self.endpoints.extend(other.endpoints);
+        self.pods.extend(other.pods);
+    }
+}
 
 pub(super) fn is_manifest(path: &Path) -> bool {
     matches!(
@@ -85,6 +130,11 @@ fn typed<T: DeserializeOwned>(
 /// Reads one file. Any error rejects the whole file, so a half-read file
 /// never reaches the dataplane.
 pub fn parse_file(path: &Path) -> Result<FileObjects, ManifestError> {
+    parse_file_into(path)
+}
+
+/// Reads one file into any [`Sink`]; objects reach it as they are typed.
+pub fn parse_file_into<S: Sink>(path: &Path) -> Result<S, ManifestError> {
     let err = |document: Option<usize>,
                object: Option<String>,
                field: Option<String>,
@@ -116,7 +166,11 @@ pub fn parse_file(path: &Path) -> Result<FileObjects, ManifestError> {
         Err(Stream::ReadWhole) => {
             let text =
                 fs::read_to_string(path).map_err(|e| err(None, None, None, e.to_string()))?;
-            parse_str(&text, &name)
+            parse_str(&text, &name).map(|objects| {
+                let mut out = S::default();
+                out.append_objects(objects);
+                out
+            })
         }
     };
     read.map_err(|mut e| {
@@ -162,10 +216,7 @@ pub(super) fn parse_documents(
                 // not the dataplane's, whatever they hold.
                 if (api_version, kind) == (Some("v1"), Some("List")) {
                     let items = items?;
-                    out.services.extend(items.services);
-                    out.endpoint_slices.extend(items.endpoint_slices);
-                    out.endpoints.extend(items.endpoints);
-                    out.pods.extend(items.pods);
+                    out.append(items);
                 } else {
                     add_document(out, serde_yaml_ng::Value::Mapping(head), name, index)?;
                 }
@@ -306,8 +357,8 @@ fn str_field<'a>(v: &'a serde_yaml_ng::Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(|k| k.as_str())
 }
 
-pub(super) fn add_document(
-    out: &mut FileObjects,
+pub(super) fn add_document<S: Sink>(
+    out: &mut S,
     value: serde_yaml_ng::Value,
     name: &str,
     index: usize,
@@ -355,22 +406,22 @@ pub(super) fn add_document(
         ("v1", "Service") => {
             let mut svc = typed(value, err)?;
             trim::service(&mut svc);
-            out.services.push(Sourced::new(origin, svc));
+            out.service(Sourced::new(origin, svc));
         }
         ("v1", "Pod") => {
             let mut pod = typed(value, err)?;
             trim::pod(&mut pod);
-            out.pods.push(Sourced::new(origin, pod));
+            out.pod(Sourced::new(origin, pod));
         }
         ("v1", "Endpoints") => {
             let mut ep = typed(value, err)?;
             trim::endpoints(&mut ep);
-            out.endpoints.push(Sourced::new(origin, ep));
+            out.endpoints(Sourced::new(origin, ep));
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             let mut slice = typed(value, err)?;
             trim::endpoint_slice(&mut slice);
-            out.endpoint_slices.push(Sourced::new(origin, slice));
+            out.endpoint_slice(Sourced::new(origin, slice));
         }
         // Deployments, ConfigMaps and the like may share a file with Services;
         // the dataplane has no use for them.

@@ -15,7 +15,7 @@
 //! errors, only more memory.
 use std::io::BufRead;
 
-use super::parse::{FileObjects, ManifestError, add_document, parse_documents};
+use super::parse::{FileObjects, ManifestError, Sink, add_document, parse_documents};
 
 /// Why the file must be read whole.
 pub(super) enum Stream {
@@ -33,12 +33,12 @@ impl From<ManifestError> for Stream {
 /// so far (kept apart: only a `v1 List`'s items are the dataplane's, and
 /// `kind` may come after them, as kubectl writes it).
 #[derive(Default)]
-struct Document {
+struct Document<S> {
     head: String,
     /// Began with an explicit `---` (an empty one is still a document).
     marked: bool,
     has_items: bool,
-    items: FileObjects,
+    items: S,
     failed: Option<ManifestError>,
 }
 
@@ -48,10 +48,10 @@ struct ItemBlock {
     current: String,
 }
 
-pub(super) fn parse_stream(reader: impl BufRead, name: &str) -> Result<FileObjects, Stream> {
-    let mut out = FileObjects::default();
+pub(super) fn parse_stream<S: Sink>(reader: impl BufRead, name: &str) -> Result<S, Stream> {
+    let mut out = S::default();
     let mut index = 0usize;
-    let mut doc = Document::default();
+    let mut doc = Document::<S>::default();
     let mut block: Option<ItemBlock> = None;
     for line in reader.lines() {
         let mut line = line.map_err(|_| Stream::ReadWhole)?;
@@ -140,9 +140,9 @@ fn is_items_key(line: &str) -> bool {
     line.strip_prefix("items:").is_some_and(blank)
 }
 
-fn end_items(
+fn end_items<S: Sink>(
     block: &mut Option<ItemBlock>,
-    doc: &mut Document,
+    doc: &mut Document<S>,
     name: &str,
     index: usize,
 ) -> Result<(), Stream> {
@@ -153,7 +153,12 @@ fn end_items(
 }
 
 /// Types the item read so far (a one-element block sequence).
-fn end_item(b: &mut ItemBlock, doc: &mut Document, name: &str, index: usize) -> Result<(), Stream> {
+fn end_item<S: Sink>(
+    b: &mut ItemBlock,
+    doc: &mut Document<S>,
+    name: &str,
+    index: usize,
+) -> Result<(), Stream> {
     let text = std::mem::take(&mut b.current);
     if blank_text(&text) {
         return Ok(());
@@ -178,9 +183,9 @@ fn blank_text(text: &str) -> bool {
 }
 
 /// Ends the current document: its objects go to `out`.
-fn finish(
-    doc: &mut Document,
-    out: &mut FileObjects,
+fn finish<S: Sink>(
+    doc: &mut Document<S>,
+    out: &mut S,
     index: &mut usize,
     name: &str,
 ) -> Result<(), Stream> {
@@ -190,7 +195,9 @@ fn finish(
             // One document (or none, if only comments): numbered as the
             // whole-file parser numbers it.
             let before = *index;
-            parse_documents(&doc.head, name, index, out)?;
+            let mut objects = FileObjects::default();
+            parse_documents(&doc.head, name, index, &mut objects)?;
+            out.append_objects(objects);
             if *index == before {
                 *index += 1;
             }
@@ -205,11 +212,7 @@ fn finish(
         if let Some(e) = doc.failed {
             return Err(Stream::Failed(e));
         }
-        let items = doc.items;
-        out.services.extend(items.services);
-        out.endpoint_slices.extend(items.endpoint_slices);
-        out.endpoints.extend(items.endpoints);
-        out.pods.extend(items.pods);
+        out.append(doc.items);
         return Ok(());
     }
     // Items of anything but a List (a DeploymentList) are not ours; the

@@ -173,7 +173,7 @@ fn reading_a_file_in_pieces_gives_what_the_whole_text_gives() {
     // gives the same answers, so only this tells them apart).
     let streamed = |t: &str| {
         !matches!(
-            super::stream::parse_stream(t.as_bytes(), "s.yaml"),
+            super::stream::parse_stream::<FileObjects>(t.as_bytes(), "s.yaml"),
             Err(super::stream::Stream::ReadWhole)
         )
     };
