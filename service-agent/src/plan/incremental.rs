@@ -33,6 +33,7 @@ use super::{
     contention::{ClaimOrder, Claims, CompiledService},
     service::{Compiled, compile_service},
     slices,
+    small::{SmallMap, SmallSet},
     types::{FrontendKey, FrontendPlan, HealthCheck, NodeContext, Plan, Problem, Skipped},
 };
 use crate::model::{ServiceId, Sourced};
@@ -64,9 +65,9 @@ struct Unit {
     slice_problems: Vec<Problem>,
     orphan_problems: Vec<Problem>,
     /// Every frontend its objects asked for in the last compile.
-    keys: BTreeSet<FrontendKey>,
+    keys: SmallSet<FrontendKey>,
     /// The frontends it won in the last replay.
-    won: BTreeMap<FrontendKey, FrontendPlan>,
+    won: SmallMap<FrontendKey, FrontendPlan>,
     refused: bool,
     outputs: Vec<ObjectOutput>,
 }
@@ -93,13 +94,13 @@ pub struct Incremental {
     /// addresses are checked).
     unlabeled_problems: Vec<Problem>,
     /// Frontend → the Services whose objects ask for it.
-    claims: BTreeMap<FrontendKey, BTreeSet<ServiceId>>,
+    claims: BTreeMap<FrontendKey, SmallSet<ServiceId>>,
     /// Frontend → the Service that won it.
     winners: BTreeMap<FrontendKey, ServiceId>,
     /// The plan in force, and whose each of its frontends is (won or kept).
     plan: Plan,
     holder: BTreeMap<FrontendKey, ServiceId>,
-    held: BTreeMap<ServiceId, BTreeSet<FrontendKey>>,
+    held: BTreeMap<ServiceId, SmallSet<FrontendKey>>,
     /// Services with problems, skips or health checks, for assembling the
     /// plan's lists without visiting every Service.
     noisy: BTreeSet<ServiceId>,
@@ -119,7 +120,7 @@ impl Incremental {
         // Refusals are decided again for every Service given.
         previous.refused.clear();
         let mut holder = BTreeMap::new();
-        let mut held: BTreeMap<ServiceId, BTreeSet<FrontendKey>> = BTreeMap::new();
+        let mut held: BTreeMap<ServiceId, SmallSet<FrontendKey>> = BTreeMap::new();
         for (k, f) in &previous.frontends {
             let id = ServiceId::from_object_ref(&f.service);
             holder.insert(*k, id.clone());
@@ -181,7 +182,7 @@ impl Incremental {
             .iter()
             .map(|svc| compile_service(svc, &refs, &self.node))
             .collect();
-        let keys: BTreeSet<FrontendKey> = compiled
+        let keys: SmallSet<FrontendKey> = compiled
             .iter()
             .filter_map(|c| match &c.result {
                 Ok(Compiled::Frontends(fes, _)) => Some(fes.iter().map(|(k, _)| *k)),
@@ -366,9 +367,9 @@ impl Incremental {
         }
         order.sort();
         let mut claims = Claims::default();
-        let mut results: BTreeMap<ServiceId, (BTreeMap<FrontendKey, FrontendPlan>, bool)> = group
+        let mut results: BTreeMap<ServiceId, (SmallMap<FrontendKey, FrontendPlan>, bool)> = group
             .iter()
-            .map(|id| (id.clone(), (BTreeMap::new(), false)))
+            .map(|id| (id.clone(), (SmallMap::default(), false)))
             .collect();
         let mut outputs: BTreeMap<ServiceId, Vec<ObjectOutput>> = group
             .iter()
@@ -452,7 +453,7 @@ impl Incremental {
 
 /// Whether `id` holds a frontend in the plan in force: such Services claim
 /// contested frontends first.
-fn incumbent(held: &BTreeMap<ServiceId, BTreeSet<FrontendKey>>, id: &ServiceId) -> bool {
+fn incumbent(held: &BTreeMap<ServiceId, SmallSet<FrontendKey>>, id: &ServiceId) -> bool {
     held.get(id).is_some_and(|k| !k.is_empty())
 }
 

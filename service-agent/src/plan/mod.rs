@@ -24,6 +24,7 @@ pub mod ipnet_lite;
 pub mod maglev;
 mod service;
 mod slices;
+mod small;
 pub mod types;
 
 use self::{
