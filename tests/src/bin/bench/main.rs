@@ -294,6 +294,11 @@ fn main() -> anyhow::Result<()> {
         let path = dir.join(format!("{stem}.md"));
         std::fs::write(&path, &md)?;
         eprintln!("written to {}", path.display());
+        let readme = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        match update_readme(&readme, &md, &format!("{stem}.md")) {
+            Ok(()) => eprintln!("targets written to {}", readme.display()),
+            Err(e) => eprintln!("README not updated: {e:#}"),
+        }
     }
     Ok(())
 }
@@ -554,4 +559,37 @@ fn layouts_report(md: &mut String, e2e: &[PathResult], quick: bool) {
          even in transactions of 1,000 the 10,000-Service layout takes tens of seconds on this kernel. This dataplane's \
          maps are filled in well under 1 s (control plane above).\n"
     );
+}
+
+const README_BEGIN: &str =
+    "<!-- bench-results:begin (written by cargo xtask bench; do not edit) -->";
+const README_END: &str = "<!-- bench-results:end -->";
+
+/// Puts the run's machine line and Targets table between the README's
+/// markers, so the Performance section shows the latest run, not a copy
+/// edited by hand.
+fn update_readme(readme: &std::path::Path, md: &str, results: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(readme)?;
+    let (Some(b), Some(e)) = (text.find(README_BEGIN), text.find(README_END)) else {
+        anyhow::bail!("no {README_BEGIN} … {README_END} block");
+    };
+    let machine = md
+        .lines()
+        .find(|l| l.starts_with("Machine:"))
+        .unwrap_or_default();
+    let targets: String = md
+        .split("## Targets\n")
+        .nth(1)
+        .unwrap_or_default()
+        .split("\n## ")
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let block = format!(
+        "{README_BEGIN}\nLatest run: [bench/results/{results}](bench/results/{results}). {machine}\n\n{targets}\n{README_END}"
+    );
+    let new = format!("{}{block}{}", &text[..b], &text[e + README_END.len()..]);
+    std::fs::write(readme, new)?;
+    Ok(())
 }
