@@ -305,6 +305,40 @@ fn ipv6_cluster_ips_are_skipped_not_failed() {
     assert!(p.skipped[0].reason.contains("IPv6"));
 }
 
+#[test]
+fn a_dual_stack_service_with_ipv6_first_is_served_on_its_ipv4_family() {
+    let p = plan(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ds}\n\
+         spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.44], ipFamilies: [IPv6, IPv4], ipFamilyPolicy: RequireDualStack, ports: [{port: 80, targetPort: 8080}]}\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: ds-v6, labels: {kubernetes.io/service-name: ds}}\n\
+         addressType: IPv6\nendpoints: [{addresses: ['fd00:10:244::5']}]\nports: [{port: 8080}]\n\
+         ---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: ds-v4, labels: {kubernetes.io/service-name: ds}}\n\
+         addressType: IPv4\nendpoints: [{addresses: [10.1.0.5]}]\nports: [{port: 8080}]\n",
+    );
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    assert!(p.skipped.is_empty(), "{:?}", p.skipped);
+    let (k, fe) = p.frontends.iter().next().expect("the IPv4 ClusterIP");
+    assert_eq!(k.addr.to_string(), "10.96.0.44");
+    let backends: Vec<String> = fe.backends.iter().map(|b| b.addr.to_string()).collect();
+    assert_eq!(backends, ["10.1.0.5"]);
+    // Its IPv4 address is checked like a clusterIP, under its own field.
+    let p = plan(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ds}\n\
+         spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 255.255.255.255], ports: [{port: 80}]}\n",
+    );
+    assert!(
+        p.problems
+            .iter()
+            .any(|x| x.to_string().contains("spec.clusterIPs[1]")),
+        "{:?}",
+        p.problems
+    );
+}
+
 const NODEPORT: &str = r#"
 apiVersion: v1
 kind: Service

@@ -60,12 +60,32 @@ pub(super) fn read<'a>(ctx: &Ctx<'a>, node: &NodeContext) -> Result<Read<'a>, Re
     if svc_type == "ExternalName" {
         return Ok(Read::Skip(Skip::ExternalName));
     }
-    let refuse = |e| ctx.refuse("spec.clusterIP", e);
     let ip = match spec.cluster_ip.as_deref() {
         Some("None") => return Ok(Read::Skip(Skip::Headless)),
-        None | Some("") => return Err(refuse(FieldError::NotAllocated("ClusterIPs"))),
+        None | Some("") => {
+            return Err(ctx.refuse("spec.clusterIP", FieldError::NotAllocated("ClusterIPs")));
+        }
         Some(ip) => ip,
     };
+    // A dual-stack Service whose first family is IPv6 has its IPv4
+    // address second in `clusterIPs`: that family is served (each family
+    // stands on its own, as kube-proxy programs them).
+    let (field, ip) = if ip.contains(':') {
+        let ipv4 = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .enumerate()
+            .skip(1)
+            .find(|(_, a)| !a.contains(':'));
+        match ipv4 {
+            Some((i, a)) => (format!("spec.clusterIPs[{i}]"), a.as_str()),
+            None => return Ok(Read::Skip(Skip::Ipv6(ip.into()))),
+        }
+    } else {
+        ("spec.clusterIP".to_string(), ip)
+    };
+    let refuse = |e| ctx.refuse(field.clone(), e);
     let cluster_ip = match ip.parse::<Ipv4Addr>() {
         Ok(a)
             if !node.service_cidrs.is_empty()
@@ -79,7 +99,6 @@ pub(super) fn read<'a>(ctx: &Ctx<'a>, node: &NodeContext) -> Result<Read<'a>, Re
         }
         Ok(a) if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() => a,
         Ok(_) => return Err(refuse(FieldError::NotAServiceAddress(ip.into()))),
-        Err(_) if ip.contains(':') => return Ok(Read::Skip(Skip::Ipv6(ip.into()))),
         Err(_) => return Err(refuse(FieldError::NotIpv4(ip.into()))),
     };
     Ok(Read::Program {
