@@ -65,10 +65,7 @@ enum Caller {
 /// cgroup) keep the tc path, which sees their packets on the pod's veth.
 #[inline(always)]
 fn caller(ctx: &SockAddrContext) -> Option<Caller> {
-    let mode = META
-        .get(META_SOCKET_LB)
-        .copied()
-        .unwrap_or(SOCKET_LB_HOST);
+    let mode = META.get(META_SOCKET_LB).copied().unwrap_or(SOCKET_LB_HOST);
     if mode == SOCKET_LB_OFF {
         return None;
     }

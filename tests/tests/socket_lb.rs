@@ -211,7 +211,11 @@ fn open_packet_socket(iface: &std::ffi::CStr) -> libc::c_int {
     // SAFETY: plain syscalls on values we own; every result is checked.
     unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
-        assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
         let index = libc::if_nametoindex(iface.as_ptr());
         assert!(index != 0, "no interface {iface:?}");
         let mut sll: libc::sockaddr_ll = std::mem::zeroed();
@@ -334,7 +338,11 @@ fn pod_affinity_sticks_and_is_kept_per_pod() {
         assert_eq!(peer, format!("{STICKY_VIP}:80"));
         seen.insert(server);
     }
-    assert_eq!(seen.len(), 1, "ClientIP affinity holds for the pod: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "ClientIP affinity holds for the pod: {seen:?}"
+    );
     assert!(f.reason("affinity_hit") >= 19);
     // Another process of the same pod is the same client.
     let mut again = f.pod_client();

@@ -10,6 +10,7 @@ mod end_to_end;
 mod kube_proxy;
 mod packet_cost;
 mod plots;
+mod socket_lb;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
 
@@ -215,6 +216,19 @@ fn main() -> anyhow::Result<()> {
         match plots::end_to_end(&e2e, e2e_sizes, &dir.join(&name)) {
             Ok(()) => pngs.push(("End-to-end rates".into(), name)),
             Err(e) => eprintln!("plot: {e:#}"),
+        }
+    }
+
+    if parts.run("socket-lb") {
+        eprintln!("ClusterIP through the socket hooks ...");
+        let (rounds, limit) = if quick {
+            (4, Duration::from_millis(750))
+        } else {
+            (8, Duration::from_secs(1))
+        };
+        match socket_lb::measure(10_000, rounds, limit) {
+            Ok(rows) => socket_lb::report(&mut md, &rows, 10_000, rounds, limit, &mut targets),
+            Err(e) => eprintln!("  failed: {e:#}"),
         }
     }
 
