@@ -300,18 +300,20 @@ impl Agent {
             .outcome(FaultKind::NodeAddrs, "snat", set);
     }
 
-    /// Attaches (or, with `--cgroup none`, removes) the host socket hooks.
+    /// Attaches (or, with `--cgroup none` or `--socket-lb off`, removes)
+    /// the socket hooks.
     fn attach_sock_hooks(&mut self) -> anyhow::Result<()> {
-        match self.cfg.cgroup.clone() {
-            CgroupTarget::Off => {
-                let gone = crate::dataplane::cgroup::detach_all(&self.dp.pin_dir);
-                if !gone.is_empty() {
-                    info!(hooks = ?gone, "--cgroup none: detached the host socket hooks");
-                }
-            }
-            CgroupTarget::Dir(dir) => {
-                let hooks = self.dp.attach_sock_hooks(&dir)?;
-                info!(cgroup = %dir.display(), ?hooks, "attached host socket hooks (hook, adopted)");
+        let (mode, dir) = match &self.cfg.cgroup {
+            CgroupTarget::Dir(dir) => (self.cfg.socket_lb, Some(dir.as_path())),
+            CgroupTarget::Off => (crate::dataplane::cgroup::SocketLb::Off, None),
+        };
+        let hooks = self.dp.attach_sock_hooks(dir, mode)?;
+        if let (Some(dir), false) = (dir, hooks.is_empty()) {
+            info!(cgroup = %dir.display(), socket_lb = mode.as_str(), ?hooks, "attached socket hooks (hook, adopted)");
+        } else {
+            let gone = crate::dataplane::cgroup::detach_all(&self.dp.pin_dir);
+            if !gone.is_empty() {
+                info!(hooks = ?gone, "--cgroup none or --socket-lb off: detached the socket hooks");
             }
         }
         Ok(())

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use service_common::*;
 
 use crate::{
+    dataplane::cgroup::SocketLb,
     plan::{
         ipnet_lite::{Ipv4Net, ParseNetError},
         maglev::{self, Balancing},
@@ -225,6 +226,12 @@ pub struct RunArgs {
     /// /proc/mounts (all of the node); `none`: no socket hooks.
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// Whose sockets in --cgroup are translated at connect()/sendto():
+    /// `host` (this network namespace's), `pods` (those and every other
+    /// namespace's: pods reach backends directly, no per-packet
+    /// translation), `off` (none; the hooks are detached).
+    #[arg(long, value_enum, default_value_t = SocketLb::Host)]
+    pub socket_lb: SocketLb,
     #[command(flatten)]
     pub lifetimes: LifetimeArgs,
     #[command(flatten)]

@@ -74,6 +74,7 @@ fn main() -> anyhow::Result<()> {
                 maglev_table_size,
                 maglev_max,
                 cgroup,
+                socket_lb,
                 lifetimes,
                 flow_limits,
                 ..
@@ -121,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                 balancing: lb_algorithm.balancing(maglev_table_size),
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 cgroup: CgroupTarget::from_flag(cgroup.as_deref())?,
+                socket_lb,
                 lifetimes: lifetimes.lifetimes(),
                 flow_limits: flow_limits.limits(),
                 dns,

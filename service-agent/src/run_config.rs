@@ -7,7 +7,11 @@ use std::{
 };
 
 use crate::{
-    dataplane::{MapSizes, XdpMode, cgroup::CgroupTarget, writer},
+    dataplane::{
+        MapSizes, XdpMode,
+        cgroup::{CgroupTarget, SocketLb},
+        writer,
+    },
     plan::{self, NodeContext},
     source::SourceConfig,
 };
@@ -35,8 +39,10 @@ pub struct RunConfig {
     pub cluster_cidrs: Vec<plan::ipnet_lite::Ipv4Net>,
     /// The XDP fast path on the external interfaces.
     pub xdp: XdpMode,
-    /// The cgroup whose sockets of this namespace are translated at connect().
+    /// The cgroup whose sockets are translated at connect().
     pub cgroup: CgroupTarget,
+    /// Whose sockets in it: this namespace's, pods' too, or none.
+    pub socket_lb: SocketLb,
     /// Conntrack lifetimes by flow state, for the garbage collection.
     pub lifetimes: writer::Lifetimes,
     /// The SNAT port range and the flood guard, for the programs.

@@ -334,6 +334,10 @@ pub const META_SNAT_PORTS: u32 = 3;
 /// The flood guard: new flows one CPU opens per second before it refuses
 /// more until the next second (0: no limit).
 pub const META_FLOOD_THRESHOLD: u32 = 4;
+/// Whose sockets the socket hooks translate (`--socket-lb`): one of the
+/// SOCKET_LB_* values. 0, what a META written before this slot existed
+/// holds, is the node's own sockets only.
+pub const META_SOCKET_LB: u32 = 5;
 pub const META_MAX: u32 = 8;
 
 /// The flood guard's count of one CPU (FLOOD, a per-CPU array of one).
@@ -359,6 +363,13 @@ pub const SOCK_HOOKS: [(&str, &str); 4] = [
     (PROG_SOCK_GETPEERNAME4, "getpeername4"),
 ];
 pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
+/// META_SOCKET_LB: sockets of the agent's own network namespace only.
+pub const SOCKET_LB_HOST: u64 = 0;
+/// META_SOCKET_LB: those and the sockets of every other network namespace
+/// (pods) whose processes are in the hooks' cgroup.
+pub const SOCKET_LB_PODS: u64 = 1;
+/// META_SOCKET_LB: no socket is translated at connect() time.
+pub const SOCKET_LB_OFF: u64 = 2;
 
 /// Key of SOCK_REVNAT: a socket (its cookie) and the backend it was sent to.
 #[repr(C)]

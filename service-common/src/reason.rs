@@ -151,6 +151,11 @@ reasons! {
     /// this second, so this one was dropped rather than recorded (its
     /// entries would push established flows out of the LRU conntrack).
     FloodDropped "flood_dropped" Dropped,
+    /// A pod socket's connect() or sendto() to a frontend that the socket
+    /// hooks (--socket-lb pods) left to the tc program on the pod's veth:
+    /// connected UDP (only tc moves a flow whose backend left) and frontends
+    /// with source ranges (only a packet carries the pod's address).
+    SockPassedToTc "sock_passed_to_tc" Passed,
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
-//! Socket-level translation for the node's own processes: cgroup hooks at
-//! connect(), sendto(), recvfrom() and getpeername() pick a backend from the
-//! same maps as the tc programs, so host sockets talk to the backend
-//! directly and no packet of theirs needs rewriting.
+//! Socket-level translation: cgroup hooks at connect(), sendto(),
+//! recvfrom() and getpeername() pick a backend from the same maps as the tc
+//! programs, so a socket talks to the backend directly and no packet of its
+//! flow needs rewriting. Whose sockets is `--socket-lb` (META_SOCKET_LB):
+//! the node's own (the agent's network namespace), or pods' too (any other
+//! namespace whose processes are in the cgroup), or none.
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
@@ -24,13 +26,13 @@ const ECONNREFUSED: i32 = 111;
 /// connect(): TCP and connected UDP.
 #[cgroup_sock_addr(connect4)]
 pub fn svc_sock_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx)
+    forward(&ctx, true)
 }
 
 /// sendto()/sendmsg() with an address on an unconnected UDP socket.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn svc_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx)
+    forward(&ctx, false)
 }
 
 /// recvfrom()/recvmsg() on UDP: the datagram's source as the Service address.
@@ -48,16 +50,44 @@ pub fn svc_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-/// Whether the socket lives in the agent's own network namespace. Pods'
-/// sockets (in other namespaces, maybe in the same cgroup) keep the tc path,
-/// which sees their packets on the pod's veth.
+/// Whose socket a hook runs for, as far as translating it goes.
+#[derive(Clone, Copy)]
+enum Caller {
+    /// The agent's own network namespace: the node's processes.
+    Node,
+    /// Another network namespace (a pod), under `--socket-lb pods`; its
+    /// namespace cookie identifies the pod for session affinity.
+    Pod { netns: u64 },
+}
+
+/// The caller when `--socket-lb` says its sockets are translated here.
+/// Under `host`, pods' sockets (in other namespaces, maybe in the same
+/// cgroup) keep the tc path, which sees their packets on the pod's veth.
 #[inline(always)]
-fn in_node_netns(ctx: &SockAddrContext) -> bool {
-    let Some(own) = META.get(META_NETNS_COOKIE).copied() else {
-        return false;
-    };
+fn caller(ctx: &SockAddrContext) -> Option<Caller> {
+    let mode = META.get(META_SOCKET_LB).copied().unwrap_or(SOCKET_LB_HOST);
+    if mode == SOCKET_LB_OFF {
+        return None;
+    }
+    let own = META.get(META_NETNS_COOKIE).copied().unwrap_or(0);
     // SAFETY: the helper takes the program's own context.
-    own != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == own
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if own != 0 && netns == own {
+        return Some(Caller::Node);
+    }
+    (mode == SOCKET_LB_PODS).then_some(Caller::Pod { netns })
+}
+
+/// The client a pod socket is, for session affinity: its pod's address is
+/// not known at connect() (the kernel chooses the source after the hook),
+/// so the pod's namespace stands for it, as an address in 0.0.0.0/8, which
+/// no packet carries as its source and so no tc-path affinity entry has.
+/// Namespace cookies count up from 1, so the 24 low bits tell apart every
+/// namespace but one made 16,777,216 namespaces later.
+#[inline(always)]
+fn pod_client(netns: u64) -> [u8; 4] {
+    let b = (netns as u32).to_be_bytes();
+    [0, b[1], b[2], b[3]]
 }
 
 /// The socket's protocol when the dataplane translates it.
@@ -106,23 +136,37 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
 }
 
 #[inline(always)]
-fn forward(ctx: &SockAddrContext) -> i32 {
-    if !in_node_netns(ctx) {
+fn forward(ctx: &SockAddrContext, connect: bool) -> i32 {
+    let Some(who) = caller(ctx) else {
         return PROCEED;
-    }
+    };
     let Some(proto) = protocol(ctx) else {
         return PROCEED;
     };
     let (daddr, dport) = user_addr(ctx);
-    // ClientIP affinity and source ranges see host processes as the node's
-    // own address, the source its packets carry to other nodes.
-    let client = snat_address().unwrap_or([0; 4]);
-    // The node's own processes are inside the cluster: a Local external
-    // frontend gives them its cluster-wide endpoints (kube-proxy
-    // short-circuits and masquerades them; here they connect from a node
-    // address anyway).
+    // Pods and the node's own processes are inside the cluster: a Local
+    // external frontend gives them its cluster-wide endpoints (kube-proxy
+    // short-circuits and masquerades the node's; the tc path on a pod's
+    // veth does the same for a pod).
     let Some(fe) = lb::lookup_frontend(daddr, dport, proto, lb::Origin::Inside) else {
         return PROCEED;
+    };
+    let client = match who {
+        // ClientIP affinity and source ranges see host processes as the
+        // node's own address, the source their packets carry to other nodes.
+        Caller::Node => snat_address().unwrap_or([0; 4]),
+        Caller::Pod { netns } => {
+            // A connected UDP socket keeps its peer: were it a backend that
+            // left, only the agent's SOCK_DESTROY could end it, and that
+            // reaches its own namespace only. On the tc path its flow moves
+            // to a live backend instead. Source ranges need the pod's
+            // address, which only its packets carry.
+            if (connect && proto == IPPROTO_UDP) || fe.master.flags & SVC_F_SOURCE_RANGES != 0 {
+                count_reason(Reason::SockPassedToTc);
+                return PROCEED;
+            }
+            pod_client(netns)
+        }
     };
     if !lb::source_allowed(&fe, client) {
         // A firewall's answer: the kernel's default EPERM.
@@ -164,7 +208,7 @@ fn forward(ctx: &SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn reverse(ctx: &SockAddrContext) {
-    if !in_node_netns(ctx) {
+    if caller(ctx).is_none() {
         return;
     }
     let (addr, port) = user_addr(ctx);

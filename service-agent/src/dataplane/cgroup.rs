@@ -1,6 +1,7 @@
 //! The socket hooks' attachment: the cgroup v2 directory whose processes
 //! (and their descendants') sockets are translated at connect() time, with
-//! pinned links so a restarted agent swaps its programs in without a gap.
+//! pinned links so a restarted agent swaps its programs in without a gap;
+//! and `--socket-lb`, whose sockets of that cgroup they translate.
 use std::{
     collections::VecDeque,
     fs, io,
@@ -14,7 +15,9 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
-use service_common::SOCK_HOOKS;
+use service_common::{
+    META_NETNS_COOKIE, META_SOCKET_LB, SOCK_HOOKS, SOCKET_LB_HOST, SOCKET_LB_OFF, SOCKET_LB_PODS,
+};
 
 use super::links::{link_info, open_pinned, pin_private, sys_bpf};
 
@@ -37,6 +40,56 @@ impl CgroupTarget {
             )?)?)),
         }
     }
+}
+
+/// `--socket-lb`: whose sockets in the hooks' cgroup are translated at
+/// connect()/sendto() time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketLb {
+    /// The node's own: sockets of the agent's network namespace.
+    #[default]
+    Host,
+    /// Those and pods' (sockets of any other network namespace): a pod's
+    /// connection to a Service goes straight to its backend, and tc on the
+    /// pod's veth sees only backend addresses. Connected UDP and frontends
+    /// with source ranges stay with tc (`sock_passed_to_tc`).
+    Pods,
+    /// None: the hooks are detached, as with `--cgroup none`.
+    Off,
+}
+
+impl SocketLb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SocketLb::Host => "host",
+            SocketLb::Pods => "pods",
+            SocketLb::Off => "off",
+        }
+    }
+
+    /// Its META_SOCKET_LB value.
+    pub fn meta_value(self) -> u64 {
+        match self {
+            SocketLb::Host => SOCKET_LB_HOST,
+            SocketLb::Pods => SOCKET_LB_PODS,
+            SocketLb::Off => SOCKET_LB_OFF,
+        }
+    }
+}
+
+/// Tells the programs whose sockets to translate: the agent's namespace
+/// cookie and the mode. Written before the hooks are attached (or swapped
+/// in), so no hook runs with a previous agent's mode after this one's start.
+pub fn set_mode(
+    meta: &mut aya::maps::Array<aya::maps::MapData, u64>,
+    mode: SocketLb,
+) -> anyhow::Result<()> {
+    let cookie = netns_cookie().context("reading SO_NETNS_COOKIE")?;
+    meta.set(META_NETNS_COOKIE, cookie, 0)
+        .context("writing META_NETNS_COOKIE")?;
+    meta.set(META_SOCKET_LB, mode.meta_value(), 0)
+        .context("writing META_SOCKET_LB")?;
+    Ok(())
 }
 
 /// The first cgroup2 mount point in a /proc/mounts text (`/sys/fs/cgroup`

@@ -405,14 +405,21 @@ impl Dataplane {
     }
 
     /// Attaches the socket hooks to `cgroup` (adopting pinned links there)
-    /// for the sockets of this network namespace only.
+    /// for the sockets `mode` names; with `SocketLb::Off` the hooks still
+    /// attached from a previous agent stop translating, then the caller
+    /// detaches them.
     pub fn attach_sock_hooks(
         &mut self,
-        cgroup: &std::path::Path,
+        cgroup: Option<&std::path::Path>,
+        mode: cgroup::SocketLb,
     ) -> anyhow::Result<Vec<(&'static str, bool)>> {
-        let cookie = cgroup::netns_cookie().context("reading SO_NETNS_COOKIE")?;
-        self.tables.meta.set(META_NETNS_COOKIE, cookie, 0)?;
-        cgroup::attach(&mut self.ebpf, &self.pin_dir, cgroup)
+        cgroup::set_mode(&mut self.tables.meta, mode)?;
+        match cgroup {
+            Some(dir) if mode != cgroup::SocketLb::Off => {
+                cgroup::attach(&mut self.ebpf, &self.pin_dir, dir)
+            }
+            _ => Ok(vec![]),
+        }
     }
 
     /// Forgets interfaces that no longer exist; their devices took the

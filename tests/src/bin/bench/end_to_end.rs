@@ -62,6 +62,12 @@ pub struct Env {
     dir: ManifestDir,
 }
 
+impl Env {
+    pub(crate) fn agent(&self) -> Option<&Agent> {
+        self._agent.as_ref()
+    }
+}
+
 pub struct Target {
     pub guard: Env,
     /// The client's network namespace (a /run/netns path).
@@ -128,7 +134,7 @@ pub fn paths(sizes: &[u32]) -> Vec<PathSpec> {
 
 /// One node, a `client` pod and `web-1`, `web-2` serving on 8080; with
 /// `outside`, also a client host on the nodes' segment.
-fn pods_env(outside: bool) -> anyhow::Result<Env> {
+pub(crate) fn pods_env(outside: bool) -> anyhow::Result<Env> {
     let mut topo = Topology::new()?;
     topo.add_node()?;
     let c = topo.add_pod(0, "client")?;
@@ -196,7 +202,7 @@ fn node_port_remote(n: u32, flags: &[&str]) -> anyhow::Result<Target> {
     node_port_in(remote_env()?, n, flags)
 }
 
-fn pod_addrs(env: &Env) -> Vec<SocketAddrV4> {
+pub(crate) fn pod_addrs(env: &Env) -> Vec<SocketAddrV4> {
     env.topo
         .pods
         .iter()
@@ -205,7 +211,7 @@ fn pod_addrs(env: &Env) -> Vec<SocketAddrV4> {
         .collect()
 }
 
-fn client_pod(env: &Env) -> String {
+pub(crate) fn client_pod(env: &Env) -> String {
     env.topo.pod("client").ns.path()
 }
 
@@ -248,7 +254,7 @@ fn measured(env: &Env) -> SvcPort {
 /// Writes `fillers` filler Services with their EndpointSlices (10
 /// endpoints that do not exist each), the measured Service `web` (with
 /// `web_spec` lines) and the backend Pods, then starts the agent.
-fn start_agent(
+pub(crate) fn start_agent(
     env: &mut Env,
     fillers: u32,
     web_spec: &str,
@@ -388,13 +394,13 @@ pub struct PathResult {
 
 /// Rounds of one mode on one path.
 #[derive(Default)]
-struct Pooled {
+pub(crate) struct Pooled {
     rates: Vec<f64>,
     all: LoadResult,
 }
 
 impl Pooled {
-    fn add(&mut self, r: LoadResult) {
+    pub(crate) fn add(&mut self, r: LoadResult) {
         self.rates.push(r.rate());
         self.all.ok += r.ok;
         self.all.errors += r.errors;
@@ -403,7 +409,7 @@ impl Pooled {
         self.all.latencies_us.extend(r.latencies_us);
     }
 
-    fn finish(mut self) -> (f64, LoadResult) {
+    pub(crate) fn finish(mut self) -> (f64, LoadResult) {
         self.all.latencies_us.sort_by(|a, b| a.total_cmp(b));
         (median(self.rates), self.all)
     }

@@ -14,6 +14,7 @@ mod packet_cost;
 mod packet_rate;
 mod plots;
 mod scale;
+mod socket_lb;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
 
@@ -253,6 +254,19 @@ fn main() -> anyhow::Result<()> {
         match plots::end_to_end(&e2e, e2e_sizes, &dir.join(&name)) {
             Ok(()) => pngs.push(("End-to-end rates".into(), name)),
             Err(e) => eprintln!("plot: {e:#}"),
+        }
+    }
+
+    if parts.run("socket-lb") {
+        eprintln!("ClusterIP through the socket hooks ...");
+        let (rounds, limit) = if quick {
+            (4, Duration::from_millis(750))
+        } else {
+            (8, Duration::from_secs(1))
+        };
+        match socket_lb::measure(10_000, rounds, limit) {
+            Ok(rows) => socket_lb::report(&mut md, &rows, 10_000, rounds, limit, &mut targets),
+            Err(e) => eprintln!("  failed: {e:#}"),
         }
     }
 

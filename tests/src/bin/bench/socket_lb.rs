@@ -1,0 +1,269 @@
+//! ClusterIP through the socket hooks (`--socket-lb pods`) against the
+//! pod IP it stands for: the client pod of the end-to-end topology, with
+//! the agent holding N Services, loads the Service's ClusterIP and then the
+//! backend pods' own addresses, from the same pod and the same cgroup, in
+//! alternating rounds (A B A B) so that whatever else the machine does
+//! falls on both alike. For context, a second topology runs the agent with
+//! the default `--socket-lb host`, where the same pod's ClusterIP
+//! connections are translated by tc, and its pods' addresses without any
+//! hook.
+//!
+//! Cgroup membership is per process and the load threads are the bench's
+//! own, so the bench moves itself into the hooks' cgroup (a child of the
+//! cgroup2 mount it made) for the rounds of the first two paths and back to
+//! where it was for the others; sockets keep the cgroup they were made in.
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use integration_tests::{
+    cgroup::TestCgroup,
+    load::{self, Load, Mode},
+};
+
+use crate::end_to_end::{Env, MEASURED_VIP, Pooled, client_pod, pod_addrs, pods_env, start_agent};
+
+pub const HOOKED: &str = "ClusterIP, --socket-lb pods";
+pub const HOOKED_POD_IP: &str = "pod IP, same pod (hooks attached)";
+pub const TC: &str = "ClusterIP, --socket-lb host (tc)";
+pub const TC_POD_IP: &str = "pod IP, no hooks";
+const CLIENT_THREADS: usize = 2;
+
+pub struct Row {
+    pub name: &'static str,
+    pub short_rate: f64,
+    pub short: load::LoadResult,
+    pub kept_rate: f64,
+    pub kept: load::LoadResult,
+}
+
+struct Measured {
+    name: &'static str,
+    client_ns: String,
+    addrs: Vec<SocketAddrV4>,
+    in_cgroup: bool,
+    short: Pooled,
+    kept: Pooled,
+}
+
+/// The bench process inside the hooks' cgroup while it lives; back in the
+/// cgroup it came from when dropped (also on failure), before the test
+/// cgroup is removed.
+struct Inside<'a> {
+    home: PathBuf,
+    cgroup: &'a TestCgroup,
+}
+
+impl<'a> Inside<'a> {
+    fn enter(cgroup: &'a TestCgroup) -> anyhow::Result<Self> {
+        let home = own_cgroup()?;
+        cgroup.add(std::process::id())?;
+        Ok(Self { home, cgroup })
+    }
+}
+
+impl Drop for Inside<'_> {
+    fn drop(&mut self) {
+        let procs = self.home.join("cgroup.procs");
+        if let Err(e) = fs::write(&procs, std::process::id().to_string()) {
+            eprintln!(
+                "    could not move back to {} from {}: {e}",
+                procs.display(),
+                self.cgroup.flag()
+            );
+        }
+    }
+}
+
+/// This process's cgroup v2 directory (the `0::` line of /proc/self/cgroup).
+fn own_cgroup() -> anyhow::Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/cgroup")?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 line in /proc/self/cgroup")?;
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    let root = service_agent::dataplane::cgroup::cgroup2_mount(&mounts)?;
+    Ok(root.join(Path::new(rel.trim_start_matches('/'))))
+}
+
+/// Measures the four paths at `services` Services, `rounds` rounds of
+/// `limit` per mode and path.
+pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Vec<Row>> {
+    let cgroup = TestCgroup::new()?;
+    let web_ports = "{name: http, port: 80, targetPort: 8080}";
+    let mut hooked: Env = pods_env(false)?;
+    start_agent(
+        &mut hooked,
+        services.saturating_sub(1),
+        "",
+        web_ports,
+        &["--cgroup", &cgroup.flag(), "--socket-lb", "pods"],
+    )?;
+    let mut tc: Env = pods_env(false)?;
+    start_agent(&mut tc, services.saturating_sub(1), "", web_ports, &[])?;
+    let vip = vec![SocketAddrV4::new(MEASURED_VIP, 80)];
+    let mut paths = [
+        (HOOKED, &hooked, vip.clone(), true),
+        (HOOKED_POD_IP, &hooked, pod_addrs(&hooked), true),
+        (TC, &tc, vip, false),
+        (TC_POD_IP, &tc, pod_addrs(&tc), false),
+    ]
+    .map(|(name, env, addrs, in_cgroup)| Measured {
+        name,
+        client_ns: client_pod(env),
+        addrs,
+        in_cgroup,
+        short: Pooled::default(),
+        kept: Pooled::default(),
+    });
+    for p in &paths {
+        let _inside = p.in_cgroup.then(|| Inside::enter(&cgroup)).transpose()?;
+        let probe = load::run(
+            &p.client_ns,
+            &p.addrs,
+            Load {
+                mode: Mode::ShortConnections,
+                threads: 1,
+                warmup: Duration::ZERO,
+                limit: Duration::from_secs(3),
+                max_ops: 1,
+            },
+        )?;
+        anyhow::ensure!(
+            probe.ok == 1,
+            "{}: no answer ({})",
+            p.name,
+            probe.first_error.unwrap_or_default()
+        );
+    }
+    for round in 0..rounds {
+        eprintln!("  round {} of {rounds}", round + 1);
+        for p in paths.iter_mut() {
+            let _inside = p.in_cgroup.then(|| Inside::enter(&cgroup)).transpose()?;
+            for mode in [Mode::ShortConnections, Mode::KeptAlive] {
+                let r = load::run(
+                    &p.client_ns,
+                    &p.addrs,
+                    Load {
+                        mode,
+                        threads: CLIENT_THREADS,
+                        warmup: Duration::from_millis(200),
+                        limit,
+                        max_ops: 2_000_000,
+                    },
+                )?;
+                match mode {
+                    Mode::ShortConnections => p.short.add(r),
+                    Mode::KeptAlive => p.kept.add(r),
+                }
+            }
+        }
+    }
+    let hooks_saw = reasons(&hooked)?;
+    eprintln!("  the hooked agent's counters: {hooks_saw}");
+    let rows = paths
+        .into_iter()
+        .map(|p| {
+            let (short_rate, short) = p.short.finish();
+            let (kept_rate, kept) = p.kept.finish();
+            Row {
+                name: p.name,
+                short_rate,
+                short,
+                kept_rate,
+                kept,
+            }
+        })
+        .collect();
+    drop((hooked, tc));
+    Ok(rows)
+}
+
+/// sock_translated and the measured frontend's tc packets, to show in the
+/// log that the hooks (not tc) carried the ClusterIP path.
+fn reasons(env: &Env) -> anyhow::Result<String> {
+    let text = env
+        .agent()
+        .context("no agent")?
+        .cli("stats", &["--output", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let packets = v["frontends"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|f| f["frontend"].as_str() == Some(&format!("{MEASURED_VIP}:80/TCP")))
+        })
+        .map(|f| f["packets"].clone());
+    Ok(format!(
+        "sock_translated {}, tc packets of {MEASURED_VIP}:80/TCP {}",
+        v["reasons"]["sock_translated"],
+        packets.unwrap_or_default()
+    ))
+}
+
+pub fn report(
+    md: &mut String,
+    rows: &[Row],
+    services: u32,
+    rounds: u32,
+    limit: Duration,
+    targets: &mut Vec<(String, bool, String)>,
+) {
+    let _ = writeln!(
+        md,
+        "## ClusterIP through the socket hooks (`--socket-lb pods`)\n\n\
+         The client pod of the end-to-end topology, the agent holding {services} Services, in the hooks' cgroup: its \
+         connect() to the ClusterIP is given a backend by the cgroup hook, so its packets leave the pod addressed to the \
+         backend and tc on its veth translates none of them. Baseline: the same pod, in the same cgroup, to the backend \
+         pods' addresses. {rounds} rounds of {:.1} s per mode, the paths alternating within each round; rates are medians \
+         over rounds. For context, a second topology whose agent runs `--socket-lb host`: the same ClusterIP through tc, \
+         and the pods' addresses with no hook on the client.\n\n\
+         | path | short conn/s | p50 / p99 (µs) | kept-alive req/s | p50 / p99 (µs) | failed |\n|---|---:|---:|---:|---:|---:|",
+        limit.as_secs_f64()
+    );
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {} |",
+            r.name,
+            r.short_rate,
+            r.short.percentile_us(0.5),
+            r.short.percentile_us(0.99),
+            r.kept_rate,
+            r.kept.percentile_us(0.5),
+            r.kept.percentile_us(0.99),
+            r.short.errors + r.kept.errors
+        );
+    }
+    let get = |name: &str| rows.iter().find(|r| r.name == name);
+    let ratio = |a: &str, b: &str, f: fn(&Row) -> f64| get(a).zip(get(b)).map(|(a, b)| f(a) / f(b));
+    let short: fn(&Row) -> f64 = |r| r.short_rate;
+    let kept: fn(&Row) -> f64 = |r| r.kept_rate;
+    let show = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.3}×"));
+    let _ = writeln!(
+        md,
+        "\nClusterIP with --socket-lb pods / pod IP: {} (short), {} (kept-alive). ClusterIP through tc / pod IP without hooks: {} (short), {} (kept-alive). Pod IP with the hooks attached / without: {} (short), {} (kept-alive).\n",
+        show(ratio(HOOKED, HOOKED_POD_IP, short)),
+        show(ratio(HOOKED, HOOKED_POD_IP, kept)),
+        show(ratio(TC, TC_POD_IP, short)),
+        show(ratio(TC, TC_POD_IP, kept)),
+        show(ratio(HOOKED_POD_IP, TC_POD_IP, short)),
+        show(ratio(HOOKED_POD_IP, TC_POD_IP, kept)),
+    );
+    for (what, f) in [("short connections", short), ("kept-alive requests", kept)] {
+        let v = ratio(HOOKED, HOOKED_POD_IP, f);
+        targets.push((
+            format!(
+                "ClusterIP with --socket-lb pods at {services} Services ≥ 0.98× pod IP, {what}"
+            ),
+            v.is_some_and(|v| v >= 0.98),
+            show(v),
+        ));
+    }
+}
