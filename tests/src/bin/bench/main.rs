@@ -260,9 +260,9 @@ fn main() -> anyhow::Result<()> {
     if parts.run("socket-lb") {
         eprintln!("ClusterIP through the socket hooks ...");
         let (rounds, limit) = if quick {
-            (4, Duration::from_millis(750))
+            (6, Duration::from_millis(750))
         } else {
-            (8, Duration::from_secs(1))
+            (16, Duration::from_secs(1))
         };
         match socket_lb::measure(10_000, rounds, limit) {
             Ok(rows) => socket_lb::report(&mut md, &rows, 10_000, rounds, limit, &mut targets),

@@ -5,8 +5,16 @@
 //! alternating rounds (A B A B) so that whatever else the machine does
 //! falls on both alike. For context, a second topology runs the agent with
 //! the default `--socket-lb host`, where the same pod's ClusterIP
-//! connections are translated by tc, and its pods' addresses without any
-//! hook.
+//! connections are translated by tc, and a third has no agent at all (the
+//! end-to-end section's pod IP baseline). The tc topology measures only its
+//! ClusterIP: its pod's direct connections would reuse ports whose closed
+//! ClusterIP flows still have conntrack entries, and their replies would
+//! be turned into the ClusterIP's (see the report).
+//!
+//! A kept-alive round opens one connection per client thread; through the
+//! Service each lands on a random backend, so both may share one. The pod
+//! IP paths' connections pick their pods at random too, so both sides load
+//! the backends alike.
 //!
 //! Cgroup membership is per process and the load threads are the bench's
 //! own, so the bench moves itself into the hooks' cgroup (a child of the
@@ -24,14 +32,18 @@ use anyhow::Context as _;
 use integration_tests::{
     cgroup::TestCgroup,
     load::{self, Load, Mode},
+    rng::Rng,
 };
 
-use crate::end_to_end::{Env, MEASURED_VIP, Pooled, client_pod, pod_addrs, pods_env, start_agent};
+use crate::{
+    end_to_end::{Env, MEASURED_VIP, Pooled, client_pod, pod_addrs, pods_env, start_agent},
+    packet_cost::median,
+};
 
 pub const HOOKED: &str = "ClusterIP, --socket-lb pods";
 pub const HOOKED_POD_IP: &str = "pod IP, same pod (hooks attached)";
 pub const TC: &str = "ClusterIP, --socket-lb host (tc)";
-pub const TC_POD_IP: &str = "pod IP, no hooks";
+pub const PLAIN_POD_IP: &str = "pod IP, no agent, no hooks";
 const CLIENT_THREADS: usize = 2;
 
 pub struct Row {
@@ -40,6 +52,9 @@ pub struct Row {
     pub short: load::LoadResult,
     pub kept_rate: f64,
     pub kept: load::LoadResult,
+    /// Each round's rates, in round order, for ratios paired by round.
+    pub short_rounds: Vec<f64>,
+    pub kept_rounds: Vec<f64>,
 }
 
 struct Measured {
@@ -47,8 +62,12 @@ struct Measured {
     client_ns: String,
     addrs: Vec<SocketAddrV4>,
     in_cgroup: bool,
+    /// The addresses are pods: a kept-alive round gives each connection one at random.
+    pods: bool,
     short: Pooled,
     kept: Pooled,
+    short_rounds: Vec<f64>,
+    kept_rounds: Vec<f64>,
 }
 
 /// The bench process inside the hooks' cgroup while it lives; back in the
@@ -107,20 +126,24 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
     )?;
     let mut tc: Env = pods_env(false)?;
     start_agent(&mut tc, services.saturating_sub(1), "", web_ports, &[])?;
+    let plain: Env = pods_env(false)?;
     let vip = vec![SocketAddrV4::new(MEASURED_VIP, 80)];
     let mut paths = [
         (HOOKED, &hooked, vip.clone(), true),
         (HOOKED_POD_IP, &hooked, pod_addrs(&hooked), true),
         (TC, &tc, vip, false),
-        (TC_POD_IP, &tc, pod_addrs(&tc), false),
+        (PLAIN_POD_IP, &plain, pod_addrs(&plain), false),
     ]
     .map(|(name, env, addrs, in_cgroup)| Measured {
         name,
         client_ns: client_pod(env),
+        pods: addrs.len() > 1,
         addrs,
         in_cgroup,
         short: Pooled::default(),
         kept: Pooled::default(),
+        short_rounds: vec![],
+        kept_rounds: vec![],
     });
     for p in &paths {
         let _inside = p.in_cgroup.then(|| Inside::enter(&cgroup)).transpose()?;
@@ -142,14 +165,31 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
             probe.first_error.unwrap_or_default()
         );
     }
+    let mut rng = Rng::for_test("socket-lb bench");
     for round in 0..rounds {
         eprintln!("  round {} of {rounds}", round + 1);
-        for p in paths.iter_mut() {
+        // Every other round runs the paths in reverse, so that neither of
+        // a compared pair always comes first.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..paths.len()).collect()
+        } else {
+            (0..paths.len()).rev().collect()
+        };
+        for i in order {
+            let p = &mut paths[i];
             let _inside = p.in_cgroup.then(|| Inside::enter(&cgroup)).transpose()?;
             for mode in [Mode::ShortConnections, Mode::KeptAlive] {
+                // Thread t keeps a connection to addrs[t + 1]: random pods,
+                // as the Service's random backends.
+                let addrs: Vec<SocketAddrV4> = match mode {
+                    Mode::KeptAlive if p.pods => {
+                        (0..CLIENT_THREADS).map(|_| *rng.pick(&p.addrs)).collect()
+                    }
+                    _ => p.addrs.clone(),
+                };
                 let r = load::run(
                     &p.client_ns,
-                    &p.addrs,
+                    &addrs,
                     Load {
                         mode,
                         threads: CLIENT_THREADS,
@@ -158,9 +198,16 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
                         max_ops: 2_000_000,
                     },
                 )?;
+                eprintln!("    {}, {mode:?}: {:.0}/s", p.name, r.rate());
                 match mode {
-                    Mode::ShortConnections => p.short.add(r),
-                    Mode::KeptAlive => p.kept.add(r),
+                    Mode::ShortConnections => {
+                        p.short_rounds.push(r.rate());
+                        p.short.add(r)
+                    }
+                    Mode::KeptAlive => {
+                        p.kept_rounds.push(r.rate());
+                        p.kept.add(r)
+                    }
                 }
             }
         }
@@ -178,10 +225,12 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
                 short,
                 kept_rate,
                 kept,
+                short_rounds: p.short_rounds,
+                kept_rounds: p.kept_rounds,
             }
         })
         .collect();
-    drop((hooked, tc));
+    drop((hooked, tc, plain));
     Ok(rows)
 }
 
@@ -223,7 +272,8 @@ pub fn report(
          backend and tc on its veth translates none of them. Baseline: the same pod, in the same cgroup, to the backend \
          pods' addresses. {rounds} rounds of {:.1} s per mode, the paths alternating within each round; rates are medians \
          over rounds. For context, a second topology whose agent runs `--socket-lb host`: the same ClusterIP through tc, \
-         and the pods' addresses with no hook on the client.\n\n\
+         and a third with no agent: the pods' addresses with no hook on the client (the end-to-end section's baseline). \
+         In kept-alive rounds each of the 2 connections to pod IPs goes to a pod chosen at random, as the Service's do.\n\n\
          | path | short conn/s | p50 / p99 (µs) | kept-alive req/s | p50 / p99 (µs) | failed |\n|---|---:|---:|---:|---:|---:|",
         limit.as_secs_f64()
     );
@@ -242,19 +292,30 @@ pub fn report(
         );
     }
     let get = |name: &str| rows.iter().find(|r| r.name == name);
-    let ratio = |a: &str, b: &str, f: fn(&Row) -> f64| get(a).zip(get(b)).map(|(a, b)| f(a) / f(b));
-    let short: fn(&Row) -> f64 = |r| r.short_rate;
-    let kept: fn(&Row) -> f64 = |r| r.kept_rate;
+    // The median over rounds of each round's ratio: a pair measured
+    // back to back shares that moment's load on this machine.
+    let ratio = |a: &str, b: &str, f: fn(&Row) -> &[f64]| {
+        let (a, b) = get(a).zip(get(b))?;
+        let per_round: Vec<f64> = f(a).iter().zip(f(b)).map(|(x, y)| x / y).collect();
+        (!per_round.is_empty()).then(|| median(per_round))
+    };
+    let short: fn(&Row) -> &[f64] = |r| &r.short_rounds;
+    let kept: fn(&Row) -> &[f64] = |r| &r.kept_rounds;
     let show = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.3}×"));
     let _ = writeln!(
         md,
-        "\nClusterIP with --socket-lb pods / pod IP: {} (short), {} (kept-alive). ClusterIP through tc / pod IP without hooks: {} (short), {} (kept-alive). Pod IP with the hooks attached / without: {} (short), {} (kept-alive).\n",
+        "\nMedians of the per-round ratios. ClusterIP with --socket-lb pods / pod IP (same pod, hooks attached): {} (short), {} (kept-alive). \
+         ClusterIP through tc / pod IP without agent: {} (short), {} (kept-alive). \
+         ClusterIP with --socket-lb pods / pod IP without agent: {} (short), {} (kept-alive). \
+         Pod IP with the agent and hooks / without: {} (short), {} (kept-alive).\n",
         show(ratio(HOOKED, HOOKED_POD_IP, short)),
         show(ratio(HOOKED, HOOKED_POD_IP, kept)),
-        show(ratio(TC, TC_POD_IP, short)),
-        show(ratio(TC, TC_POD_IP, kept)),
-        show(ratio(HOOKED_POD_IP, TC_POD_IP, short)),
-        show(ratio(HOOKED_POD_IP, TC_POD_IP, kept)),
+        show(ratio(TC, PLAIN_POD_IP, short)),
+        show(ratio(TC, PLAIN_POD_IP, kept)),
+        show(ratio(HOOKED, PLAIN_POD_IP, short)),
+        show(ratio(HOOKED, PLAIN_POD_IP, kept)),
+        show(ratio(HOOKED_POD_IP, PLAIN_POD_IP, short)),
+        show(ratio(HOOKED_POD_IP, PLAIN_POD_IP, kept)),
     );
     for (what, f) in [("short connections", short), ("kept-alive requests", kept)] {
         let v = ratio(HOOKED, HOOKED_POD_IP, f);
