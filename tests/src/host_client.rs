@@ -49,6 +49,18 @@ impl HostClient {
         self.answer(cmd)
     }
 
+    /// Asserts that a TCP connect and a UDP sendto to `vip` fail with
+    /// ECONNREFUSED at once (the socket hook's refusal), not after a wait.
+    pub fn assert_refused_at_once(&mut self, vip: std::net::Ipv4Addr) {
+        for cmd in [format!("tcp {vip}:80"), format!("udp-sendto {vip}:53")] {
+            let a = self.ask(&cmd).unwrap();
+            let w: Vec<&str> = a.split_whitespace().collect();
+            assert_eq!(w[..2], ["err", "111"], "{cmd}: ECONNREFUSED, got {a}");
+            let ms: u64 = w[2].parse().unwrap();
+            assert!(ms < 100, "{cmd}: refused after {ms} ms, not at once");
+        }
+    }
+
     /// Sends a command whose answer comes later (`answer`).
     pub fn send(&mut self, cmd: &str) -> anyhow::Result<()> {
         writeln!(self.stdin, "{cmd}")?;

@@ -497,12 +497,11 @@ pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<Path
     results
 }
 
-/// Runs the path's setup and one request through it.
-fn set_up(spec: &PathSpec) -> anyhow::Result<Target> {
-    let target = (spec.setup)(spec.services)?;
-    let probe = load::run(
-        &target.client_ns,
-        &target.addrs,
+/// One short connection from `ns` to `addrs`: whether a path answers at all.
+pub(crate) fn one_request(ns: &str, addrs: &[SocketAddrV4]) -> anyhow::Result<LoadResult> {
+    load::run(
+        ns,
+        addrs,
         Load {
             mode: Mode::ShortConnections,
             threads: 1,
@@ -510,7 +509,13 @@ fn set_up(spec: &PathSpec) -> anyhow::Result<Target> {
             limit: Duration::from_secs(3),
             max_ops: 1,
         },
-    )?;
+    )
+}
+
+/// Runs the path's setup and one request through it.
+fn set_up(spec: &PathSpec) -> anyhow::Result<Target> {
+    let target = (spec.setup)(spec.services)?;
+    let probe = one_request(&target.client_ns, &target.addrs)?;
     if probe.ok != 1 {
         bail!(
             "no answer through the path: {}",

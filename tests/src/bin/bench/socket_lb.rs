@@ -36,7 +36,9 @@ use integration_tests::{
 };
 
 use crate::{
-    end_to_end::{Env, MEASURED_VIP, Pooled, client_pod, pod_addrs, pods_env, start_agent},
+    end_to_end::{
+        Env, MEASURED_VIP, Pooled, client_pod, one_request, pod_addrs, pods_env, start_agent,
+    },
     packet_cost::median,
 };
 
@@ -147,17 +149,7 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
     });
     for p in &paths {
         let _inside = p.in_cgroup.then(|| Inside::enter(&cgroup)).transpose()?;
-        let probe = load::run(
-            &p.client_ns,
-            &p.addrs,
-            Load {
-                mode: Mode::ShortConnections,
-                threads: 1,
-                warmup: Duration::ZERO,
-                limit: Duration::from_secs(3),
-                max_ops: 1,
-            },
-        )?;
+        let probe = one_request(&p.client_ns, &p.addrs)?;
         anyhow::ensure!(
             probe.ok == 1,
             "{}: no answer ({})",
