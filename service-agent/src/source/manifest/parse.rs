@@ -52,7 +52,7 @@ pub type FileObjects = Cluster;
 
 /// Where a reader puts the objects it types, one at a time: a `Cluster`,
 /// or the manifest directory's packed store.
-pub trait Sink: Default {
+pub trait Sink: Default + Send {
     fn service(&mut self, s: Sourced<Service>);
     fn endpoint_slice(&mut self, s: Sourced<EndpointSlice>);
     fn endpoints(&mut self, e: Sourced<Endpoints>);

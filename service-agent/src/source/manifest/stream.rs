@@ -13,7 +13,11 @@
 //! item that is not valid YAML on its own, such as one using another's
 //! anchor) makes the caller read the file whole instead: same objects, same
 //! errors, only more memory.
-use std::io::BufRead;
+//!
+//! A List's items are typed in batches spread over the CPUs: parsing YAML
+//! is most of what a start from one big file costs, and the items are
+//! independent of each other.
+use std::{io::BufRead, num::NonZeroUsize, thread};
 
 use super::parse::{FileObjects, ManifestError, Sink, add_document, parse_documents};
 
@@ -40,7 +44,13 @@ struct Document<S> {
     has_items: bool,
     items: S,
     failed: Option<ManifestError>,
+    /// Item texts read but not typed yet.
+    untyped: Vec<String>,
 }
+
+/// Items typed together: enough that a batch's threads cost little next to
+/// its parsing, few enough that the texts held stay small.
+const ITEM_BATCH: usize = 512;
 
 struct ItemBlock {
     /// The indentation of the items' `- `, once the first is seen.
@@ -148,11 +158,12 @@ fn end_items<S: Sink>(
 ) -> Result<(), Stream> {
     if let Some(mut b) = block.take() {
         end_item(&mut b, doc, name, index)?;
+        type_items(doc, name, index)?;
     }
     Ok(())
 }
 
-/// Types the item read so far (a one-element block sequence).
+/// Queues the item read so far (a one-element block sequence) for typing.
 fn end_item<S: Sink>(
     b: &mut ItemBlock,
     doc: &mut Document<S>,
@@ -163,19 +174,72 @@ fn end_item<S: Sink>(
     if blank_text(&text) {
         return Ok(());
     }
-    let mut items: Vec<serde_yaml_ng::Value> =
-        serde_yaml_ng::from_str(&text).map_err(|_| Stream::ReadWhole)?;
-    let (Some(item), None) = (items.pop(), items.pop()) else {
-        return Err(Stream::ReadWhole);
-    };
-    // After a bad item the rest is only read through: the whole file is
-    // refused anyway if this is a List.
-    if doc.failed.is_none()
-        && let Err(e) = add_document(&mut doc.items, item, name, index)
-    {
-        doc.failed = Some(e);
+    doc.untyped.push(text);
+    if doc.untyped.len() >= ITEM_BATCH {
+        type_items(doc, name, index)?;
     }
     Ok(())
+}
+
+/// Types the queued items, a share of them on each CPU, and adds them to
+/// the document in their order.
+fn type_items<S: Sink>(doc: &mut Document<S>, name: &str, index: usize) -> Result<(), Stream> {
+    let texts = std::mem::take(&mut doc.untyped);
+    if texts.is_empty() {
+        return Ok(());
+    }
+    let cpus = thread::available_parallelism().map_or(1, NonZeroUsize::get);
+    let share = texts.len().div_ceil(cpus.min(texts.len()));
+    let typed: Vec<Result<Typed<S>, Stream>> = thread::scope(|scope| {
+        let mut parts = texts.chunks(share);
+        let first = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts
+            .map(|part| scope.spawn(move || type_part::<S>(part, name, index)))
+            .collect();
+        let mut typed = vec![type_part::<S>(first, name, index)];
+        typed.extend(
+            others
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+        );
+        typed
+    });
+    for part in typed {
+        let part = part?;
+        // After a bad item the rest is only read through: the whole file
+        // is refused anyway if this is a List.
+        if doc.failed.is_none() {
+            doc.items.append(part.items);
+            doc.failed = part.failed;
+        }
+    }
+    Ok(())
+}
+
+/// Items of one part, up to the first that failed to type.
+struct Typed<S> {
+    items: S,
+    failed: Option<ManifestError>,
+}
+
+fn type_part<S: Sink>(texts: &[String], name: &str, index: usize) -> Result<Typed<S>, Stream> {
+    let mut out = Typed {
+        items: S::default(),
+        failed: None,
+    };
+    for text in texts {
+        let mut items: Vec<serde_yaml_ng::Value> =
+            serde_yaml_ng::from_str(text).map_err(|_| Stream::ReadWhole)?;
+        let (Some(item), None) = (items.pop(), items.pop()) else {
+            return Err(Stream::ReadWhole);
+        };
+        if out.failed.is_none()
+            && let Err(e) = add_document(&mut out.items, item, name, index)
+        {
+            out.failed = Some(e);
+        }
+    }
+    Ok(out)
 }
 
 fn blank_text(text: &str) -> bool {
