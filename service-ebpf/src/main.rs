@@ -6,6 +6,7 @@
 mod access;
 mod conntrack;
 mod csum;
+mod family;
 mod flood;
 mod forward;
 mod headers;
@@ -15,8 +16,10 @@ mod maps;
 mod nat;
 mod opening;
 mod packet;
+mod packet6;
 mod ports;
 mod reject;
+mod reject6;
 mod sock;
 mod stats;
 mod tc;

@@ -7,21 +7,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use service_common::{
-    CT_F_LOCAL_SOURCE, FragKey, FragValue, IPPROTO_ICMP, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
+    CT_F_LOCAL_SOURCE, FragValueOf, IPPROTO_ICMP, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
 };
 
 use crate::{
     access::Packet,
     conntrack::{self, CtLookup},
+    family::{Family, V4, V6},
     forward,
-    headers::ETH_HLEN,
+    headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF},
     icmp::{self, IcmpVerdict},
     lb::{self, Frontend},
-    maps::FRAGMENTS,
     nat::{self, Target},
     opening::{self, Opening},
-    packet::{self, Flow, Parsed},
-    reject,
+    packet::{Flow, Parsed},
     stats::{Outcome, count_packet, count_rejected},
 };
 
@@ -32,11 +31,21 @@ type TcOutcome = Outcome<i32>;
 
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
-    let flow = match packet::parse(ctx) {
+    match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
+        Some(ETH_P_IP) => ingress_of::<V4>(ctx, from_outside),
+        Some(ETH_P_IPV6) => ingress_of::<V6>(ctx, from_outside),
+        _ => Outcome::uncounted(PASS),
+    }
+}
+
+/// One family's ingress path.
+#[inline(always)]
+fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
+    let flow = match F::parse(ctx) {
         Parsed::Other => return Outcome::uncounted(PASS),
         Parsed::Untouchable(reason) => return Outcome::counted(PASS, reason),
         Parsed::Flow(flow) => flow,
-        Parsed::LaterFragment(key) => return follow_first_fragment(ctx, &key),
+        Parsed::LaterFragment(key) => return follow_first_fragment::<F>(ctx, &key),
         Parsed::IcmpError(e) => {
             return match icmp::translate(ctx, &e) {
                 IcmpVerdict::NotOurs => Outcome::uncounted(PASS),
@@ -50,7 +59,7 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
                     // From a node address, IP input would drop it as a martian.
                     let action = if local_source {
                         let ip_len = ctx.size().saturating_sub(ETH_HLEN) as u16;
-                        forward::to_next_hop(ctx, source, client, IPPROTO_ICMP, ip_len)
+                        forward::to_next_hop::<V4>(ctx, source, client, IPPROTO_ICMP, ip_len)
                     } else {
                         PASS
                     };
@@ -86,7 +95,7 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
     } else {
         lb::Origin::Inside
     };
-    match lb::lookup_frontend(flow.daddr, flow.dport, flow.proto, origin) {
+    match lb::lookup_frontend::<F>(flow.daddr, flow.dport, flow.proto, origin) {
         Some(fe) => start_flow(ctx, &flow, &fe, from_outside),
         None => Outcome::uncounted(PASS),
     }
@@ -101,11 +110,20 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
 /// where it was going.
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> TcOutcome {
-    let flow = match packet::parse(ctx) {
+    match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
+        Some(ETH_P_IP) => egress_of::<V4>(ctx),
+        Some(ETH_P_IPV6) => egress_of::<V6>(ctx),
+        _ => Outcome::uncounted(PASS),
+    }
+}
+
+#[inline(always)]
+fn egress_of<F: Family>(ctx: &TcContext) -> TcOutcome {
+    let flow = match F::parse(ctx) {
         Parsed::Flow(flow) => flow,
         _ => return Outcome::uncounted(PASS),
     };
-    if !lb::is_node_address(flow.saddr) {
+    if !lb::is_node_address::<F>(flow.saddr) {
         return Outcome::uncounted(PASS);
     }
     let CtLookup::Hit {
@@ -125,10 +143,10 @@ pub fn egress(ctx: &TcContext) -> TcOutcome {
 
 /// Rewrites the packet to `to` and sends it on; Err: why it must be dropped.
 #[inline(always)]
-fn translate(
+fn translate<F: Family>(
     ctx: &TcContext,
-    flow: &Flow,
-    to: &Target,
+    flow: &Flow<F>,
+    to: &Target<F>,
     svc_id: u32,
     local_source: bool,
 ) -> Result<i32, Reason> {
@@ -138,7 +156,7 @@ fn translate(
         remember_fragments(flow, to, svc_id, local_source);
     }
     if local_source {
-        return Ok(forward::to_next_hop(
+        return Ok(forward::to_next_hop::<F>(
             ctx,
             to.saddr,
             to.daddr,
@@ -151,44 +169,33 @@ fn translate(
 
 /// Records how a first fragment was rewritten, for the rest of its datagram.
 #[inline(always)]
-fn remember_fragments(flow: &Flow, to: &Target, svc_id: u32, local_source: bool) {
-    let key = FragKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        id: flow.ip_id,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    let value = FragValue {
+fn remember_fragments<F: Family>(flow: &Flow<F>, to: &Target<F>, svc_id: u32, local_source: bool) {
+    let value = FragValueOf {
         nat_saddr: to.saddr,
         nat_daddr: to.daddr,
         svc_id,
         flags: if local_source { CT_F_LOCAL_SOURCE } else { 0 },
         _pad: 0,
     };
-    // LRU: a failed insert only leaves the later fragments untranslated
-    // (passed and counted), never sent elsewhere.
-    let _ = FRAGMENTS.insert(key, value, 0);
+    F::frag_insert(&F::frag_key(flow), &value);
 }
 
 /// A later fragment gets the addresses its first fragment got; without a
 /// record of the first it is passed untouched and counted.
 #[inline(always)]
-fn follow_first_fragment(ctx: &TcContext, key: &FragKey) -> TcOutcome {
-    // SAFETY: copied out at once; the kernel keeps a looked-up value alive
-    // until the program returns, and each record is written whole.
-    let Some(v) = (unsafe { FRAGMENTS.get(*key) }).copied() else {
+fn follow_first_fragment<F: Family>(ctx: &TcContext, key: &F::FragKey) -> TcOutcome {
+    let Some(v) = F::frag_get(key) else {
         return Outcome::counted(PASS, Reason::FragmentPassed);
     };
-    if nat::rewrite_addresses(ctx, (&key.saddr, &key.daddr), (&v.nat_saddr, &v.nat_daddr)).is_err()
-    {
+    let (saddr, daddr, proto) = F::frag_tuple(key);
+    if nat::rewrite_addresses::<F>(ctx, (saddr, daddr), (v.nat_saddr, v.nat_daddr)).is_err() {
         return Outcome::counted(DROP, Reason::RewriteFailed);
     }
     count_packet(v.svc_id, ctx.len());
     let mut action = PASS;
     if v.flags & CT_F_LOCAL_SOURCE != 0 {
         let ip_len = ctx.size().saturating_sub(ETH_HLEN) as u16;
-        action = forward::to_next_hop(ctx, v.nat_saddr, v.nat_daddr, key.proto, ip_len);
+        action = forward::to_next_hop::<F>(ctx, v.nat_saddr, v.nat_daddr, proto, ip_len);
     }
     Outcome::counted(action, Reason::FragmentTranslated)
 }
@@ -196,7 +203,12 @@ fn follow_first_fragment(ctx: &TcContext, key: &FragKey) -> TcOutcome {
 /// The first packet of a flow to a frontend: pick a backend, record the flow
 /// (counting its events), rewrite.
 #[inline(always)]
-fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend, from_outside: bool) -> TcOutcome {
+fn start_flow<F: Family>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+    fe: &Frontend<F>,
+    from_outside: bool,
+) -> TcOutcome {
     let opened = match opening::choose(flow, fe, from_outside) {
         Opening::Drop(reason) => Err(reason),
         Opening::Reject => return reject(ctx, flow, fe),
@@ -211,14 +223,14 @@ fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend, from_outside: bool) -
 }
 
 #[inline(always)]
-fn reject(ctx: &TcContext, flow: &Flow, fe: &Frontend) -> TcOutcome {
+fn reject<F: Family>(ctx: &TcContext, flow: &Flow<F>, fe: &Frontend<F>) -> TcOutcome {
     if fe.master.flags & SVC_F_REJECT_EMPTY == 0 {
         return Outcome::counted(DROP, Reason::NoLocalEndpoint);
     }
     let answered = if flow.proto == IPPROTO_TCP {
-        reject::tcp_reset(ctx, flow)
+        F::tcp_reset(ctx, flow)
     } else {
-        reject::icmp_port_unreachable(ctx, flow)
+        F::port_unreachable(ctx, flow)
     };
     match answered {
         Ok(action) => {

@@ -22,7 +22,7 @@ fn flow(
     let (backend_id, baddr) = backend;
     let request = CtKey {
         saddr: CLIENT.octets(),
-        daddr: fk.addr.octets(),
+        daddr: v4(fk.addr).octets(),
         sport,
         dport: fk.port,
         proto,
