@@ -238,3 +238,67 @@ fn ipv6_neighbours_stay_reachable_with_the_programs_attached() {
         assert!(n.is_none_or(|n| n == 0), "{reason}: {stats}");
     }
 }
+
+#[test]
+fn ipv6_node_port_from_outside_reaches_local_pods_and_keeps_the_client_address() {
+    let mut f = Node6::new();
+    f.topo.add_client().unwrap();
+    let spec = format!("  type: NodePort\n  clusterIP: '{VIP6}'\n");
+    let svc = service("web6", &spec).replace(
+        "port: 80, targetPort: 8080}",
+        "port: 80, targetPort: 8080, nodePort: 30080}",
+    );
+    f.dir
+        .write("svc.yaml", &(svc + &f.slice("web6", "IPv6")))
+        .unwrap();
+    let agent = f.start_agent();
+    agent
+        .wait_list("the IPv6 NodePort", |l| listed(l, "[*]:30080/TCP", 3))
+        .unwrap();
+    let node6 = f.topo.nodes[0].ip6.unwrap();
+    let outside = &f.topo.clients[0];
+    let counts = spread(
+        &outside.ns,
+        SocketAddr::new(node6.into(), 30080),
+        outside.ip6.unwrap().into(),
+        60,
+    );
+    assert!(
+        counts.len() >= 2 && counts.keys().all(|k| k.starts_with("web-")),
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn an_ipv6_frontend_without_endpoints_refuses_tcp_and_udp_at_once() {
+    let f = Node6::new();
+    let vip: Ipv6Addr = "fd00:96::30".parse().unwrap();
+    f.dir
+        .write("svc.yaml", &service("empty", &format!("  clusterIP: '{vip}'\n")))
+        .unwrap();
+    let agent = f.start_agent();
+    agent
+        .wait_list("the empty frontend", |l| {
+            l.contains(&format!("[{vip}]:80/TCP -> (no endpoints: rejects)"))
+        })
+        .unwrap();
+    let client = f.topo.pod("client");
+    let (tcp, udp) = client
+        .ns
+        .within(move || {
+            let tcp = std::net::TcpStream::connect_timeout(&SocketAddr::new(vip.into(), 80), T);
+            let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+            s.connect(SocketAddr::new(vip.into(), 53)).unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            s.send(b"hello").unwrap();
+            let mut buf = [0u8; 64];
+            (tcp.map(|_| ()), s.recv(&mut buf).map(|_| ()))
+        })
+        .unwrap();
+    let refused = |r: &std::io::Result<()>| {
+        r.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    assert!(refused(&tcp), "TCP: a reset, not {tcp:?}");
+    assert!(refused(&udp), "UDP: an ICMPv6 port unreachable, not {udp:?}");
+}
