@@ -31,6 +31,10 @@ pub trait Family: Sized + Copy + 'static {
     type FragKey: Copy;
     /// The address of NodePort frontends' keys.
     const ANY: Self::Addr;
+    /// The family's path is cut into BPF subprograms (`tc.rs`): IPv6's
+    /// wider keys and values do not fit the verifier's 512 bytes of stack
+    /// in one function, IPv4's path stays one function as it always was.
+    const SPLIT: bool;
     /// The IP header's address fields in the frame.
     const SRC_OFF: usize;
     const DST_OFF: usize;
@@ -89,6 +93,7 @@ impl Family for V4 {
     type Addr = Addr4;
     type FragKey = FragKey;
     const ANY: Addr4 = [0; 4];
+    const SPLIT: bool = false;
     const SRC_OFF: usize = IP_SRC_OFF;
     const DST_OFF: usize = IP_DST_OFF;
 
@@ -236,6 +241,7 @@ impl Family for V6 {
     type Addr = Addr6;
     type FragKey = FragKey6;
     const ANY: Addr6 = [0; 16];
+    const SPLIT: bool = true;
     const SRC_OFF: usize = IP6_SRC_OFF;
     const DST_OFF: usize = IP6_DST_OFF;
 
@@ -354,19 +360,18 @@ impl Family for V6 {
             // IPv6 has no header checksum, only the pseudo-header's share.
             // SAFETY: both buffers are 16-byte stack arrays, the sizes given.
             let diff = unsafe {
-                bpf_csum_diff(
-                    old.as_mut_ptr().cast(),
-                    16,
-                    new.as_mut_ptr().cast(),
-                    16,
-                    0,
-                )
+                bpf_csum_diff(old.as_mut_ptr().cast(), 16, new.as_mut_ptr().cast(), 16, 0)
             };
             if diff < 0 {
                 return Err(());
             }
-            ctx.l4_csum_replace(csum_off, 0, diff as u32 as u64, flags | BPF_F_PSEUDO_HDR as u64)
-                .map_err(|_| ())?;
+            ctx.l4_csum_replace(
+                csum_off,
+                0,
+                diff as u32 as u64,
+                flags | BPF_F_PSEUDO_HDR as u64,
+            )
+            .map_err(|_| ())?;
         }
         ctx.store(field_off, &new, 0).map_err(|_| ())
     }

@@ -2,6 +2,8 @@
 //! was made by the agent's planner; these programs only follow the maps.
 #![no_std]
 #![no_main]
+// Without the `ipv6` feature the IPv6 path is compiled but not dispatched to.
+#![cfg_attr(not(feature = "ipv6"), allow(dead_code))]
 
 mod access;
 mod conntrack;

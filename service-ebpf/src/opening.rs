@@ -90,6 +90,30 @@ pub fn choose<F: Family>(flow: &Flow<F>, fe: &Frontend<F>, from_outside: bool) -
     })
 }
 
+/// Records both conntrack entries of the flow; `Ok(true)`: the client's
+/// port was moved off a clashing tuple.
+#[inline(always)]
+fn pin<F: Family>(flow: &Flow<F>, c: &mut Choice<F>) -> Result<bool, Reason> {
+    if c.snat {
+        conntrack::create_snat(flow, &mut c.to, c.pick.id, c.svc_id, c.reply_flags)?;
+        return Ok(false);
+    }
+    conntrack::create(
+        flow,
+        &mut c.to,
+        c.pick.id,
+        c.svc_id,
+        c.hairpin,
+        c.reply_flags,
+    )
+}
+
+/// `pin` as a subprogram of its own, for IPv6 (`Family::SPLIT`).
+#[inline(never)]
+fn pin_split<F: Family>(flow: &Flow<F>, c: &mut Choice<F>) -> Result<bool, Reason> {
+    pin(flow, c)
+}
+
 /// Pins the flow to its backend in conntrack (picking the SNAT source port)
 /// and notes its affinity, unless the flood guard refuses another opening
 /// on this CPU this second; from here on the packet must be translated.
@@ -103,20 +127,13 @@ pub fn record<F: Family>(
     if !flood::admit() {
         return Err(Reason::FloodDropped);
     }
-    if c.snat {
-        conntrack::create_snat(flow, &mut c.to, c.pick.id, c.svc_id, c.reply_flags)?;
+    let moved = if F::SPLIT {
+        pin_split(flow, c)
     } else {
-        let moved = conntrack::create(
-            flow,
-            &mut c.to,
-            c.pick.id,
-            c.svc_id,
-            c.hairpin,
-            c.reply_flags,
-        )?;
-        if moved {
-            count_reason(Reason::TupleClashPortRewritten);
-        }
+        pin(flow, c)
+    }?;
+    if moved {
+        count_reason(Reason::TupleClashPortRewritten);
     }
     lb::note_affinity(fe, flow.saddr, &c.pick);
     count_flow_opened(c.svc_id, c.snat, c.pick.affinity);

@@ -31,7 +31,10 @@ struct Fragment {
 
 #[inline(always)]
 fn is_extension(next: u8) -> bool {
-    next == NEXTHDR_HOP || next == NEXTHDR_ROUTING || next == NEXTHDR_DEST || next == NEXTHDR_FRAGMENT
+    next == NEXTHDR_HOP
+        || next == NEXTHDR_ROUTING
+        || next == NEXTHDR_DEST
+        || next == NEXTHDR_FRAGMENT
 }
 
 #[inline(always)]

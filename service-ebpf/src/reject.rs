@@ -11,8 +11,8 @@ use service_common::{IPPROTO_ICMP, IPPROTO_TCP};
 use crate::{
     access::skb_ifindex,
     csum,
-    headers::{ETH_HLEN, IP_HLEN, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN},
     family::V4,
+    headers::{ETH_HLEN, IP_HLEN, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN},
     packet::Flow,
 };
 

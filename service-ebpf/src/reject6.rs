@@ -59,7 +59,11 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow<V6>) -> Result<i32, RejectFailed> 
         + (flow.tcp_flags & TCP_SYN != 0) as u32
         + (flow.tcp_flags & TCP_FIN != 0) as u32;
     let (seq, ack, flags) = if flow.tcp_flags & TCP_ACK != 0 {
-        ([seq_ack[4], seq_ack[5], seq_ack[6], seq_ack[7]], [0u8; 4], TCP_RST)
+        (
+            [seq_ack[4], seq_ack[5], seq_ack[6], seq_ack[7]],
+            [0u8; 4],
+            TCP_RST,
+        )
     } else {
         let their_seq = u32::from_be_bytes([seq_ack[0], seq_ack[1], seq_ack[2], seq_ack[3]]);
         let ack = their_seq.wrapping_add(seg_len).to_be_bytes();
@@ -93,7 +97,9 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow<V6>) -> Result<i32, RejectFailed> 
 /// header and the 8 bytes after it.
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, flow: &Flow<V6>) -> Result<i32, RejectFailed> {
-    let quoted = ctx.load::<[u8; QUOTED]>(ETH_HLEN).map_err(|_| RejectFailed)?;
+    let quoted = ctx
+        .load::<[u8; QUOTED]>(ETH_HLEN)
+        .map_err(|_| RejectFailed)?;
     let (src, dst) = (&flow.daddr, &flow.saddr);
     const MSG: usize = 8 + QUOTED;
     let mut buf = pseudo_header::<{ IP6_HLEN + MSG }>(src, dst, IPPROTO_ICMPV6);

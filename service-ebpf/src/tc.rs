@@ -15,7 +15,7 @@ use crate::{
     conntrack::{self, CtLookup},
     family::{Family, V4, V6},
     forward,
-    headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF},
+    headers::{ETH_HLEN, ETH_P_IP, ETH_TYPE_OFF},
     icmp::{self, IcmpVerdict},
     lb::{self, Frontend},
     nat::{self, Target},
@@ -33,8 +33,58 @@ type TcOutcome = Outcome<i32>;
 pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
     match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
         Some(ETH_P_IP) => ingress_of::<V4>(ctx, from_outside),
-        Some(ETH_P_IPV6) => ingress_of::<V6>(ctx, from_outside),
+        #[cfg(feature = "ipv6")]
+        Some(crate::headers::ETH_P_IPV6) => ingress6(ctx, from_outside),
         _ => Outcome::uncounted(PASS),
+    }
+}
+
+// IPv6's steps are BPF subprograms of their own (`Family::SPLIT`): the
+// verifier bounds each frame and the sum along a call chain by 512 bytes,
+// which IPv6's keys and values exceed in one function. A step is cut where
+// it needs its largest values, and the steps of one packet are siblings
+// under a thin caller, not nested.
+
+#[inline(never)]
+fn ingress6(ctx: &TcContext, from_outside: bool) -> TcOutcome {
+    ingress_of::<V6>(ctx, from_outside)
+}
+
+#[inline(never)]
+fn egress6(ctx: &TcContext) -> TcOutcome {
+    egress_of::<V6>(ctx)
+}
+
+#[inline(never)]
+fn ct_lookup_split<F: Family>(flow: &Flow<F>) -> CtLookup<F> {
+    conntrack::lookup(flow)
+}
+
+#[inline(always)]
+fn ct_lookup<F: Family>(flow: &Flow<F>) -> CtLookup<F> {
+    if F::SPLIT {
+        ct_lookup_split(flow)
+    } else {
+        conntrack::lookup(flow)
+    }
+}
+
+#[inline(never)]
+fn new_flow_split<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> TcOutcome {
+    new_flow(ctx, flow, from_outside)
+}
+
+/// A packet no conntrack entry knows: to a frontend, or none of ours.
+#[inline(always)]
+fn new_flow<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> TcOutcome {
+    let origin = if from_outside {
+        lb::Origin::Wire(flow.saddr)
+    } else {
+        lb::Origin::Inside
+    };
+    match lb::lookup_frontend::<F>(flow.daddr, flow.dport, flow.proto, origin) {
+        Some(fe) => start_flow(ctx, flow, &fe, from_outside),
+        None => Outcome::uncounted(PASS),
     }
 }
 
@@ -45,6 +95,7 @@ fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
         Parsed::Other => return Outcome::uncounted(PASS),
         Parsed::Untouchable(reason) => return Outcome::counted(PASS, reason),
         Parsed::Flow(flow) => flow,
+        Parsed::LaterFragment(key) if F::SPLIT => return follow_split::<F>(ctx, &key),
         Parsed::LaterFragment(key) => return follow_first_fragment::<F>(ctx, &key),
         Parsed::IcmpError(e) => {
             return match icmp::translate(ctx, &e) {
@@ -69,7 +120,7 @@ fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
             };
         }
     };
-    match conntrack::lookup(&flow) {
+    match ct_lookup(&flow) {
         CtLookup::Hit {
             target,
             svc_id,
@@ -90,14 +141,10 @@ fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
         CtLookup::Kernel => return Outcome::counted(PASS, Reason::KernelFlowPassed),
         CtLookup::Stale | CtLookup::Miss => {}
     }
-    let origin = if from_outside {
-        lb::Origin::Wire(flow.saddr)
+    if F::SPLIT {
+        new_flow_split(ctx, &flow, from_outside)
     } else {
-        lb::Origin::Inside
-    };
-    match lb::lookup_frontend::<F>(flow.daddr, flow.dport, flow.proto, origin) {
-        Some(fe) => start_flow(ctx, &flow, &fe, from_outside),
-        None => Outcome::uncounted(PASS),
+        new_flow(ctx, &flow, from_outside)
     }
 }
 
@@ -112,7 +159,8 @@ fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
 pub fn egress(ctx: &TcContext) -> TcOutcome {
     match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
         Some(ETH_P_IP) => egress_of::<V4>(ctx),
-        Some(ETH_P_IPV6) => egress_of::<V6>(ctx),
+        #[cfg(feature = "ipv6")]
+        Some(crate::headers::ETH_P_IPV6) => egress6(ctx),
         _ => Outcome::uncounted(PASS),
     }
 }
@@ -131,7 +179,7 @@ fn egress_of<F: Family>(ctx: &TcContext) -> TcOutcome {
         svc_id,
         reply: true,
         ..
-    } = conntrack::lookup(&flow)
+    } = ct_lookup(&flow)
     else {
         return Outcome::uncounted(PASS);
     };
@@ -142,6 +190,7 @@ fn egress_of<F: Family>(ctx: &TcContext) -> TcOutcome {
 }
 
 /// Rewrites the packet to `to` and sends it on; Err: why it must be dropped.
+
 #[inline(always)]
 fn translate<F: Family>(
     ctx: &TcContext,
@@ -150,21 +199,53 @@ fn translate<F: Family>(
     svc_id: u32,
     local_source: bool,
 ) -> Result<i32, Reason> {
-    nat::rewrite_tuple(ctx, flow, to).map_err(|_| Reason::RewriteFailed)?;
+    let action = if F::SPLIT {
+        translated_split(ctx, flow, to, svc_id, local_source)
+    } else {
+        translated(ctx, flow, to, svc_id, local_source)
+    };
+    match action {
+        REWRITE_FAILED => Err(Reason::RewriteFailed),
+        action => Ok(action),
+    }
+}
+
+/// No tc action: what `translated` returns when the rewrite failed.
+const REWRITE_FAILED: i32 = i32::MIN;
+
+/// `translated` as a subprogram. It returns the action or REWRITE_FAILED:
+/// a plain integer comes back in a register, a Result or Option through a
+/// pointer, which would be a sixth argument (a BPF call takes five).
+#[inline(never)]
+fn translated_split<F: Family>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+    to: &Target<F>,
+    svc_id: u32,
+    local_source: bool,
+) -> i32 {
+    translated(ctx, flow, to, svc_id, local_source)
+}
+
+#[inline(always)]
+fn translated<F: Family>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+    to: &Target<F>,
+    svc_id: u32,
+    local_source: bool,
+) -> i32 {
+    if nat::rewrite_tuple(ctx, flow, to).is_err() {
+        return REWRITE_FAILED;
+    }
     count_packet(svc_id, ctx.len());
     if flow.first_fragment {
         remember_fragments(flow, to, svc_id, local_source);
     }
     if local_source {
-        return Ok(forward::to_next_hop::<F>(
-            ctx,
-            to.saddr,
-            to.daddr,
-            flow.proto,
-            flow.ip_len,
-        ));
+        return forward::to_next_hop::<F>(ctx, to.saddr, to.daddr, flow.proto, flow.ip_len);
     }
-    Ok(PASS)
+    PASS
 }
 
 /// Records how a first fragment was rewritten, for the rest of its datagram.
@@ -178,6 +259,11 @@ fn remember_fragments<F: Family>(flow: &Flow<F>, to: &Target<F>, svc_id: u32, lo
         _pad: 0,
     };
     F::frag_insert(&F::frag_key(flow), &value);
+}
+
+#[inline(never)]
+fn follow_split<F: Family>(ctx: &TcContext, key: &F::FragKey) -> TcOutcome {
+    follow_first_fragment::<F>(ctx, key)
 }
 
 /// A later fragment gets the addresses its first fragment got; without a
@@ -211,6 +297,7 @@ fn start_flow<F: Family>(
 ) -> TcOutcome {
     let opened = match opening::choose(flow, fe, from_outside) {
         Opening::Drop(reason) => Err(reason),
+        Opening::Reject if F::SPLIT => return reject_split(ctx, flow, fe),
         Opening::Reject => return reject(ctx, flow, fe),
         Opening::Open(mut c) => opening::record(flow, fe, &mut c)
             .and_then(|()| translate(ctx, flow, &c.to, c.svc_id, c.local_source)),
@@ -220,6 +307,11 @@ fn start_flow<F: Family>(
         Ok(action) => Outcome::uncounted(action),
         Err(reason) => Outcome::counted(DROP, reason),
     }
+}
+
+#[inline(never)]
+fn reject_split<F: Family>(ctx: &TcContext, flow: &Flow<F>, fe: &Frontend<F>) -> TcOutcome {
+    reject(ctx, flow, fe)
 }
 
 #[inline(always)]

@@ -124,7 +124,15 @@ impl Topology {
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         if self.dual_stack {
             let ip6 = lan6(ip.octets()[3]);
-            ns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
         }
         ns.ip(&["link", "set", "eth0", "up"])?;
         Ok(())
@@ -159,7 +167,14 @@ impl Topology {
             if let (Some(mine), Some(theirs)) = (ip6, other.ip6) {
                 let (me, them) = (index as u16, other.index as u16);
                 let range = |n: u16| format!("fd00:10:244:{n:x}::/64");
-                ns.ip(&["-6", "route", "add", &range(them), "via", &theirs.to_string()])?;
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &range(them),
+                    "via",
+                    &theirs.to_string(),
+                ])?;
                 other
                     .ns
                     .ip(&["-6", "route", "add", &range(me), "via", &mine.to_string()])?;
@@ -238,9 +253,25 @@ impl Topology {
         if let Some(ip6) = ip6 {
             let gw6 = n.pod_gateway6().to_string();
             let host = &n.ns;
-            host.ip(&["-6", "addr", "add", &format!("{gw6}/128"), "dev", &host_if, "nodad"])?;
+            host.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{gw6}/128"),
+                "dev",
+                &host_if,
+                "nodad",
+            ])?;
             host.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
-            ns.ip(&["-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ns.ip(&["-6", "route", "add", &gw6, "dev", "eth0"])?;
             ns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
         }

@@ -76,7 +76,12 @@ impl Node6 {
     }
 
     fn start_agent(&self) -> Agent {
-        Agent::start(&self.topo.nodes[0].ns, &self.dir.path, &["--node-name", "node-1"]).unwrap()
+        Agent::start(
+            &self.topo.nodes[0].ns,
+            &self.dir.path,
+            &["--node-name", "node-1"],
+        )
+        .unwrap()
     }
 }
 
@@ -103,7 +108,11 @@ fn spread(ns: &Netns, to: SocketAddr, client: IpAddr, n: usize) -> BTreeMap<Stri
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for i in 0..n {
             let r = traffic::tcp_ask(to, T).unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
-            assert_eq!(r.seen_from.ip(), client, "the backend sees the client's own address");
+            assert_eq!(
+                r.seen_from.ip(),
+                client,
+                "the backend sees the client's own address"
+            );
             *counts.entry(r.server).or_default() += 1;
         }
         counts
@@ -116,7 +125,10 @@ fn ipv6_cluster_ip_spreads_tcp_over_three_pods_and_answers_udp_from_the_service(
     let f = Node6::new();
     let spec = format!("  clusterIP: '{VIP6}'\n  ipFamilies: [IPv6]\n");
     f.dir
-        .write("svc.yaml", &(service("web6", &spec) + &f.slice("web6", "IPv6")))
+        .write(
+            "svc.yaml",
+            &(service("web6", &spec) + &f.slice("web6", "IPv6")),
+        )
         .unwrap();
     let agent = f.start_agent();
     let frontend = format!("[{VIP6}]:80/TCP");
@@ -152,7 +164,10 @@ fn ipv6_cluster_ip_spreads_tcp_over_three_pods_and_answers_udp_from_the_service(
         .find(|l| l.starts_with(&frontend))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or_else(|| panic!("no counters for {frontend}:\n{stats}"));
-    assert!(packets >= 150 * 3, "{frontend} counted {packets} packets:\n{stats}");
+    assert!(
+        packets >= 150 * 3,
+        "{frontend} counted {packets} packets:\n{stats}"
+    );
 }
 
 #[test]
@@ -167,10 +182,17 @@ fn a_require_dual_stack_service_answers_on_both_cluster_ips() {
     let agent = f.start_agent();
     let (fe4, fe6) = (format!("{DS_VIP4}:80/TCP"), format!("[{DS_VIP6}]:80/TCP"));
     agent
-        .wait_list("both families", |l| listed(l, &fe4, 3) && listed(l, &fe6, 3))
+        .wait_list("both families", |l| {
+            listed(l, &fe4, 3) && listed(l, &fe6, 3)
+        })
         .unwrap();
     let client = f.topo.pod("client");
-    let v4 = spread(&client.ns, SocketAddr::new(DS_VIP4.into(), 80), client.ip.into(), 30);
+    let v4 = spread(
+        &client.ns,
+        SocketAddr::new(DS_VIP4.into(), 80),
+        client.ip.into(),
+        30,
+    );
     let v6 = spread(
         &client.ns,
         SocketAddr::new(DS_VIP6.into(), 80),
@@ -183,7 +205,10 @@ fn a_require_dual_stack_service_answers_on_both_cluster_ips() {
             "{family}: {counts:?}"
         );
     }
-    for to in [SocketAddr::new(DS_VIP4.into(), 53), SocketAddr::new(DS_VIP6.into(), 53)] {
+    for to in [
+        SocketAddr::new(DS_VIP4.into(), 53),
+        SocketAddr::new(DS_VIP6.into(), 53),
+    ] {
         let (_, from) = client
             .ns
             .within(move || traffic::udp_ask(to, T))
@@ -207,11 +232,16 @@ fn ipv6_neighbours_stay_reachable_with_the_programs_attached() {
     f.topo.add_client().unwrap();
     let spec = format!("  clusterIP: '{VIP6}'\n");
     f.dir
-        .write("svc.yaml", &(service("web6", &spec) + &f.slice("web6", "IPv6")))
+        .write(
+            "svc.yaml",
+            &(service("web6", &spec) + &f.slice("web6", "IPv6")),
+        )
         .unwrap();
     let agent = f.start_agent();
     agent
-        .wait_list("the IPv6 frontend", |l| listed(l, &format!("[{VIP6}]:80/TCP"), 3))
+        .wait_list("the IPv6 frontend", |l| {
+            listed(l, &format!("[{VIP6}]:80/TCP"), 3)
+        })
         .unwrap();
     let node = &f.topo.nodes[0];
     let client = f.topo.pod("client");
@@ -225,7 +255,10 @@ fn ipv6_neighbours_stay_reachable_with_the_programs_attached() {
         (&node.ns, outside.ip6.unwrap(), "node -> outside"),
     ];
     for (ns, to, what) in checks {
-        assert!(ping_fresh(ns, to), "{what} ({to}) unreachable with the programs attached");
+        assert!(
+            ping_fresh(ns, to),
+            "{what} ({to}) unreachable with the programs attached"
+        );
     }
     // Neighbour discovery, router and MLD messages are not the dataplane's:
     // none was counted as malformed or dropped for IPv6.
@@ -274,7 +307,10 @@ fn an_ipv6_frontend_without_endpoints_refuses_tcp_and_udp_at_once() {
     let f = Node6::new();
     let vip: Ipv6Addr = "fd00:96::30".parse().unwrap();
     f.dir
-        .write("svc.yaml", &service("empty", &format!("  clusterIP: '{vip}'\n")))
+        .write(
+            "svc.yaml",
+            &service("empty", &format!("  clusterIP: '{vip}'\n")),
+        )
         .unwrap();
     let agent = f.start_agent();
     agent
@@ -300,5 +336,8 @@ fn an_ipv6_frontend_without_endpoints_refuses_tcp_and_udp_at_once() {
             .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
     };
     assert!(refused(&tcp), "TCP: a reset, not {tcp:?}");
-    assert!(refused(&udp), "UDP: an ICMPv6 port unreachable, not {udp:?}");
+    assert!(
+        refused(&udp),
+        "UDP: an ICMPv6 port unreachable, not {udp:?}"
+    );
 }

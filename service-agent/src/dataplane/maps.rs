@@ -313,8 +313,14 @@ impl Maps for Tables {
     }
 
     fn backends(&self) -> Result<Vec<(u32, AnyBackend)>, MapError> {
-        let v4 = self.backends.iter().map(|r| r.map(|(id, b)| (id, AnyBackend::V4(b))));
-        let v6 = self.backends6.iter().map(|r| r.map(|(id, b)| (id, AnyBackend::V6(b))));
+        let v4 = self
+            .backends
+            .iter()
+            .map(|r| r.map(|(id, b)| (id, AnyBackend::V4(b))));
+        let v6 = self
+            .backends6
+            .iter()
+            .map(|r| r.map(|(id, b)| (id, AnyBackend::V6(b))));
         v4.chain(v6).collect()
     }
 

@@ -6,7 +6,7 @@
 //! and only a few others.
 //!
 //! The agent builds the table; the programs only index it with a flow hash.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use super::FrontendKind;
 
@@ -167,7 +167,7 @@ mod tests {
     fn members(n: u32) -> Vec<Member> {
         (0..n)
             .map(|i| Member {
-                addr: Ipv4Addr::from(0x0af4_0000 + i * 7 + 3).into(),
+                addr: std::net::Ipv4Addr::from(0x0af4_0000 + i * 7 + 3).into(),
                 port: 8080,
             })
             .collect()
@@ -263,7 +263,7 @@ mod tests {
         let before = owners(&ms, size);
         let mut more = ms.clone();
         more.push(Member {
-            addr: Ipv4Addr::new(10, 250, 9, 9).into(),
+            addr: std::net::Ipv4Addr::new(10, 250, 9, 9).into(),
             port: 8080,
         });
         let after = owners(&more, size);

@@ -68,12 +68,13 @@ pub(super) fn port_endpoints<'a>(
         let Some(target) = ep_port.port.and_then(port_u16) else {
             continue;
         };
-        eps.extend(
-            s.endpoints
-                .iter()
-                .flatten()
-                .map(|e| (e, target, e.addresses.first().and_then(|a| endpoint_addr(a, family)))),
-        );
+        eps.extend(s.endpoints.iter().flatten().map(|e| {
+            (
+                e,
+                target,
+                e.addresses.first().and_then(|a| endpoint_addr(a, family)),
+            )
+        }));
     }
     eps
 }

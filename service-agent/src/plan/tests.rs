@@ -317,12 +317,16 @@ ports: [{port: 8080}]
 ";
 
 fn ds(spec: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: ds}}\nspec: {spec}\n{V6_SLICE}{V4_SLICE}")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: ds}}\nspec: {spec}\n{V6_SLICE}{V4_SLICE}"
+    )
 }
 
 #[test]
 fn an_ipv6_service_is_served_by_its_ipv6_slices_only() {
-    let p = plan(&ds("{clusterIP: 'fd00::10', ports: [{port: 80, targetPort: 8080}]}"));
+    let p = plan(&ds(
+        "{clusterIP: 'fd00::10', ports: [{port: 80, targetPort: 8080}]}",
+    ));
     assert!(p.problems.is_empty(), "{:?}", p.problems);
     assert!(p.skipped.is_empty(), "{:?}", p.skipped);
     assert_eq!(p.frontends.len(), 1, "{:?}", p.frontends.keys());
@@ -340,7 +344,11 @@ fn a_dual_stack_service_gets_each_family_with_that_familys_endpoints() {
         ("['fd00::10', 10.96.0.44]", "[IPv6, IPv4]"),
         ("[10.96.0.44, 'fd00::10']", "[IPv4, IPv6]"),
     ] {
-        let first = if ips.starts_with("[10") { "10.96.0.44" } else { "'fd00::10'" };
+        let first = if ips.starts_with("[10") {
+            "10.96.0.44"
+        } else {
+            "'fd00::10'"
+        };
         let p = plan(&ds(&format!(
             "{{clusterIP: {first}, clusterIPs: {ips}, ipFamilies: {families}, \
              ipFamilyPolicy: RequireDualStack, ports: [{{port: 80, targetPort: 8080}}]}}"
@@ -368,7 +376,10 @@ fn a_dual_stack_service_with_one_family_unusable_still_gets_the_other() {
     assert_eq!(p.problems[0].field, "spec.clusterIPs[1]");
     assert!(!p.problems[0].refuses_service);
     assert_eq!(p.frontends.len(), 1);
-    assert!(p.frontends.contains_key(&key("fd00::10", 80, Protocol::Tcp)));
+    assert!(
+        p.frontends
+            .contains_key(&key("fd00::10", 80, Protocol::Tcp))
+    );
     // The primary is unusable: the secondary family is served.
     let p = plan(&ds(
         "{clusterIP: 'ff02::1', clusterIPs: ['ff02::1', 10.96.0.44], ports: [{port: 80, targetPort: 8080}]}",
@@ -393,9 +404,17 @@ fn a_second_address_of_one_family_and_a_mislabelled_family_are_reported() {
         "{clusterIP: 10.96.0.44, clusterIPs: [10.96.0.44, 10.96.0.45], ipFamilies: [IPv6, IPv4], ports: [{port: 80, targetPort: 8080}]}",
     ));
     let fields: Vec<&str> = p.problems.iter().map(|x| x.field.as_str()).collect();
-    assert_eq!(fields, ["spec.ipFamilies[0]", "spec.clusterIPs[1]"], "{:?}", p.problems);
+    assert_eq!(
+        fields,
+        ["spec.ipFamilies[0]", "spec.clusterIPs[1]"],
+        "{:?}",
+        p.problems
+    );
     assert_eq!(p.frontends.len(), 1);
-    assert!(p.frontends.contains_key(&key("10.96.0.44", 80, Protocol::Tcp)));
+    assert!(
+        p.frontends
+            .contains_key(&key("10.96.0.44", 80, Protocol::Tcp))
+    );
 }
 
 #[test]
@@ -811,7 +830,7 @@ fn external_ips_are_refused_without_an_allow_list() {
     assert!(
         !p.frontends
             .keys()
-            .any(|k| k.addr == "203.0.113.7".parse::<std::net::Ipv4Addr>().unwrap())
+            .any(|k| k.addr == "203.0.113.7".parse::<std::net::IpAddr>().unwrap())
     );
     assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
     assert!(p.problems[0].message.contains("CVE-2020-8554"));

@@ -6,7 +6,7 @@ use crate::{
     dataplane::{
         fake::Op,
         maps::{Entry, EntryKey},
-        },
+    },
     plan::maglev::Balancing,
 };
 
