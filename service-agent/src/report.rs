@@ -2,6 +2,8 @@
 //! `stats` and `dump`: what the kernel has, not what the agent meant.
 use std::{fmt::Write as _, net::Ipv4Addr};
 
+use crate::dataplane::maps::AnyBackend;
+
 use serde::Serialize;
 use service_common::*;
 
@@ -36,12 +38,12 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
     let tables = t.maglev_tables()?;
     let mut out = vec![];
     for (k, f) in &stored.frontends {
-        let Some(proto) = Protocol::from_number(k.proto) else {
+        let Some(proto) = Protocol::from_number(k.proto()) else {
             continue;
         };
         let key = FrontendKey {
-            addr: Ipv4Addr::from(k.addr),
-            port: k.port,
+            addr: k.addr(),
+            port: k.port(),
             proto,
         };
         let mut backends = vec![];
@@ -49,19 +51,14 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
             backends.push(match id {
                 None => format!("<slot {slot} missing>"),
                 Some(id) => match t.backend(id) {
-                    Ok(Some(b)) => BackendAddr {
-                        addr: Ipv4Addr::from(b.addr),
-                        port: b.port,
-                        local: b.flags & BE_F_LOCAL != 0,
-                    }
-                    .to_string(),
+                    Ok(Some(b)) => backend_addr(&b).to_string(),
                     _ => format!("<backend {id} missing>"),
                 },
             });
         }
         backends.sort();
         let named = status.and_then(|s| s.frontends.iter().find(|f| f.frontend == key.to_string()));
-        let frontend = if k.scope == SCOPE_IN_CLUSTER {
+        let frontend = if k.scope() == SCOPE_IN_CLUSTER {
             format!("{key} {IN_CLUSTER_TAG}")
         } else {
             key.to_string()
@@ -87,6 +84,14 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
         });
     }
     Ok(out)
+}
+
+fn backend_addr(b: &AnyBackend) -> BackendAddr {
+    BackendAddr {
+        addr: b.addr(),
+        port: b.port(),
+        local: b.flags() & BE_F_LOCAL != 0,
+    }
 }
 
 /// `ipvsadm -Ln`-like text: one frontend a line.
@@ -195,6 +200,9 @@ pub fn fill_with(
         (MAP_AFFINITY_MATCH, t.affinity_match.keys().count()),
         (MAP_NODE_ADDRS, t.node_addrs.keys().count()),
         (MAP_SOURCE_RANGES, t.source_ranges.keys().count()),
+        (MAP_SERVICES6, t.services6.keys().count()),
+        (MAP_BACKENDS6, t.backends6.keys().count()),
+        (MAP_NODE_ADDRS6, t.node_addrs6.keys().count()),
     ]
     .into_iter()
     .map(|(name, n)| (name, n, capacity(name)))

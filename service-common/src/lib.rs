@@ -4,6 +4,13 @@
 //! agent and `bpftool map dump` agree byte for byte. Addresses are kept as
 //! `[u8; 4]` in packet order (bpftool prints them as four decimal octets) and
 //! ports in host order (bpftool prints the port number a person expects).
+//!
+//! The types that hold addresses are generic over the address (`[u8; 4]` or
+//! `[u8; 16]`), one layout for both families: `ServiceKey` is IPv4's,
+//! `ServiceKey6` IPv6's, each in maps of its own family (SERVICES,
+//! SERVICES6). Everything keyed by ids (ServiceValue, AFFINITY_MATCH,
+//! SVC_STATS, MAGLEV) is shared: svc_ids and backend ids come from one
+//! space each, whatever the family.
 #![no_std]
 
 mod reason;
@@ -12,7 +19,7 @@ pub use reason::{Reason, Verdict};
 
 /// Bumped whenever a key or value layout below changes. The agent stores it in
 /// the `META` map; a pinned map set with another version is recreated.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 pub const MAP_SERVICES: &str = "SERVICES";
 pub const MAP_BACKENDS: &str = "BACKENDS";
@@ -29,9 +36,16 @@ pub const MAP_XDP_EGRESS: &str = "XDP_EGRESS";
 pub const MAP_SOCK_REVNAT: &str = "SOCK_REVNAT";
 pub const MAP_FLOOD: &str = "FLOOD";
 pub const MAP_MAGLEV: &str = "MAGLEV";
+pub const MAP_SERVICES6: &str = "SERVICES6";
+pub const MAP_BACKENDS6: &str = "BACKENDS6";
+pub const MAP_CONNTRACK6: &str = "CONNTRACK6";
+pub const MAP_AFFINITY6: &str = "AFFINITY6";
+pub const MAP_NODE_ADDRS6: &str = "NODE_ADDRS6";
+pub const MAP_SOURCE_RANGES6: &str = "SOURCE_RANGES6";
+pub const MAP_FRAGMENTS6: &str = "FRAGMENTS6";
 
 /// Every map the programs declare, in the order the agent pins and reports them.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -47,7 +61,19 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_SOCK_REVNAT,
     MAP_FLOOD,
     MAP_MAGLEV,
+    MAP_SERVICES6,
+    MAP_BACKENDS6,
+    MAP_CONNTRACK6,
+    MAP_AFFINITY6,
+    MAP_NODE_ADDRS6,
+    MAP_SOURCE_RANGES6,
+    MAP_FRAGMENTS6,
 ];
+
+/// An IPv4 address in packet order.
+pub type Addr4 = [u8; 4];
+/// An IPv6 address in packet order.
+pub type Addr6 = [u8; 16];
 
 /// tc ingress on pod-facing host veths.
 pub const PROG_TC_POD: &str = "svc_tc_pod";
@@ -93,6 +119,7 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Scope of a service entry set: the one every source uses, except sources
 /// inside the cluster when its master carries SVC_F_IN_CLUSTER. The planner
@@ -110,17 +137,20 @@ pub const CLUSTER_CIDRS_ID: u32 = 0;
 
 /// Key of the SERVICES map. Slot 0 is the master entry of a frontend; slots
 /// 1..=count hold its backends. A NodePort frontend has `addr == [0; 4]` and
-/// matches any address in NODE_ADDRS.
+/// matches any address in NODE_ADDRS (NODE_ADDRS6 for `ServiceKey6`, whose
+/// NodePort address is `[0; 16]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub addr: [u8; 4],
+pub struct ServiceKeyOf<A> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub scope: u8,
     pub slot: u16,
     pub _pad: u16,
 }
+pub type ServiceKey = ServiceKeyOf<Addr4>;
+pub type ServiceKey6 = ServiceKeyOf<Addr6>;
 
 /// The frontend answers with a reject (RST / ICMP) when it has no backend.
 pub const SVC_F_REJECT_EMPTY: u16 = 1 << 0;
@@ -155,15 +185,18 @@ pub struct ServiceValue {
 /// The endpoint is on this node.
 pub const BE_F_LOCAL: u8 = 1 << 0;
 
-/// Value of the BACKENDS map, keyed by a backend id (u32).
+/// Value of the BACKENDS map (BACKENDS6: `Backend6`), keyed by a backend
+/// id (u32); an id names a backend in one of the two maps only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend {
-    pub addr: [u8; 4],
+pub struct BackendOf<A> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub flags: u8,
 }
+pub type Backend = BackendOf<Addr4>;
+pub type Backend6 = BackendOf<Addr6>;
 
 /// Entries of the largest Maglev table the programs can index: a prime,
 /// Cilium's default, 100 entries a backend up to 163 backends. Every table
@@ -203,17 +236,31 @@ pub fn maglev_flow_hash(saddr: [u8; 4], sport: u16, dport: u16, proto: u8) -> u6
     h ^ (h >> 31)
 }
 
+/// `maglev_flow_hash` for an IPv6 source: its four 32-bit words folded
+/// into one by XOR (the finaliser spreads them), then the IPv4 hash.
+#[inline(always)]
+pub fn maglev_flow_hash6(saddr: Addr6, sport: u16, dport: u16, proto: u8) -> u64 {
+    let w = |i: usize| [saddr[i], saddr[i + 1], saddr[i + 2], saddr[i + 3]];
+    let folded = u32::from_be_bytes(w(0))
+        ^ u32::from_be_bytes(w(4))
+        ^ u32::from_be_bytes(w(8))
+        ^ u32::from_be_bytes(w(12));
+    maglev_flow_hash(folded.to_be_bytes(), sport, dport, proto)
+}
+
 /// A 5-tuple as seen in the packet, before translation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct CtKey {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+pub struct CtKeyOf<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
+pub type CtKey = CtKeyOf<Addr4>;
+pub type CtKey6 = CtKeyOf<Addr6>;
 
 /// The entry rewrites a reply (backend → client); unset: a request.
 pub const CT_F_REPLY: u16 = 1 << 0;
@@ -239,10 +286,10 @@ pub const CT_F_SYN_ONLY: u16 = 1 << 6;
 /// translation, so a packet is rewritten with one lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtValue {
+pub struct CtValueOf<A> {
     pub last_seen_ns: u64,
-    pub nat_saddr: [u8; 4],
-    pub nat_daddr: [u8; 4],
+    pub nat_saddr: A,
+    pub nat_daddr: A,
     pub nat_sport: u16,
     pub nat_dport: u16,
     pub backend_id: u32,
@@ -251,13 +298,17 @@ pub struct CtValue {
     pub proto: u8,
     pub _pad: u8,
 }
+pub type CtValue = CtValueOf<Addr4>;
+pub type CtValue6 = CtValueOf<Addr6>;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct AffinityKey {
-    pub client: [u8; 4],
+pub struct AffinityKeyOf<A> {
+    pub client: A,
     pub svc_id: u32,
 }
+pub type AffinityKey = AffinityKeyOf<Addr4>;
+pub type AffinityKey6 = AffinityKeyOf<Addr6>;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -287,28 +338,45 @@ pub struct FragKey {
     pub _pad: u8,
 }
 
+/// An IPv6 fragmented datagram (RFC 8200 4.5: addresses and the 32-bit
+/// identification of the fragment header; `proto` is the upper layer's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey6 {
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
 /// The addresses the first fragment was rewritten to; later fragments (which
 /// carry no ports) get the same.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FragValue {
+pub struct FragValueOf<A> {
     /// The first fragment's addresses after translation.
-    pub nat_saddr: [u8; 4],
-    pub nat_daddr: [u8; 4],
+    pub nat_saddr: A,
+    pub nat_daddr: A,
     pub svc_id: u32,
     /// CT_F_LOCAL_SOURCE when the rewritten source is a node address.
     pub flags: u16,
     pub _pad: u16,
 }
+pub type FragValue = FragValueOf<Addr4>;
+pub type FragValue6 = FragValueOf<Addr6>;
 
-/// Data of a SOURCE_RANGES key (an LPM trie): the frontend's svc_id in big
-/// endian, then the source address. The prefix length is 32 + the CIDR's.
+/// Data of a SOURCE_RANGES key (an LPM trie; SOURCE_RANGES6 for
+/// `SourceRange6`): the frontend's svc_id in big endian, then the source
+/// address. The prefix length is 32 + the CIDR's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SourceRange {
+pub struct SourceRangeOf<A> {
     pub svc_id: [u8; 4],
-    pub addr: [u8; 4],
+    pub addr: A,
 }
+pub type SourceRange = SourceRangeOf<Addr4>;
+pub type SourceRange6 = SourceRangeOf<Addr6>;
 
 /// Per-frontend traffic counters (per CPU).
 #[repr(C)]
@@ -410,17 +478,25 @@ mod user {
     }
     pod!(
         ServiceKey,
+        ServiceKey6,
         ServiceValue,
         Backend,
+        Backend6,
         CtKey,
+        CtKey6,
         CtValue,
+        CtValue6,
         AffinityKey,
+        AffinityKey6,
         AffinityValue,
         AffinityMatchKey,
         SvcStats,
         SourceRange,
+        SourceRange6,
         FragKey,
+        FragKey6,
         FragValue,
+        FragValue6,
         SockRevKey,
         SockRevValue,
         FloodWindow,
@@ -450,6 +526,14 @@ mod tests {
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 16);
         assert_eq!(size_of::<FloodWindow>(), 16);
+        assert_eq!(size_of::<ServiceKey6>(), 24);
+        assert_eq!(size_of::<Backend6>(), 20);
+        assert_eq!(size_of::<CtKey6>(), 40);
+        assert_eq!(size_of::<CtValue6>(), 56);
+        assert_eq!(size_of::<AffinityKey6>(), 20);
+        assert_eq!(size_of::<SourceRange6>(), 20);
+        assert_eq!(size_of::<FragKey6>(), 40);
+        assert_eq!(size_of::<FragValue6>(), 40);
         assert_eq!(
             size_of::<MaglevTable>(),
             4 * (1 + MAGLEV_TABLE_MAX as usize)

@@ -64,7 +64,7 @@ reasons! {
     RejectedNoBackend "rejected_no_backend" Answered,
     /// The reject could not be built (a RST is never answered; UDP with IP options).
     RejectFailed "reject_failed" Dropped,
-    /// A later IPv4 fragment of a datagram whose first fragment was not seen
+    /// A later IPv4 or IPv6 fragment of a datagram whose first fragment was not seen
     /// (or not translated): never guessed at.
     FragmentPassed "fragment_passed" Passed,
     /// IPv4 header shorter than 20 bytes or longer than the packet.
@@ -156,6 +156,15 @@ reasons! {
     /// connected UDP (only tc moves a flow whose backend left) and frontends
     /// with source ranges (only a packet carries the pod's address).
     SockPassedToTc "sock_passed_to_tc" Passed,
+    /// IPv6 header cut short, not version 6, a payload length beyond the
+    /// packet, or an extension header cut short or running past it.
+    MalformedIpv6 "malformed_ipv6" Passed,
+    /// More IPv6 extension headers before the upper layer than the parser
+    /// walks (6): passed untouched rather than guessed at.
+    Ipv6ExtChainTooLong "ipv6_ext_chain_too_long" Passed,
+    /// A UDP datagram over IPv6 with checksum 0, which IPv6 forbids (RFC
+    /// 8200 8.1): passed untouched for the receiver to discard.
+    Ipv6UdpZeroChecksum "ipv6_udp_zero_checksum" Passed,
 }
 
 #[cfg(test)]

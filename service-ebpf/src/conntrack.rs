@@ -4,8 +4,9 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use service_common::*;
 
 use crate::{
+    family::Family,
     headers::{TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{BACKENDS, CONNTRACK, META},
+    maps::META,
     nat::Target,
     packet::Flow,
     ports::{self, PortRange},
@@ -13,8 +14,8 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn key_of(flow: &Flow) -> CtKey {
-    CtKey {
+pub fn key_of<F: Family>(flow: &Flow<F>) -> CtKeyOf<F::Addr> {
+    CtKeyOf {
         saddr: flow.saddr,
         daddr: flow.daddr,
         sport: flow.sport,
@@ -24,9 +25,9 @@ pub fn key_of(flow: &Flow) -> CtKey {
     }
 }
 
-pub enum CtLookup {
+pub enum CtLookup<F: Family> {
     Hit {
-        target: Target,
+        target: Target<F>,
         svc_id: u32,
         reply: bool,
         local_source: bool,
@@ -42,8 +43,8 @@ pub enum CtLookup {
 }
 
 #[inline(always)]
-pub fn lookup(flow: &Flow) -> CtLookup {
-    let Some(entry) = CONNTRACK.get_ptr_mut(key_of(flow)) else {
+pub fn lookup<F: Family>(flow: &Flow<F>) -> CtLookup<F> {
+    let Some(entry) = F::ct_ptr(&key_of(flow)) else {
         return CtLookup::Miss;
     };
     // SAFETY: the map's own value, alive until the program returns (an LRU
@@ -54,9 +55,8 @@ pub fn lookup(flow: &Flow) -> CtLookup {
     let reply = entry.flags & CT_F_REPLY != 0;
     // The agent removes UDP entries of deleted endpoints; checking here too
     // closes the window until it does (stale UDP conntrack blackholes clients).
-    // SAFETY (BACKENDS): only the presence of the entry is used.
-    if !reply && flow.proto == IPPROTO_UDP && unsafe { BACKENDS.get(entry.backend_id) }.is_none() {
-        let _ = CONNTRACK.remove(key_of(flow));
+    if !reply && flow.proto == IPPROTO_UDP && !F::has_backend(entry.backend_id) {
+        F::ct_remove(&key_of(flow));
         count_reason(Reason::StaleFlowMoved);
         return CtLookup::Stale;
     }
@@ -66,7 +66,7 @@ pub fn lookup(flow: &Flow) -> CtLookup {
         // the rules that opened the old one may be gone, so this dataplane
         // opens it.
         if !reply && flow.proto == IPPROTO_TCP && flow.may_open() {
-            let _ = CONNTRACK.remove(key_of(flow));
+            F::ct_remove(&key_of(flow));
             return CtLookup::Miss;
         }
         touch(entry, flow);
@@ -99,7 +99,7 @@ pub fn lookup(flow: &Flow) -> CtLookup {
 /// closing entry is a new connection reusing the tuple (a client port
 /// reused quickly), which must not inherit the old one's short lifetime.
 #[inline(always)]
-fn touch(entry: &mut CtValue, flow: &Flow) {
+fn touch<F: Family>(entry: &mut CtValueOf<F::Addr>, flow: &Flow<F>) {
     // SAFETY: a helper call without arguments.
     entry.last_seen_ns = unsafe { bpf_ktime_get_ns() };
     if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -109,7 +109,7 @@ fn touch(entry: &mut CtValue, flow: &Flow) {
     }
     if flow.tcp_flags & TCP_RST != 0 {
         // The partner's key is what this entry rewrites packets into, reversed.
-        let partner = CtKey {
+        let partner = CtKeyOf {
             saddr: entry.nat_daddr,
             daddr: entry.nat_saddr,
             sport: entry.nat_dport,
@@ -117,7 +117,7 @@ fn touch(entry: &mut CtValue, flow: &Flow) {
             proto: flow.proto,
             _pad: [0; 3],
         };
-        if let Some(p) = CONNTRACK.get_ptr_mut(partner) {
+        if let Some(p) = F::ct_ptr(&partner) {
             // SAFETY: the map's own value (see lookup); only a flag is set.
             unsafe { (*p).flags |= CT_F_CLOSING };
         }
@@ -132,8 +132,8 @@ pub fn snat_address() -> Option<[u8; 4]> {
 }
 
 #[inline(always)]
-fn reply_key(flow: &Flow, to: &Target) -> CtKey {
-    CtKey {
+fn reply_key<F: Family>(flow: &Flow<F>, to: &Target<F>) -> CtKeyOf<F::Addr> {
+    CtKeyOf {
         saddr: to.daddr,
         daddr: to.saddr,
         sport: to.dport,
@@ -145,7 +145,7 @@ fn reply_key(flow: &Flow, to: &Target) -> CtKey {
 
 /// A new TCP flow is an opening until its first reply.
 #[inline(always)]
-fn opening_flag(flow: &Flow) -> u16 {
+fn opening_flag<F: Family>(flow: &Flow<F>) -> u16 {
     if flow.proto == IPPROTO_TCP {
         CT_F_SYN_ONLY
     } else {
@@ -154,8 +154,14 @@ fn opening_flag(flow: &Flow) -> u16 {
 }
 
 #[inline(always)]
-fn reply_value(flow: &Flow, backend_id: u32, svc_id: u32, flags: u16, now: u64) -> CtValue {
-    CtValue {
+fn reply_value<F: Family>(
+    flow: &Flow<F>,
+    backend_id: u32,
+    svc_id: u32,
+    flags: u16,
+    now: u64,
+) -> CtValueOf<F::Addr> {
+    CtValueOf {
         last_seen_ns: now,
         nat_saddr: flow.daddr,
         nat_daddr: flow.saddr,
@@ -170,15 +176,15 @@ fn reply_value(flow: &Flow, backend_id: u32, svc_id: u32, flags: u16, now: u64) 
 }
 
 #[inline(always)]
-fn request_value(
-    flow: &Flow,
-    to: &Target,
+fn request_value<F: Family>(
+    flow: &Flow<F>,
+    to: &Target<F>,
     backend_id: u32,
     svc_id: u32,
     flags: u16,
     now: u64,
-) -> CtValue {
-    CtValue {
+) -> CtValueOf<F::Addr> {
+    CtValueOf {
         last_seen_ns: now,
         nat_saddr: to.saddr,
         nat_daddr: to.daddr,
@@ -196,9 +202,9 @@ fn request_value(
 /// address whose reply tuple is free (the client's own when the range holds
 /// it, as netfilter's masquerade keeps it) and sets it in `to`.
 #[inline(always)]
-pub fn create_snat(
-    flow: &Flow,
-    to: &mut Target,
+pub fn create_snat<F: Family>(
+    flow: &Flow<F>,
+    to: &mut Target<F>,
     backend_id: u32,
     svc_id: u32,
     reply_flags: u16,
@@ -206,7 +212,7 @@ pub fn create_snat(
     // SAFETY: a helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let reply = reply_value(flow, backend_id, svc_id, CT_F_SNAT | reply_flags, now);
-    to.sport = ports::claim_port(
+    to.sport = ports::claim_port::<F>(
         reply_key(flow, to),
         &reply,
         PortRange::configured(),
@@ -221,10 +227,11 @@ pub fn create_snat(
         CT_F_SNAT | CT_F_LOCAL_SOURCE,
         now,
     );
-    CONNTRACK.insert(key_of(flow), request, 0).map_err(|_| {
-        let _ = CONNTRACK.remove(reply_key(flow, to));
-        Reason::CtInsertFailed
-    })
+    if !F::ct_insert(&key_of(flow), &request, 0) {
+        F::ct_remove(&reply_key(flow, to));
+        return Err(Reason::CtInsertFailed);
+    }
+    Ok(())
 }
 
 /// Records a new flow in both directions. The reply entry goes in first so
@@ -234,9 +241,9 @@ pub fn create_snat(
 /// flow's replies. Then the client's port is rewritten to a free one, as
 /// netfilter's NAT does for a clashing tuple; `Ok(true)` says so.
 #[inline(always)]
-pub fn create(
-    flow: &Flow,
-    to: &mut Target,
+pub fn create<F: Family>(
+    flow: &Flow<F>,
+    to: &mut Target<F>,
     backend_id: u32,
     svc_id: u32,
     hairpin: bool,
@@ -246,13 +253,13 @@ pub fn create(
     let now = unsafe { bpf_ktime_get_ns() };
     let reply = reply_value(flow, backend_id, svc_id, reply_flags, now);
     let mut moved = false;
-    if !ports::claim(&reply_key(flow, to), &reply) {
-        if holds_this_flow(&reply_key(flow, to), &reply) {
+    if !ports::claim::<F>(&reply_key(flow, to), &reply) {
+        if holds_this_flow::<F>(&reply_key(flow, to), &reply) {
             // The same flow opening again (a SYN retransmitted after its
             // request entry was lost): it takes its own entry back.
-            CONNTRACK
-                .insert(reply_key(flow, to), reply, 0)
-                .map_err(|_| Reason::CtInsertFailed)?;
+            if !F::ct_insert(&reply_key(flow, to), &reply, 0) {
+                return Err(Reason::CtInsertFailed);
+            }
         } else {
             free_client_port(flow, to, &reply)?;
             moved = true;
@@ -266,21 +273,22 @@ pub fn create(
         0
     };
     let request = request_value(flow, to, backend_id, svc_id, flags, now);
-    CONNTRACK.insert(key_of(flow), request, 0).map_err(|_| {
-        let _ = CONNTRACK.remove(rkey);
-        Reason::CtInsertFailed
-    })?;
+    if !F::ct_insert(&key_of(flow), &request, 0) {
+        F::ct_remove(&rkey);
+        return Err(Reason::CtInsertFailed);
+    }
     Ok(moved)
 }
 
 /// Whether the entry at `key` is the reply entry `reply` would be: the same
 /// client and frontend, so the same flow.
 #[inline(always)]
-fn holds_this_flow(key: &CtKey, reply: &CtValue) -> bool {
-    // SAFETY: fields copied out at once, while the kernel keeps the value alive.
-    let Some(e) = (unsafe { CONNTRACK.get(*key) }) else {
+fn holds_this_flow<F: Family>(key: &CtKeyOf<F::Addr>, reply: &CtValueOf<F::Addr>) -> bool {
+    let Some(e) = F::ct_ptr(key) else {
         return false;
     };
+    // SAFETY: fields read at once, while the kernel keeps the value alive.
+    let e = unsafe { &*e };
     e.nat_saddr == reply.nat_saddr
         && e.nat_sport == reply.nat_sport
         && e.nat_daddr == reply.nat_daddr
@@ -291,8 +299,12 @@ fn holds_this_flow(key: &CtKey, reply: &CtValue) -> bool {
 /// reply tuple is free, from the SNAT port range; the reply entry still
 /// rewrites to the client's own port.
 #[inline(always)]
-fn free_client_port(flow: &Flow, to: &mut Target, reply: &CtValue) -> Result<(), Reason> {
-    to.sport = ports::claim_port(reply_key(flow, to), reply, PortRange::configured(), None)
+fn free_client_port<F: Family>(
+    flow: &Flow<F>,
+    to: &mut Target<F>,
+    reply: &CtValueOf<F::Addr>,
+) -> Result<(), Reason> {
+    to.sport = ports::claim_port::<F>(reply_key(flow, to), reply, PortRange::configured(), None)
         .ok_or(Reason::TupleClash)?;
     Ok(())
 }

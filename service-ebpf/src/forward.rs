@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::{access::skb_ifindex, headers::AF_INET};
+use crate::{access::skb_ifindex, family::Family};
 
 /// What a packet sent from `saddr` to `daddr` needs to leave.
 pub struct Hop {
@@ -30,22 +30,20 @@ pub struct Hop {
 /// The routing table's answer for the packet `ctx` (an skb or an xdp_md, as
 /// the helper takes either) arriving on `ifindex`, or None without a route.
 #[inline(always)]
-pub fn route(
+pub fn route<F: Family>(
     ctx: *mut c_void,
     ifindex: u32,
-    (saddr, daddr): ([u8; 4], [u8; 4]),
+    (saddr, daddr): (F::Addr, F::Addr),
     proto: u8,
     ip_len: u16,
 ) -> Option<Hop> {
     // SAFETY: bpf_fib_lookup is a plain C struct of integers, for which all
     // zeroes is a valid value (and what the helper expects in unused fields).
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
+    F::fib_addrs(&mut p, saddr, daddr);
     p.l4_protocol = proto;
     p.__bindgen_anon_1.tot_len = ip_len;
     p.ifindex = ifindex;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
     // SAFETY: `ctx` is the program's own context pointer and `p` a stack
     // struct of the size passed; the verifier checks both.
     let rc = unsafe { fib_lookup(ctx, &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
@@ -66,9 +64,15 @@ pub fn route(
 /// the neighbour's MAC. Falls back to the normal path (TC_ACT_OK) when there
 /// is no usable route.
 #[inline(always)]
-pub fn to_next_hop(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], proto: u8, ip_len: u16) -> i32 {
+pub fn to_next_hop<F: Family>(
+    ctx: &TcContext,
+    saddr: F::Addr,
+    daddr: F::Addr,
+    proto: u8,
+    ip_len: u16,
+) -> i32 {
     let ifindex = skb_ifindex(ctx);
-    let Some(hop) = route(ctx.skb.skb.cast(), ifindex, (saddr, daddr), proto, ip_len) else {
+    let Some(hop) = route::<F>(ctx.skb.skb.cast(), ifindex, (saddr, daddr), proto, ip_len) else {
         return TC_ACT_OK as i32;
     };
     // SAFETY: a helper call without pointers; the kernel checks the ifindex.

@@ -1,5 +1,5 @@
 //! Where the fields the dataplane reads and rewrites sit in an Ethernet +
-//! IPv4 frame. Shared by the parser, the rewriters and the ICMP code, which
+//! IPv4 or IPv6 frame. Shared by the parser, the rewriters and the ICMP code, which
 //! import it and not each other.
 pub const ETH_HLEN: usize = 14;
 pub const ETH_TYPE_OFF: usize = 12;
@@ -32,3 +32,18 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 pub const AF_INET: u8 = 2;
+
+pub const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+pub const AF_INET6: u8 = 10;
+/// The fixed IPv6 header; extension headers follow it.
+pub const IP6_HLEN: usize = 40;
+pub const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+pub const IP6_DST_OFF: usize = ETH_HLEN + 24;
+/// Extension headers the IPv6 parser walks (RFC 8200 4.1).
+pub const NEXTHDR_HOP: u8 = 0;
+pub const NEXTHDR_ROUTING: u8 = 43;
+pub const NEXTHDR_FRAGMENT: u8 = 44;
+pub const NEXTHDR_DEST: u8 = 60;
+/// The fragment offset bits of the fragment header's offset field, and "more fragments".
+pub const IP6_OFFSET_MASK: u16 = 0xfff8;
+pub const IP6_MF: u16 = 0x0001;

@@ -12,6 +12,7 @@ use service_common::{CT_F_KERNEL, CtKey, IPPROTO_TCP, IPPROTO_UDP, Reason};
 use crate::{
     access::Packet,
     csum::{half, word},
+    family::V4,
     headers::*,
     lb,
     maps::CONNTRACK,
@@ -126,7 +127,7 @@ pub fn translate(ctx: &TcContext, e: &IcmpError) -> IcmpVerdict {
             svc_id: entry.svc_id,
             source,
             client: original.src,
-            local_source: source != e.outer_saddr && lb::is_node_address(source),
+            local_source: source != e.outer_saddr && lb::is_node_address::<V4>(source),
         },
         Err(()) => IcmpVerdict::Failed(Reason::RewriteFailed),
     }

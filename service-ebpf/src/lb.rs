@@ -2,18 +2,16 @@
 //! a fixed number of hash lookups, whatever the number of Services or
 //! backends. Takes addresses and ports, not a packet, so a program that sees
 //! a socket call rather than a packet can use it too.
-use aya_ebpf::{
-    btf_maps::lpm_trie::Key,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use service_common::*;
 
-use crate::maps::{
-    AFFINITY, AFFINITY_MATCH, BACKENDS, MAGLEV, NODE_ADDRS, SERVICES, SOURCE_RANGES,
+use crate::{
+    family::Family,
+    maps::{AFFINITY_MATCH, MAGLEV},
 };
 
-pub struct Frontend {
-    pub key: ServiceKey,
+pub struct Frontend<F: Family> {
+    pub key: ServiceKeyOf<F::Addr>,
     pub master: ServiceValue,
     /// The packet is addressed to one of this node's own addresses.
     pub to_node_addr: bool,
@@ -23,27 +21,27 @@ pub struct Frontend {
 /// as `externalTrafficPolicy: Local` cares: that policy applies to traffic
 /// from outside the cluster only.
 #[derive(Clone, Copy)]
-pub enum Origin {
+pub enum Origin<F: Family> {
     /// A pod's interface or one of the node's own sockets: inside the cluster.
     Inside,
     /// An external interface: inside the cluster when the source is in
     /// the cluster's pod ranges (`--cluster-cidr`).
-    Wire([u8; 4]),
+    Wire(F::Addr),
 }
 
-impl Origin {
+impl<F: Family> Origin<F> {
     #[inline(always)]
     fn is_inside(self) -> bool {
         match self {
             Origin::Inside => true,
-            Origin::Wire(saddr) => in_ranges(CLUSTER_CIDRS_ID, saddr),
+            Origin::Wire(saddr) => F::in_ranges(CLUSTER_CIDRS_ID, saddr),
         }
     }
 }
 
 #[inline(always)]
-fn master_of(addr: [u8; 4], port: u16, proto: u8, scope: u8) -> Option<Frontend> {
-    let key = ServiceKey {
+fn master_of<F: Family>(addr: F::Addr, port: u16, proto: u8, scope: u8) -> Option<Frontend<F>> {
+    let key = ServiceKeyOf {
         addr,
         port,
         proto,
@@ -51,22 +49,20 @@ fn master_of(addr: [u8; 4], port: u16, proto: u8, scope: u8) -> Option<Frontend>
         slot: 0,
         _pad: 0,
     };
-    // SAFETY: copied out at once; the kernel keeps a looked-up value alive
-    // until the program returns, and the agent replaces a master entry with
-    // one map update, so the copy is one whole version of it.
-    let master = unsafe { SERVICES.get(key) }?;
+    // The agent replaces a master entry with one map update, so the copy
+    // is one whole version of it.
+    let master = F::service(&key)?;
     Some(Frontend {
         key,
-        master: *master,
+        master,
         to_node_addr: false,
     })
 }
 
-/// Whether `addr` is one of this node's addresses (NODE_ADDRS).
+/// Whether `addr` is one of this node's addresses (NODE_ADDRS, NODE_ADDRS6).
 #[inline(always)]
-pub fn is_node_address(addr: [u8; 4]) -> bool {
-    // SAFETY: only the presence of the entry is used, never its value.
-    unsafe { NODE_ADDRS.get(addr) }.is_some()
+pub fn is_node_address<F: Family>(addr: F::Addr) -> bool {
+    F::is_node_address(addr)
 }
 
 /// The frontend at `daddr:dport/proto`: a ClusterIP / external address
@@ -74,18 +70,23 @@ pub fn is_node_address(addr: [u8; 4]) -> bool {
 /// address; its in-cluster entry set when it has one and `from` is inside
 /// the cluster. (Only such frontends pay for the source check.)
 #[inline(always)]
-pub fn lookup_frontend(daddr: [u8; 4], dport: u16, proto: u8, from: Origin) -> Option<Frontend> {
-    let to_node_addr = is_node_address(daddr);
-    let mut found = match master_of(daddr, dport, proto, SCOPE_ALL) {
+pub fn lookup_frontend<F: Family>(
+    daddr: F::Addr,
+    dport: u16,
+    proto: u8,
+    from: Origin<F>,
+) -> Option<Frontend<F>> {
+    let to_node_addr = F::is_node_address(daddr);
+    let mut found = match master_of::<F>(daddr, dport, proto, SCOPE_ALL) {
         Some(f) => f,
-        None if to_node_addr => master_of([0; 4], dport, proto, SCOPE_ALL)?,
+        None if to_node_addr => master_of::<F>(F::ANY, dport, proto, SCOPE_ALL)?,
         None => return None,
     };
     if found.master.flags & SVC_F_IN_CLUSTER != 0 && from.is_inside() {
         // Missing only for a moment while the agent writes or removes the
         // set: the frontend's own set serves meanwhile.
         let k = found.key;
-        if let Some(inner) = master_of(k.addr, k.port, k.proto, SCOPE_IN_CLUSTER) {
+        if let Some(inner) = master_of::<F>(k.addr, k.port, k.proto, SCOPE_IN_CLUSTER) {
             found = inner;
         }
     }
@@ -98,32 +99,18 @@ pub fn lookup_frontend(daddr: [u8; 4], dport: u16, proto: u8, from: Origin) -> O
 /// Whether a new flow from `client` may use the frontend: always, unless the
 /// frontend lists source ranges and none holds the client.
 #[inline(always)]
-pub fn source_allowed(fe: &Frontend, client: [u8; 4]) -> bool {
-    fe.master.flags & SVC_F_SOURCE_RANGES == 0 || in_ranges(fe.master.svc_id, client)
-}
-
-/// Whether a SOURCE_RANGES entry under `id` holds `addr`.
-#[inline(always)]
-fn in_ranges(id: u32, addr: [u8; 4]) -> bool {
-    let key = Key::new(
-        64,
-        SourceRange {
-            svc_id: id.to_be_bytes(),
-            addr,
-        },
-    );
-    SOURCE_RANGES.get(&key).is_some()
+pub fn source_allowed<F: Family>(fe: &Frontend<F>, client: F::Addr) -> bool {
+    fe.master.flags & SVC_F_SOURCE_RANGES == 0 || F::in_ranges(fe.master.svc_id, client)
 }
 
 #[inline(always)]
-fn backend_in_slot(fe: &Frontend, scope: u8, slot: u16) -> Option<u32> {
-    let key = ServiceKey {
+fn backend_in_slot<F: Family>(fe: &Frontend<F>, scope: u8, slot: u16) -> Option<u32> {
+    let key = ServiceKeyOf {
         scope,
         slot,
         ..fe.key
     };
-    // SAFETY: one u32 copied out of a live value (see master_of).
-    unsafe { SERVICES.get(key) }.map(|v| v.backend_id)
+    F::service(&key).map(|v| v.backend_id)
 }
 
 /// How session affinity took part in a backend choice; acted on (counted,
@@ -141,21 +128,21 @@ pub enum AffinityUse {
     },
 }
 
-pub struct Pick {
+pub struct Pick<F: Family> {
     pub id: u32,
-    pub backend: Backend,
+    pub backend: BackendOf<F::Addr>,
     pub affinity: AffinityUse,
 }
 
 /// The live affinity entry of `client`, refreshed; `Err(true)` when an
 /// entry exists but has expired or points at a backend no longer in the set.
 #[inline(always)]
-fn affine_backend(fe: &Frontend, client: [u8; 4], now: u64) -> Result<u32, bool> {
-    let key = AffinityKey {
+fn affine_backend<F: Family>(fe: &Frontend<F>, client: F::Addr, now: u64) -> Result<u32, bool> {
+    let key = AffinityKeyOf {
         client,
         svc_id: fe.master.svc_id,
     };
-    let Some(entry) = AFFINITY.get_ptr_mut(key) else {
+    let Some(entry) = F::affinity_ptr(&key) else {
         return Err(false);
     };
     // SAFETY: the pointer is the map's own value, alive until the program
@@ -179,9 +166,9 @@ fn affine_backend(fe: &Frontend, client: [u8; 4], now: u64) -> Result<u32, bool>
 
 /// Makes `pick` the affinity of `client` when it was a fresh choice.
 #[inline(always)]
-pub fn note_affinity(fe: &Frontend, client: [u8; 4], pick: &Pick) {
+pub fn note_affinity<F: Family>(fe: &Frontend<F>, client: F::Addr, pick: &Pick<F>) {
     if let AffinityUse::Fresh { .. } = pick.affinity {
-        let key = AffinityKey {
+        let key = AffinityKeyOf {
             client,
             svc_id: fe.master.svc_id,
         };
@@ -191,8 +178,7 @@ pub fn note_affinity(fe: &Frontend, client: [u8; 4], pick: &Pick) {
             backend_id: pick.id,
             _pad: 0,
         };
-        // LRU: a failed insert only costs the client its stickiness.
-        let _ = AFFINITY.insert(key, value, 0);
+        F::affinity_insert(&key, &value);
     }
 }
 
@@ -200,7 +186,7 @@ pub fn note_affinity(fe: &Frontend, client: [u8; 4], pick: &Pick) {
 /// `client:sport`; `None` without a table (the agent has not written it, or
 /// could not), and then the caller picks at random.
 #[inline(always)]
-fn maglev_backend(fe: &Frontend, client: [u8; 4], sport: u16) -> Option<u32> {
+fn maglev_backend<F: Family>(fe: &Frontend<F>, client: F::Addr, sport: u16) -> Option<u32> {
     // SAFETY: read through a pointer to the map's own value, alive until
     // the program returns; the agent replaces a table with one map update,
     // so this is one whole version of it.
@@ -209,7 +195,7 @@ fn maglev_backend(fe: &Frontend, client: [u8; 4], sport: u16) -> Option<u32> {
     if size == 0 {
         return None;
     }
-    let hash = maglev_flow_hash(client, sport, fe.key.port, fe.key.proto);
+    let hash = F::maglev_hash(client, sport, fe.key.port, fe.key.proto);
     // The bound the verifier needs: the size is the agent's, the array's
     // length is compiled in.
     let id = *table.backends.get((hash % size) as usize)?;
@@ -221,18 +207,21 @@ fn maglev_backend(fe: &Frontend, client: [u8; 4], sport: u16) -> Option<u32> {
 /// `sport` is known: a socket call before bind has none), else a random
 /// slot of the frontend's scope.
 #[inline(always)]
-pub fn select_backend(fe: &Frontend, client: [u8; 4], sport: Option<u16>) -> Option<Pick> {
+pub fn select_backend<F: Family>(
+    fe: &Frontend<F>,
+    client: F::Addr,
+    sport: Option<u16>,
+) -> Option<Pick<F>> {
     let mut affinity = AffinityUse::NotApplicable;
     if fe.master.flags & SVC_F_AFFINITY != 0 {
         // SAFETY: a helper call without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
         match affine_backend(fe, client, now) {
             Ok(id) => {
-                // SAFETY: copied out of a live value (see master_of).
-                if let Some(b) = unsafe { BACKENDS.get(id) } {
+                if let Some(b) = F::backend(id) {
                     return Some(Pick {
                         id,
-                        backend: *b,
+                        backend: b,
                         affinity: AffinityUse::Hit,
                     });
                 }
@@ -257,8 +246,7 @@ pub fn select_backend(fe: &Frontend, client: [u8; 4], sport: Option<u16>) -> Opt
             backend_in_slot(fe, fe.key.scope, slot)?
         }
     };
-    // SAFETY: copied out of a live value (see master_of).
-    let backend = *unsafe { BACKENDS.get(id) }?;
+    let backend = F::backend(id)?;
     Some(Pick {
         id,
         backend,

@@ -2,10 +2,13 @@
 //! was made by the agent's planner; these programs only follow the maps.
 #![no_std]
 #![no_main]
+// Without the `ipv6` feature the IPv6 path is compiled but not dispatched to.
+#![cfg_attr(not(feature = "ipv6"), allow(dead_code))]
 
 mod access;
 mod conntrack;
 mod csum;
+mod family;
 mod flood;
 mod forward;
 mod headers;
@@ -15,8 +18,10 @@ mod maps;
 mod nat;
 mod opening;
 mod packet;
+mod packet6;
 mod ports;
 mod reject;
+mod reject6;
 mod sock;
 mod stats;
 mod tc;

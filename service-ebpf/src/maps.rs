@@ -34,6 +34,15 @@ maps! {
     SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue>, DEFAULT_SOCK_REVNAT_MAX;
     /// Each CPU's count of new flows in the current second (the flood guard).
     FLOOD: PerCpuArray<FloodWindow>, 1;
+    // IPv6's maps: the same roles, keyed by IPv6 addresses. svc_ids and
+    // backend ids are shared with IPv4 (SVC_STATS, AFFINITY_MATCH, MAGLEV).
+    SERVICES6: HashMap<ServiceKey6, ServiceValue>, DEFAULT_SERVICES_MAX;
+    BACKENDS6: HashMap<u32, Backend6>, DEFAULT_BACKENDS_MAX;
+    CONNTRACK6: LruHashMap<CtKey6, CtValue6>, DEFAULT_CONNTRACK_MAX;
+    AFFINITY6: LruHashMap<AffinityKey6, AffinityValue>, DEFAULT_AFFINITY_MAX;
+    NODE_ADDRS6: HashMap<Addr6, u32>, NODE_ADDRS_MAX;
+    SOURCE_RANGES6: LpmTrie<SourceRange6, u32>, DEFAULT_SOURCE_RANGES_MAX;
+    FRAGMENTS6: LruHashMap<FragKey6, FragValue6>, DEFAULT_FRAGMENTS_MAX;
 }
 
 /// svc_id -> the frontend's Maglev table. Not preallocated: only frontends

@@ -1,32 +1,27 @@
 //! Rewriting addresses and ports in place, with incremental checksum updates
 //! done by the kernel helpers (they also keep CHECKSUM_PARTIAL and
-//! CHECKSUM_COMPLETE skbs consistent).
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
-};
+//! CHECKSUM_COMPLETE skbs consistent). The address field and the checksums
+//! covering it are the family's (`Family::rewrite_addr`); ports are alike.
+use aya_ebpf::{bindings::BPF_F_MARK_MANGLED_0, programs::TcContext};
 use service_common::IPPROTO_UDP;
 
-use crate::{
-    csum::{half, word},
-    headers::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
-    packet::Flow,
-};
+use crate::{csum::half, family::Family, packet::Flow};
 
 /// The 4-tuple a packet is rewritten to.
 #[derive(Clone, Copy)]
-pub struct Target {
-    pub saddr: [u8; 4],
+pub struct Target<F: Family> {
+    pub saddr: F::Addr,
     pub sport: u16,
-    pub daddr: [u8; 4],
+    pub daddr: F::Addr,
     pub dport: u16,
 }
 
 pub struct RewriteFailed;
 
 #[inline(always)]
-fn l4_flags(flow: &Flow) -> u64 {
-    // A zero UDP checksum means "none" and must stay zero; a computed zero is written as 0xffff.
+fn l4_flags<F: Family>(flow: &Flow<F>) -> u64 {
+    // A zero UDP checksum means "none" and must stay zero; a computed zero
+    // is written as 0xffff (IPv6's UDP never arrives here with zero).
     if flow.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
     } else {
@@ -35,29 +30,24 @@ fn l4_flags(flow: &Flow) -> u64 {
 }
 
 #[inline(always)]
-fn rewrite_addr(
+fn rewrite_addr<F: Family>(
     ctx: &TcContext,
-    flow: &Flow,
+    flow: &Flow<F>,
     field_off: usize,
-    old: [u8; 4],
-    new: [u8; 4],
+    old: F::Addr,
+    new: F::Addr,
 ) -> Result<(), RewriteFailed> {
     if old == new {
         return Ok(());
     }
-    let (o, n) = (word(old), word(new));
-    let l4 = l4_flags(flow) | BPF_F_PSEUDO_HDR as u64 | 4;
-    ctx.l4_csum_replace(flow.l4_csum_off(), o, n, l4)
-        .map_err(|_| RewriteFailed)?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, o, n, 4)
-        .map_err(|_| RewriteFailed)?;
-    ctx.store(field_off, &new, 0).map_err(|_| RewriteFailed)
+    let l4 = Some((flow.l4_csum_off(), l4_flags(flow)));
+    F::rewrite_addr(ctx, l4, field_off, old, new).map_err(|_| RewriteFailed)
 }
 
 #[inline(always)]
-fn rewrite_port(
+fn rewrite_port<F: Family>(
     ctx: &TcContext,
-    flow: &Flow,
+    flow: &Flow<F>,
     field_off: usize,
     old: u16,
     new: u16,
@@ -74,16 +64,14 @@ fn rewrite_port(
 
 /// Rewrites only the addresses (a later fragment has no L4 header to fix).
 #[inline(always)]
-pub fn rewrite_addresses(
+pub fn rewrite_addresses<F: Family>(
     ctx: &TcContext,
-    old: (&[u8; 4], &[u8; 4]),
-    new: (&[u8; 4], &[u8; 4]),
+    old: (F::Addr, F::Addr),
+    new: (F::Addr, F::Addr),
 ) -> Result<(), RewriteFailed> {
-    for (off, o, n) in [(IP_SRC_OFF, old.0, new.0), (IP_DST_OFF, old.1, new.1)] {
+    for (off, o, n) in [(F::SRC_OFF, old.0, new.0), (F::DST_OFF, old.1, new.1)] {
         if o != n {
-            ctx.l3_csum_replace(IP_CSUM_OFF, word(*o), word(*n), 4)
-                .map_err(|_| RewriteFailed)?;
-            ctx.store(off, n, 0).map_err(|_| RewriteFailed)?;
+            F::rewrite_addr(ctx, None, off, o, n).map_err(|_| RewriteFailed)?;
         }
     }
     Ok(())
@@ -91,10 +79,14 @@ pub fn rewrite_addresses(
 
 /// Writes `to` into the packet's addresses and ports.
 #[inline(always)]
-pub fn rewrite_tuple(ctx: &TcContext, flow: &Flow, to: &Target) -> Result<(), RewriteFailed> {
+pub fn rewrite_tuple<F: Family>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+    to: &Target<F>,
+) -> Result<(), RewriteFailed> {
     let l4 = flow.l4_off();
-    rewrite_addr(ctx, flow, IP_DST_OFF, flow.daddr, to.daddr)?;
-    rewrite_addr(ctx, flow, IP_SRC_OFF, flow.saddr, to.saddr)?;
+    rewrite_addr(ctx, flow, F::DST_OFF, flow.daddr, to.daddr)?;
+    rewrite_addr(ctx, flow, F::SRC_OFF, flow.saddr, to.saddr)?;
     rewrite_port(ctx, flow, l4 + 2, flow.dport, to.dport)?;
     rewrite_port(ctx, flow, l4, flow.sport, to.sport)
 }

@@ -5,16 +5,18 @@
 use service_common::{BE_F_LOCAL, CT_F_LOCAL_SOURCE, Reason};
 
 use crate::{
-    conntrack, flood,
+    conntrack,
+    family::Family,
+    flood,
     lb::{self, Frontend, Pick},
     nat::Target,
     packet::Flow,
     stats::{count_flow_opened, count_reason},
 };
 
-pub struct Choice {
-    pub pick: Pick,
-    pub to: Target,
+pub struct Choice<F: Family> {
+    pub pick: Pick<F>,
+    pub to: Target<F>,
     pub svc_id: u32,
     /// A pod picked as the backend of its own request.
     pub hairpin: bool,
@@ -26,15 +28,15 @@ pub struct Choice {
     pub local_source: bool,
 }
 
-pub enum Opening {
-    Open(Choice),
+pub enum Opening<F: Family> {
+    Open(Choice<F>),
     /// No backend at all: answer as kube-proxy's REJECT does (or drop, per the frontend).
     Reject,
     Drop(Reason),
 }
 
 #[inline(always)]
-pub fn choose(flow: &Flow, fe: &Frontend, from_outside: bool) -> Opening {
+pub fn choose<F: Family>(flow: &Flow<F>, fe: &Frontend<F>, from_outside: bool) -> Opening<F> {
     // Only a SYN opens a TCP flow. Anything else without a conntrack entry
     // belongs to a flow this node does not know (conntrack's INVALID): a
     // random backend would answer it with a reset, so it is dropped; so is
@@ -66,7 +68,7 @@ pub fn choose(flow: &Flow, fe: &Frontend, from_outside: bool) -> Opening {
         dport: pick.backend.port,
     };
     if snat {
-        let Some(addr) = conntrack::snat_address() else {
+        let Some(addr) = F::snat_address() else {
             return Opening::Drop(Reason::SnatFailed);
         };
         to.saddr = addr;
@@ -88,29 +90,50 @@ pub fn choose(flow: &Flow, fe: &Frontend, from_outside: bool) -> Opening {
     })
 }
 
+/// Records both conntrack entries of the flow; `Ok(true)`: the client's
+/// port was moved off a clashing tuple.
+#[inline(always)]
+fn pin<F: Family>(flow: &Flow<F>, c: &mut Choice<F>) -> Result<bool, Reason> {
+    if c.snat {
+        conntrack::create_snat(flow, &mut c.to, c.pick.id, c.svc_id, c.reply_flags)?;
+        return Ok(false);
+    }
+    conntrack::create(
+        flow,
+        &mut c.to,
+        c.pick.id,
+        c.svc_id,
+        c.hairpin,
+        c.reply_flags,
+    )
+}
+
+/// `pin` as a subprogram of its own, for IPv6 (`Family::SPLIT`).
+#[inline(never)]
+fn pin_split<F: Family>(flow: &Flow<F>, c: &mut Choice<F>) -> Result<bool, Reason> {
+    pin(flow, c)
+}
+
 /// Pins the flow to its backend in conntrack (picking the SNAT source port)
 /// and notes its affinity, unless the flood guard refuses another opening
 /// on this CPU this second; from here on the packet must be translated.
 /// Err: the reason the packet is dropped.
 #[inline(always)]
-pub fn record(flow: &Flow, fe: &Frontend, c: &mut Choice) -> Result<(), Reason> {
+pub fn record<F: Family>(
+    flow: &Flow<F>,
+    fe: &Frontend<F>,
+    c: &mut Choice<F>,
+) -> Result<(), Reason> {
     if !flood::admit() {
         return Err(Reason::FloodDropped);
     }
-    if c.snat {
-        conntrack::create_snat(flow, &mut c.to, c.pick.id, c.svc_id, c.reply_flags)?;
+    let moved = if F::SPLIT {
+        pin_split(flow, c)
     } else {
-        let moved = conntrack::create(
-            flow,
-            &mut c.to,
-            c.pick.id,
-            c.svc_id,
-            c.hairpin,
-            c.reply_flags,
-        )?;
-        if moved {
-            count_reason(Reason::TupleClashPortRewritten);
-        }
+        pin(flow, c)
+    }?;
+    if moved {
+        count_reason(Reason::TupleClashPortRewritten);
     }
     lb::note_affinity(fe, flow.saddr, &c.pick);
     count_flow_opened(c.svc_id, c.snat, c.pick.affinity);

@@ -1,35 +1,43 @@
-//! Reading the headers the dataplane acts on, the same for tc and XDP.
+//! Reading the IPv4 headers the dataplane acts on, the same for tc and XDP
+//! (`packet6.rs` reads IPv6 into the same `Flow`).
 use network_types::ip::Ipv4Hdr;
 use service_common::{FragKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
 use crate::{
     access::Packet,
+    family::{Family, V4},
     headers::*,
     icmp::{self, IcmpError},
 };
 
-/// An IPv4 TCP or UDP packet, as the dataplane needs to see it.
+/// A TCP or UDP packet of family `F`, as the dataplane needs to see it.
 #[derive(Clone, Copy)]
-pub struct Flow {
+pub struct Flow<F: Family> {
     // The 5-tuple: addresses in packet order, ports in host order.
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: F::Addr,
+    pub daddr: F::Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
-    /// Header length of the IPv4 header in bytes (20..=60).
-    pub ihl: usize,
-    /// IPv4 total length, as the header says.
+    /// Bytes of IP header before the L4 header: IPv4's with its options
+    /// (20..=60), or IPv6's with its extension headers.
+    pub l3_len: usize,
+    /// The IP packet's length, as its header says (IPv6: 40 + payload length).
     pub ip_len: u16,
-    /// The IPv4 identification, for fragments.
-    pub ip_id: u16,
+    /// The identification of a fragmented datagram (IPv4's 16 bits, or the
+    /// IPv6 fragment header's 32).
+    pub ip_id: u32,
+    /// IPv6: the next header of the fragment header, what its later
+    /// fragments are keyed by (IPv4: the protocol).
+    pub frag_proto: u8,
+    /// TTL or hop limit.
     pub ttl: u8,
     /// The first fragment of a fragmented datagram: later ones follow it.
     pub first_fragment: bool,
 }
 
-impl Flow {
+impl<F: Family> Flow<F> {
     /// Whether this packet may open a flow: any UDP datagram; a TCP segment
     /// only as a SYN without ACK, FIN or RST (no stack opens with those
     /// beside it; scanners and attacks do, and the kernel's conntrack
@@ -42,7 +50,7 @@ impl Flow {
 
     #[inline(always)]
     pub fn l4_off(&self) -> usize {
-        ETH_HLEN + self.ihl
+        ETH_HLEN + self.l3_len
     }
 
     /// Offset of the L4 checksum field.
@@ -57,20 +65,20 @@ impl Flow {
     }
 }
 
-pub enum Parsed {
-    /// Not IPv4 TCP/UDP: none of the dataplane's business.
+pub enum Parsed<F: Family> {
+    /// Not TCP/UDP of the family: none of the dataplane's business.
     Other,
-    /// IPv4 the dataplane must not rewrite; passed on, counted.
+    /// A packet the dataplane must not rewrite; passed on, counted.
     Untouchable(Reason),
-    Flow(Flow),
-    /// An ICMP error quoting a TCP/UDP packet.
+    Flow(Flow<F>),
+    /// An ICMP error quoting a TCP/UDP packet (IPv4 only so far).
     IcmpError(IcmpError),
     /// A fragment after the first: no L4 header.
-    LaterFragment(FragKey),
+    LaterFragment(F::FragKey),
 }
 
 #[inline(always)]
-pub fn parse<P: Packet>(ctx: &P) -> Parsed {
+pub fn parse<P: Packet>(ctx: &P) -> Parsed<V4> {
     if ctx.read::<[u8; 2]>(ETH_TYPE_OFF) != Some(ETH_P_IP) {
         return Parsed::Other;
     }
@@ -141,9 +149,10 @@ pub fn parse<P: Packet>(ctx: &P) -> Parsed {
         dport: u16::from_be_bytes([ports[2], ports[3]]),
         proto,
         tcp_flags,
-        ihl,
+        l3_len: ihl,
         ip_len,
-        ip_id,
+        ip_id: ip_id as u32,
+        frag_proto: proto,
         ttl: ip.ttl,
         first_fragment: frags & IP_MF != 0,
     })

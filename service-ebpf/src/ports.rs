@@ -7,9 +7,9 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_prandom_u32, bpf_loop},
 };
-use service_common::{CtKey, CtValue, META_SNAT_PORTS, SNAT_PORT_COUNT, SNAT_PORT_MIN};
+use service_common::{CtKeyOf, CtValueOf, META_SNAT_PORTS, SNAT_PORT_COUNT, SNAT_PORT_MIN};
 
-use crate::maps::{CONNTRACK, META};
+use crate::{family::Family, maps::META};
 
 /// Ports probed for one flow at most after its own: the whole of a range
 /// up to this size, else this many from a random start. Enough that a range
@@ -52,20 +52,19 @@ impl PortRange {
 /// least recently used entry, before it checks the key: probing by refused
 /// inserts would forget one live flow per port tried.
 #[inline(always)]
-pub fn claim(key: &CtKey, reply: &CtValue) -> bool {
-    // SAFETY: only the presence of the entry is used.
-    if unsafe { CONNTRACK.get(*key) }.is_some() {
+pub fn claim<F: Family>(key: &CtKeyOf<F::Addr>, reply: &CtValueOf<F::Addr>) -> bool {
+    if F::ct_ptr(key).is_some() {
         return false;
     }
-    CONNTRACK.insert(*key, *reply, BPF_NOEXIST as u64).is_ok()
+    F::ct_insert(key, reply, BPF_NOEXIST as u64)
 }
 
 /// What a scan carries between the iterations bpf_loop runs.
 #[repr(C)]
-struct Scan {
+struct Scan<F: Family> {
     /// The reply key; its `dport` is the port being tried.
-    key: CtKey,
-    reply: CtValue,
+    key: CtKeyOf<F::Addr>,
+    reply: CtValueOf<F::Addr>,
     range: PortRange,
     start: u32,
     found: u32,
@@ -73,16 +72,16 @@ struct Scan {
 
 /// One iteration of the scan: port `start + i` of the range (wrapping).
 /// Returns 1 (stop) once a port is claimed.
-extern "C" fn try_port(i: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn try_port<F: Family>(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer `scan` gave it, to a Scan on
     // the caller's stack that lives until bpf_loop returns.
-    let scan = unsafe { &mut *(ctx as *mut Scan) };
+    let scan = unsafe { &mut *(ctx as *mut Scan<F>) };
     if scan.range.count == 0 {
         return 1;
     }
     let off = scan.start.wrapping_add(i as u32) % scan.range.count;
     scan.key.dport = (scan.range.min + off) as u16;
-    if claim(&scan.key, &scan.reply) {
+    if claim::<F>(&scan.key, &scan.reply) {
         scan.found = scan.key.dport as u32;
         return 1;
     }
@@ -95,17 +94,22 @@ extern "C" fn try_port(i: u64, ctx: *mut c_void) -> i64 {
 /// start (bpf_loop, so the verifier checks one iteration, not thousands).
 /// None: every port tried is held by another flow.
 #[inline(always)]
-pub fn claim_port(key: CtKey, reply: &CtValue, range: PortRange, keep: Option<u16>) -> Option<u16> {
+pub fn claim_port<F: Family>(
+    key: CtKeyOf<F::Addr>,
+    reply: &CtValueOf<F::Addr>,
+    range: PortRange,
+    keep: Option<u16>,
+) -> Option<u16> {
     if range.count == 0 {
         return None;
     }
     if let Some(port) = keep.filter(|p| range.holds(*p)) {
-        let own = CtKey { dport: port, ..key };
-        if claim(&own, reply) {
+        let own = CtKeyOf { dport: port, ..key };
+        if claim::<F>(&own, reply) {
             return Some(port);
         }
     }
-    let mut scan = Scan {
+    let mut scan = Scan::<F> {
         key,
         reply: *reply,
         range,
@@ -123,8 +127,8 @@ pub fn claim_port(key: CtKey, reply: &CtValue, range: PortRange, keep: Option<u1
     unsafe {
         bpf_loop(
             probes,
-            try_port as *mut c_void,
-            (&mut scan as *mut Scan).cast(),
+            try_port::<F> as *mut c_void,
+            (&mut scan as *mut Scan<F>).cast(),
             0,
         )
     };

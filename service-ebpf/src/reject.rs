@@ -11,6 +11,7 @@ use service_common::{IPPROTO_ICMP, IPPROTO_TCP};
 use crate::{
     access::skb_ifindex,
     csum,
+    family::V4,
     headers::{ETH_HLEN, IP_HLEN, TCP_ACK, TCP_FIN, TCP_HLEN, TCP_RST, TCP_SYN},
     packet::Flow,
 };
@@ -32,7 +33,7 @@ fn ipv4_header(src: [u8; 4], dst: [u8; 4], proto: u8, total_len: u16) -> [u8; 20
 }
 
 #[inline(always)]
-fn swap_macs(ctx: &TcContext) -> Result<(), RejectFailed> {
+pub fn swap_macs(ctx: &TcContext) -> Result<(), RejectFailed> {
     let macs = ctx.load::<[u8; 12]>(0).map_err(|_| RejectFailed)?;
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
@@ -41,7 +42,7 @@ fn swap_macs(ctx: &TcContext) -> Result<(), RejectFailed> {
 }
 
 #[inline(always)]
-fn send_back(ctx: &TcContext) -> i32 {
+pub fn send_back(ctx: &TcContext) -> i32 {
     let ifindex = skb_ifindex(ctx);
     // SAFETY: a helper call without pointers; the kernel checks the ifindex.
     let ret = unsafe { bpf_redirect(ifindex, 0) };
@@ -54,7 +55,7 @@ fn send_back(ctx: &TcContext) -> i32 {
 
 /// Cuts or extends the packet to `len` bytes, the size of the answer.
 #[inline(always)]
-fn resize(ctx: &TcContext, len: usize) -> Result<(), RejectFailed> {
+pub fn resize(ctx: &TcContext, len: usize) -> Result<(), RejectFailed> {
     // SAFETY: the program's own skb; the helper checks the length, and the
     // verifier forgets every packet pointer taken before the call (none are
     // kept: all access goes through load/store).
@@ -66,7 +67,7 @@ fn resize(ctx: &TcContext, len: usize) -> Result<(), RejectFailed> {
 
 /// Turns a TCP segment into the RST the peer would have sent (RFC 9293 3.10.7.1).
 #[inline(always)]
-pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
+pub fn tcp_reset(ctx: &TcContext, flow: &Flow<V4>) -> Result<i32, RejectFailed> {
     if flow.tcp_flags & TCP_RST != 0 {
         return Err(RejectFailed);
     }
@@ -75,7 +76,7 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
     let doff = ctx.load::<u8>(l4 + 12).map_err(|_| RejectFailed)?;
     let tcp_hlen = ((doff >> 4) as u32) * 4;
     let seg_len = (flow.ip_len as u32)
-        .saturating_sub(flow.ihl as u32)
+        .saturating_sub(flow.l3_len as u32)
         .saturating_sub(tcp_hlen)
         + (flow.tcp_flags & TCP_SYN != 0) as u32
         + (flow.tcp_flags & TCP_FIN != 0) as u32;
@@ -148,10 +149,10 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
 /// Turns a UDP datagram into ICMP destination unreachable / port unreachable
 /// quoting its IP header and first 8 payload bytes (RFC 792, RFC 1122 3.2.2).
 #[inline(always)]
-pub fn icmp_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailed> {
+pub fn icmp_port_unreachable(ctx: &TcContext, flow: &Flow<V4>) -> Result<i32, RejectFailed> {
     // Quoting a header with options would need a variable-length copy; such
     // packets are dropped and counted instead.
-    if flow.ihl != IP_HLEN {
+    if flow.l3_len != IP_HLEN {
         return Err(RejectFailed);
     }
     let quoted = ctx.load::<[u8; 28]>(ETH_HLEN).map_err(|_| RejectFailed)?;

@@ -14,6 +14,7 @@ use service_common::*;
 
 use crate::{
     conntrack::snat_address,
+    family::V4,
     lb::{self, Frontend},
     maps::{META, SOCK_REVNAT},
     stats::{count_flow_opened, count_reason, count_rejected},
@@ -120,7 +121,7 @@ fn set_user_addr(ctx: &SockAddrContext, addr: [u8; 4], port: u16) {
 /// Fails the calling connect()/sendmsg() with ECONNREFUSED, as a TCP reset
 /// or an ICMP port unreachable would, but at once and without a packet.
 #[inline(always)]
-fn refuse(fe: &Frontend, reason: Reason) -> i32 {
+fn refuse(fe: &Frontend<V4>, reason: Reason) -> i32 {
     count_reason(reason);
     count_rejected(fe.master.svc_id);
     // SAFETY: a helper call on plain values. (The kernel keeps an error set
@@ -148,7 +149,7 @@ fn forward(ctx: &SockAddrContext, connect: bool) -> i32 {
     // external frontend gives them its cluster-wide endpoints (kube-proxy
     // short-circuits and masquerades the node's; the tc path on a pod's
     // veth does the same for a pod).
-    let Some(fe) = lb::lookup_frontend(daddr, dport, proto, lb::Origin::Inside) else {
+    let Some(fe) = lb::lookup_frontend::<V4>(daddr, dport, proto, lb::Origin::Inside) else {
         return PROCEED;
     };
     let client = match who {

@@ -7,21 +7,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use service_common::{
-    CT_F_LOCAL_SOURCE, FragKey, FragValue, IPPROTO_ICMP, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
+    CT_F_LOCAL_SOURCE, FragValueOf, IPPROTO_ICMP, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
 };
 
 use crate::{
     access::Packet,
     conntrack::{self, CtLookup},
+    family::{Family, V4, V6},
     forward,
-    headers::ETH_HLEN,
+    headers::{ETH_HLEN, ETH_P_IP, ETH_TYPE_OFF},
     icmp::{self, IcmpVerdict},
     lb::{self, Frontend},
-    maps::FRAGMENTS,
     nat::{self, Target},
     opening::{self, Opening},
-    packet::{self, Flow, Parsed},
-    reject,
+    packet::{Flow, Parsed},
     stats::{Outcome, count_packet, count_rejected},
 };
 
@@ -32,11 +31,72 @@ type TcOutcome = Outcome<i32>;
 
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
-    let flow = match packet::parse(ctx) {
+    match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
+        Some(ETH_P_IP) => ingress_of::<V4>(ctx, from_outside),
+        #[cfg(feature = "ipv6")]
+        Some(crate::headers::ETH_P_IPV6) => ingress6(ctx, from_outside),
+        _ => Outcome::uncounted(PASS),
+    }
+}
+
+// IPv6's steps are BPF subprograms of their own (`Family::SPLIT`): the
+// verifier bounds each frame and the sum along a call chain by 512 bytes,
+// which IPv6's keys and values exceed in one function. A step is cut where
+// it needs its largest values, and the steps of one packet are siblings
+// under a thin caller, not nested.
+
+#[inline(never)]
+fn ingress6(ctx: &TcContext, from_outside: bool) -> TcOutcome {
+    ingress_of::<V6>(ctx, from_outside)
+}
+
+#[inline(never)]
+fn egress6(ctx: &TcContext) -> TcOutcome {
+    egress_of::<V6>(ctx)
+}
+
+#[inline(never)]
+fn ct_lookup_split<F: Family>(flow: &Flow<F>) -> CtLookup<F> {
+    conntrack::lookup(flow)
+}
+
+#[inline(always)]
+fn ct_lookup<F: Family>(flow: &Flow<F>) -> CtLookup<F> {
+    if F::SPLIT {
+        ct_lookup_split(flow)
+    } else {
+        conntrack::lookup(flow)
+    }
+}
+
+#[inline(never)]
+fn new_flow_split<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> TcOutcome {
+    new_flow(ctx, flow, from_outside)
+}
+
+/// A packet no conntrack entry knows: to a frontend, or none of ours.
+#[inline(always)]
+fn new_flow<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> TcOutcome {
+    let origin = if from_outside {
+        lb::Origin::Wire(flow.saddr)
+    } else {
+        lb::Origin::Inside
+    };
+    match lb::lookup_frontend::<F>(flow.daddr, flow.dport, flow.proto, origin) {
+        Some(fe) => start_flow(ctx, flow, &fe, from_outside),
+        None => Outcome::uncounted(PASS),
+    }
+}
+
+/// One family's ingress path.
+#[inline(always)]
+fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
+    let flow = match F::parse(ctx) {
         Parsed::Other => return Outcome::uncounted(PASS),
         Parsed::Untouchable(reason) => return Outcome::counted(PASS, reason),
         Parsed::Flow(flow) => flow,
-        Parsed::LaterFragment(key) => return follow_first_fragment(ctx, &key),
+        Parsed::LaterFragment(key) if F::SPLIT => return follow_split::<F>(ctx, &key),
+        Parsed::LaterFragment(key) => return follow_first_fragment::<F>(ctx, &key),
         Parsed::IcmpError(e) => {
             return match icmp::translate(ctx, &e) {
                 IcmpVerdict::NotOurs => Outcome::uncounted(PASS),
@@ -50,7 +110,7 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
                     // From a node address, IP input would drop it as a martian.
                     let action = if local_source {
                         let ip_len = ctx.size().saturating_sub(ETH_HLEN) as u16;
-                        forward::to_next_hop(ctx, source, client, IPPROTO_ICMP, ip_len)
+                        forward::to_next_hop::<V4>(ctx, source, client, IPPROTO_ICMP, ip_len)
                     } else {
                         PASS
                     };
@@ -60,7 +120,7 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
             };
         }
     };
-    match conntrack::lookup(&flow) {
+    match ct_lookup(&flow) {
         CtLookup::Hit {
             target,
             svc_id,
@@ -81,14 +141,10 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
         CtLookup::Kernel => return Outcome::counted(PASS, Reason::KernelFlowPassed),
         CtLookup::Stale | CtLookup::Miss => {}
     }
-    let origin = if from_outside {
-        lb::Origin::Wire(flow.saddr)
+    if F::SPLIT {
+        new_flow_split(ctx, &flow, from_outside)
     } else {
-        lb::Origin::Inside
-    };
-    match lb::lookup_frontend(flow.daddr, flow.dport, flow.proto, origin) {
-        Some(fe) => start_flow(ctx, &flow, &fe, from_outside),
-        None => Outcome::uncounted(PASS),
+        new_flow(ctx, &flow, from_outside)
     }
 }
 
@@ -101,11 +157,21 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
 /// where it was going.
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> TcOutcome {
-    let flow = match packet::parse(ctx) {
+    match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
+        Some(ETH_P_IP) => egress_of::<V4>(ctx),
+        #[cfg(feature = "ipv6")]
+        Some(crate::headers::ETH_P_IPV6) => egress6(ctx),
+        _ => Outcome::uncounted(PASS),
+    }
+}
+
+#[inline(always)]
+fn egress_of<F: Family>(ctx: &TcContext) -> TcOutcome {
+    let flow = match F::parse(ctx) {
         Parsed::Flow(flow) => flow,
         _ => return Outcome::uncounted(PASS),
     };
-    if !lb::is_node_address(flow.saddr) {
+    if !lb::is_node_address::<F>(flow.saddr) {
         return Outcome::uncounted(PASS);
     }
     let CtLookup::Hit {
@@ -113,7 +179,7 @@ pub fn egress(ctx: &TcContext) -> TcOutcome {
         svc_id,
         reply: true,
         ..
-    } = conntrack::lookup(&flow)
+    } = ct_lookup(&flow)
     else {
         return Outcome::uncounted(PASS);
     };
@@ -124,71 +190,98 @@ pub fn egress(ctx: &TcContext) -> TcOutcome {
 }
 
 /// Rewrites the packet to `to` and sends it on; Err: why it must be dropped.
+
 #[inline(always)]
-fn translate(
+fn translate<F: Family>(
     ctx: &TcContext,
-    flow: &Flow,
-    to: &Target,
+    flow: &Flow<F>,
+    to: &Target<F>,
     svc_id: u32,
     local_source: bool,
 ) -> Result<i32, Reason> {
-    nat::rewrite_tuple(ctx, flow, to).map_err(|_| Reason::RewriteFailed)?;
+    let action = if F::SPLIT {
+        translated_split(ctx, flow, to, svc_id, local_source)
+    } else {
+        translated(ctx, flow, to, svc_id, local_source)
+    };
+    match action {
+        REWRITE_FAILED => Err(Reason::RewriteFailed),
+        action => Ok(action),
+    }
+}
+
+/// No tc action: what `translated` returns when the rewrite failed.
+const REWRITE_FAILED: i32 = i32::MIN;
+
+/// `translated` as a subprogram. It returns the action or REWRITE_FAILED:
+/// a plain integer comes back in a register, a Result or Option through a
+/// pointer, which would be a sixth argument (a BPF call takes five).
+#[inline(never)]
+fn translated_split<F: Family>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+    to: &Target<F>,
+    svc_id: u32,
+    local_source: bool,
+) -> i32 {
+    translated(ctx, flow, to, svc_id, local_source)
+}
+
+#[inline(always)]
+fn translated<F: Family>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+    to: &Target<F>,
+    svc_id: u32,
+    local_source: bool,
+) -> i32 {
+    if nat::rewrite_tuple(ctx, flow, to).is_err() {
+        return REWRITE_FAILED;
+    }
     count_packet(svc_id, ctx.len());
     if flow.first_fragment {
         remember_fragments(flow, to, svc_id, local_source);
     }
     if local_source {
-        return Ok(forward::to_next_hop(
-            ctx,
-            to.saddr,
-            to.daddr,
-            flow.proto,
-            flow.ip_len,
-        ));
+        return forward::to_next_hop::<F>(ctx, to.saddr, to.daddr, flow.proto, flow.ip_len);
     }
-    Ok(PASS)
+    PASS
 }
 
 /// Records how a first fragment was rewritten, for the rest of its datagram.
 #[inline(always)]
-fn remember_fragments(flow: &Flow, to: &Target, svc_id: u32, local_source: bool) {
-    let key = FragKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        id: flow.ip_id,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    let value = FragValue {
+fn remember_fragments<F: Family>(flow: &Flow<F>, to: &Target<F>, svc_id: u32, local_source: bool) {
+    let value = FragValueOf {
         nat_saddr: to.saddr,
         nat_daddr: to.daddr,
         svc_id,
         flags: if local_source { CT_F_LOCAL_SOURCE } else { 0 },
         _pad: 0,
     };
-    // LRU: a failed insert only leaves the later fragments untranslated
-    // (passed and counted), never sent elsewhere.
-    let _ = FRAGMENTS.insert(key, value, 0);
+    F::frag_insert(&F::frag_key(flow), &value);
+}
+
+#[inline(never)]
+fn follow_split<F: Family>(ctx: &TcContext, key: &F::FragKey) -> TcOutcome {
+    follow_first_fragment::<F>(ctx, key)
 }
 
 /// A later fragment gets the addresses its first fragment got; without a
 /// record of the first it is passed untouched and counted.
 #[inline(always)]
-fn follow_first_fragment(ctx: &TcContext, key: &FragKey) -> TcOutcome {
-    // SAFETY: copied out at once; the kernel keeps a looked-up value alive
-    // until the program returns, and each record is written whole.
-    let Some(v) = (unsafe { FRAGMENTS.get(*key) }).copied() else {
+fn follow_first_fragment<F: Family>(ctx: &TcContext, key: &F::FragKey) -> TcOutcome {
+    let Some(v) = F::frag_get(key) else {
         return Outcome::counted(PASS, Reason::FragmentPassed);
     };
-    if nat::rewrite_addresses(ctx, (&key.saddr, &key.daddr), (&v.nat_saddr, &v.nat_daddr)).is_err()
-    {
+    let (saddr, daddr, proto) = F::frag_tuple(key);
+    if nat::rewrite_addresses::<F>(ctx, (saddr, daddr), (v.nat_saddr, v.nat_daddr)).is_err() {
         return Outcome::counted(DROP, Reason::RewriteFailed);
     }
     count_packet(v.svc_id, ctx.len());
     let mut action = PASS;
     if v.flags & CT_F_LOCAL_SOURCE != 0 {
         let ip_len = ctx.size().saturating_sub(ETH_HLEN) as u16;
-        action = forward::to_next_hop(ctx, v.nat_saddr, v.nat_daddr, key.proto, ip_len);
+        action = forward::to_next_hop::<F>(ctx, v.nat_saddr, v.nat_daddr, proto, ip_len);
     }
     Outcome::counted(action, Reason::FragmentTranslated)
 }
@@ -196,9 +289,15 @@ fn follow_first_fragment(ctx: &TcContext, key: &FragKey) -> TcOutcome {
 /// The first packet of a flow to a frontend: pick a backend, record the flow
 /// (counting its events), rewrite.
 #[inline(always)]
-fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend, from_outside: bool) -> TcOutcome {
+fn start_flow<F: Family>(
+    ctx: &TcContext,
+    flow: &Flow<F>,
+    fe: &Frontend<F>,
+    from_outside: bool,
+) -> TcOutcome {
     let opened = match opening::choose(flow, fe, from_outside) {
         Opening::Drop(reason) => Err(reason),
+        Opening::Reject if F::SPLIT => return reject_split(ctx, flow, fe),
         Opening::Reject => return reject(ctx, flow, fe),
         Opening::Open(mut c) => opening::record(flow, fe, &mut c)
             .and_then(|()| translate(ctx, flow, &c.to, c.svc_id, c.local_source)),
@@ -210,15 +309,20 @@ fn start_flow(ctx: &TcContext, flow: &Flow, fe: &Frontend, from_outside: bool) -
     }
 }
 
+#[inline(never)]
+fn reject_split<F: Family>(ctx: &TcContext, flow: &Flow<F>, fe: &Frontend<F>) -> TcOutcome {
+    reject(ctx, flow, fe)
+}
+
 #[inline(always)]
-fn reject(ctx: &TcContext, flow: &Flow, fe: &Frontend) -> TcOutcome {
+fn reject<F: Family>(ctx: &TcContext, flow: &Flow<F>, fe: &Frontend<F>) -> TcOutcome {
     if fe.master.flags & SVC_F_REJECT_EMPTY == 0 {
         return Outcome::counted(DROP, Reason::NoLocalEndpoint);
     }
     let answered = if flow.proto == IPPROTO_TCP {
-        reject::tcp_reset(ctx, flow)
+        F::tcp_reset(ctx, flow)
     } else {
-        reject::icmp_port_unreachable(ctx, flow)
+        F::port_unreachable(ctx, flow)
     };
     match answered {
         Ok(action) => {

@@ -15,6 +15,7 @@ use crate::{
     access::{Packet, xdp_ptr},
     conntrack::{self, CtLookup},
     csum,
+    family::V4,
     forward::{self, Hop},
     headers::{ETH_HLEN, IP_HLEN},
     lb,
@@ -62,7 +63,7 @@ pub fn ingress(ctx: &XdpContext) -> XdpOutcome {
     }
     // The same scope as tc on this interface would choose.
     let origin = lb::Origin::Wire(flow.saddr);
-    let Some(fe) = lb::lookup_frontend(flow.daddr, flow.dport, flow.proto, origin) else {
+    let Some(fe) = lb::lookup_frontend::<V4>(flow.daddr, flow.dport, flow.proto, origin) else {
         return Outcome::uncounted(PASS);
     };
     match opening::choose(&flow, &fe, true) {
@@ -93,9 +94,9 @@ pub fn ingress(ctx: &XdpContext) -> XdpOutcome {
 /// fragment, with TTL left to forward. Options and fragments are rare and tc
 /// handles them (and counts what is malformed); the fast path stays simple.
 #[inline(always)]
-fn plain_flow(ctx: &XdpContext) -> Option<Flow> {
+fn plain_flow(ctx: &XdpContext) -> Option<Flow<V4>> {
     match packet::parse(ctx) {
-        Parsed::Flow(f) if f.ihl == IP_HLEN && !f.first_fragment && f.ttl > 1 => Some(f),
+        Parsed::Flow(f) if f.l3_len == IP_HLEN && !f.first_fragment && f.ttl > 1 => Some(f),
         _ => None,
     }
 }
@@ -109,8 +110,8 @@ fn ingress_ifindex(ctx: &XdpContext) -> u32 {
 /// of an interface in XDP_EGRESS (which the agent fills only with external
 /// interfaces able to take XDP frames). Otherwise None: tc takes the packet.
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, flow: &Flow, to: &Target) -> Option<Hop> {
-    let hop = forward::route(
+fn next_hop(ctx: &XdpContext, flow: &Flow<V4>, to: &Target<V4>) -> Option<Hop> {
+    let hop = forward::route::<V4>(
         ctx.ctx.cast(),
         ingress_ifindex(ctx),
         (to.saddr, to.daddr),
@@ -127,7 +128,13 @@ fn next_hop(ctx: &XdpContext, flow: &Flow, to: &Target) -> Option<Hop> {
 /// Rewrites the packet to `to`, as a router would forward it (MACs of the
 /// next hop, TTL decremented), and sends it on.
 #[inline(always)]
-fn forward(ctx: &XdpContext, flow: &Flow, to: &Target, hop: &Hop, svc_id: u32) -> XdpOutcome {
+fn forward(
+    ctx: &XdpContext,
+    flow: &Flow<V4>,
+    to: &Target<V4>,
+    hop: &Hop,
+    svc_id: u32,
+) -> XdpOutcome {
     if rewrite(ctx, flow, to, hop).is_none() {
         return Outcome::counted(DROP, Reason::RewriteFailed);
     }
@@ -148,7 +155,7 @@ fn forward(ctx: &XdpContext, flow: &Flow, to: &Target, hop: &Hop, svc_id: u32) -
 }
 
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, flow: &Flow, to: &Target, hop: &Hop) -> Option<()> {
+fn rewrite(ctx: &XdpContext, flow: &Flow<V4>, to: &Target<V4>, hop: &Hop) -> Option<()> {
     let macs = xdp_ptr::<[[u8; 6]; 2]>(ctx, 0)?;
     let ip = xdp_ptr::<Ipv4Hdr>(ctx, ETH_HLEN)?;
     let ports = xdp_ptr::<[[u8; 2]; 2]>(ctx, flow.l4_off())?;

@@ -80,7 +80,11 @@ pub fn frontend(service: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -
 }
 
 pub fn backend(addr: Ipv4Addr, port: u16, local: bool) -> BackendAddr {
-    BackendAddr { addr, port, local }
+    BackendAddr {
+        addr: addr.into(),
+        port,
+        local,
+    }
 }
 
 /// The programs and maps, loaded on a pin directory of their own that is

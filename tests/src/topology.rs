@@ -1,8 +1,10 @@
 //! A small cluster in namespaces: nodes and an outside client on one L2
 //! segment (a bridge in a namespace of its own), pods behind each node on
 //! veth pairs with /32 routes, as a point-to-point CNI sets them up. Nothing
-//! routes out of it.
-use std::net::Ipv4Addr;
+//! routes out of it. A dual-stack topology (`Topology::dual_stack`) gives
+//! every host an IPv6 ULA address too (fd00::/8, inside the namespaces
+//! only), with duplicate address detection off so addresses work at once.
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::{netns::Netns, unique};
 
@@ -12,6 +14,8 @@ pub struct Pod {
     pub name: String,
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a dual-stack topology.
+    pub ip6: Option<Ipv6Addr>,
     /// The host-side veth in the node namespace.
     pub host_if: String,
     pub node: usize,
@@ -21,6 +25,7 @@ pub struct Node {
     pub ns: Netns,
     /// Address on the shared segment (interface `eth0`).
     pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
     pub index: usize,
     pods: usize,
 }
@@ -30,11 +35,24 @@ impl Node {
     pub fn pod_gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, self.index as u8, 1)
     }
+
+    /// The node's IPv6 gateway address on its pod veths.
+    pub fn pod_gateway6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, self.index as u16, 0, 0, 0, 1)
+    }
 }
 
 pub struct Client {
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
+}
+
+/// The IPv6 segment the nodes and clients share.
+pub const LAN6_PREFIX: [u16; 2] = [0xfd00, 0x77];
+
+fn lan6(host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(LAN6_PREFIX[0], LAN6_PREFIX[1], 0, 0, 0, 0, 0, host as u16)
 }
 
 pub struct Topology {
@@ -45,6 +63,7 @@ pub struct Topology {
     pub nodes: Vec<Node>,
     lan: Netns,
     lan_ports: usize,
+    dual_stack: bool,
 }
 
 impl Topology {
@@ -60,7 +79,38 @@ impl Topology {
             nodes: vec![],
             lan,
             lan_ports: 0,
+            dual_stack: false,
         })
+    }
+
+    /// A topology whose hosts have IPv6 addresses too: nodes fd00:77::<10+i>
+    /// on the segment, pods fd00:10:244:<node>::<10+k> behind fd00:10:244:<node>::1.
+    pub fn dual_stack() -> anyhow::Result<Self> {
+        let mut t = Self::new()?;
+        t.dual_stack = true;
+        t.no_dad(&t.lan)?;
+        Ok(t)
+    }
+
+    /// Turns duplicate address detection off in `ns` before its interfaces
+    /// exist, so their addresses (link-local ones too) are usable at once.
+    fn no_dad(&self, ns: &Netns) -> anyhow::Result<()> {
+        for k in [
+            "net.ipv6.conf.all.accept_dad",
+            "net.ipv6.conf.default.accept_dad",
+        ] {
+            ns.sysctl(k, "0")?;
+        }
+        Ok(())
+    }
+
+    /// A new namespace of this topology (DAD off when it is dual-stack).
+    fn namespace(&self, name: &str) -> anyhow::Result<Netns> {
+        let ns = Netns::new(name)?;
+        if self.dual_stack {
+            self.no_dad(&ns)?;
+        }
+        Ok(ns)
     }
 
     fn plug_into_lan(&mut self, ns: &Netns, ip: Ipv4Addr) -> anyhow::Result<()> {
@@ -72,6 +122,18 @@ impl Topology {
         self.lan
             .ip(&["link", "set", &port, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        if self.dual_stack {
+            let ip6 = lan6(ip.octets()[3]);
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
         ns.ip(&["link", "set", "eth0", "up"])?;
         Ok(())
     }
@@ -80,7 +142,7 @@ impl Topology {
     /// the other nodes' pod ranges through them.
     pub fn add_node(&mut self) -> anyhow::Result<usize> {
         let index = self.nodes.len() + 1;
-        let ns = Netns::new(&format!("{}-n{index}", self.tag))?;
+        let ns = self.namespace(&format!("{}-n{index}", self.tag))?;
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),
@@ -90,6 +152,9 @@ impl Topology {
         ] {
             ns.sysctl(k, v)?;
         }
+        if self.dual_stack {
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         let ip = Ipv4Addr::new(
             LAN_PREFIX[0],
             LAN_PREFIX[1],
@@ -97,7 +162,23 @@ impl Topology {
             10 + index as u8,
         );
         self.plug_into_lan(&ns, ip)?;
+        let ip6 = self.dual_stack.then(|| lan6(ip.octets()[3]));
         for other in &self.nodes {
+            if let (Some(mine), Some(theirs)) = (ip6, other.ip6) {
+                let (me, them) = (index as u16, other.index as u16);
+                let range = |n: u16| format!("fd00:10:244:{n:x}::/64");
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &range(them),
+                    "via",
+                    &theirs.to_string(),
+                ])?;
+                other
+                    .ns
+                    .ip(&["-6", "route", "add", &range(me), "via", &mine.to_string()])?;
+            }
             ns.ip(&[
                 "route",
                 "add",
@@ -116,6 +197,7 @@ impl Topology {
         self.nodes.push(Node {
             ns,
             ip,
+            ip6,
             index,
             pods: 0,
         });
@@ -131,6 +213,17 @@ impl Topology {
         let gw = n.pod_gateway();
         let host_if = format!("vp{k}");
         let ns = Netns::new(&format!("{}-n{}p{k}", self.tag, n.index))?;
+        let ip6 = self
+            .dual_stack
+            .then(|| Ipv6Addr::new(0xfd00, 0x10, 0x244, n.index as u16, 0, 0, 0, 10 + k as u16));
+        if ip6.is_some() {
+            for key in [
+                "net.ipv6.conf.all.accept_dad",
+                "net.ipv6.conf.default.accept_dad",
+            ] {
+                ns.sysctl(key, "0")?;
+            }
+        }
         n.ns.ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ])?;
@@ -157,10 +250,36 @@ impl Topology {
             "dev",
             "eth0",
         ])?;
+        if let Some(ip6) = ip6 {
+            let gw6 = n.pod_gateway6().to_string();
+            let host = &n.ns;
+            host.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{gw6}/128"),
+                "dev",
+                &host_if,
+                "nodad",
+            ])?;
+            host.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ns.ip(&["-6", "route", "add", &gw6, "dev", "eth0"])?;
+            ns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
+        }
         self.pods.push(Pod {
             name: name.to_string(),
             ns,
             ip,
+            ip6,
             host_if,
             node,
         });
@@ -170,10 +289,11 @@ impl Topology {
     /// Adds a host outside the cluster on the nodes' segment.
     pub fn add_client(&mut self) -> anyhow::Result<usize> {
         let k = self.clients.len() + 1;
-        let ns = Netns::new(&format!("{}-c{k}", self.tag))?;
+        let ns = self.namespace(&format!("{}-c{k}", self.tag))?;
         let ip = Ipv4Addr::new(LAN_PREFIX[0], LAN_PREFIX[1], LAN_PREFIX[2], 100 + k as u8);
         self.plug_into_lan(&ns, ip)?;
-        self.clients.push(Client { ns, ip });
+        let ip6 = self.dual_stack.then(|| lan6(100 + k as u8));
+        self.clients.push(Client { ns, ip, ip6 });
         Ok(k - 1)
     }
 

@@ -3,7 +3,7 @@
 //! which backend served and what client address reached it.
 use std::{
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -89,9 +89,14 @@ fn serve_tcp_conn(mut s: TcpStream, name: String, stop: Arc<AtomicBool>) {
 }
 
 impl Server {
-    pub fn start(ns: &Netns, addr: Ipv4Addr, port: u16, name: &str) -> anyhow::Result<Self> {
+    pub fn start(
+        ns: &Netns,
+        addr: impl Into<IpAddr>,
+        port: u16,
+        name: &str,
+    ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let bind = SocketAddrV4::new(addr, port);
+        let bind = SocketAddr::new(addr.into(), port);
         let (tcp, udp) = ns.within(move || -> std::io::Result<(TcpListener, UdpSocket)> {
             Ok((TcpListener::bind(bind)?, UdpSocket::bind(bind)?))
         })??;
@@ -153,8 +158,8 @@ impl Drop for Server {
     }
 }
 
-/// One TCP request on a new connection.
-pub fn tcp_ask(to: SocketAddrV4, timeout: Duration) -> std::io::Result<Reply> {
+/// One TCP request on a new connection (IPv4 or IPv6).
+pub fn tcp_ask(to: impl Into<SocketAddr>, timeout: Duration) -> std::io::Result<Reply> {
     let mut s = TcpStream::connect_timeout(&to.into(), timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(b"hello\n")?;
@@ -186,9 +191,13 @@ impl HeldConnection {
     }
 }
 
-/// One UDP request from a new socket.
-pub fn udp_ask(to: SocketAddrV4, timeout: Duration) -> std::io::Result<(Reply, SocketAddr)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+/// One UDP request from a new socket (IPv4 or IPv6).
+pub fn udp_ask(
+    to: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> std::io::Result<(Reply, SocketAddr)> {
+    let to = to.into();
+    let s = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
     s.connect(to)?;
     s.set_read_timeout(Some(timeout))?;
     s.send(b"hello")?;

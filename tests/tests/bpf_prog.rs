@@ -42,7 +42,7 @@ fn frontend(backends: &[(&str, u16)], affinity: Option<u32>) -> FrontendPlan {
 
 fn key(addr: &str, port: u16, proto: Protocol) -> FrontendKey {
     FrontendKey {
-        addr: ip(addr),
+        addr: ip(addr).into(),
         port,
         proto,
     }

@@ -37,7 +37,7 @@ fn plan(indexes: &[u8]) -> Plan {
         .map(|i| bpf::backend(backend_addr(*i), 8080, true))
         .collect();
     let fk = FrontendKey {
-        addr: Ipv4Addr::UNSPECIFIED,
+        addr: Ipv4Addr::UNSPECIFIED.into(),
         port: NODE_PORT,
         proto: Protocol::Tcp,
     };

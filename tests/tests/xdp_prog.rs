@@ -64,7 +64,7 @@ fn plan() -> Plan {
     for (port, proto, addr, bport, local) in PORTS {
         plan.frontends.insert(
             FrontendKey {
-                addr: Ipv4Addr::UNSPECIFIED,
+                addr: Ipv4Addr::UNSPECIFIED.into(),
                 port,
                 proto,
             },

@@ -10,7 +10,7 @@ use std::{
 use aya::{maps::MapError, sys::SyscallError};
 use service_common::*;
 
-use super::maps::{Entry, EntryKey, Maps, RangeKey, StoredTable, Walk};
+use super::maps::{AnyBackend, Entry, EntryKey, Maps, RangeKey, StoredTable, Walk};
 
 /// What the maps hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,6 +25,10 @@ pub struct Contents {
     pub conntrack: HashMap<CtKey, CtValue>,
     /// MAGLEV: svc_id → the table's entries in use.
     pub maglev: BTreeMap<u32, Vec<u32>>,
+    pub services6: BTreeMap<ServiceKey6, ServiceValue>,
+    pub backends6: BTreeMap<u32, Backend6>,
+    pub node_addrs6: BTreeSet<Addr6>,
+    pub conntrack6: HashMap<CtKey6, CtValue6>,
 }
 
 impl Contents {
@@ -39,6 +43,10 @@ impl Contents {
             MAP_META => self.meta.len(),
             MAP_CONNTRACK => self.conntrack.len(),
             MAP_MAGLEV => self.maglev.len(),
+            MAP_SERVICES6 => self.services6.len(),
+            MAP_BACKENDS6 => self.backends6.len(),
+            MAP_NODE_ADDRS6 => self.node_addrs6.len(),
+            MAP_CONNTRACK6 => self.conntrack6.len(),
             _ => 0,
         }
     }
@@ -46,10 +54,13 @@ impl Contents {
     fn has(&self, e: &Entry) -> bool {
         match e {
             Entry::Service(k, _) => self.services.contains_key(k),
+            Entry::Service6(k, _) => self.services6.contains_key(k),
             Entry::Backend(id, _) => self.backends.contains_key(id),
+            Entry::Backend6(id, _) => self.backends6.contains_key(id),
             Entry::AffinityMatch(k) => self.affinity_match.contains(&(k.svc_id, k.backend_id)),
             Entry::SourceRange(r) => self.source_ranges.contains(r),
             Entry::NodeAddr(a) => self.node_addrs.contains(a),
+            Entry::NodeAddr6(a) => self.node_addrs6.contains(a),
             Entry::Meta(i, _) => self.meta.contains_key(i),
         }
     }
@@ -57,10 +68,13 @@ impl Contents {
     fn put(&mut self, e: Entry) {
         match e {
             Entry::Service(k, v) => drop(self.services.insert(k, v)),
+            Entry::Service6(k, v) => drop(self.services6.insert(k, v)),
             Entry::Backend(id, b) => drop(self.backends.insert(id, b)),
+            Entry::Backend6(id, b) => drop(self.backends6.insert(id, b)),
             Entry::AffinityMatch(k) => drop(self.affinity_match.insert((k.svc_id, k.backend_id))),
             Entry::SourceRange(r) => drop(self.source_ranges.insert(r)),
             Entry::NodeAddr(a) => drop(self.node_addrs.insert(a)),
+            Entry::NodeAddr6(a) => drop(self.node_addrs6.insert(a)),
             Entry::Meta(i, v) => drop(self.meta.insert(i, v)),
         }
     }
@@ -68,13 +82,17 @@ impl Contents {
     fn delete(&mut self, k: EntryKey) {
         match k {
             EntryKey::Service(k) => drop(self.services.remove(&k)),
+            EntryKey::Service6(k) => drop(self.services6.remove(&k)),
             EntryKey::Backend(id) => drop(self.backends.remove(&id)),
+            EntryKey::Backend6(id) => drop(self.backends6.remove(&id)),
             EntryKey::AffinityMatch(k) => {
                 self.affinity_match.remove(&(k.svc_id, k.backend_id));
             }
             EntryKey::SourceRange(r) => drop(self.source_ranges.remove(&r)),
             EntryKey::NodeAddr(a) => drop(self.node_addrs.remove(&a)),
+            EntryKey::NodeAddr6(a) => drop(self.node_addrs6.remove(&a)),
             EntryKey::Conntrack(k) => drop(self.conntrack.remove(&k)),
+            EntryKey::Conntrack6(k) => drop(self.conntrack6.remove(&k)),
             EntryKey::Maglev(id) => drop(self.maglev.remove(&id)),
         }
     }
@@ -249,12 +267,19 @@ impl Maps for FakeMaps {
         Ok(pairs(&self.contents.services))
     }
 
-    fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
-        Ok(pairs(&self.contents.backends))
+    fn services6(&self) -> Result<Vec<(ServiceKey6, ServiceValue)>, MapError> {
+        Ok(pairs(&self.contents.services6))
     }
 
-    fn backend(&self, id: u32) -> Result<Option<Backend>, MapError> {
-        Ok(self.contents.backends.get(&id).copied())
+    fn backends(&self) -> Result<Vec<(u32, AnyBackend)>, MapError> {
+        let v4 = (self.contents.backends.iter()).map(|(id, b)| (*id, AnyBackend::V4(*b)));
+        let v6 = (self.contents.backends6.iter()).map(|(id, b)| (*id, AnyBackend::V6(*b)));
+        Ok(v4.chain(v6).collect())
+    }
+
+    fn backend(&self, id: u32) -> Result<Option<AnyBackend>, MapError> {
+        let v4 = self.contents.backends.get(&id).map(|b| AnyBackend::V4(*b));
+        Ok(v4.or_else(|| self.contents.backends6.get(&id).map(|b| AnyBackend::V6(*b))))
     }
 
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError> {
@@ -300,7 +325,16 @@ impl Maps for FakeMaps {
         }
     }
 
+    fn conntrack6(&self) -> Walk<(CtKey6, CtValue6)> {
+        let all = self.contents.conntrack6.iter().map(|(k, v)| Ok((*k, *v)));
+        all.collect()
+    }
+
     fn node_addrs(&self) -> Vec<[u8; 4]> {
         self.contents.node_addrs.iter().copied().collect()
+    }
+
+    fn node_addrs6(&self) -> Vec<Addr6> {
+        self.contents.node_addrs6.iter().copied().collect()
     }
 }

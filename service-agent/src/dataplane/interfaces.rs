@@ -52,6 +52,20 @@ fn addresses(keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
+/// IPv6 addresses assigned in this namespace that NodePorts answer on:
+/// loopback, link-local and multicast excluded (a link-local address names
+/// a node only on one link).
+pub fn node_addresses6() -> std::io::Result<Vec<std::net::Ipv6Addr>> {
+    let mut out: Vec<std::net::Ipv6Addr> = nix::ifaddrs::getifaddrs()
+        .map_err(std::io::Error::from)?
+        .filter_map(|ifa| Some(ifa.address?.as_sockaddr_in6()?.ip()))
+        .filter(|a| !a.is_loopback() && !a.is_unicast_link_local() && !a.is_multicast())
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 /// Link and address changes of this network namespace, from rtnetlink
 /// multicast groups: a pod veth appearing wakes the agent at once instead of
 /// at the next poll. The messages are only a trigger; the agent then lists

@@ -1,7 +1,10 @@
 //! The map operations the writer needs, as one small interface: the pinned
 //! BPF maps implement it (`Tables`), and so does an in-memory fake that the
 //! writer's unit tests run against without a kernel.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use service_common::*;
@@ -40,14 +43,87 @@ impl RangeKey {
     }
 }
 
+/// A backend of either family: its id names an entry of BACKENDS or of
+/// BACKENDS6 (one id space for both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AnyBackend {
+    V4(Backend),
+    V6(Backend6),
+}
+
+impl AnyBackend {
+    pub fn addr(&self) -> IpAddr {
+        match self {
+            AnyBackend::V4(b) => Ipv4Addr::from(b.addr).into(),
+            AnyBackend::V6(b) => Ipv6Addr::from(b.addr).into(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            AnyBackend::V4(b) => b.port,
+            AnyBackend::V6(b) => b.port,
+        }
+    }
+
+    pub fn proto(&self) -> u8 {
+        match self {
+            AnyBackend::V4(b) => b.proto,
+            AnyBackend::V6(b) => b.proto,
+        }
+    }
+
+    pub fn flags(&self) -> u8 {
+        match self {
+            AnyBackend::V4(b) => b.flags,
+            AnyBackend::V6(b) => b.flags,
+        }
+    }
+
+    /// The backend at `addr:port` for `proto` with `flags`, in its family's layout.
+    pub fn new(addr: IpAddr, port: u16, proto: u8, flags: u8) -> Self {
+        match addr {
+            IpAddr::V4(a) => AnyBackend::V4(Backend {
+                addr: a.octets(),
+                port,
+                proto,
+                flags,
+            }),
+            IpAddr::V6(a) => AnyBackend::V6(Backend6 {
+                addr: a.octets(),
+                port,
+                proto,
+                flags,
+            }),
+        }
+    }
+
+    pub fn entry(self, id: u32) -> Entry {
+        match self {
+            AnyBackend::V4(b) => Entry::Backend(id, b),
+            AnyBackend::V6(b) => Entry::Backend6(id, b),
+        }
+    }
+
+    pub fn entry_key(&self, id: u32) -> EntryKey {
+        match self {
+            AnyBackend::V4(_) => EntryKey::Backend(id),
+            AnyBackend::V6(_) => EntryKey::Backend6(id),
+        }
+    }
+}
+
 /// An entry the writer creates or replaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entry {
     Service(ServiceKey, ServiceValue),
+    Service6(ServiceKey6, ServiceValue),
     Backend(u32, Backend),
+    Backend6(u32, Backend6),
     AffinityMatch(AffinityMatchKey),
     SourceRange(RangeKey),
     NodeAddr([u8; 4]),
+    NodeAddr6(Addr6),
     /// A slot of the META array.
     Meta(u32, u64),
 }
@@ -56,11 +132,15 @@ pub enum Entry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryKey {
     Service(ServiceKey),
+    Service6(ServiceKey6),
     Backend(u32),
+    Backend6(u32),
     AffinityMatch(AffinityMatchKey),
     SourceRange(RangeKey),
     NodeAddr([u8; 4]),
+    NodeAddr6(Addr6),
     Conntrack(CtKey),
+    Conntrack6(CtKey6),
     /// A frontend's Maglev table, by svc_id.
     Maglev(u32),
 }
@@ -70,10 +150,13 @@ impl Entry {
     pub fn map(&self) -> &'static str {
         match self {
             Entry::Service(..) => MAP_SERVICES,
+            Entry::Service6(..) => MAP_SERVICES6,
             Entry::Backend(..) => MAP_BACKENDS,
+            Entry::Backend6(..) => MAP_BACKENDS6,
             Entry::AffinityMatch(_) => MAP_AFFINITY_MATCH,
             Entry::SourceRange(_) => MAP_SOURCE_RANGES,
             Entry::NodeAddr(_) => MAP_NODE_ADDRS,
+            Entry::NodeAddr6(_) => MAP_NODE_ADDRS6,
             Entry::Meta(..) => MAP_META,
         }
     }
@@ -83,11 +166,15 @@ impl EntryKey {
     pub fn map(&self) -> &'static str {
         match self {
             EntryKey::Service(_) => MAP_SERVICES,
+            EntryKey::Service6(_) => MAP_SERVICES6,
             EntryKey::Backend(_) => MAP_BACKENDS,
+            EntryKey::Backend6(_) => MAP_BACKENDS6,
             EntryKey::AffinityMatch(_) => MAP_AFFINITY_MATCH,
             EntryKey::SourceRange(_) => MAP_SOURCE_RANGES,
             EntryKey::NodeAddr(_) => MAP_NODE_ADDRS,
+            EntryKey::NodeAddr6(_) => MAP_NODE_ADDRS6,
             EntryKey::Conntrack(_) => MAP_CONNTRACK,
+            EntryKey::Conntrack6(_) => MAP_CONNTRACK6,
             EntryKey::Maglev(_) => MAP_MAGLEV,
         }
     }
@@ -124,8 +211,11 @@ pub trait Maps {
     fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), MapError>;
 
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError>;
-    fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError>;
-    fn backend(&self, id: u32) -> Result<Option<Backend>, MapError>;
+    fn services6(&self) -> Result<Vec<(ServiceKey6, ServiceValue)>, MapError>;
+    /// BACKENDS and BACKENDS6.
+    fn backends(&self) -> Result<Vec<(u32, AnyBackend)>, MapError>;
+    /// The backend `id`, in whichever family's map holds it.
+    fn backend(&self, id: u32) -> Result<Option<AnyBackend>, MapError>;
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError>;
     fn source_ranges(&self) -> Result<Vec<RangeKey>, MapError>;
     fn maglev_tables(&self) -> Result<BTreeMap<u32, StoredTable>, MapError>;
@@ -133,7 +223,9 @@ pub trait Maps {
     /// add and drop flows while the agent walks the map (an entry gone
     /// meanwhile is skipped, not an error).
     fn conntrack(&self) -> Walk<(CtKey, CtValue)>;
+    fn conntrack6(&self) -> Walk<(CtKey6, CtValue6)>;
     fn node_addrs(&self) -> Vec<[u8; 4]>;
+    fn node_addrs6(&self) -> Vec<Addr6>;
 }
 
 /// A walk of a map: the entries read, and the errors met on the way (an
@@ -176,10 +268,13 @@ impl Maps for Tables {
     fn insert(&mut self, e: Entry) -> Result<(), MapError> {
         match e {
             Entry::Service(k, v) => self.services.insert(k, v, 0),
+            Entry::Service6(k, v) => self.services6.insert(k, v, 0),
             Entry::Backend(id, b) => self.backends.insert(id, b, 0),
+            Entry::Backend6(id, b) => self.backends6.insert(id, b, 0),
             Entry::AffinityMatch(k) => self.affinity_match.insert(k, 1, 0),
             Entry::SourceRange(r) => self.source_ranges.insert(&r.to_trie(), 1, 0),
             Entry::NodeAddr(a) => self.node_addrs.insert(a, 1, 0),
+            Entry::NodeAddr6(a) => self.node_addrs6.insert(a, 1, 0),
             Entry::Meta(i, v) => self.meta.set(i, v, 0),
         }
     }
@@ -187,11 +282,15 @@ impl Maps for Tables {
     fn remove(&mut self, k: EntryKey) -> Result<(), MapError> {
         ignore_missing(match k {
             EntryKey::Service(k) => self.services.remove(&k),
+            EntryKey::Service6(k) => self.services6.remove(&k),
             EntryKey::Backend(id) => self.backends.remove(&id),
+            EntryKey::Backend6(id) => self.backends6.remove(&id),
             EntryKey::AffinityMatch(k) => self.affinity_match.remove(&k),
             EntryKey::SourceRange(r) => self.source_ranges.remove(&r.to_trie()),
             EntryKey::NodeAddr(a) => self.node_addrs.remove(&a),
+            EntryKey::NodeAddr6(a) => self.node_addrs6.remove(&a),
             EntryKey::Conntrack(k) => self.conntrack.remove(&k),
+            EntryKey::Conntrack6(k) => self.conntrack6.remove(&k),
             EntryKey::Maglev(id) => self.maglev.remove(&id),
         })
     }
@@ -209,13 +308,30 @@ impl Maps for Tables {
         self.services.iter().collect()
     }
 
-    fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
-        self.backends.iter().collect()
+    fn services6(&self) -> Result<Vec<(ServiceKey6, ServiceValue)>, MapError> {
+        self.services6.iter().collect()
     }
 
-    fn backend(&self, id: u32) -> Result<Option<Backend>, MapError> {
+    fn backends(&self) -> Result<Vec<(u32, AnyBackend)>, MapError> {
+        let v4 = self
+            .backends
+            .iter()
+            .map(|r| r.map(|(id, b)| (id, AnyBackend::V4(b))));
+        let v6 = self
+            .backends6
+            .iter()
+            .map(|r| r.map(|(id, b)| (id, AnyBackend::V6(b))));
+        v4.chain(v6).collect()
+    }
+
+    fn backend(&self, id: u32) -> Result<Option<AnyBackend>, MapError> {
         match self.backends.get(&id, 0) {
-            Ok(b) => Ok(Some(b)),
+            Ok(b) => return Ok(Some(AnyBackend::V4(b))),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e),
+        }
+        match self.backends6.get(&id, 0) {
+            Ok(b) => Ok(Some(AnyBackend::V6(b))),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(e),
         }
@@ -250,7 +366,15 @@ impl Maps for Tables {
         self.conntrack.iter().collect()
     }
 
+    fn conntrack6(&self) -> Walk<(CtKey6, CtValue6)> {
+        self.conntrack6.iter().collect()
+    }
+
     fn node_addrs(&self) -> Vec<[u8; 4]> {
         self.node_addrs.keys().filter_map(Result::ok).collect()
+    }
+
+    fn node_addrs6(&self) -> Vec<Addr6> {
+        self.node_addrs6.keys().filter_map(Result::ok).collect()
     }
 }

@@ -63,16 +63,17 @@ impl Default for MapSizes {
 impl MapSizes {
     pub fn max_entries(&self, map: &str) -> u32 {
         match map {
-            MAP_SERVICES => self.services,
-            MAP_BACKENDS | MAP_AFFINITY_MATCH => self.backends,
-            MAP_CONNTRACK => self.conntrack,
-            MAP_AFFINITY => self.affinity,
-            MAP_NODE_ADDRS => NODE_ADDRS_MAX,
+            // Each family's maps are sized alike: a cluster may be either.
+            MAP_SERVICES | MAP_SERVICES6 => self.services,
+            MAP_BACKENDS | MAP_BACKENDS6 | MAP_AFFINITY_MATCH => self.backends,
+            MAP_CONNTRACK | MAP_CONNTRACK6 => self.conntrack,
+            MAP_AFFINITY | MAP_AFFINITY6 => self.affinity,
+            MAP_NODE_ADDRS | MAP_NODE_ADDRS6 => NODE_ADDRS_MAX,
             MAP_SVC_STATS => self.frontends,
             MAP_REASONS => REASONS_MAX,
             MAP_META => META_MAX,
-            MAP_SOURCE_RANGES => DEFAULT_SOURCE_RANGES_MAX,
-            MAP_FRAGMENTS => DEFAULT_FRAGMENTS_MAX,
+            MAP_SOURCE_RANGES | MAP_SOURCE_RANGES6 => DEFAULT_SOURCE_RANGES_MAX,
+            MAP_FRAGMENTS | MAP_FRAGMENTS6 => DEFAULT_FRAGMENTS_MAX,
             MAP_XDP_EGRESS => XDP_EGRESS_MAX,
             MAP_SOCK_REVNAT => DEFAULT_SOCK_REVNAT_MAX,
             MAP_FLOOD => 1,

@@ -75,6 +75,13 @@ pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
         MAP_SOCK_REVNAT => s(size_of::<SockRevKey>(), size_of::<SockRevValue>()),
         MAP_FLOOD => s(4, size_of::<FloodWindow>()),
         MAP_MAGLEV => s(4, size_of::<MaglevTable>()),
+        MAP_SERVICES6 => s(size_of::<ServiceKey6>(), size_of::<ServiceValue>()),
+        MAP_BACKENDS6 => s(4, size_of::<Backend6>()),
+        MAP_CONNTRACK6 => s(size_of::<CtKey6>(), size_of::<CtValue6>()),
+        MAP_AFFINITY6 => s(size_of::<AffinityKey6>(), size_of::<AffinityValue>()),
+        MAP_NODE_ADDRS6 => s(16, 4),
+        MAP_SOURCE_RANGES6 => s(4 + size_of::<SourceRange6>(), 4),
+        MAP_FRAGMENTS6 => s(size_of::<FragKey6>(), size_of::<FragValue6>()),
         _ => None,
     }
 }

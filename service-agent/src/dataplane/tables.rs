@@ -20,6 +20,12 @@ pub struct Tables {
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub sock_revnat: HashMap<MapData, SockRevKey, SockRevValue>,
     pub maglev: HashMap<MapData, u32, MaglevTable>,
+    pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
+    pub backends6: HashMap<MapData, u32, Backend6>,
+    pub conntrack6: HashMap<MapData, CtKey6, CtValue6>,
+    pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
+    pub node_addrs6: HashMap<MapData, Addr6, u32>,
+    pub source_ranges6: LpmTrie<MapData, SourceRange6, u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +80,12 @@ impl Tables {
             source_ranges: open!(LpmTrie, MAP_SOURCE_RANGES),
             sock_revnat: open!(HashMap, MAP_SOCK_REVNAT),
             maglev: open!(HashMap, MAP_MAGLEV),
+            services6: open!(HashMap, MAP_SERVICES6),
+            backends6: open!(HashMap, MAP_BACKENDS6),
+            conntrack6: open!(HashMap, MAP_CONNTRACK6),
+            affinity6: open!(HashMap, MAP_AFFINITY6),
+            node_addrs6: open!(HashMap, MAP_NODE_ADDRS6),
+            source_ranges6: open!(LpmTrie, MAP_SOURCE_RANGES6),
         })
     }
 }

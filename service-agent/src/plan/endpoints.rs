@@ -3,7 +3,7 @@
 //! (narrowed by topology hints when they apply), the node-local set, and
 //! the traffic policies choosing between them for traffic from inside the
 //! cluster and from outside.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::Endpoint};
 
@@ -235,7 +235,7 @@ fn topology_zone<'a>(eps: &[PortEndpoint<'_>], node: &'a NodeContext) -> Option<
 pub(super) fn local_ready(
     eps: &[PortEndpoint<'_>],
     node: &NodeContext,
-) -> impl Iterator<Item = Ipv4Addr> {
+) -> impl Iterator<Item = IpAddr> {
     let this_node = node.name.clone();
     eps.iter().filter_map(move |(e, _, addr)| {
         let local = this_node.is_some() && e.node_name == this_node;

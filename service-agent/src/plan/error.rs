@@ -23,6 +23,18 @@ pub enum FieldError {
     NotIpv4(String),
     #[error("{0:?} is not an IPv4 address; endpoint ignored")]
     EndpointNotIpv4(String),
+    #[error("{0:?} is not an IP address")]
+    NotAnAddress(String),
+    #[error("{addr:?} is not an {family} address; endpoint ignored")]
+    EndpointWrongFamily { addr: String, family: &'static str },
+    #[error("a second {0} address; only the first of a family is programmed")]
+    SecondOfFamily(&'static str),
+    #[error("{ip} is an {actual} address, not {named}; programmed as {actual}")]
+    FamilyMismatch {
+        ip: String,
+        actual: &'static str,
+        named: String,
+    },
     #[error("{value} is outside 1..={max}")]
     OutOfRange { value: i64, max: u32 },
     #[error("unknown value {0:?}")]

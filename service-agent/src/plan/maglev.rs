@@ -6,7 +6,7 @@
 //! and only a few others.
 //!
 //! The agent builds the table; the programs only index it with a flow hash.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::FrontendKind;
 
@@ -83,7 +83,7 @@ fn prime_above(n: u32) -> u32 {
 /// on every node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Member {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
 }
 
@@ -92,7 +92,16 @@ pub struct Member {
 /// std's hasher), which the cross-node promise depends on.
 fn member_hash(m: &Member, seed: u64) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in m.addr.octets().into_iter().chain(m.port.to_be_bytes()) {
+    // IPv4 members hash their four octets, as before IPv6 existed.
+    let (octets, n) = match m.addr {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (b, 4)
+        }
+        IpAddr::V6(a) => (a.octets(), 16),
+    };
+    for b in octets[..n].iter().copied().chain(m.port.to_be_bytes()) {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -158,7 +167,7 @@ mod tests {
     fn members(n: u32) -> Vec<Member> {
         (0..n)
             .map(|i| Member {
-                addr: Ipv4Addr::from(0x0af4_0000 + i * 7 + 3),
+                addr: std::net::Ipv4Addr::from(0x0af4_0000 + i * 7 + 3).into(),
                 port: 8080,
             })
             .collect()
@@ -254,7 +263,7 @@ mod tests {
         let before = owners(&ms, size);
         let mut more = ms.clone();
         more.push(Member {
-            addr: Ipv4Addr::new(10, 250, 9, 9),
+            addr: std::net::Ipv4Addr::new(10, 250, 9, 9).into(),
             port: 8080,
         });
         let after = owners(&more, size);

@@ -1,15 +1,22 @@
 //! Reading EndpointSlices: which Service each belongs to, the endpoints they
 //! give one Service port, and what in them cannot be used.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
-use super::{error::FieldError, types::Problem, types::Protocol};
+use super::{
+    error::FieldError,
+    types::{Family, Problem, Protocol},
+};
 use crate::model::{SERVICE_NAME_LABEL, ServiceId, Sourced, object_ref};
 
 /// An endpoint of one Service port: the endpoint, its port number for that
-/// Service port, and its address parsed once (`None`: not IPv4).
-pub(super) type PortEndpoint<'a> = (&'a Endpoint, u16, Option<Ipv4Addr>);
+/// Service port, and its address parsed once (`None`: not of the slice's
+/// family).
+pub(super) type PortEndpoint<'a> = (&'a Endpoint, u16, Option<IpAddr>);
 
 /// A port number Kubernetes accepts (0 is not one).
 pub(super) fn port_u16(v: i32) -> Option<u16> {
@@ -30,17 +37,26 @@ pub(super) fn by_service(
     out
 }
 
-/// The endpoints the slices give the Service port named `port_name` with
-/// `proto`: the slice port carrying it has its name and protocol.
+/// The address of an endpoint of a slice of `family`, when it is one.
+fn endpoint_addr(a: &str, family: Family) -> Option<IpAddr> {
+    let a: IpAddr = a.parse().ok()?;
+    (Family::of(a) == family).then_some(a)
+}
+
+/// The endpoints the slices of `family` (their `addressType`; the
+/// EndpointSlice controller makes one slice per family) give the Service
+/// port named `port_name` with `proto`: the slice port carrying it has its
+/// name and protocol.
 pub(super) fn port_endpoints<'a>(
     slices: &[&'a Sourced<EndpointSlice>],
     port_name: &str,
     proto: Protocol,
+    family: Family,
 ) -> Vec<PortEndpoint<'a>> {
     let mut eps = vec![];
     for slice in slices {
         let s = &slice.object;
-        if s.address_type != "IPv4" {
+        if s.address_type != family.as_str() {
             continue;
         }
         let Some(ep_port) = s.ports.iter().flatten().find(|p| {
@@ -52,12 +68,13 @@ pub(super) fn port_endpoints<'a>(
         let Some(target) = ep_port.port.and_then(port_u16) else {
             continue;
         };
-        eps.extend(
-            s.endpoints
-                .iter()
-                .flatten()
-                .map(|e| (e, target, e.addresses.first().and_then(|a| a.parse().ok()))),
-        );
+        eps.extend(s.endpoints.iter().flatten().map(|e| {
+            (
+                e,
+                target,
+                e.addresses.first().and_then(|a| endpoint_addr(a, family)),
+            )
+        }));
     }
     eps
 }
@@ -66,22 +83,34 @@ fn slice_object(slice: &Sourced<EndpointSlice>) -> String {
     format!("EndpointSlice {}", object_ref(&slice.object.metadata))
 }
 
-/// Endpoints of an IPv4 slice whose address is not IPv4: ignored, and said so.
+/// Endpoints of an IPv4 or IPv6 slice whose address is not of its family:
+/// ignored, and said so. (FQDN slices are not the dataplane's.)
 pub(super) fn address_problems(slice: &Sourced<EndpointSlice>) -> Vec<Problem> {
     let s = &slice.object;
-    if s.address_type != "IPv4" {
-        return vec![];
-    }
+    let family = match s.address_type.as_str() {
+        "IPv4" => Family::V4,
+        "IPv6" => Family::V6,
+        _ => return vec![],
+    };
     let mut out = vec![];
     for (i, e) in s.endpoints.iter().flatten().enumerate() {
         if let Some(a) = e.addresses.first()
-            && a.parse::<Ipv4Addr>().is_err()
+            && endpoint_addr(a, family).is_none()
         {
+            let error = match family {
+                Family::V4 if a.parse::<Ipv4Addr>().is_err() => {
+                    FieldError::EndpointNotIpv4(a.clone())
+                }
+                _ => FieldError::EndpointWrongFamily {
+                    addr: a.clone(),
+                    family: family.as_str(),
+                },
+            };
             out.push(Problem::new(
                 &slice.origin,
                 slice_object(slice),
                 format!("endpoints[{i}].addresses[0]"),
-                &FieldError::EndpointNotIpv4(a.clone()),
+                &error,
                 false,
             ));
         }

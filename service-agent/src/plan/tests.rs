@@ -296,46 +296,157 @@ spec:
     }
 }
 
-#[test]
-fn ipv6_cluster_ips_are_skipped_not_failed() {
-    let p = plan(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: v6}\nspec: {clusterIP: 'fd00::10', ports: [{port: 80}]}\n",
-    );
-    assert!(p.problems.is_empty());
-    assert!(p.skipped[0].reason.contains("IPv6"));
+const V6_SLICE: &str = "\
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v6, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv6
+endpoints: [{addresses: ['fd00:10:244::5']}, {addresses: ['fd00:10:244::6']}]
+ports: [{port: 8080}]
+";
+
+const V4_SLICE: &str = "\
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v4, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv4
+endpoints: [{addresses: [10.1.0.5]}]
+ports: [{port: 8080}]
+";
+
+fn ds(spec: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: ds}}\nspec: {spec}\n{V6_SLICE}{V4_SLICE}"
+    )
 }
 
 #[test]
-fn a_dual_stack_service_with_ipv6_first_is_served_on_its_ipv4_family() {
-    let p = plan(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: ds}\n\
-         spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.44], ipFamilies: [IPv6, IPv4], ipFamilyPolicy: RequireDualStack, ports: [{port: 80, targetPort: 8080}]}\n\
-         ---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {name: ds-v6, labels: {kubernetes.io/service-name: ds}}\n\
-         addressType: IPv6\nendpoints: [{addresses: ['fd00:10:244::5']}]\nports: [{port: 8080}]\n\
-         ---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {name: ds-v4, labels: {kubernetes.io/service-name: ds}}\n\
-         addressType: IPv4\nendpoints: [{addresses: [10.1.0.5]}]\nports: [{port: 8080}]\n",
-    );
+fn an_ipv6_service_is_served_by_its_ipv6_slices_only() {
+    let p = plan(&ds(
+        "{clusterIP: 'fd00::10', ports: [{port: 80, targetPort: 8080}]}",
+    ));
     assert!(p.problems.is_empty(), "{:?}", p.problems);
     assert!(p.skipped.is_empty(), "{:?}", p.skipped);
-    let (k, fe) = p.frontends.iter().next().expect("the IPv4 ClusterIP");
-    assert_eq!(k.addr.to_string(), "10.96.0.44");
-    let backends: Vec<String> = fe.backends.iter().map(|b| b.addr.to_string()).collect();
-    assert_eq!(backends, ["10.1.0.5"]);
-    // Its IPv4 address is checked like a clusterIP, under its own field.
-    let p = plan(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: ds}\n\
-         spec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 255.255.255.255], ports: [{port: 80}]}\n",
+    assert_eq!(p.frontends.len(), 1, "{:?}", p.frontends.keys());
+    let k = key("fd00::10", 80, Protocol::Tcp);
+    assert_eq!(k.to_string(), "[fd00::10]:80/TCP");
+    assert_eq!(
+        backends(&p, k),
+        ["[fd00:10:244::5]:8080", "[fd00:10:244::6]:8080"]
     );
+}
+
+#[test]
+fn a_dual_stack_service_gets_each_family_with_that_familys_endpoints() {
+    for (ips, families) in [
+        ("['fd00::10', 10.96.0.44]", "[IPv6, IPv4]"),
+        ("[10.96.0.44, 'fd00::10']", "[IPv4, IPv6]"),
+    ] {
+        let first = if ips.starts_with("[10") {
+            "10.96.0.44"
+        } else {
+            "'fd00::10'"
+        };
+        let p = plan(&ds(&format!(
+            "{{clusterIP: {first}, clusterIPs: {ips}, ipFamilies: {families}, \
+             ipFamilyPolicy: RequireDualStack, ports: [{{port: 80, targetPort: 8080}}]}}"
+        )));
+        assert!(p.problems.is_empty(), "{ips}: {:?}", p.problems);
+        assert_eq!(p.frontends.len(), 2, "{ips}: {:?}", p.frontends.keys());
+        assert_eq!(
+            backends(&p, key("10.96.0.44", 80, Protocol::Tcp)),
+            ["10.1.0.5:8080"]
+        );
+        assert_eq!(
+            backends(&p, key("fd00::10", 80, Protocol::Tcp)),
+            ["[fd00:10:244::5]:8080", "[fd00:10:244::6]:8080"]
+        );
+    }
+}
+
+#[test]
+fn a_dual_stack_service_with_one_family_unusable_still_gets_the_other() {
+    // The secondary address is not one: reported, the primary served.
+    let p = plan(&ds(
+        "{clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 255.255.255.255], ports: [{port: 80, targetPort: 8080}]}",
+    ));
+    assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+    assert_eq!(p.problems[0].field, "spec.clusterIPs[1]");
+    assert!(!p.problems[0].refuses_service);
+    assert_eq!(p.frontends.len(), 1);
     assert!(
-        p.problems
-            .iter()
-            .any(|x| x.to_string().contains("spec.clusterIPs[1]")),
+        p.frontends
+            .contains_key(&key("fd00::10", 80, Protocol::Tcp))
+    );
+    // The primary is unusable: the secondary family is served.
+    let p = plan(&ds(
+        "{clusterIP: 'ff02::1', clusterIPs: ['ff02::1', 10.96.0.44], ports: [{port: 80, targetPort: 8080}]}",
+    ));
+    assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+    assert_eq!(p.problems[0].field, "spec.clusterIP");
+    assert!(p.refused.is_empty());
+    assert_eq!(
+        backends(&p, key("10.96.0.44", 80, Protocol::Tcp)),
+        ["10.1.0.5:8080"]
+    );
+    // A single unusable address still refuses the Service, as before.
+    let p = plan(&ds("{clusterIP: 'ff02::1', ports: [{port: 80}]}"));
+    assert!(p.frontends.is_empty());
+    assert_eq!(p.problems[0].field, "spec.clusterIP");
+    assert!(p.problems[0].refuses_service);
+}
+
+#[test]
+fn a_second_address_of_one_family_and_a_mislabelled_family_are_reported() {
+    let p = plan(&ds(
+        "{clusterIP: 10.96.0.44, clusterIPs: [10.96.0.44, 10.96.0.45], ipFamilies: [IPv6, IPv4], ports: [{port: 80, targetPort: 8080}]}",
+    ));
+    let fields: Vec<&str> = p.problems.iter().map(|x| x.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["spec.ipFamilies[0]", "spec.clusterIPs[1]"],
         "{:?}",
         p.problems
+    );
+    assert_eq!(p.frontends.len(), 1);
+    assert!(
+        p.frontends
+            .contains_key(&key("10.96.0.44", 80, Protocol::Tcp))
+    );
+}
+
+#[test]
+fn a_dual_stack_node_port_has_a_frontend_per_family() {
+    let p = plan(&ds(
+        "{type: NodePort, clusterIP: 10.96.0.44, clusterIPs: [10.96.0.44, 'fd00::10'], ports: [{port: 80, targetPort: 8080, nodePort: 30080}]}",
+    ));
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    let v4 = key("0.0.0.0", 30080, Protocol::Tcp);
+    let v6 = key("::", 30080, Protocol::Tcp);
+    assert_eq!(v4.to_string(), "*:30080/TCP");
+    assert_eq!(v6.to_string(), "[*]:30080/TCP");
+    assert_eq!(backends(&p, v4), ["10.1.0.5:8080"]);
+    assert_eq!(
+        backends(&p, v6),
+        ["[fd00:10:244::5]:8080", "[fd00:10:244::6]:8080"]
+    );
+}
+
+#[test]
+fn an_address_of_the_wrong_family_in_a_slice_is_reported_and_left_out() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: ds}\nspec: {clusterIP: 'fd00::10', ports: [{port: 80, targetPort: 8080}]}\n\
+        ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+        metadata: {name: ds-v6, labels: {kubernetes.io/service-name: ds}}\n\
+        addressType: IPv6\nendpoints: [{addresses: [10.1.0.9]}, {addresses: ['fd00:10:244::5']}]\nports: [{port: 8080}]\n";
+    let p = plan(yaml);
+    assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+    assert_eq!(p.problems[0].field, "endpoints[0].addresses[0]");
+    assert!(p.problems[0].message.contains("not an IPv6 address"));
+    assert_eq!(
+        backends(&p, key("fd00::10", 80, Protocol::Tcp)),
+        ["[fd00:10:244::5]:8080"]
     );
 }
 
@@ -719,7 +830,7 @@ fn external_ips_are_refused_without_an_allow_list() {
     assert!(
         !p.frontends
             .keys()
-            .any(|k| k.addr == "203.0.113.7".parse::<std::net::Ipv4Addr>().unwrap())
+            .any(|k| k.addr == "203.0.113.7".parse::<std::net::IpAddr>().unwrap())
     );
     assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
     assert!(p.problems[0].message.contains("CVE-2020-8554"));

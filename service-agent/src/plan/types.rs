@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use super::{error::FieldError, ipnet_lite};
@@ -46,27 +46,58 @@ impl fmt::Display for Protocol {
 }
 
 /// Where packets arrive: an address (unspecified for a NodePort, which
-/// matches every node address), a port and a protocol.
+/// matches every node address of the address's family), a port and a
+/// protocol. Each family's frontends go to that family's maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.addr.is_unspecified() {
-            write!(f, "*:{}/{}", self.port, self.proto)
-        } else {
-            write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        match self.addr {
+            IpAddr::V4(a) if a.is_unspecified() => write!(f, "*:{}/{}", self.port, self.proto),
+            IpAddr::V6(a) if a.is_unspecified() => write!(f, "[*]:{}/{}", self.port, self.proto),
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+        }
+    }
+}
+
+/// The address family of an address, as the planner programs each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(a: IpAddr) -> Self {
+        if a.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    /// The name Kubernetes uses (`ipFamilies`, an EndpointSlice's `addressType`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    /// The address NodePort frontends of the family have.
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            Family::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
         }
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// The endpoint runs on this node (its `nodeName` is this node's name).
     /// Traffic from outside to a backend that is not local is source-NATed.
@@ -75,7 +106,10 @@ pub struct BackendAddr {
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}", self.port),
+        }
     }
 }
 

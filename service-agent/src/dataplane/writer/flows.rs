@@ -1,6 +1,9 @@
 //! Conntrack entries the agent removes: UDP flows whose backend left their
 //! frontend, and flows idle past their timeout.
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    hash::Hash,
+};
 
 use service_common::*;
 
@@ -59,29 +62,84 @@ pub(super) fn flush_udp_flows(t: &mut impl Maps, removed: &BTreeSet<(u32, u32)>)
         return FlowPass::default();
     }
     let walk = t.conntrack();
-    let doomed: Vec<CtKey> = walk
+    let v4 = flush_of(t, &walk, removed, Ct4);
+    let walk = t.conntrack6();
+    v4.and(flush_of(t, &walk, removed, Ct6))
+}
+
+/// One family's CONNTRACK map, as the agent's passes over it see it.
+trait CtMap: Copy {
+    type Addr: Copy + Eq + Hash;
+    const NAME: &'static str;
+    fn key(k: CtKeyOf<Self::Addr>) -> EntryKey;
+}
+
+#[derive(Clone, Copy)]
+struct Ct4;
+#[derive(Clone, Copy)]
+struct Ct6;
+
+impl CtMap for Ct4 {
+    type Addr = Addr4;
+    const NAME: &'static str = MAP_CONNTRACK;
+    fn key(k: CtKey) -> EntryKey {
+        EntryKey::Conntrack(k)
+    }
+}
+
+impl CtMap for Ct6 {
+    type Addr = Addr6;
+    const NAME: &'static str = MAP_CONNTRACK6;
+    fn key(k: CtKey6) -> EntryKey {
+        EntryKey::Conntrack6(k)
+    }
+}
+
+impl FlowPass {
+    /// This pass and `other` (of the other family's map) as one.
+    fn and(mut self, other: FlowPass) -> FlowPass {
+        self.entries += other.entries;
+        self.removed += other.removed;
+        self.errors.extend(other.errors);
+        self
+    }
+}
+
+type CtWalk<M> = Walk<(CtKeyOf<<M as CtMap>::Addr>, CtValueOf<<M as CtMap>::Addr>)>;
+
+fn flush_of<M: CtMap>(
+    t: &mut impl Maps,
+    walk: &CtWalk<M>,
+    removed: &BTreeSet<(u32, u32)>,
+    _: M,
+) -> FlowPass {
+    let doomed: Vec<_> = walk
         .entries
         .iter()
         .filter(|(k, v)| k.proto == IPPROTO_UDP && removed.contains(&(v.svc_id, v.backend_id)))
         .map(|(k, _)| *k)
         .collect();
-    remove_flows(t, &walk, doomed)
+    remove_flows::<M>(t, walk, doomed)
 }
 
-fn remove_flows(t: &mut impl Maps, walk: &Walk<(CtKey, CtValue)>, keys: Vec<CtKey>) -> FlowPass {
+fn remove_flows<M: CtMap>(
+    t: &mut impl Maps,
+    walk: &CtWalk<M>,
+    keys: Vec<CtKeyOf<M::Addr>>,
+) -> FlowPass {
     let mut pass = FlowPass {
         entries: walk.entries.len(),
         removed: 0,
         errors: walk
             .errors
             .iter()
-            .map(|e| format!("walking {MAP_CONNTRACK}: {}", error_chain(e)))
+            .map(|e| format!("walking {}: {}", M::NAME, error_chain(e)))
             .collect(),
     };
     let mut failed = 0;
     let mut first = None;
     for k in keys {
-        match t.remove(EntryKey::Conntrack(k)) {
+        match t.remove(M::key(k)) {
             Ok(()) => pass.removed += 1,
             Err(e) => {
                 failed += 1;
@@ -92,7 +150,8 @@ fn remove_flows(t: &mut impl Maps, walk: &Walk<(CtKey, CtValue)>, keys: Vec<CtKe
     // One line for many failed removals: they share their cause.
     if let Some(e) = first {
         pass.errors.push(format!(
-            "removing {failed} {MAP_CONNTRACK} entries failed, the first with: {}",
+            "removing {failed} {} entries failed, the first with: {}",
+            M::NAME,
             error_chain(&e)
         ));
     }
@@ -103,7 +162,7 @@ impl Lifetimes {
     /// The idle time allowed to the entry `v`; `opening`: the flow has not
     /// been answered yet. Each direction's FIN or RST shortens its own
     /// entry only: after a half-close the other direction may still send.
-    fn of(&self, v: &CtValue, opening: bool) -> u64 {
+    fn of<A>(&self, v: &CtValueOf<A>, opening: bool) -> u64 {
         if v.proto != IPPROTO_TCP {
             self.udp_ns
         } else if v.flags & CT_F_CLOSING != 0 {
@@ -119,7 +178,7 @@ impl Lifetimes {
 /// An opening stays one until the program sees a reply, which clears the
 /// mark on the reply entry; entries without the mark (also those written by
 /// agents before it existed) are established.
-fn opening(v: &CtValue, partner: Option<&CtValue>) -> bool {
+fn opening<A>(v: &CtValueOf<A>, partner: Option<&CtValueOf<A>>) -> bool {
     v.flags & CT_F_SYN_ONLY != 0 && partner.is_none_or(|p| p.flags & CT_F_SYN_ONLY != 0)
 }
 
@@ -128,13 +187,26 @@ fn opening(v: &CtValue, partner: Option<&CtValue>) -> bool {
 /// still run is never half-forgotten.
 pub fn expire_conntrack(t: &mut impl Maps, now_ns: u64, lifetimes: &Lifetimes) -> FlowPass {
     let walk = t.conntrack();
-    let entries: HashMap<CtKey, CtValue> = walk.entries.iter().copied().collect();
-    let idle = |v: &CtValue, limit: u64| now_ns.saturating_sub(v.last_seen_ns) > limit;
+    let v4 = expire_of(t, &walk, now_ns, lifetimes, Ct4);
+    let walk = t.conntrack6();
+    v4.and(expire_of(t, &walk, now_ns, lifetimes, Ct6))
+}
+
+fn expire_of<M: CtMap>(
+    t: &mut impl Maps,
+    walk: &CtWalk<M>,
+    now_ns: u64,
+    lifetimes: &Lifetimes,
+    _: M,
+) -> FlowPass {
+    let entries: HashMap<CtKeyOf<M::Addr>, CtValueOf<M::Addr>> =
+        walk.entries.iter().copied().collect();
+    let idle = |v: &CtValueOf<M::Addr>, limit: u64| now_ns.saturating_sub(v.last_seen_ns) > limit;
     let expired = entries
         .iter()
         .filter(|(k, v)| {
             // The partner's key is what the partner rewrites packets into, reversed.
-            let partner = entries.get(&CtKey {
+            let partner = entries.get(&CtKeyOf {
                 saddr: v.nat_daddr,
                 daddr: v.nat_saddr,
                 sport: v.nat_dport,
@@ -148,5 +220,5 @@ pub fn expire_conntrack(t: &mut impl Maps, now_ns: u64, lifetimes: &Lifetimes) -
         })
         .map(|(k, _)| *k)
         .collect();
-    remove_flows(t, &walk, expired)
+    remove_flows::<M>(t, walk, expired)
 }

@@ -13,8 +13,8 @@ use super::{
 };
 use crate::{
     dataplane::{
-        maps::{Entry, EntryKey, Maps, RangeKey},
-        readback::slot_key,
+        maps::{AnyBackend, Entry, EntryKey, Maps, RangeKey},
+        readback::{FeKey, slot_key},
     },
     faults::FaultKind,
     plan::{FrontendPlan, maglev::Member},
@@ -74,7 +74,7 @@ fn step(cur_map: &'static str, r: Result<(), MapError>) -> Result<(), Failed> {
 /// follows every write that succeeds. Memberships removed land in `gone`.
 fn transition(
     t: &mut impl Maps,
-    mk: ServiceKey,
+    mk: FeKey,
     cur: &mut Programmed,
     to: &Programmed,
     gone: &mut BTreeSet<(u32, u32)>,
@@ -95,10 +95,7 @@ fn transition(
     }
     for (slot, v) in &to.slots {
         if cur.slots.get(slot) != Some(v) {
-            step(
-                MAP_SERVICES,
-                t.insert(Entry::Service(slot_key(&mk, *slot), *v)),
-            )?;
+            step(services_map(&mk), t.insert(slot_key(&mk, *slot).entry(*v)))?;
             cur.slots.insert(*slot, *v);
         }
     }
@@ -112,10 +109,10 @@ fn transition(
     }
     if cur.master != to.master {
         step(
-            MAP_SERVICES,
+            services_map(&mk),
             match to.master {
-                Some(m) => t.insert(Entry::Service(mk, m)),
-                None => t.remove(EntryKey::Service(mk)),
+                Some(m) => t.insert(mk.entry(m)),
+                None => t.remove(mk.entry_key()),
             },
         )?;
         cur.master = to.master;
@@ -135,10 +132,7 @@ fn transition(
         .copied()
         .collect();
     for slot in surplus {
-        step(
-            MAP_SERVICES,
-            t.remove(EntryKey::Service(slot_key(&mk, slot))),
-        )?;
+        step(services_map(&mk), t.remove(slot_key(&mk, slot).entry_key()))?;
         cur.slots.remove(&slot);
     }
     for id in cur.members.clone().difference(&to.members) {
@@ -153,13 +147,21 @@ fn transition(
     Ok(())
 }
 
+/// The SERVICES map of the frontend's family, for errors.
+fn services_map(mk: &FeKey) -> &'static str {
+    match mk {
+        FeKey::V4(_) => MAP_SERVICES,
+        FeKey::V6(_) => MAP_SERVICES6,
+    }
+}
+
 /// The master's flags for a frontend plan.
-fn flags(mk: &ServiceKey, fe: &FrontendPlan) -> u16 {
+fn flags(mk: &FeKey, fe: &FrontendPlan) -> u16 {
     let mut flags = 0;
     if fe.reject_when_empty {
         flags |= SVC_F_REJECT_EMPTY;
     }
-    if mk.addr == [0; 4] {
+    if mk.is_node_port() {
         flags |= SVC_F_NODEPORT;
     }
     if fe.affinity_timeout_s.is_some() {
@@ -168,14 +170,14 @@ fn flags(mk: &ServiceKey, fe: &FrontendPlan) -> u16 {
     if !fe.source_ranges.is_empty() {
         flags |= SVC_F_SOURCE_RANGES;
     }
-    if mk.scope == SCOPE_ALL && fe.in_cluster.is_some() {
+    if mk.scope() == SCOPE_ALL && fe.in_cluster.is_some() {
         flags |= SVC_F_IN_CLUSTER;
     }
     flags
 }
 
 fn desired(
-    mk: &ServiceKey,
+    mk: &FeKey,
     fe: &FrontendPlan,
     svc_id: u32,
     ids: &[u32],
@@ -232,8 +234,8 @@ fn without_table(p: &Programmed) -> Programmed {
 /// Keeps the pairs that left a UDP frontend: only UDP flows are flushed and
 /// only host UDP sockets ended, so a TCP change never walks CONNTRACK
 /// (seconds at 500k flows, on the agent's loop).
-fn udp_only(mk: ServiceKey, gone: BTreeSet<(u32, u32)>, removed_pairs: &mut BTreeSet<(u32, u32)>) {
-    if mk.proto == IPPROTO_UDP {
+fn udp_only(mk: FeKey, gone: BTreeSet<(u32, u32)>, removed_pairs: &mut BTreeSet<(u32, u32)>) {
+    if mk.proto() == IPPROTO_UDP {
         removed_pairs.extend(gone);
     }
 }
@@ -242,19 +244,15 @@ impl Writer {
     pub(super) fn write_frontend(
         &mut self,
         t: &mut impl Maps,
-        mk: ServiceKey,
+        mk: FeKey,
         fe: &FrontendPlan,
         removed_pairs: &mut BTreeSet<(u32, u32)>,
         report: &mut ApplyReport,
     ) -> Result<(), String> {
         let mut ids = Vec::with_capacity(fe.backends.len());
         for b in &fe.backends {
-            let backend = Backend {
-                addr: b.addr.octets(),
-                port: b.port,
-                proto: mk.proto,
-                flags: if b.local { BE_F_LOCAL } else { 0 },
-            };
+            let flags = if b.local { BE_F_LOCAL } else { 0 };
+            let backend = AnyBackend::new(b.addr, b.port, mk.proto(), flags);
             ids.push(self.ids.backend_id(t, backend, report)?);
         }
         if ids.len() > u16::MAX as usize - 1 {
@@ -349,7 +347,7 @@ impl Writer {
 
     /// Records `cur` as what the maps hold for `mk`, moving the slot
     /// references from `old`; a frontend with nothing left gives its svc_id back.
-    fn settle(&mut self, mk: ServiceKey, old: &Programmed, cur: Programmed) {
+    fn settle(&mut self, mk: FeKey, old: &Programmed, cur: Programmed) {
         for id in cur.backend_ids() {
             self.ids.add_ref(id, 1);
         }
@@ -367,7 +365,7 @@ impl Writer {
     pub(super) fn remove_frontend(
         &mut self,
         t: &mut impl Maps,
-        mk: ServiceKey,
+        mk: FeKey,
         removed_pairs: &mut BTreeSet<(u32, u32)>,
         report: &mut ApplyReport,
     ) -> Result<(), String> {

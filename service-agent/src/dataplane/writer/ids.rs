@@ -6,14 +6,14 @@ use std::collections::{BTreeSet, HashMap};
 use service_common::*;
 
 use super::{ApplyReport, describe};
-use crate::dataplane::maps::{Entry, EntryKey, Maps};
+use crate::dataplane::maps::{AnyBackend, Maps};
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct Ids {
-    /// Backend → its id in BACKENDS.
-    backends: HashMap<Backend, u32>,
+    /// Backend → its id in BACKENDS or BACKENDS6 (one id space).
+    backends: HashMap<AnyBackend, u32>,
     /// Backend id → the backend and how many frontend slots use it.
-    refs: HashMap<u32, (Backend, usize)>,
+    refs: HashMap<u32, (AnyBackend, usize)>,
     /// Backend ids whose count fell to zero since the last release: the
     /// only candidates for removal, so a change does not scan every backend.
     unused: BTreeSet<u32>,
@@ -45,7 +45,7 @@ impl Ids {
 
     /// A backend found in BACKENDS at start: released at the next apply
     /// unless a frontend slot refers to it.
-    pub fn adopt_backend(&mut self, id: u32, b: Backend) {
+    pub fn adopt_backend(&mut self, id: u32, b: AnyBackend) {
         self.backends.insert(b, id);
         self.refs.insert(id, (b, 0));
         self.unused.insert(id);
@@ -53,7 +53,7 @@ impl Ids {
     }
 
     /// The backend behind `id`, when it is known.
-    pub fn backend(&self, id: u32) -> Option<Backend> {
+    pub fn backend(&self, id: u32) -> Option<AnyBackend> {
         self.refs.get(&id).map(|(b, _)| *b)
     }
 
@@ -89,7 +89,7 @@ impl Ids {
     pub fn backend_id(
         &mut self,
         t: &mut impl Maps,
-        b: Backend,
+        b: AnyBackend,
         report: &mut ApplyReport,
     ) -> Result<u32, String> {
         if let Some(id) = self.backends.get(&b) {
@@ -102,9 +102,13 @@ impl Ids {
                 self.next_backend_id - 1
             }
         };
-        if let Err(e) = t.insert(Entry::Backend(id, b)) {
+        if let Err(e) = t.insert(b.entry(id)) {
             self.free_backend_ids.push(id);
-            return Err(describe(MAP_BACKENDS, e));
+            let map = match b {
+                AnyBackend::V4(_) => MAP_BACKENDS,
+                AnyBackend::V6(_) => MAP_BACKENDS6,
+            };
+            return Err(describe(map, e));
         }
         report.backends_added += 1;
         self.backends.insert(b, id);
@@ -117,7 +121,7 @@ impl Ids {
     /// Removes the backends no slot refers to any more; one that cannot be
     /// removed is tried again at the next release.
     pub fn release_unused(&mut self, t: &mut impl Maps, report: &mut ApplyReport) {
-        let unused: Vec<(Backend, u32)> = std::mem::take(&mut self.unused)
+        let unused: Vec<(AnyBackend, u32)> = std::mem::take(&mut self.unused)
             .into_iter()
             .filter_map(|id| match self.refs.get(&id) {
                 Some((b, 0)) => Some((*b, id)),
@@ -125,7 +129,7 @@ impl Ids {
             })
             .collect();
         for (b, id) in unused {
-            match t.remove(EntryKey::Backend(id)) {
+            match t.remove(b.entry_key(id)) {
                 Ok(()) => {
                     self.backends.remove(&b);
                     self.refs.remove(&id);

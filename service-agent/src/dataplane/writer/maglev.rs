@@ -69,7 +69,7 @@ mod tests {
 
     fn m(last: u8) -> Member {
         Member {
-            addr: Ipv4Addr::new(10, 1, 0, last),
+            addr: Ipv4Addr::new(10, 1, 0, last).into(),
             port: 80,
         }
     }

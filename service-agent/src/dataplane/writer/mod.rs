@@ -11,7 +11,10 @@ mod node_addrs;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
 
 use aya::maps::MapError;
 use service_common::*;
@@ -24,7 +27,7 @@ pub use self::flows::{
 use self::{frontends::Programmed, ids::Ids, maglev::MaglevState};
 use super::{
     maps::{EntryKey, Maps},
-    readback::read_frontends,
+    readback::{FeKey, read_frontends},
 };
 use crate::{
     faults::FaultKind,
@@ -56,7 +59,7 @@ pub struct ApplyReport {
 /// The agent's view of what is in the maps, rebuilt from them at start.
 #[derive(Clone, Debug)]
 pub struct Writer {
-    frontends: BTreeMap<ServiceKey, Programmed>,
+    frontends: BTreeMap<FeKey, Programmed>,
     ids: Ids,
     /// Frontends whose last write failed: retried at every apply, so a
     /// frontend refused by a full map gets in once there is room, and its
@@ -67,23 +70,32 @@ pub struct Writer {
     tables: maglev::TableCache,
 }
 
-pub fn master_key(k: &FrontendKey) -> ServiceKey {
-    ServiceKey {
-        addr: k.addr.octets(),
-        port: k.port,
-        proto: k.proto.number(),
-        scope: SCOPE_ALL,
-        slot: 0,
-        _pad: 0,
+/// The master key of a frontend, in its family's map.
+pub fn master_key(k: &FrontendKey) -> FeKey {
+    let (port, proto) = (k.port, k.proto.number());
+    match k.addr {
+        IpAddr::V4(a) => FeKey::V4(ServiceKey {
+            addr: a.octets(),
+            port,
+            proto,
+            scope: SCOPE_ALL,
+            slot: 0,
+            _pad: 0,
+        }),
+        IpAddr::V6(a) => FeKey::V6(ServiceKey6 {
+            addr: a.octets(),
+            port,
+            proto,
+            scope: SCOPE_ALL,
+            slot: 0,
+            _pad: 0,
+        }),
     }
 }
 
 /// The master key of a frontend's entry set for sources inside the cluster.
-pub fn in_cluster_key(k: &FrontendKey) -> ServiceKey {
-    ServiceKey {
-        scope: SCOPE_IN_CLUSTER,
-        ..master_key(k)
-    }
+pub fn in_cluster_key(k: &FrontendKey) -> FeKey {
+    master_key(k).with_scope(SCOPE_IN_CLUSTER)
 }
 
 /// The entry set of a frontend's plan for sources inside the cluster, when
@@ -102,8 +114,8 @@ fn describe(map: &str, e: MapError) -> String {
     let full = matches!(&e, MapError::SyscallError(s)
         if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)));
     match (full, map) {
-        (true, MAP_SERVICES) => format!("map {map} is full; raise --services-max"),
-        (true, MAP_BACKENDS | MAP_AFFINITY_MATCH) => {
+        (true, MAP_SERVICES | MAP_SERVICES6) => format!("map {map} is full; raise --services-max"),
+        (true, MAP_BACKENDS | MAP_BACKENDS6 | MAP_AFFINITY_MATCH) => {
             format!("map {map} is full; raise --backends-max")
         }
         (true, MAP_MAGLEV) => format!("map {map} is full; raise --maglev-max"),
@@ -154,8 +166,8 @@ impl Writer {
                     let members = st.ids.iter().filter_map(|id| {
                         let b = w.ids.backend(*id)?;
                         let m = Member {
-                            addr: b.addr.into(),
-                            port: b.port,
+                            addr: b.addr(),
+                            port: b.port(),
                         };
                         Some((m, *id))
                     });
@@ -170,7 +182,7 @@ impl Writer {
         // The cluster's pod ranges belong to no frontend.
         stored.ranges.remove(&CLUSTER_CIDRS_ID);
         // What no master owns is left by an agent that died removing a frontend.
-        let orphans = (stored.orphan_slots.into_iter().map(EntryKey::Service))
+        let orphans = (stored.orphan_slots.into_iter().map(FeKey::entry_key))
             .chain(members.into_iter().flat_map(|(svc_id, ids)| {
                 ids.into_iter().map(move |backend_id| {
                     EntryKey::AffinityMatch(AffinityMatchKey { svc_id, backend_id })
@@ -221,7 +233,7 @@ impl Writer {
         // Frontends the plan no longer has, except those of Services the
         // planner refused: those keep their last good state. (In key
         // order: a frontend's own set goes before its in-cluster one.)
-        let mut gone: Vec<ServiceKey> = self.frontends.keys().copied().collect();
+        let mut gone: Vec<FeKey> = self.frontends.keys().copied().collect();
         gone.retain(|k| !desired.contains(k));
         for mk in gone {
             if let Err(e) = self.remove_frontend(t, mk, &mut removed_pairs, &mut report) {

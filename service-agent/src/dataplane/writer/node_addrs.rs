@@ -1,7 +1,10 @@
 //! The node's own addresses: NODE_ADDRS (where NodePorts answer) and the
 //! SNAT source in META; and the cluster's pod ranges (in SOURCE_RANGES under
 //! CLUSTER_CIDRS_ID), which tell traffic from inside the cluster on the wire.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use aya::maps::MapError;
 use service_common::*;
@@ -34,7 +37,27 @@ impl Writer {
         })?;
         self.set_node_addrs(t, &addrs)
             .map_err(|e| format!("updating {MAP_NODE_ADDRS}: {e}"))?;
+        // IPv6 NodePorts answer on every global or unique-local address of
+        // the node (--node-ip names IPv4 ones).
+        let addrs6 = crate::dataplane::interfaces::node_addresses6().map_err(|e| {
+            format!("listing the node's IPv6 addresses failed, {MAP_NODE_ADDRS6} keeps its last set: {e}")
+        })?;
+        self.set_node_addrs6(t, &addrs6)
+            .map_err(|e| format!("updating {MAP_NODE_ADDRS6}: {e}"))?;
         Ok(addrs)
+    }
+
+    /// Keeps NODE_ADDRS6 equal to `addrs`.
+    pub fn set_node_addrs6(&self, t: &mut impl Maps, addrs: &[Ipv6Addr]) -> Result<(), MapError> {
+        let want: BTreeSet<Addr6> = addrs.iter().map(|a| a.octets()).collect();
+        let have: BTreeSet<Addr6> = t.node_addrs6().into_iter().collect();
+        for a in want.difference(&have) {
+            t.insert(Entry::NodeAddr6(*a))?;
+        }
+        for a in have.difference(&want) {
+            t.remove(EntryKey::NodeAddr6(*a))?;
+        }
+        Ok(())
     }
 
     /// Keeps NODE_ADDRS equal to `addrs`.

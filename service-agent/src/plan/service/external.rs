@@ -1,7 +1,7 @@
 //! Addresses outside the cluster network a Service answers on: its
 //! externalIPs (only inside the allow-list) and LoadBalancer ingress IPs,
 //! and the source ranges LoadBalancer traffic is limited to.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
@@ -19,13 +19,13 @@ pub(super) fn addresses(
     spec: &ServiceSpec,
     svc_type: &str,
     node: &NodeContext,
-) -> Vec<(Ipv4Addr, FrontendKind)> {
+) -> Vec<(IpAddr, FrontendKind)> {
     let mut out = vec![];
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
         match ip.parse::<Ipv4Addr>() {
             Ok(a) if node.external_ip_allow.iter().any(|n| n.contains(a)) => {
-                out.push((a, FrontendKind::ExternalIp))
+                out.push((a.into(), FrontendKind::ExternalIp))
             }
             Ok(a) => ctx.warn(field, FieldError::ExternalIpNotAllowed(a)),
             Err(_) => ctx.warn(field, FieldError::NotIpv4(ip.clone())),
@@ -42,7 +42,7 @@ pub(super) fn addresses(
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
         let Some(ip) = &ing.ip else { continue };
         match ip.parse::<Ipv4Addr>() {
-            Ok(a) => out.push((a, FrontendKind::LoadBalancer)),
+            Ok(a) => out.push((a.into(), FrontendKind::LoadBalancer)),
             Err(_) => ctx.warn(
                 format!("status.loadBalancer.ingress[{i}].ip"),
                 FieldError::NotIpv4(ip.clone()),

@@ -86,13 +86,13 @@ fn compile(
 ) -> Result<Compiled, Refusal> {
     // The object outlives the context's borrows.
     let svc: &Service = &{ ctx.svc }.object;
-    let (spec, svc_type, cluster_ip) = match spec::read(ctx, node)? {
+    let (spec, svc_type, cluster_ips) = match spec::read(ctx, node)? {
         spec::Read::Skip(why) => return Ok(Compiled::Skipped(why)),
         spec::Read::Program {
             spec,
             svc_type,
-            cluster_ip,
-        } => (spec, svc_type, cluster_ip),
+            cluster_ips,
+        } => (spec, svc_type, cluster_ips),
     };
     let affinity = affinity::timeout(spec).map_err(|(field, e)| ctx.refuse(field, e))?;
     let external_addrs = external::addresses(ctx, svc, spec, svc_type, node);
@@ -106,7 +106,7 @@ fn compile(
     }
     let service = ports::Frontends {
         service: ctx.name.clone(),
-        cluster_ip,
+        cluster_ips,
         node_ports: matches!(svc_type, "NodePort" | "LoadBalancer"),
         external_addrs,
         affinity,

@@ -1,7 +1,7 @@
 //! The ports of a Service: each valid one becomes a frontend on the
 //! ClusterIP, on every node address (NodePort) and on each external
 //! address, with the endpoints chosen for it.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::{
     api::{
@@ -20,7 +20,7 @@ use crate::{
         ipnet_lite::Ipv4Net,
         slices::{port_endpoints, port_u16},
         types::Protocol,
-        types::{FrontendKey, FrontendKind, FrontendPlan, HealthCheck, NodeContext},
+        types::{Family, FrontendKey, FrontendKind, FrontendPlan, HealthCheck, NodeContext},
     },
 };
 
@@ -49,10 +49,12 @@ fn protocol_of(sp: &ServicePort) -> Result<Protocol, FieldError> {
 pub(super) struct Frontends {
     /// `namespace/name`.
     pub service: String,
-    pub cluster_ip: Ipv4Addr,
+    /// One per family, the primary first: each family's frontends get
+    /// the endpoints of that family's slices.
+    pub cluster_ips: Vec<IpAddr>,
     /// Type NodePort or LoadBalancer.
     pub node_ports: bool,
-    pub external_addrs: Vec<(Ipv4Addr, FrontendKind)>,
+    pub external_addrs: Vec<(IpAddr, FrontendKind)>,
     pub affinity: Option<u32>,
     /// For LoadBalancer ingress IPs only.
     pub source_ranges: Vec<Ipv4Net>,
@@ -85,15 +87,16 @@ impl Frontends {
     }
 }
 
-/// The frontends of every port, and the addresses of this node's ready
-/// endpoints (for the health check).
+/// The frontends of every port in each of the Service's families, and the
+/// addresses of this node's ready endpoints of its primary family (for the
+/// health check: a dual-stack pod is one endpoint).
 pub(super) fn frontends(
     ctx: &mut Ctx<'_>,
     spec: &ServiceSpec,
     service: &Frontends,
     slices: &[&Sourced<EndpointSlice>],
     node: &NodeContext,
-) -> Result<(FrontendList, BTreeSet<Ipv4Addr>), Refusal> {
+) -> Result<(FrontendList, BTreeSet<IpAddr>), Refusal> {
     let mut out = vec![];
     let mut local_ready = BTreeSet::new();
     let mut seen_ports: BTreeSet<(u16, Protocol)> = BTreeSet::new();
@@ -108,31 +111,42 @@ pub(super) fn frontends(
         };
         let port = check_port(ctx, sp, proto, &mut seen_ports, &field)?;
         let port_name = sp.name.clone().unwrap_or_default();
-        let eps = port_endpoints(slices, &port_name, proto);
-        local_ready.extend(endpoints::local_ready(&eps, node));
-        let chosen = endpoints::categorize_endpoints(&eps, service.policy, node);
-        let key = |addr, port| FrontendKey { addr, port, proto };
-        out.push((
-            key(service.cluster_ip, port),
-            service.plan(&port_name, FrontendKind::ClusterIp, &chosen),
-        ));
-        if service.node_ports {
-            match sp.node_port {
-                Some(np) => {
-                    let Some(np) = port_u16(np) else {
-                        let e = FieldError::out_of_range(np, MAX_PORT);
-                        return Err(ctx.refuse(field("nodePort"), e));
-                    };
-                    out.push((
-                        key(Ipv4Addr::UNSPECIFIED, np),
-                        service.plan(&port_name, FrontendKind::NodePort, &chosen),
-                    ));
+        let node_port = match (service.node_ports, sp.node_port) {
+            (false, _) => None,
+            (true, Some(np)) => match port_u16(np) {
+                Some(np) => Some(np),
+                None => {
+                    let e = FieldError::out_of_range(np, MAX_PORT);
+                    return Err(ctx.refuse(field("nodePort"), e));
                 }
-                None => ctx.warn(field("nodePort"), FieldError::NotAllocated("NodePorts")),
+            },
+            (true, None) => {
+                ctx.warn(field("nodePort"), FieldError::NotAllocated("NodePorts"));
+                None
             }
-        }
-        for (addr, kind) in &service.external_addrs {
-            out.push((key(*addr, port), service.plan(&port_name, *kind, &chosen)));
+        };
+        for (f, cluster_ip) in service.cluster_ips.iter().enumerate() {
+            let family = Family::of(*cluster_ip);
+            let eps = port_endpoints(slices, &port_name, proto, family);
+            if f == 0 {
+                local_ready.extend(endpoints::local_ready(&eps, node));
+            }
+            let chosen = endpoints::categorize_endpoints(&eps, service.policy, node);
+            let key = |addr, port| FrontendKey { addr, port, proto };
+            out.push((
+                key(*cluster_ip, port),
+                service.plan(&port_name, FrontendKind::ClusterIp, &chosen),
+            ));
+            if let Some(np) = node_port {
+                out.push((
+                    key(family.unspecified(), np),
+                    service.plan(&port_name, FrontendKind::NodePort, &chosen),
+                ));
+            }
+            let external = service.external_addrs.iter();
+            for (addr, kind) in external.filter(|(a, _)| Family::of(*a) == family) {
+                out.push((key(*addr, port), service.plan(&port_name, *kind, &chosen)));
+            }
         }
     }
     Ok((out, local_ready))
@@ -175,7 +189,7 @@ pub(super) fn health_check(
     spec: &ServiceSpec,
     svc_type: &str,
     service: &Frontends,
-    local_ready: BTreeSet<Ipv4Addr>,
+    local_ready: BTreeSet<IpAddr>,
 ) -> Option<HealthCheck> {
     let p = spec.health_check_node_port?;
     if svc_type != "LoadBalancer" || !service.policy.external_local {

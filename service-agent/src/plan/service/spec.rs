@@ -1,11 +1,15 @@
 //! What a Service is before its ports: whether this dataplane programs it
-//! at all, its type and its ClusterIP.
-use std::{fmt, net::Ipv4Addr};
+//! at all, its type and its ClusterIPs (one per address family, each
+//! programmed on its own).
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use k8s_openapi::api::core::v1::ServiceSpec;
 
 use super::{Ctx, FieldError, Refusal};
-use crate::plan::types::NodeContext;
+use crate::plan::types::{Family, NodeContext};
 
 pub use crate::model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
 
@@ -16,7 +20,6 @@ pub enum Skip {
     HeadlessLabel,
     ExternalName,
     Headless,
-    Ipv6(String),
 }
 
 impl fmt::Display for Skip {
@@ -29,7 +32,6 @@ impl fmt::Display for Skip {
             Skip::HeadlessLabel => write!(f, "label {HEADLESS_LABEL}: headless"),
             Skip::ExternalName => f.write_str("type ExternalName: DNS only"),
             Skip::Headless => f.write_str("clusterIP None: headless"),
-            Skip::Ipv6(ip) => write!(f, "clusterIP {ip}: IPv6 is not supported by this dataplane"),
         }
     }
 }
@@ -40,12 +42,54 @@ pub(super) enum Read<'a> {
         spec: &'a ServiceSpec,
         /// `ClusterIP` when unset.
         svc_type: &'a str,
-        cluster_ip: Ipv4Addr,
+        /// The usable ClusterIPs in `clusterIPs` order (the primary family
+        /// first), at most one per family.
+        cluster_ips: Vec<IpAddr>,
     },
 }
 
-pub(super) fn read<'a>(ctx: &Ctx<'a>, node: &NodeContext) -> Result<Read<'a>, Refusal> {
-    let svc = &ctx.svc.object;
+/// The field a ClusterIP was read from: the primary one is `clusterIP`
+/// (which `clusterIPs[0]` repeats), the others only in `clusterIPs`.
+fn field_of(i: usize) -> String {
+    if i == 0 {
+        "spec.clusterIP".to_string()
+    } else {
+        format!("spec.clusterIPs[{i}]")
+    }
+}
+
+/// `ip` as a ClusterIP of its family, or why it cannot be one.
+fn check_cluster_ip(ip: &str, node: &NodeContext) -> Result<IpAddr, FieldError> {
+    let not_service = || FieldError::NotAServiceAddress(ip.into());
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => check_v4(ip, a, node),
+        Ok(IpAddr::V6(a)) => check_v6(a).ok_or_else(not_service),
+        Err(_) => Err(FieldError::NotAnAddress(ip.into())),
+    }
+}
+
+fn check_v4(ip: &str, a: Ipv4Addr, node: &NodeContext) -> Result<IpAddr, FieldError> {
+    if !node.service_cidrs.is_empty() && !node.service_cidrs.iter().any(|n| n.contains(a)) {
+        let ranges: Vec<String> = node.service_cidrs.iter().map(|n| n.to_string()).collect();
+        return Err(FieldError::OutsideServiceRange {
+            ip: ip.into(),
+            ranges: ranges.join(", "),
+        });
+    }
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+        return Err(FieldError::NotAServiceAddress(ip.into()));
+    }
+    Ok(IpAddr::V4(a))
+}
+
+/// `--service-cluster-ip-range` takes IPv4 ranges only, so IPv6
+/// ClusterIPs are checked for being unicast, not for their range.
+fn check_v6(a: Ipv6Addr) -> Option<IpAddr> {
+    (!a.is_unspecified() && !a.is_multicast() && !a.is_loopback()).then_some(IpAddr::V6(a))
+}
+
+pub(super) fn read<'a>(ctx: &mut Ctx<'a>, node: &NodeContext) -> Result<Read<'a>, Refusal> {
+    let svc: &'a k8s_openapi::api::core::v1::Service = &{ ctx.svc }.object;
     let labels = svc.metadata.labels.as_ref();
     if let Some(proxy) = labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
         return Ok(Read::Skip(Skip::OtherProxy(proxy.clone())));
@@ -60,50 +104,62 @@ pub(super) fn read<'a>(ctx: &Ctx<'a>, node: &NodeContext) -> Result<Read<'a>, Re
     if svc_type == "ExternalName" {
         return Ok(Read::Skip(Skip::ExternalName));
     }
-    let ip = match spec.cluster_ip.as_deref() {
+    let primary = match spec.cluster_ip.as_deref() {
         Some("None") => return Ok(Read::Skip(Skip::Headless)),
         None | Some("") => {
             return Err(ctx.refuse("spec.clusterIP", FieldError::NotAllocated("ClusterIPs")));
         }
         Some(ip) => ip,
     };
-    // A dual-stack Service whose first family is IPv6 has its IPv4
-    // address second in `clusterIPs`: that family is served (each family
-    // stands on its own, as kube-proxy programs them).
-    let (field, ip) = if ip.contains(':') {
-        let ipv4 = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .enumerate()
-            .skip(1)
-            .find(|(_, a)| !a.contains(':'));
-        match ipv4 {
-            Some((i, a)) => (format!("spec.clusterIPs[{i}]"), a.as_str()),
-            None => return Ok(Read::Skip(Skip::Ipv6(ip.into()))),
-        }
-    } else {
-        ("spec.clusterIP".to_string(), ip)
-    };
-    let refuse = |e| ctx.refuse(field.clone(), e);
-    let cluster_ip = match ip.parse::<Ipv4Addr>() {
-        Ok(a)
-            if !node.service_cidrs.is_empty()
-                && !node.service_cidrs.iter().any(|n| n.contains(a)) =>
+    // `clusterIPs[0]` is `clusterIP` (the API server keeps them equal);
+    // the rest are the other family's. Each family stands on its own, as
+    // kube-proxy programs them: one that cannot be programmed is reported
+    // and the other is still served.
+    let given = spec.cluster_ips.as_deref().unwrap_or_default();
+    let rest = given.iter().skip(1).map(String::as_str);
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    let mut cluster_ips: Vec<IpAddr> = vec![];
+    let mut first_error = None;
+    for (i, ip) in std::iter::once(primary).chain(rest).enumerate() {
+        let a = match check_cluster_ip(ip, node) {
+            Ok(a) => a,
+            Err(e) => {
+                if i == 0 {
+                    first_error = Some(e);
+                } else {
+                    ctx.warn(field_of(i), e);
+                }
+                continue;
+            }
+        };
+        let family = Family::of(a);
+        if let Some(named) = families.get(i)
+            && named != family.as_str()
         {
-            let ranges: Vec<String> = node.service_cidrs.iter().map(|n| n.to_string()).collect();
-            return Err(refuse(FieldError::OutsideServiceRange {
+            let e = FieldError::FamilyMismatch {
                 ip: ip.into(),
-                ranges: ranges.join(", "),
-            }));
+                actual: family.as_str(),
+                named: named.clone(),
+            };
+            ctx.warn(format!("spec.ipFamilies[{i}]"), e);
         }
-        Ok(a) if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() => a,
-        Ok(_) => return Err(refuse(FieldError::NotAServiceAddress(ip.into()))),
-        Err(_) => return Err(refuse(FieldError::NotIpv4(ip.into()))),
-    };
+        if cluster_ips.iter().any(|c| Family::of(*c) == family) {
+            ctx.warn(field_of(i), FieldError::SecondOfFamily(family.as_str()));
+            continue;
+        }
+        cluster_ips.push(a);
+    }
+    if let Some(e) = first_error {
+        // Only the primary address: the Service is refused, as before
+        // dual-stack; with another family usable, that family is served.
+        if cluster_ips.is_empty() {
+            return Err(ctx.refuse("spec.clusterIP", e));
+        }
+        ctx.warn("spec.clusterIP", e);
+    }
     Ok(Read::Program {
         spec,
         svc_type,
-        cluster_ip,
+        cluster_ips,
     })
 }

@@ -33,7 +33,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use service_agent::{
-    dataplane::{tables::Tables, writer::master_key},
+    dataplane::{readback::FeKey, tables::Tables, writer::master_key},
     model::Sourced,
     plan::{FrontendKey, Incremental, NodeContext, Plan, Protocol, ServiceId},
 };
@@ -292,11 +292,13 @@ pub(crate) fn wait_for_backends(
     want: &BTreeSet<Ipv4Addr>,
     limit: Duration,
 ) -> anyhow::Result<()> {
-    let master = master_key(&FrontendKey {
-        addr: vip(i),
+    let FeKey::V4(master) = master_key(&FrontendKey {
+        addr: vip(i).into(),
         port: 80,
         proto: Protocol::Tcp,
-    });
+    }) else {
+        unreachable!("an IPv4 VIP has an IPv4 key")
+    };
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(m) = t.services.get(&master, 0)

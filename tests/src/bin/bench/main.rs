@@ -58,7 +58,7 @@ pub fn plan_of(services: u32) -> Plan {
     for i in 0..services {
         plan.frontends.insert(
             FrontendKey {
-                addr: vip(i),
+                addr: vip(i).into(),
                 port: 80,
                 proto: Protocol::Tcp,
             },

@@ -102,7 +102,7 @@ fn world(services: u32, pins: &PinDir) -> anyhow::Result<World> {
     let mut plan = plan_of(services - 1);
     plan.frontends.insert(
         FrontendKey {
-            addr: Ipv4Addr::UNSPECIFIED,
+            addr: Ipv4Addr::UNSPECIFIED.into(),
             port: NODE_PORT,
             proto: Protocol::Tcp,
         },

@@ -22,7 +22,7 @@ fn flow(
     let (backend_id, baddr) = backend;
     let request = CtKey {
         saddr: CLIENT.octets(),
-        daddr: fk.addr.octets(),
+        daddr: v4(fk.addr).octets(),
         sport,
         dport: fk.port,
         proto,
@@ -52,7 +52,7 @@ fn flow(
         (request, value(seen.0, (CLIENT, sport, baddr, 8080), 0)),
         (
             reply,
-            value(seen.1, (fk.addr, fk.port, CLIENT, sport), CT_F_REPLY),
+            value(seen.1, (v4(fk.addr), fk.port, CLIENT, sport), CT_F_REPLY),
         ),
     ]
 }

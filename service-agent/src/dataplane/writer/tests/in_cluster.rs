@@ -6,12 +6,11 @@ use super::*;
 use crate::dataplane::{
     fake::Op,
     maps::{Entry, EntryKey, RangeKey},
-    writer::in_cluster_key,
 };
 
 fn node_port(port: u16) -> FrontendKey {
     FrontendKey {
-        addr: Ipv4Addr::UNSPECIFIED,
+        addr: Ipv4Addr::UNSPECIFIED.into(),
         port,
         proto: Protocol::Tcp,
     }

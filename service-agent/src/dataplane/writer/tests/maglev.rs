@@ -6,7 +6,6 @@ use crate::{
     dataplane::{
         fake::Op,
         maps::{Entry, EntryKey},
-        writer::in_cluster_key,
     },
     plan::maglev::Balancing,
 };
@@ -15,7 +14,7 @@ const SIZE: u32 = 251;
 
 fn node_port(port: u16) -> FrontendKey {
     FrontendKey {
-        addr: Ipv4Addr::UNSPECIFIED,
+        addr: Ipv4Addr::UNSPECIFIED.into(),
         port,
         proto: Protocol::Tcp,
     }

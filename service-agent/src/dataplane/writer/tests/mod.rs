@@ -9,17 +9,36 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use service_common::*;
 
-use super::{ApplyReport, Writer, master_key};
+use super::{ApplyReport, Writer};
 use crate::{
-    dataplane::fake::{Contents, FakeMaps},
+    dataplane::{
+        fake::{Contents, FakeMaps},
+        readback::FeKey,
+    },
     plan::{BackendAddr, FrontendKey, FrontendKind, FrontendPlan, Plan, Protocol},
 };
 
 const SVC_ID_LIMIT: u32 = 64;
 
+/// The SERVICES key of an IPv4 frontend's master.
+fn master_key(fk: &FrontendKey) -> ServiceKey {
+    match super::master_key(fk) {
+        FeKey::V4(k) => k,
+        FeKey::V6(k) => panic!("{k:?} is an IPv6 key"),
+    }
+}
+
+/// The SERVICES key of an IPv4 frontend's in-cluster master.
+fn in_cluster_key(fk: &FrontendKey) -> ServiceKey {
+    ServiceKey {
+        scope: SCOPE_IN_CLUSTER,
+        ..master_key(fk)
+    }
+}
+
 fn key(last: u8, port: u16, proto: Protocol) -> FrontendKey {
     FrontendKey {
-        addr: Ipv4Addr::new(10, 96, 0, last),
+        addr: Ipv4Addr::new(10, 96, 0, last).into(),
         port,
         proto,
     }
@@ -31,6 +50,14 @@ fn tcp(last: u8) -> FrontendKey {
 
 fn udp(last: u8) -> FrontendKey {
     key(last, 53, Protocol::Udp)
+}
+
+/// The IPv4 address these tests' frontends have.
+fn v4(a: std::net::IpAddr) -> Ipv4Addr {
+    match a {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("{a} is IPv6"),
+    }
 }
 
 fn pod(last: u8) -> Ipv4Addr {
@@ -46,7 +73,7 @@ fn fe(name: &str, backends: &[u8]) -> FrontendPlan {
         backends: backends
             .iter()
             .map(|b| BackendAddr {
-                addr: pod(*b),
+                addr: pod(*b).into(),
                 port: 8080,
                 local: false,
             })
