@@ -32,7 +32,10 @@ type TcOutcome = Outcome<i32>;
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
     match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
+        #[cfg(not(feature = "ipv6"))]
         Some(ETH_P_IP) => ingress_of::<V4>(ctx, from_outside),
+        #[cfg(feature = "ipv6")]
+        Some(ETH_P_IP) => ingress4(ctx, from_outside),
         #[cfg(feature = "ipv6")]
         Some(crate::headers::ETH_P_IPV6) => ingress6(ctx, from_outside),
         _ => Outcome::uncounted(PASS),
@@ -46,6 +49,16 @@ pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
 // under a thin caller, not nested.
 
 #[inline(never)]
+fn ingress4(ctx: &TcContext, from_outside: bool) -> TcOutcome {
+    ingress_of::<V4>(ctx, from_outside)
+}
+
+#[inline(never)]
+fn egress4(ctx: &TcContext) -> TcOutcome {
+    egress_of::<V4>(ctx)
+}
+
+#[inline(never)]
 fn ingress6(ctx: &TcContext, from_outside: bool) -> TcOutcome {
     ingress_of::<V6>(ctx, from_outside)
 }
@@ -55,17 +68,43 @@ fn egress6(ctx: &TcContext) -> TcOutcome {
     egress_of::<V6>(ctx)
 }
 
+/// What `established` gives for a packet that no conntrack entry decides:
+/// not a tc action, the caller goes on to the frontends.
+const NOT_TRACKED: i32 = i32::MIN + 1;
+
+/// `established` as a subprogram. An aggregate returned by value (such as
+/// the `CtLookup` itself) comes back as a pointer to the caller's stack in
+/// R0, which the verifier refuses at a subprogram's exit; an `Outcome<i32>`
+/// fits a register.
 #[inline(never)]
-fn ct_lookup_split<F: Family>(flow: &Flow<F>) -> CtLookup<F> {
-    conntrack::lookup(flow)
+fn established_split<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> TcOutcome {
+    established(ctx, flow)
 }
 
+/// A packet of a flow conntrack knows: translated as its entry says, or
+/// passed for the kernel's conntrack; NOT_TRACKED when no entry decides.
 #[inline(always)]
-fn ct_lookup<F: Family>(flow: &Flow<F>) -> CtLookup<F> {
-    if F::SPLIT {
-        ct_lookup_split(flow)
-    } else {
-        conntrack::lookup(flow)
+fn established<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> TcOutcome {
+    match conntrack::lookup(flow) {
+        CtLookup::Hit {
+            target,
+            svc_id,
+            reply,
+            local_source,
+            ..
+        } => {
+            let hit = if reply {
+                Reason::ReplyTranslated
+            } else {
+                Reason::CtHit
+            };
+            match translate(ctx, flow, &target, svc_id, local_source) {
+                Ok(action) => Outcome::counted(action, hit),
+                Err(reason) => Outcome::counted(DROP, reason),
+            }
+        }
+        CtLookup::Kernel => Outcome::counted(PASS, Reason::KernelFlowPassed),
+        CtLookup::Stale | CtLookup::Miss => Outcome::uncounted(NOT_TRACKED),
     }
 }
 
@@ -88,14 +127,42 @@ fn new_flow<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> T
     }
 }
 
+/// What `flow_split` gives when it wrote the packet's flow: not a tc action.
+const PARSED: i32 = i32::MIN + 2;
+
+/// `F::parse` as a subprogram for a split family: the parse's temporaries
+/// (the copied header, the `Parsed` enum) stay in its own frame, off the
+/// call chain of the steps after it. The flow is written through `out`; a
+/// packet with none gets its outcome (`ingress`: later fragments followed;
+/// otherwise every such packet is passed, uncounted).
+#[inline(never)]
+fn flow_split<F: Family>(ctx: &TcContext, out: &mut Flow<F>, ingress: bool) -> TcOutcome {
+    match F::parse(ctx) {
+        Parsed::Flow(flow) => {
+            *out = flow;
+            Outcome::uncounted(PARSED)
+        }
+        Parsed::Untouchable(reason) if ingress => Outcome::counted(PASS, reason),
+        Parsed::LaterFragment(key) if ingress => follow_first_fragment::<F>(ctx, &key),
+        _ => Outcome::uncounted(PASS),
+    }
+}
+
 /// One family's ingress path.
 #[inline(always)]
 fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
+    if F::SPLIT {
+        let mut flow = Flow::<F>::empty();
+        let parsed = flow_split(ctx, &mut flow, true);
+        if parsed.action != PARSED {
+            return parsed;
+        }
+        return tracked_or_new(ctx, &flow, from_outside);
+    }
     let flow = match F::parse(ctx) {
         Parsed::Other => return Outcome::uncounted(PASS),
         Parsed::Untouchable(reason) => return Outcome::counted(PASS, reason),
         Parsed::Flow(flow) => flow,
-        Parsed::LaterFragment(key) if F::SPLIT => return follow_split::<F>(ctx, &key),
         Parsed::LaterFragment(key) => return follow_first_fragment::<F>(ctx, &key),
         Parsed::IcmpError(e) => {
             return match icmp::translate(ctx, &e) {
@@ -120,31 +187,24 @@ fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
             };
         }
     };
-    match ct_lookup(&flow) {
-        CtLookup::Hit {
-            target,
-            svc_id,
-            reply,
-            local_source,
-            ..
-        } => {
-            let hit = if reply {
-                Reason::ReplyTranslated
-            } else {
-                Reason::CtHit
-            };
-            return match translate(ctx, &flow, &target, svc_id, local_source) {
-                Ok(action) => Outcome::counted(action, hit),
-                Err(reason) => Outcome::counted(DROP, reason),
-            };
-        }
-        CtLookup::Kernel => return Outcome::counted(PASS, Reason::KernelFlowPassed),
-        CtLookup::Stale | CtLookup::Miss => {}
+    tracked_or_new(ctx, &flow, from_outside)
+}
+
+/// A TCP or UDP packet: translated as conntrack says, or as a new flow.
+#[inline(always)]
+fn tracked_or_new<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> TcOutcome {
+    let known = if F::SPLIT {
+        established_split(ctx, flow)
+    } else {
+        established(ctx, flow)
+    };
+    if known.action != NOT_TRACKED {
+        return known;
     }
     if F::SPLIT {
-        new_flow_split(ctx, &flow, from_outside)
+        new_flow_split(ctx, flow, from_outside)
     } else {
-        new_flow(ctx, &flow, from_outside)
+        new_flow(ctx, flow, from_outside)
     }
 }
 
@@ -158,7 +218,10 @@ fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> TcOutcome {
     match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
+        #[cfg(not(feature = "ipv6"))]
         Some(ETH_P_IP) => egress_of::<V4>(ctx),
+        #[cfg(feature = "ipv6")]
+        Some(ETH_P_IP) => egress4(ctx),
         #[cfg(feature = "ipv6")]
         Some(crate::headers::ETH_P_IPV6) => egress6(ctx),
         _ => Outcome::uncounted(PASS),
@@ -167,23 +230,47 @@ pub fn egress(ctx: &TcContext) -> TcOutcome {
 
 #[inline(always)]
 fn egress_of<F: Family>(ctx: &TcContext) -> TcOutcome {
-    let flow = match F::parse(ctx) {
-        Parsed::Flow(flow) => flow,
-        _ => return Outcome::uncounted(PASS),
+    let flow = if F::SPLIT {
+        let mut flow = Flow::<F>::empty();
+        if flow_split(ctx, &mut flow, false).action != PARSED {
+            return Outcome::uncounted(PASS);
+        }
+        flow
+    } else {
+        match F::parse(ctx) {
+            Parsed::Flow(flow) => flow,
+            _ => return Outcome::uncounted(PASS),
+        }
     };
     if !lb::is_node_address::<F>(flow.saddr) {
         return Outcome::uncounted(PASS);
     }
+    if F::SPLIT {
+        local_reply_split(ctx, &flow)
+    } else {
+        local_reply(ctx, &flow)
+    }
+}
+
+#[inline(never)]
+fn local_reply_split<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> TcOutcome {
+    local_reply(ctx, flow)
+}
+
+/// A reply from a node address: translated when it belongs to a flow
+/// translated at ingress, else none of ours.
+#[inline(always)]
+fn local_reply<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> TcOutcome {
     let CtLookup::Hit {
         target,
         svc_id,
         reply: true,
         ..
-    } = ct_lookup(&flow)
+    } = conntrack::lookup(flow)
     else {
         return Outcome::uncounted(PASS);
     };
-    match translate(ctx, &flow, &target, svc_id, false) {
+    match translate(ctx, flow, &target, svc_id, false) {
         Ok(action) => Outcome::counted(action, Reason::LocalReplyTranslated),
         Err(reason) => Outcome::counted(DROP, reason),
     }
@@ -259,11 +346,6 @@ fn remember_fragments<F: Family>(flow: &Flow<F>, to: &Target<F>, svc_id: u32, lo
         _pad: 0,
     };
     F::frag_insert(&F::frag_key(flow), &value);
-}
-
-#[inline(never)]
-fn follow_split<F: Family>(ctx: &TcContext, key: &F::FragKey) -> TcOutcome {
-    follow_first_fragment::<F>(ctx, key)
 }
 
 /// A later fragment gets the addresses its first fragment got; without a
