@@ -43,9 +43,10 @@ pub const MAP_AFFINITY6: &str = "AFFINITY6";
 pub const MAP_NODE_ADDRS6: &str = "NODE_ADDRS6";
 pub const MAP_SOURCE_RANGES6: &str = "SOURCE_RANGES6";
 pub const MAP_FRAGMENTS6: &str = "FRAGMENTS6";
+pub const MAP_SOCK_REVNAT6: &str = "SOCK_REVNAT6";
 
 /// Every map the programs declare, in the order the agent pins and reports them.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 23] = [
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_CONNTRACK,
@@ -68,6 +69,7 @@ pub const ALL_MAPS: [&str; 22] = [
     MAP_NODE_ADDRS6,
     MAP_SOURCE_RANGES6,
     MAP_FRAGMENTS6,
+    MAP_SOCK_REVNAT6,
 ];
 
 /// An IPv4 address in packet order.
@@ -423,12 +425,21 @@ pub const PROG_SOCK_CONNECT4: &str = "svc_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "svc_sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "svc_sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "svc_sock_getpeername4";
+/// The same for IPv6 sockets, IPv4-mapped addresses (::ffff:a.b.c.d) included.
+pub const PROG_SOCK_CONNECT6: &str = "svc_sock_connect6";
+pub const PROG_SOCK_SENDMSG6: &str = "svc_sock_sendmsg6";
+pub const PROG_SOCK_RECVMSG6: &str = "svc_sock_recvmsg6";
+pub const PROG_SOCK_GETPEERNAME6: &str = "svc_sock_getpeername6";
 /// Every socket hook with the name of its attach point (the pin name too).
-pub const SOCK_HOOKS: [(&str, &str); 4] = [
+pub const SOCK_HOOKS: [(&str, &str); 8] = [
     (PROG_SOCK_CONNECT4, "connect4"),
     (PROG_SOCK_SENDMSG4, "sendmsg4"),
     (PROG_SOCK_RECVMSG4, "recvmsg4"),
     (PROG_SOCK_GETPEERNAME4, "getpeername4"),
+    (PROG_SOCK_CONNECT6, "connect6"),
+    (PROG_SOCK_SENDMSG6, "sendmsg6"),
+    (PROG_SOCK_RECVMSG6, "recvmsg6"),
+    (PROG_SOCK_GETPEERNAME6, "getpeername6"),
 ];
 pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
 /// META_SOCKET_LB: sockets of the agent's own network namespace only.
@@ -456,6 +467,30 @@ pub struct SockRevKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockRevValue {
     pub addr: [u8; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+
+/// Key of SOCK_REVNAT6: an IPv6 socket (its cookie) and the backend it was
+/// sent to, an IPv4 backend as its IPv4-mapped address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey6 {
+    pub cookie: u64,
+    pub addr: Addr6,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// SOCK_REVNAT's value for an IPv6 socket: the Service address it asked
+/// for (IPv4-mapped when it was an IPv4 Service).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue6 {
+    pub addr: Addr6,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -499,6 +534,8 @@ mod user {
         FragValue6,
         SockRevKey,
         SockRevValue,
+        SockRevKey6,
+        SockRevValue6,
         FloodWindow,
         MaglevTable
     );
@@ -534,6 +571,8 @@ mod tests {
         assert_eq!(size_of::<SourceRange6>(), 20);
         assert_eq!(size_of::<FragKey6>(), 40);
         assert_eq!(size_of::<FragValue6>(), 40);
+        assert_eq!(size_of::<SockRevKey6>(), 32);
+        assert_eq!(size_of::<SockRevValue6>(), 28);
         assert_eq!(
             size_of::<MaglevTable>(),
             4 * (1 + MAGLEV_TABLE_MAX as usize)

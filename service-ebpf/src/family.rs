@@ -27,7 +27,7 @@ use crate::{
 
 pub trait Family: Sized + Copy + 'static {
     /// An address in packet order.
-    type Addr: Copy + PartialEq + Default;
+    type Addr: Copy + PartialEq + Default + AsMut<[u8]>;
     type FragKey: Copy;
     /// The address of NodePort frontends' keys.
     const ANY: Self::Addr;

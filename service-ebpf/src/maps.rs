@@ -43,6 +43,8 @@ maps! {
     NODE_ADDRS6: HashMap<Addr6, u32>, NODE_ADDRS_MAX;
     SOURCE_RANGES6: LpmTrie<SourceRange6, u32>, DEFAULT_SOURCE_RANGES_MAX;
     FRAGMENTS6: LruHashMap<FragKey6, FragValue6>, DEFAULT_FRAGMENTS_MAX;
+    /// SOCK_REVNAT for IPv6 sockets, IPv4-mapped Services included.
+    SOCK_REVNAT6: LruHashMap<SockRevKey6, SockRevValue6>, DEFAULT_SOCK_REVNAT_MAX;
 }
 
 /// svc_id -> the frontend's Maglev table. Not preallocated: only frontends

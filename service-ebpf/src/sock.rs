@@ -3,7 +3,10 @@
 //! programs, so a socket talks to the backend directly and no packet of its
 //! flow needs rewriting. Whose sockets is `--socket-lb` (META_SOCKET_LB):
 //! the node's own (the agent's network namespace), or pods' too (any other
-//! namespace whose processes are in the cgroup), or none.
+//! namespace whose processes are in the cgroup), or none. IPv6 sockets
+//! have hooks of their own; one asking for an IPv4-mapped address
+//! (::ffff:a.b.c.d, a dual-stack socket reaching an IPv4 Service) is
+//! served from the IPv4 maps and given the backend's mapped address.
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
@@ -13,10 +16,9 @@ use aya_ebpf::{
 use service_common::*;
 
 use crate::{
-    conntrack::snat_address,
-    family::V4,
+    family::{Family, V4, V6},
     lb::{self, Frontend},
-    maps::{META, SOCK_REVNAT},
+    maps::{META, SOCK_REVNAT, SOCK_REVNAT6},
     stats::{count_flow_opened, count_reason, count_rejected},
 };
 
@@ -51,6 +53,32 @@ pub fn svc_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
+/// connect() on an IPv6 socket.
+#[cgroup_sock_addr(connect6)]
+pub fn svc_sock_connect6(ctx: SockAddrContext) -> i32 {
+    forward6(&ctx, true)
+}
+
+/// sendto()/sendmsg() with an address on an unconnected IPv6 UDP socket.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn svc_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward6(&ctx, false)
+}
+
+/// recvfrom()/recvmsg() on IPv6 UDP.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn svc_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx);
+    PROCEED
+}
+
+/// getpeername() on an IPv6 socket.
+#[cgroup_sock_addr(getpeername6)]
+pub fn svc_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse6(&ctx);
+    PROCEED
+}
+
 /// Whose socket a hook runs for, as far as translating it goes.
 #[derive(Clone, Copy)]
 enum Caller {
@@ -81,14 +109,24 @@ fn caller(ctx: &SockAddrContext) -> Option<Caller> {
 
 /// The client a pod socket is, for session affinity: its pod's address is
 /// not known at connect() (the kernel chooses the source after the hook),
-/// so the pod's namespace stands for it, as an address in 0.0.0.0/8, which
-/// no packet carries as its source and so no tc-path affinity entry has.
-/// Namespace cookies count up from 1, so the 24 low bits tell apart every
-/// namespace but one made 16,777,216 namespaces later.
+/// so the pod's namespace stands for it, as an address in 0.0.0.0/8 (IPv6:
+/// ::/104), which no packet carries as its source and so no tc-path
+/// affinity entry has. Namespace cookies count up from 1, so the 24 low
+/// bits tell apart every namespace but one made 16,777,216 namespaces later.
 #[inline(always)]
-fn pod_client(netns: u64) -> [u8; 4] {
+fn pod_client<F: Family>(netns: u64) -> F::Addr {
+    let mut a = F::ANY;
     let b = (netns as u32).to_be_bytes();
-    [0, b[1], b[2], b[3]]
+    let n = a.as_mut().len();
+    a.as_mut()[n - 3..].copy_from_slice(&b[1..]);
+    a
+}
+
+/// The client the node's own processes are: its SNAT address, the source
+/// their packets carry to other nodes (unset: the unspecified address).
+#[inline(always)]
+fn node_client<F: Family>() -> F::Addr {
+    F::snat_address().unwrap_or(F::ANY)
 }
 
 /// The socket's protocol when the dataplane translates it.
@@ -118,10 +156,50 @@ fn set_user_addr(ctx: &SockAddrContext, addr: [u8; 4], port: u16) {
     sa.user_port = port.to_be() as u32;
 }
 
+#[inline(always)]
+fn user_addr6(ctx: &SockAddrContext) -> (Addr6, u16) {
+    // SAFETY: as in `protocol`.
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut a = [0u8; 16];
+    for (i, w) in sa.user_ip6.iter().enumerate() {
+        a[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    (a, u16::from_be(sa.user_port as u16))
+}
+
+#[inline(always)]
+fn set_user_addr6(ctx: &SockAddrContext, addr: Addr6, port: u16) {
+    // SAFETY: as in `set_user_addr`; user_ip6 is writable in every IPv6 hook here.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    for i in 0..4 {
+        sa.user_ip6[i] = u32::from_ne_bytes([
+            addr[i * 4],
+            addr[i * 4 + 1],
+            addr[i * 4 + 2],
+            addr[i * 4 + 3],
+        ]);
+    }
+    sa.user_port = port.to_be() as u32;
+}
+
+/// The IPv4 address an IPv4-mapped IPv6 address (::ffff:a.b.c.d) stands for.
+#[inline(always)]
+fn unmapped(a: &Addr6) -> Option<Addr4> {
+    let prefix_ok = a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff;
+    prefix_ok.then(|| [a[12], a[13], a[14], a[15]])
+}
+
+#[inline(always)]
+fn mapped(a: Addr4) -> Addr6 {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
 /// Fails the calling connect()/sendmsg() with ECONNREFUSED, as a TCP reset
 /// or an ICMP port unreachable would, but at once and without a packet.
 #[inline(always)]
-fn refuse(fe: &Frontend<V4>, reason: Reason) -> i32 {
+fn refuse<F: Family>(fe: &Frontend<F>, reason: Reason) -> i32 {
     count_reason(reason);
     count_rejected(fe.master.svc_id);
     // SAFETY: a helper call on plain values. (The kernel keeps an error set
@@ -136,26 +214,41 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+/// Where `choose` sends a socket: on unchanged, refused (the hook's return
+/// code), or to a backend.
+enum Choice<F: Family> {
+    Proceed,
+    Refuse(i32),
+    To {
+        addr: F::Addr,
+        port: u16,
+        proto: u8,
+        svc_id: u32,
+        backend_id: u32,
+    },
+}
+
+/// The backend a socket asking for `daddr:dport` goes to, with the flow's
+/// events counted (but not the hook's own translation).
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, connect: bool) -> i32 {
-    let Some(who) = caller(ctx) else {
-        return PROCEED;
-    };
-    let Some(proto) = protocol(ctx) else {
-        return PROCEED;
-    };
-    let (daddr, dport) = user_addr(ctx);
+fn choose<F: Family>(
+    who: Caller,
+    proto: u8,
+    connect: bool,
+    daddr: F::Addr,
+    dport: u16,
+) -> Choice<F> {
     // Pods and the node's own processes are inside the cluster: a Local
     // external frontend gives them its cluster-wide endpoints (kube-proxy
     // short-circuits and masquerades the node's; the tc path on a pod's
     // veth does the same for a pod).
-    let Some(fe) = lb::lookup_frontend::<V4>(daddr, dport, proto, lb::Origin::Inside) else {
-        return PROCEED;
+    let Some(fe) = lb::lookup_frontend::<F>(daddr, dport, proto, lb::Origin::Inside) else {
+        return Choice::Proceed;
     };
     let client = match who {
         // ClientIP affinity and source ranges see host processes as the
         // node's own address, the source their packets carry to other nodes.
-        Caller::Node => snat_address().unwrap_or([0; 4]),
+        Caller::Node => node_client::<F>(),
         Caller::Pod { netns } => {
             // A connected UDP socket keeps its peer: were it a backend that
             // left, only the agent's SOCK_DESTROY could end it, and that
@@ -164,47 +257,144 @@ fn forward(ctx: &SockAddrContext, connect: bool) -> i32 {
             // address, which only its packets carry.
             if (connect && proto == IPPROTO_UDP) || fe.master.flags & SVC_F_SOURCE_RANGES != 0 {
                 count_reason(Reason::SockPassedToTc);
-                return PROCEED;
+                return Choice::Proceed;
             }
-            pod_client(netns)
+            pod_client::<F>(netns)
         }
     };
     if !lb::source_allowed(&fe, client) {
         // A firewall's answer: the kernel's default EPERM.
         count_reason(Reason::SourceRangeDenied);
-        return REFUSE;
+        return Choice::Refuse(REFUSE);
     }
     let Some(pick) = lb::select_backend(&fe, client, None) else {
-        if fe.master.count != 0 {
-            return refuse(&fe, Reason::NoBackendEntry);
-        }
-        if fe.master.flags & SVC_F_REJECT_EMPTY == 0 {
-            return refuse(&fe, Reason::SockNoLocalEndpoint);
-        }
-        return refuse(&fe, Reason::SockRefused);
+        let reason = if fe.master.count != 0 {
+            Reason::NoBackendEntry
+        } else if fe.master.flags & SVC_F_REJECT_EMPTY == 0 {
+            Reason::SockNoLocalEndpoint
+        } else {
+            Reason::SockRefused
+        };
+        return Choice::Refuse(refuse(&fe, reason));
     };
     lb::note_affinity(&fe, client, &pick);
-    let key = SockRevKey {
-        cookie: socket_cookie(ctx),
+    count_flow_opened(fe.master.svc_id, false, pick.affinity);
+    Choice::To {
         addr: pick.backend.addr,
         port: pick.backend.port,
-        _pad: 0,
-    };
-    let value = SockRevValue {
-        addr: daddr,
-        port: dport,
         proto,
-        _pad: 0,
         svc_id: fe.master.svc_id,
         backend_id: pick.id,
-    };
-    if SOCK_REVNAT.insert(key, value, 0).is_err() {
-        count_reason(Reason::SockRevNatFailed);
     }
-    set_user_addr(ctx, pick.backend.addr, pick.backend.port);
-    count_flow_opened(fe.master.svc_id, false, pick.affinity);
-    count_reason(Reason::SockTranslated);
-    PROCEED
+}
+
+/// The socket's caller and protocol when this hook translates it.
+#[inline(always)]
+fn translatable(ctx: &SockAddrContext) -> Option<(Caller, u8)> {
+    Some((caller(ctx)?, protocol(ctx)?))
+}
+
+#[inline(always)]
+fn forward(ctx: &SockAddrContext, connect: bool) -> i32 {
+    let Some((who, proto)) = translatable(ctx) else {
+        return PROCEED;
+    };
+    let (daddr, dport) = user_addr(ctx);
+    match choose::<V4>(who, proto, connect, daddr, dport) {
+        Choice::Proceed => PROCEED,
+        Choice::Refuse(rc) => rc,
+        Choice::To {
+            addr,
+            port,
+            proto,
+            svc_id,
+            backend_id,
+        } => {
+            let key = SockRevKey {
+                cookie: socket_cookie(ctx),
+                addr,
+                port,
+                _pad: 0,
+            };
+            let value = SockRevValue {
+                addr: daddr,
+                port: dport,
+                proto,
+                _pad: 0,
+                svc_id,
+                backend_id,
+            };
+            if SOCK_REVNAT.insert(key, value, 0).is_err() {
+                count_reason(Reason::SockRevNatFailed);
+            }
+            set_user_addr(ctx, addr, port);
+            count_reason(Reason::SockTranslated);
+            PROCEED
+        }
+    }
+}
+
+/// An IPv6 socket: an IPv6 Service from the IPv6 maps, an IPv4-mapped
+/// address from the IPv4 maps; both remembered in SOCK_REVNAT6 as the
+/// socket sees them.
+#[inline(always)]
+fn forward6(ctx: &SockAddrContext, connect: bool) -> i32 {
+    let Some((who, proto)) = translatable(ctx) else {
+        return PROCEED;
+    };
+    let (daddr, dport) = user_addr6(ctx);
+    let chosen = match unmapped(&daddr) {
+        Some(daddr4) => match choose::<V4>(who, proto, connect, daddr4, dport) {
+            Choice::Proceed => Choice::Proceed,
+            Choice::Refuse(rc) => Choice::Refuse(rc),
+            Choice::To {
+                addr,
+                port,
+                proto,
+                svc_id,
+                backend_id,
+            } => Choice::<V6>::To {
+                addr: mapped(addr),
+                port,
+                proto,
+                svc_id,
+                backend_id,
+            },
+        },
+        None => choose::<V6>(who, proto, connect, daddr, dport),
+    };
+    match chosen {
+        Choice::Proceed => PROCEED,
+        Choice::Refuse(rc) => rc,
+        Choice::To {
+            addr,
+            port,
+            proto,
+            svc_id,
+            backend_id,
+        } => {
+            let key = SockRevKey6 {
+                cookie: socket_cookie(ctx),
+                addr,
+                port,
+                _pad: [0; 6],
+            };
+            let value = SockRevValue6 {
+                addr: daddr,
+                port: dport,
+                proto,
+                _pad: 0,
+                svc_id,
+                backend_id,
+            };
+            if SOCK_REVNAT6.insert(key, value, 0).is_err() {
+                count_reason(Reason::SockRevNatFailed);
+            }
+            set_user_addr6(ctx, addr, port);
+            count_reason(Reason::SockTranslated);
+            PROCEED
+        }
+    }
 }
 
 #[inline(always)]
@@ -222,6 +412,42 @@ fn reverse(ctx: &SockAddrContext) {
     // SAFETY: copied out at once, while the kernel keeps the value alive.
     if let Some(v) = unsafe { SOCK_REVNAT.get(key) }.copied() {
         set_user_addr(ctx, v.addr, v.port);
+        count_reason(Reason::SockReplyTranslated);
+    }
+}
+
+#[inline(always)]
+fn reverse6(ctx: &SockAddrContext) {
+    if caller(ctx).is_none() {
+        return;
+    }
+    let (addr, port) = user_addr6(ctx);
+    let key = SockRevKey6 {
+        cookie: socket_cookie(ctx),
+        addr,
+        port,
+        _pad: [0; 6],
+    };
+    // SAFETY: as in `reverse`.
+    if let Some(v) = unsafe { SOCK_REVNAT6.get(key) }.copied() {
+        set_user_addr6(ctx, v.addr, v.port);
+        count_reason(Reason::SockReplyTranslated);
+        return;
+    }
+    // sendto() an IPv4-mapped address runs the IPv4 sendmsg hook (the kernel
+    // hands the datagram to IPv4 first), so its entry is in SOCK_REVNAT.
+    let Some(addr4) = unmapped(&addr) else {
+        return;
+    };
+    let key = SockRevKey {
+        cookie: key.cookie,
+        addr: addr4,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: as in `reverse`.
+    if let Some(v) = unsafe { SOCK_REVNAT.get(key) }.copied() {
+        set_user_addr6(ctx, mapped(v.addr), v.port);
         count_reason(Reason::SockReplyTranslated);
     }
 }

@@ -5,17 +5,22 @@
 //! programs attached. Ignored until the IPv6 path is dispatched to (see
 //! service-ebpf's `ipv6` feature) and the topology's IPv6 routing is fixed.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
 };
 
 use integration_tests::{
     agent::{Agent, ManifestDir},
+    cgroup::TestCgroup,
     fixture::T,
+    host_client::HostClient,
     netns::Netns,
     topology::Topology,
     traffic::{self, Server},
 };
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_host_client");
 
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const DS_VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
@@ -346,4 +351,103 @@ fn an_ipv6_frontend_without_endpoints_refuses_tcp_and_udp_at_once() {
         refused(&udp),
         "UDP: an ICMPv6 port unreachable, not {udp:?}"
     );
+}
+
+/// `ok SERVER SEEN_FROM PEER` -> (SERVER, PEER)
+fn server_and_peer(answer: &str) -> (String, String) {
+    let w: Vec<&str> = answer.split_whitespace().collect();
+    assert!(w.len() == 4 && w[0] == "ok", "unexpected answer {answer:?}");
+    (w[1].to_string(), w[3].to_string())
+}
+
+/// `n` TCP connections from `c` to `to`: the servers that answered; each
+/// connection's getpeername() must be `to` itself.
+fn hooked_spread(c: &mut HostClient, to: &str, n: usize) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let (server, peer) = server_and_peer(&c.ask(&format!("tcp {to}")).unwrap());
+        assert_eq!(peer, to, "getpeername() names the Service");
+        seen.insert(server);
+    }
+    seen
+}
+
+fn reason(agent: &Agent, name: &str) -> u64 {
+    let stats = agent.cli("stats", &["--output", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    v["reasons"][name].as_u64().unwrap_or(0)
+}
+
+/// The IPv6 socket hooks: the node's own processes and (with `--socket-lb
+/// pods`) a pod's reach a dual-stack Service on its IPv6 ClusterIP, and an
+/// IPv6 socket reaches its IPv4 ClusterIP through the IPv4-mapped address,
+/// over TCP, unconnected and connected UDP, with every reply and
+/// getpeername() showing the Service address the socket asked for.
+#[test]
+fn ipv6_sockets_reach_a_dual_stack_service_on_both_families_through_the_hooks() {
+    let f = Node6::new();
+    let cgroup = TestCgroup::new().unwrap();
+    let spec = format!(
+        "  clusterIP: {DS_VIP4}\n  clusterIPs: [{DS_VIP4}, '{DS_VIP6}']\n  \
+         ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n"
+    );
+    let yaml = service("ds", &spec) + &f.slice("ds", "IPv4") + &f.slice("ds", "IPv6");
+    f.dir.write("svc.yaml", &yaml).unwrap();
+    let agent = Agent::start(
+        &f.topo.nodes[0].ns,
+        &f.dir.path,
+        &[
+            "--node-name",
+            "node-1",
+            "--cgroup",
+            &cgroup.flag(),
+            "--socket-lb",
+            "pods",
+        ],
+    )
+    .unwrap();
+    let (fe4, fe6) = (format!("{DS_VIP4}:80/TCP"), format!("[{DS_VIP6}]:80/TCP"));
+    let list = agent
+        .wait_list("both families", |l| {
+            listed(l, &fe4, 3) && listed(l, &fe6, 3)
+        })
+        .unwrap();
+    for hook in ["connect6", "sendmsg6", "recvmsg6", "getpeername6"] {
+        assert!(
+            list.lines()
+                .any(|l| l.contains(hook) && l.contains(&cgroup.flag())),
+            "list names {hook} on the test cgroup:\n{list}"
+        );
+    }
+    let v6 = format!("[{DS_VIP6}]:80");
+    let mapped = format!("[::ffff:{DS_VIP4}]:80");
+    let mut host = HostClient::start(Path::new(CLIENT), &f.topo.nodes[0].ns, &cgroup).unwrap();
+    let mut pod = HostClient::start(Path::new(CLIENT), &f.topo.pod("client").ns, &cgroup).unwrap();
+    for (who, c) in [("node", &mut host), ("pod", &mut pod)] {
+        for to in [&v6, &mapped] {
+            let seen = hooked_spread(c, to, 30);
+            assert!(
+                seen.len() >= 2 && seen.iter().all(|s| s.starts_with("web-")),
+                "{who} -> {to}: {seen:?}"
+            );
+        }
+    }
+    // UDP from the node: unconnected replies come from the Service, and a
+    // connected socket's peer is the Service.
+    for to in [format!("[{DS_VIP6}]:53"), format!("[::ffff:{DS_VIP4}]:53")] {
+        let a = host.ask(&format!("udp-sendto {to}")).unwrap();
+        let w: Vec<&str> = a.split_whitespace().collect();
+        assert!(w[0] == "ok" && w[1].starts_with("web-"), "{a}");
+        assert_eq!(w[3], to, "recvfrom shows the Service: {a}");
+        assert_eq!(
+            host.ask(&format!("udp-connect {to}")).unwrap(),
+            format!("ok {to}")
+        );
+        let (server, peer) = server_and_peer(&host.ask("udp-ask").unwrap());
+        assert!(server.starts_with("web-"), "{server}");
+        assert_eq!(peer, to);
+    }
+    // 120 connects, two sendto, two UDP connects.
+    assert!(reason(&agent, "sock_translated") >= 124);
+    assert!(reason(&agent, "sock_reply_translated") >= 2);
 }

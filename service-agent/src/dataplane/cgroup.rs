@@ -122,6 +122,10 @@ fn attach_type_of(hook: &str) -> u32 {
         "sendmsg4" => 14,
         "recvmsg4" => 19,
         "getpeername4" => 29,
+        "connect6" => 11,
+        "sendmsg6" => 15,
+        "recvmsg6" => 20,
+        "getpeername6" => 30,
         _ => u32::MAX,
     }
 }

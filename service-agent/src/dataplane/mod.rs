@@ -75,7 +75,7 @@ impl MapSizes {
             MAP_SOURCE_RANGES | MAP_SOURCE_RANGES6 => DEFAULT_SOURCE_RANGES_MAX,
             MAP_FRAGMENTS | MAP_FRAGMENTS6 => DEFAULT_FRAGMENTS_MAX,
             MAP_XDP_EGRESS => XDP_EGRESS_MAX,
-            MAP_SOCK_REVNAT => DEFAULT_SOCK_REVNAT_MAX,
+            MAP_SOCK_REVNAT | MAP_SOCK_REVNAT6 => DEFAULT_SOCK_REVNAT_MAX,
             MAP_FLOOD => 1,
             MAP_MAGLEV => self.maglev,
             _ => 0,

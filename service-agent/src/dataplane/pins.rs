@@ -82,6 +82,7 @@ pub fn expected_sizes(map: &str) -> Option<(u32, u32)> {
         MAP_NODE_ADDRS6 => s(16, 4),
         MAP_SOURCE_RANGES6 => s(4 + size_of::<SourceRange6>(), 4),
         MAP_FRAGMENTS6 => s(size_of::<FragKey6>(), size_of::<FragValue6>()),
+        MAP_SOCK_REVNAT6 => s(size_of::<SockRevKey6>(), size_of::<SockRevValue6>()),
         _ => None,
     }
 }

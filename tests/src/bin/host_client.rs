@@ -9,11 +9,12 @@
 //! - `udp-sendto ADDR`: unconnected sendto/recvfrom: `ok SERVER FROM`
 //! - `udp-connect ADDR` / `udp-ask`: a connected UDP socket, kept / asked
 //!
-//! PEER is what getpeername() says; errors carry the errno and how long
+//! ADDR is `a.b.c.d:port` or `[v6]:port` (an IPv4-mapped `[::ffff:a.b.c.d]:port`
+//! makes an IPv6 socket). PEER is what getpeername() says; errors carry the errno and how long
 //! the failing call took.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -41,8 +42,8 @@ fn reply_words(line: &str) -> String {
         .join(" ")
 }
 
-fn tcp_once(to: SocketAddrV4) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&to.into(), T)?;
+fn tcp_once(to: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&to, T)?;
     s.set_read_timeout(Some(T))?;
     let peer = s.peer_addr()?;
     s.write_all(b"hello\n")?;
@@ -60,6 +61,12 @@ fn udp_ask(s: &UdpSocket) -> std::io::Result<String> {
     ))
 }
 
+/// The wildcard address of `to`'s family: an IPv6 address (IPv4-mapped
+/// ones too) needs an IPv6 socket.
+fn any_of(to: &SocketAddr) -> &'static str {
+    if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+}
+
 struct State {
     held: Option<TcpStream>,
     udp: Option<UdpSocket>,
@@ -67,7 +74,7 @@ struct State {
 
 fn run(cmd: &str, st: &mut State) -> std::io::Result<String> {
     let words: Vec<&str> = cmd.split_whitespace().collect();
-    let addr = |i: usize| -> std::io::Result<SocketAddrV4> {
+    let addr = |i: usize| -> std::io::Result<SocketAddr> {
         words
             .get(i)
             .and_then(|a| a.parse().ok())
@@ -76,7 +83,7 @@ fn run(cmd: &str, st: &mut State) -> std::io::Result<String> {
     match words.first().copied() {
         Some("tcp") => tcp_once(addr(1)?),
         Some("hold") => {
-            let s = TcpStream::connect_timeout(&addr(1)?.into(), T)?;
+            let s = TcpStream::connect_timeout(&addr(1)?, T)?;
             s.set_read_timeout(Some(T))?;
             let peer = s.peer_addr()?;
             st.held = Some(s);
@@ -114,9 +121,10 @@ fn run(cmd: &str, st: &mut State) -> std::io::Result<String> {
             Ok(format!("ok {n} {failed} {first}"))
         }
         Some("udp-sendto") => {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let to = addr(1)?;
+            let s = UdpSocket::bind(any_of(&to))?;
             s.set_read_timeout(Some(T))?;
-            s.send_to(b"hello", addr(1)?)?;
+            s.send_to(b"hello", to)?;
             let mut buf = [0u8; 512];
             let (n, from): (usize, SocketAddr) = s.recv_from(&mut buf)?;
             Ok(format!(
@@ -125,9 +133,10 @@ fn run(cmd: &str, st: &mut State) -> std::io::Result<String> {
             ))
         }
         Some("udp-connect") => {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let to = addr(1)?;
+            let s = UdpSocket::bind(any_of(&to))?;
             s.set_read_timeout(Some(Duration::from_secs(1)))?;
-            s.connect(addr(1)?)?;
+            s.connect(to)?;
             let peer = s.peer_addr()?;
             st.udp = Some(s);
             Ok(format!("ok {peer}"))
