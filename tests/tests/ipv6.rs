@@ -8,6 +8,8 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
+    thread,
+    time::{Duration, Instant},
 };
 
 use integration_tests::{
@@ -60,8 +62,13 @@ impl Node6 {
     /// An EndpointSlice of Service `svc` for family `family` with the web
     /// pods' addresses of that family, on node-1.
     fn slice(&self, svc: &str, family: &str) -> String {
+        self.slice_of(svc, family, |_| true)
+    }
+
+    /// `slice` with only the web pods whose name `keep` holds.
+    fn slice_of(&self, svc: &str, family: &str, keep: impl Fn(&str) -> bool) -> String {
         let mut eps = String::new();
-        for p in self.web() {
+        for p in self.web().filter(|p| keep(&p.name)) {
             let addr: IpAddr = if family == "IPv6" {
                 p.ip6.unwrap().into()
             } else {
@@ -372,6 +379,23 @@ fn hooked_spread(c: &mut HostClient, to: &str, n: usize) -> BTreeSet<String> {
     seen
 }
 
+/// Asks over `c`'s connected UDP socket until the agent has ended it (5 s
+/// at most): the error the application sees.
+fn ended(c: &mut HostClient) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = c.ask("udp-ask").unwrap();
+        if a.starts_with("err") {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the socket kept its removed backend: {a}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn reason(agent: &Agent, name: &str) -> u64 {
     let stats = agent.cli("stats", &["--output", "json"]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
@@ -450,4 +474,69 @@ fn ipv6_sockets_reach_a_dual_stack_service_on_both_families_through_the_hooks() 
     // 120 connects, two sendto, two UDP connects.
     assert!(reason(&agent, "sock_translated") >= 124);
     assert!(reason(&agent, "sock_reply_translated") >= 2);
+}
+
+/// Connected UDP sockets of the node, one to the IPv6 ClusterIP and one to
+/// the IPv4 one through its mapped address, are ended (SOCK_DESTROY over
+/// sock_diag's AF_INET6) when their backend leaves its family's slice, and
+/// reconnect to a live backend.
+#[test]
+fn connected_ipv6_udp_sockets_are_ended_when_their_backend_leaves() {
+    let f = Node6::new();
+    let cgroup = TestCgroup::new().unwrap();
+    let spec = format!(
+        "  clusterIP: {DS_VIP4}\n  clusterIPs: [{DS_VIP4}, '{DS_VIP6}']\n  \
+         ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n"
+    );
+    let write = |skip4: &str, skip6: &str| {
+        let yaml = service("ds", &spec)
+            + &f.slice_of("ds", "IPv4", |n| n != skip4)
+            + &f.slice_of("ds", "IPv6", |n| n != skip6);
+        f.dir.write("svc.yaml", &yaml).unwrap();
+    };
+    write("", "");
+    let agent = Agent::start(
+        &f.topo.nodes[0].ns,
+        &f.dir.path,
+        &["--node-name", "node-1", "--cgroup", &cgroup.flag()],
+    )
+    .unwrap();
+    let (fe4, fe6) = (format!("{DS_VIP4}:53/UDP"), format!("[{DS_VIP6}]:53/UDP"));
+    agent
+        .wait_list("both families", |l| {
+            listed(l, &fe4, 3) && listed(l, &fe6, 3)
+        })
+        .unwrap();
+    let to6 = format!("[{DS_VIP6}]:53");
+    let mapped = format!("[::ffff:{DS_VIP4}]:53");
+    let node = &f.topo.nodes[0].ns;
+    let mut c6 = HostClient::start(Path::new(CLIENT), node, &cgroup).unwrap();
+    let mut c4 = HostClient::start(Path::new(CLIENT), node, &cgroup).unwrap();
+    let mut first = vec![];
+    for (c, to) in [(&mut c6, &to6), (&mut c4, &mapped)] {
+        assert_eq!(
+            c.ask(&format!("udp-connect {to}")).unwrap(),
+            format!("ok {to}")
+        );
+        first.push(server_and_peer(&c.ask("udp-ask").unwrap()).0);
+    }
+    write(&first[1], &first[0]);
+    agent
+        .wait_list("one backend gone from each family", |l| {
+            listed(l, &fe4, 2) && listed(l, &fe6, 2)
+        })
+        .unwrap();
+    for (c, to, gone) in [(&mut c6, &to6, &first[0]), (&mut c4, &mapped, &first[1])] {
+        let error = ended(c);
+        // ECONNABORTED to a reader blocked at the destroy; EDESTADDRREQ to
+        // the next send, the socket being disconnected.
+        assert!(
+            error.starts_with("err 103") || error.starts_with("err 89"),
+            "{to}: {error}"
+        );
+        c.ask(&format!("udp-connect {to}")).unwrap();
+        let (now, peer) = server_and_peer(&c.ask("udp-ask").unwrap());
+        assert_ne!(&now, gone, "{to}: reconnected to a live backend");
+        assert_eq!(&peer, to);
+    }
 }

@@ -7,10 +7,11 @@ use std::{
     collections::{BTreeSet, HashMap},
     io,
     mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
-use service_common::{IPPROTO_UDP, SockRevKey};
+use service_common::IPPROTO_UDP;
 
 use super::tables::Tables;
 
@@ -150,13 +151,13 @@ fn receive(s: &OwnedFd, want: u16, mut f: impl FnMut(&[u8])) -> io::Result<i32> 
     }
 }
 
-fn request(type_: u16, flags: u16, id: SockId) -> Request {
+fn request(type_: u16, flags: u16, family: u8, id: SockId) -> Request {
     Request {
         len: size_of::<Request>() as u32,
         type_,
         flags,
         seq: 1,
-        family: libc::AF_INET as u8,
+        family,
         protocol: IPPROTO_UDP,
         states: 1 << TCP_ESTABLISHED,
         id,
@@ -164,11 +165,15 @@ fn request(type_: u16, flags: u16, id: SockId) -> Request {
     }
 }
 
-/// The connected UDP sockets of this network namespace.
-fn connected_udp() -> io::Result<Vec<SockId>> {
+/// The connected UDP sockets of `family` (AF_INET, AF_INET6) in this
+/// network namespace.
+fn connected_udp(family: u8) -> io::Result<Vec<SockId>> {
     let s = diag_socket()?;
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    send(&s, &request(SOCK_DIAG_BY_FAMILY, flags, SockId::default()))?;
+    send(
+        &s,
+        &request(SOCK_DIAG_BY_FAMILY, flags, family, SockId::default()),
+    )?;
     let mut out = vec![];
     let errno = receive(&s, SOCK_DIAG_BY_FAMILY, |p| {
         if p.len() >= size_of::<DiagMsg>() {
@@ -183,10 +188,10 @@ fn connected_udp() -> io::Result<Vec<SockId>> {
     Ok(out)
 }
 
-fn destroy(id: SockId) -> io::Result<()> {
+fn destroy(family: u8, id: SockId) -> io::Result<()> {
     let s = diag_socket()?;
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
-    send(&s, &request(SOCK_DESTROY, flags, id))?;
+    send(&s, &request(SOCK_DESTROY, flags, family, id))?;
     match receive(&s, SOCK_DESTROY, |_| {})? {
         // Closed meanwhile: nothing left to end.
         0 | libc::ENOENT => Ok(()),
@@ -201,56 +206,87 @@ pub struct Destroyed {
     pub errors: Vec<String>,
 }
 
+/// An address of a socket id of `family`, as sock_diag gives it.
+fn id_addr(family: u8, a: &[[u8; 4]; 4]) -> IpAddr {
+    if family == libc::AF_INET as u8 {
+        Ipv4Addr::from(a[0]).into()
+    } else {
+        Ipv6Addr::from(*a.as_flattened().first_chunk::<16>().expect("16 bytes")).into()
+    }
+}
+
 /// Ends the host UDP sockets whose reverse entry names a (frontend, backend)
 /// pair in `removed`, and forgets those entries. A socket is ended only when
 /// its cookie and its peer both match an entry: a socket the application
-/// connected to the backend address directly is left alone.
+/// connected to the backend address directly is left alone. IPv6 sockets
+/// are matched from SOCK_REVNAT6 (an IPv4 backend as its mapped address,
+/// the peer sock_diag gives such a socket).
 pub fn destroy_removed(t: &mut Tables, removed: &BTreeSet<(u32, u32)>) -> Destroyed {
     let mut done = Destroyed::default();
     if removed.is_empty() {
         return done;
     }
-    let doomed: HashMap<u64, Vec<SockRevKey>> = t
-        .sock_revnat
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, v)| v.proto == IPPROTO_UDP && removed.contains(&(v.svc_id, v.backend_id)))
-        .fold(HashMap::new(), |mut m, (k, _)| {
-            m.entry(k.cookie).or_default().push(k);
-            m
-        });
+    let doomed_pair = |proto: u8, svc: u32, backend: u32| {
+        proto == IPPROTO_UDP && removed.contains(&(svc, backend))
+    };
+    let mut doomed: HashMap<u64, Vec<(IpAddr, u16)>> = HashMap::new();
+    let mut keys4 = vec![];
+    for (k, v) in t.sock_revnat.iter().filter_map(Result::ok) {
+        if doomed_pair(v.proto, v.svc_id, v.backend_id) {
+            doomed
+                .entry(k.cookie)
+                .or_default()
+                .push((Ipv4Addr::from(k.addr).into(), k.port));
+            keys4.push(k);
+        }
+    }
+    let mut keys6 = vec![];
+    for (k, v) in t.sock_revnat6.iter().filter_map(Result::ok) {
+        if doomed_pair(v.proto, v.svc_id, v.backend_id) {
+            doomed
+                .entry(k.cookie)
+                .or_default()
+                .push((Ipv6Addr::from(k.addr).into(), k.port));
+            keys6.push(k);
+        }
+    }
     if doomed.is_empty() {
         return done;
     }
-    match connected_udp() {
-        Ok(ids) => {
-            for id in ids {
-                let cookie = id.cookie[0] as u64 | (id.cookie[1] as u64) << 32;
-                let peer = (id.dst[0], u16::from_be_bytes(id.dport));
-                let hit = doomed
-                    .get(&cookie)
-                    .is_some_and(|ks| ks.iter().any(|k| (k.addr, k.port) == peer));
-                if !hit {
-                    continue;
-                }
-                match destroy(id) {
-                    Ok(()) => done.sockets += 1,
-                    Err(e) => done.errors.push(format!(
-                        "ending the UDP socket {}:{} -> {}:{}: {e}",
-                        std::net::Ipv4Addr::from(id.src[0]),
-                        u16::from_be_bytes(id.sport),
-                        std::net::Ipv4Addr::from(peer.0),
-                        peer.1
-                    )),
-                }
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let ids = match connected_udp(family) {
+            Ok(ids) => ids,
+            Err(e) => {
+                done.errors
+                    .push(format!("listing UDP sockets (sock_diag): {e}"));
+                continue;
+            }
+        };
+        for id in ids {
+            let cookie = id.cookie[0] as u64 | (id.cookie[1] as u64) << 32;
+            let peer = (id_addr(family, &id.dst), u16::from_be_bytes(id.dport));
+            let hit = doomed.get(&cookie).is_some_and(|ps| ps.contains(&peer));
+            if !hit {
+                continue;
+            }
+            match destroy(family, id) {
+                Ok(()) => done.sockets += 1,
+                Err(e) => done.errors.push(format!(
+                    "ending the UDP socket {} -> {}: {e}",
+                    std::net::SocketAddr::new(
+                        id_addr(family, &id.src),
+                        u16::from_be_bytes(id.sport)
+                    ),
+                    std::net::SocketAddr::new(peer.0, peer.1),
+                )),
             }
         }
-        Err(e) => done
-            .errors
-            .push(format!("listing UDP sockets (sock_diag): {e}")),
     }
-    for k in doomed.values().flatten() {
+    for k in &keys4 {
         let _ = t.sock_revnat.remove(k);
+    }
+    for k in &keys6 {
+        let _ = t.sock_revnat6.remove(k);
     }
     done
 }

@@ -26,6 +26,7 @@ pub struct Tables {
     pub affinity6: HashMap<MapData, AffinityKey6, AffinityValue>,
     pub node_addrs6: HashMap<MapData, Addr6, u32>,
     pub source_ranges6: LpmTrie<MapData, SourceRange6, u32>,
+    pub sock_revnat6: HashMap<MapData, SockRevKey6, SockRevValue6>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,7 @@ impl Tables {
             affinity6: open!(HashMap, MAP_AFFINITY6),
             node_addrs6: open!(HashMap, MAP_NODE_ADDRS6),
             source_ranges6: open!(LpmTrie, MAP_SOURCE_RANGES6),
+            sock_revnat6: open!(HashMap, MAP_SOCK_REVNAT6),
         })
     }
 }
