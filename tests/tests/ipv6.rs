@@ -415,7 +415,11 @@ fn ipv6_sockets_reach_a_dual_stack_service_on_both_families_through_the_hooks() 
         "  clusterIP: {DS_VIP4}\n  clusterIPs: [{DS_VIP4}, '{DS_VIP6}']\n  \
          ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n"
     );
-    let yaml = service("ds", &spec) + &f.slice("ds", "IPv4") + &f.slice("ds", "IPv6");
+    let empty: Ipv6Addr = "fd00:96::30".parse().unwrap();
+    let yaml = service("ds", &spec)
+        + &f.slice("ds", "IPv4")
+        + &f.slice("ds", "IPv6")
+        + &service("empty6", &format!("  clusterIP: '{empty}'\n"));
     f.dir.write("svc.yaml", &yaml).unwrap();
     let agent = Agent::start(
         &f.topo.nodes[0].ns,
@@ -471,6 +475,15 @@ fn ipv6_sockets_reach_a_dual_stack_service_on_both_families_through_the_hooks() 
         assert!(server.starts_with("web-"), "{server}");
         assert_eq!(peer, to);
     }
+    // A frontend without endpoints refuses connect() at once.
+    for c in [&mut host, &mut pod] {
+        let a = c.ask(&format!("tcp [{empty}]:80")).unwrap();
+        let w: Vec<&str> = a.split_whitespace().collect();
+        assert_eq!(w[..2], ["err", "111"], "ECONNREFUSED: {a}");
+        let ms: u64 = w[2].parse().unwrap();
+        assert!(ms < 100, "refused after {ms} ms");
+    }
+    assert!(reason(&agent, "sock_refused") >= 2);
     // 120 connects, two sendto, two UDP connects.
     assert!(reason(&agent, "sock_translated") >= 124);
     assert!(reason(&agent, "sock_reply_translated") >= 2);
