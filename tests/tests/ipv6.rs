@@ -2,8 +2,9 @@
 //! IPv4 and IPv6 (ULA, inside the namespaces only) addresses, the agent on
 //! the node, real TCP and UDP over IPv6 ClusterIPs, a dual-stack Service on
 //! both its ClusterIPs, and the node's IPv6 neighbours reachable with the
-//! programs attached. Ignored until the IPv6 path is dispatched to (see
-//! service-ebpf's `ipv6` feature) and the topology's IPv6 routing is fixed.
+//! programs attached. The IPv6 socket hooks (node and pod sockets, IPv4-mapped
+//! addresses) run now; the packet-path cases are ignored until the IPv6 tc
+//! path is dispatched to (see service-ebpf's `ipv6` feature).
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -134,7 +135,7 @@ fn spread(ns: &Netns, to: SocketAddr, client: IpAddr, n: usize) -> BTreeMap<Stri
 }
 
 #[test]
-#[ignore = "IPv6 tc path is behind the service-ebpf ipv6 feature (stack over 512 bytes); the dual-stack topology itself does not pass pod->gateway ping yet"]
+#[ignore = "the IPv6 tc path is behind the service-ebpf ipv6 feature: its ingress call chain needs more than the verifier's 512 bytes of stack"]
 fn ipv6_cluster_ip_spreads_tcp_over_three_pods_and_answers_udp_from_the_service() {
     let f = Node6::new();
     let spec = format!("  clusterIP: '{VIP6}'\n  ipFamilies: [IPv6]\n");
@@ -185,7 +186,7 @@ fn ipv6_cluster_ip_spreads_tcp_over_three_pods_and_answers_udp_from_the_service(
 }
 
 #[test]
-#[ignore = "IPv6 tc path is behind the service-ebpf ipv6 feature (stack over 512 bytes); the dual-stack topology itself does not pass pod->gateway ping yet"]
+#[ignore = "the IPv6 tc path is behind the service-ebpf ipv6 feature: its ingress call chain needs more than the verifier's 512 bytes of stack"]
 fn a_require_dual_stack_service_answers_on_both_cluster_ips() {
     let f = Node6::new();
     let spec = format!(
@@ -242,7 +243,6 @@ fn ping_fresh(ns: &Netns, to: Ipv6Addr) -> bool {
 }
 
 #[test]
-#[ignore = "IPv6 tc path is behind the service-ebpf ipv6 feature (stack over 512 bytes); the dual-stack topology itself does not pass pod->gateway ping yet"]
 fn ipv6_neighbours_stay_reachable_with_the_programs_attached() {
     let mut f = Node6::new();
     f.topo.add_client().unwrap();
@@ -289,7 +289,7 @@ fn ipv6_neighbours_stay_reachable_with_the_programs_attached() {
 }
 
 #[test]
-#[ignore = "IPv6 tc path is behind the service-ebpf ipv6 feature (stack over 512 bytes); the dual-stack topology itself does not pass pod->gateway ping yet"]
+#[ignore = "the IPv6 tc path is behind the service-ebpf ipv6 feature: its ingress call chain needs more than the verifier's 512 bytes of stack"]
 fn ipv6_node_port_from_outside_reaches_local_pods_and_keeps_the_client_address() {
     let mut f = Node6::new();
     f.topo.add_client().unwrap();
@@ -320,7 +320,7 @@ fn ipv6_node_port_from_outside_reaches_local_pods_and_keeps_the_client_address()
 }
 
 #[test]
-#[ignore = "IPv6 tc path is behind the service-ebpf ipv6 feature (stack over 512 bytes); the dual-stack topology itself does not pass pod->gateway ping yet"]
+#[ignore = "the IPv6 tc path is behind the service-ebpf ipv6 feature: its ingress call chain needs more than the verifier's 512 bytes of stack"]
 fn an_ipv6_frontend_without_endpoints_refuses_tcp_and_udp_at_once() {
     let f = Node6::new();
     let vip: Ipv6Addr = "fd00:96::30".parse().unwrap();

@@ -10,7 +10,8 @@ use crate::run;
 /// iproute2/util-linux/procps for namespaces, curl for the demo's client,
 /// iptables/nftables for side-by-side comparisons, ethtool to make test
 /// veths behave like wires for XDP (complete checksums, NAPI on the peer),
-/// dig (bind9-dnsutils) for the DNS tests and the demo.
+/// dig (bind9-dnsutils) for the DNS tests and the demo, ping (iputils-ping)
+/// for the IPv6 neighbour-discovery test.
 const DEB_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -23,6 +24,7 @@ const DEB_PACKAGES: &[&str] = &[
     "nftables",
     "ethtool",
     "bind9-dnsutils",
+    "iputils-ping",
     // The bench's PNG plots render text with this TTF, loaded from its
     // file (no fontconfig).
     "fonts-dejavu-core",
