@@ -293,6 +293,14 @@ impl Agent {
         self.cli("list", &[])
     }
 
+    /// How many packets the programs counted under the reason `name`
+    /// (`stats -o json`); 0 when it is not listed.
+    pub fn reason(&self, name: &str) -> anyhow::Result<u64> {
+        let stats = self.cli("stats", &["-o", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&stats)?;
+        Ok(v["reasons"][name].as_u64().unwrap_or(0))
+    }
+
     /// Runs a CLI subcommand whose standard output is a pipe nobody reads
     /// any more (`service-agent stats | head -0`); gives its exit status and
     /// what it printed on standard error.

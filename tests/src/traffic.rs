@@ -160,7 +160,29 @@ impl Drop for Server {
 
 /// One TCP request on a new connection (IPv4 or IPv6).
 pub fn tcp_ask(to: impl Into<SocketAddr>, timeout: Duration) -> std::io::Result<Reply> {
-    let mut s = TcpStream::connect_timeout(&to.into(), timeout)?;
+    let s = TcpStream::connect_timeout(&to.into(), timeout)?;
+    ask_on(s, timeout)
+}
+
+/// `tcp_ask` from the local address `from`, bound with SO_REUSEADDR: a
+/// client reusing one source port for connection after connection (the
+/// port's earlier connections wait in TIME_WAIT, which only a socket with
+/// SO_REUSEADDR may bind past).
+pub fn tcp_ask_from(
+    from: impl Into<SocketAddr>,
+    to: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> std::io::Result<Reply> {
+    use socket2::{Domain, Socket, Type};
+    let (from, to) = (from.into(), to.into());
+    let s = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&from.into())?;
+    s.connect_timeout(&to.into(), timeout)?;
+    ask_on(s.into(), timeout)
+}
+
+fn ask_on(mut s: TcpStream, timeout: Duration) -> std::io::Result<Reply> {
     s.set_read_timeout(Some(timeout))?;
     s.write_all(b"hello\n")?;
     let mut line = String::new();
@@ -204,6 +226,25 @@ pub fn udp_ask(
     let mut buf = [0u8; 512];
     let (n, from) = s.recv_from(&mut buf)?;
     Ok((parse_reply(&String::from_utf8_lossy(&buf[..n]))?, from))
+}
+
+/// One UDP request from the local address `from` on an unconnected
+/// socket: the answer is taken from whichever address it comes, which is
+/// returned beside it (a connected socket would drop one from elsewhere).
+pub fn udp_ask_from(
+    from: impl Into<SocketAddr>,
+    to: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> std::io::Result<(Reply, SocketAddr)> {
+    let s = UdpSocket::bind(from.into())?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(b"hello", to.into())?;
+    let mut buf = [0u8; 512];
+    let (n, answered_from) = s.recv_from(&mut buf)?;
+    Ok((
+        parse_reply(&String::from_utf8_lossy(&buf[..n]))?,
+        answered_from,
+    ))
 }
 
 /// A connected UDP socket that keeps its source port, like a long-lived client.

@@ -2,7 +2,7 @@
 //! namespaces, the agent in the node namespace, real TCP and UDP.
 use std::{
     collections::BTreeMap,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -211,6 +211,78 @@ fn a_pod_reaching_itself_through_its_service_gets_the_reply() {
         assert_eq!(u.server, "web-1");
         assert_eq!(from, SocketAddrV4::new(VIP, 53).into());
     }
+}
+
+/// A client port used through the ClusterIP and then directly towards the
+/// backend that served it (ports are reused): the backend sees one tuple
+/// (client:port <-> backend:8080) for both, so the direct connection's
+/// replies must reach the client from the backend's own address, not be
+/// taken for replies of the closed ClusterIP flow. The other order too.
+#[test]
+fn a_client_port_reused_directly_to_its_backend_gets_the_backends_own_replies() {
+    let f = fixture(2, 2);
+    let client = f.topo.pod("client");
+    let backends: Vec<(String, Ipv4Addr)> = ["web-1", "web-2"]
+        .map(|n| (n.to_string(), f.topo.pod(n).ip))
+        .into();
+    let client_ip = client.ip;
+    client
+        .ns
+        .within(move || {
+            let me = |port| SocketAddrV4::new(client_ip, port);
+            let at = |name: &str| {
+                let (_, ip) = backends.iter().find(|(n, _)| n == name).unwrap();
+                SocketAddrV4::new(*ip, 8080)
+            };
+            let (vip_tcp, vip_udp) = (SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53));
+            // Lets the backend finish closing the previous connection, so a
+            // SYN on its tuple meets no socket still in CLOSE_WAIT.
+            let settle = || std::thread::sleep(Duration::from_millis(200));
+
+            // TCP: through the ClusterIP, then directly, from port 41000.
+            let through =
+                traffic::tcp_ask_from(me(41000), vip_tcp, T).expect("TCP through the ClusterIP");
+            settle();
+            let direct = traffic::tcp_ask_from(me(41000), at(&through.server), T)
+                .expect("TCP directly to the backend that served, from the same port");
+            assert_eq!(direct.server, through.server);
+            assert_eq!(direct.seen_from, me(41000).into());
+
+            // UDP: through the ClusterIP, then directly, from port 41001.
+            let (through, from) =
+                traffic::udp_ask_from(me(41001), vip_udp, T).expect("UDP through the ClusterIP");
+            assert_eq!(from, vip_udp.into());
+            let backend = at(&through.server);
+            let (direct, from) = traffic::udp_ask_from(me(41001), backend, T)
+                .expect("UDP directly to the backend that served, from the same port");
+            assert_eq!(direct.server, through.server);
+            assert_eq!(
+                from,
+                backend.into(),
+                "the answer comes from the backend itself"
+            );
+
+            // The other order: directly to both backends, then through the
+            // ClusterIP (whichever backend it picks, its tuple was used),
+            // from ports 41002 (TCP) and 41003 (UDP).
+            for b in ["web-1", "web-2"] {
+                traffic::tcp_ask_from(me(41002), at(b), T).expect("TCP directly to a backend");
+                traffic::udp_ask_from(me(41003), at(b), T).expect("UDP directly to a backend");
+            }
+            settle();
+            let after = traffic::tcp_ask_from(me(41002), vip_tcp, T)
+                .expect("TCP through the ClusterIP from a port used directly");
+            assert_eq!(after.seen_from, me(41002).into());
+            let (_, from) = traffic::udp_ask_from(me(41003), vip_udp, T)
+                .expect("UDP through the ClusterIP from a port used directly");
+            assert_eq!(from, vip_udp.into());
+        })
+        .unwrap();
+    assert_eq!(
+        f.agent.reason("reused_tuple_retired").unwrap(),
+        2,
+        "the TCP and the UDP ClusterIP flow were retired, once each"
+    );
 }
 
 #[test]
