@@ -165,6 +165,12 @@ reasons! {
     /// A UDP datagram over IPv6 with checksum 0, which IPv6 forbids (RFC
     /// 8200 8.1): passed untouched for the receiver to discard.
     Ipv6UdpZeroChecksum "ipv6_udp_zero_checksum" Passed,
+    /// A packet that may open a flow (a SYN, or UDP), to no frontend and
+    /// known to no entry, on the tuple a translated flow's backend sees (a
+    /// client port reused to reach that backend directly): the translated
+    /// flow cannot be alive beside it, so its entries were removed before
+    /// they could turn this flow's replies into its own; passed untouched.
+    ReusedTupleRetired "reused_tuple_retired" Passed,
 }
 
 #[cfg(test)]

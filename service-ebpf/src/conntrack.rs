@@ -108,20 +108,70 @@ fn touch<F: Family>(entry: &mut CtValueOf<F::Addr>, flow: &Flow<F>) {
         entry.flags &= !CT_F_CLOSING;
     }
     if flow.tcp_flags & TCP_RST != 0 {
-        // The partner's key is what this entry rewrites packets into, reversed.
-        let partner = CtKeyOf {
-            saddr: entry.nat_daddr,
-            daddr: entry.nat_saddr,
-            sport: entry.nat_dport,
-            dport: entry.nat_sport,
-            proto: flow.proto,
-            _pad: [0; 3],
-        };
-        if let Some(p) = F::ct_ptr(&partner) {
+        if let Some(p) = F::ct_ptr(&partner_key::<F>(entry, flow.proto)) {
             // SAFETY: the map's own value (see lookup); only a flag is set.
             unsafe { (*p).flags |= CT_F_CLOSING };
         }
     }
+}
+
+/// The key of the entry for the other direction of `entry`'s flow: what
+/// `entry` rewrites packets into, reversed.
+#[inline(always)]
+fn partner_key<F: Family>(entry: &CtValueOf<F::Addr>, proto: u8) -> CtKeyOf<F::Addr> {
+    CtKeyOf {
+        saddr: entry.nat_daddr,
+        daddr: entry.nat_saddr,
+        sport: entry.nat_dport,
+        dport: entry.nat_sport,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// For a packet that may open a flow, is to no frontend and has no entry:
+/// a flow of its own between its two ends. If a translated flow's backend
+/// sees the same tuple (its reply entry is keyed by this packet's tuple
+/// reversed), the backend cannot hold both, so the translated flow is over
+/// (its client reused the port to reach the backend directly), and its
+/// reply entry would rewrite this flow's replies into its own: both of its
+/// entries are removed. Its request entry only while it still translates
+/// to this tuple: the client may since have reused it for a newer flow
+/// through the frontend, to another backend. True: a flow was retired.
+#[inline(always)]
+pub fn retire_reused<F: Family>(flow: &Flow<F>) -> bool {
+    let reply = CtKeyOf {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let Some(e) = F::ct_ptr(&reply) else {
+        return false;
+    };
+    // SAFETY: the map's own value, alive until the program returns; only
+    // read, before either entry is removed.
+    let e = unsafe { &*e };
+    if e.flags & CT_F_REPLY == 0 {
+        return false;
+    }
+    let request = partner_key::<F>(e, flow.proto);
+    if let Some(r) = F::ct_ptr(&request) {
+        // SAFETY: as above.
+        let r = unsafe { &*r };
+        if r.flags & CT_F_REPLY == 0
+            && r.nat_saddr == flow.saddr
+            && r.nat_daddr == flow.daddr
+            && r.nat_sport == flow.sport
+            && r.nat_dport == flow.dport
+        {
+            F::ct_remove(&request);
+        }
+    }
+    F::ct_remove(&reply);
+    true
 }
 
 /// The node address the agent configured as SNAT source.

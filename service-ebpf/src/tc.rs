@@ -114,6 +114,10 @@ fn new_flow_split<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool
 }
 
 /// A packet no conntrack entry knows: to a frontend, or none of ours.
+/// One of ours may still have to make way for it: a flow opened directly
+/// to a backend on a tuple that a translated flow's backend sees
+/// (`conntrack::retire_reused`). Only a packet that may open a flow asks,
+/// so a TCP flow's later segments cost nothing more.
 #[inline(always)]
 fn new_flow<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> TcOutcome {
     let origin = if from_outside {
@@ -123,7 +127,24 @@ fn new_flow<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> T
     };
     match lb::lookup_frontend::<F>(flow.daddr, flow.dport, flow.proto, origin) {
         Some(fe) => start_flow(ctx, flow, &fe, from_outside),
+        None if flow.may_open() && retire_reused(flow) => {
+            Outcome::counted(PASS, Reason::ReusedTupleRetired)
+        }
         None => Outcome::uncounted(PASS),
+    }
+}
+
+#[inline(never)]
+fn retire_split<F: Family>(flow: &Flow<F>) -> bool {
+    conntrack::retire_reused(flow)
+}
+
+#[inline(always)]
+fn retire_reused<F: Family>(flow: &Flow<F>) -> bool {
+    if F::SPLIT {
+        retire_split(flow)
+    } else {
+        conntrack::retire_reused(flow)
     }
 }
 

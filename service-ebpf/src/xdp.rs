@@ -63,6 +63,8 @@ pub fn ingress(ctx: &XdpContext) -> XdpOutcome {
     }
     // The same scope as tc on this interface would choose.
     let origin = lb::Origin::Wire(flow.saddr);
+    // To no frontend: tc's, which also retires a translated flow whose
+    // tuple the packet reuses (a client reaching a backend directly).
     let Some(fe) = lb::lookup_frontend::<V4>(flow.daddr, flow.dport, flow.proto, origin) else {
         return Outcome::uncounted(PASS);
     };

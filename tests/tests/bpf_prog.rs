@@ -859,3 +859,76 @@ fn the_flood_guard_refuses_openings_past_its_threshold() {
     let (_, out) = run(&mut l, &syn(40003));
     assert_eq!(packet::parse(&out).dst, ip(BACKEND));
 }
+
+/// A client port that reached the backend through the ClusterIP, reused to
+/// reach that backend directly: the backend sees one tuple for both, so the
+/// direct opening retires the ClusterIP flow, whose reply entry would turn
+/// the backend's answers into the ClusterIP's; TCP and UDP. A segment that
+/// opens nothing retires nothing.
+#[test]
+fn a_direct_opening_on_a_translated_flows_tuple_retires_that_flow() {
+    let mut l = web(&[(BACKEND, 8080)]);
+    let key = |src, sport, dst, dport, proto| bpf::ct_key(ip(src), sport, ip(dst), dport, proto);
+    let unchanged = |l: &mut Loaded, pkt: Vec<u8>| {
+        let out = l.run(POD, &pkt);
+        if let Some(m) = oracle::check(&pkt, out.verdict, &out.packet, &Expect::Unchanged) {
+            panic!("{m}");
+        }
+    };
+    for (proto, vip_port, sport) in [(IPPROTO_TCP, 80, 40000), (IPPROTO_UDP, 53, 5000)] {
+        let pkt = |src, sport, dst, dport, flags| match proto {
+            IPPROTO_TCP => Builder::tcp(src, sport, dst, dport, flags).build(),
+            _ => Builder::udp(src, sport, dst, dport).build(),
+        };
+        let request = key(CLIENT, sport, VIP, vip_port, proto);
+        let reply = key(BACKEND, 8080, CLIENT, sport, proto);
+        run(&mut l, &pkt(CLIENT, sport, VIP, vip_port, SYN));
+        let (_, out) = run(&mut l, &pkt(BACKEND, 8080, CLIENT, sport, SYN | ACK));
+        assert_eq!(
+            packet::parse(&out).src,
+            ip(VIP),
+            "the ClusterIP flow's reply"
+        );
+        if proto == IPPROTO_TCP {
+            unchanged(&mut l, pkt(CLIENT, sport, BACKEND, 8080, ACK));
+            assert!(l.conntrack(&reply).is_some(), "an ACK opens nothing");
+        }
+
+        let counts = l.counts(&[(Reason::ReusedTupleRetired, 1)]);
+        unchanged(&mut l, pkt(CLIENT, sport, BACKEND, 8080, SYN));
+        counts.check(&l).unwrap();
+        assert!(l.conntrack(&reply).is_none(), "reply entry retired");
+        assert!(l.conntrack(&request).is_none(), "request entry retired");
+        let counts = l.counts(&[(Reason::ReplyTranslated, 0)]);
+        unchanged(&mut l, pkt(BACKEND, 8080, CLIENT, sport, SYN | ACK));
+        counts.check(&l).unwrap();
+    }
+
+    // The client port since reused through the ClusterIP to another
+    // backend: that newer flow's request entry stays.
+    let (request, reply) = (
+        key(CLIENT, 40001, VIP, 80, IPPROTO_TCP),
+        key(BACKEND, 8080, CLIENT, 40001, IPPROTO_TCP),
+    );
+    let entry = |to: &CtKey, flags| CtValue {
+        nat_saddr: to.saddr,
+        nat_daddr: to.daddr,
+        nat_sport: to.sport,
+        nat_dport: to.dport,
+        flags,
+        proto: IPPROTO_TCP,
+        ..Default::default()
+    };
+    let from_vip = key(VIP, 80, CLIENT, 40001, IPPROTO_TCP);
+    let to_other = key(CLIENT, 40001, "10.244.0.12", 8080, IPPROTO_TCP);
+    let ct = &mut l.dp.tables.conntrack;
+    ct.insert(reply, entry(&from_vip, CT_F_REPLY), 0).unwrap();
+    ct.insert(request, entry(&to_other, 0), 0).unwrap();
+    unchanged(
+        &mut l,
+        Builder::tcp(CLIENT, 40001, BACKEND, 8080, SYN).build(),
+    );
+    assert!(l.conntrack(&reply).is_none(), "the old reply entry retired");
+    assert!(l.conntrack(&request).is_some(), "the newer flow kept");
+    assert_eq!(l.reason(Reason::ReusedTupleRetired), 3);
+}

@@ -245,6 +245,7 @@ fn tc_reasons(program: Program) -> Vec<Reason> {
         CtInvalid,
         SourceRangeDenied,
         TupleClashPortRewritten,
+        ReusedTupleRetired,
     ];
     // Policy Local drops only what comes from outside the cluster.
     if program != Program::Pod {

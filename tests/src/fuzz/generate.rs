@@ -1,8 +1,9 @@
 //! Packets near valid ones for the fuzz world: openings towards every
-//! frontend, packets of flows the model knows (both directions), replies to
-//! nobody, ICMP errors quoting translated flows, fragments, and damage
-//! (truncation, bad header lengths, options, every TCP flag, bad data
-//! offsets, UDP length mismatches, other ethertypes).
+//! frontend, packets of flows the model knows (both directions, and their
+//! translated tuples opened afresh), replies to nobody, ICMP errors quoting
+//! translated flows, fragments, and damage (truncation, bad header lengths,
+//! options, every TCP flag, bad data offsets, UDP length mismatches, other
+//! ethertypes).
 use std::net::Ipv4Addr;
 
 use super::{NODE, NODE2, REMOTE_1};
@@ -83,6 +84,9 @@ pub fn packet(r: &mut Rng, m: &Model, clients: &[&str]) -> Vec<u8> {
     let mut b = match r.below(10) {
         0..=3 => opening(r, m, clients),
         4..=6 => match m.known_flow(|n| r.below(n as u64) as usize) {
+            // A flow's tuple as translated, opened afresh: for a request,
+            // its client reaching the backend directly from the same port.
+            Some((_, to)) if r.chance(10) => on_tuple(&to, flags(r, packet::SYN)),
             Some((key, _)) => on_tuple(&key, flags(r, packet::ACK)),
             None => opening(r, m, clients),
         },

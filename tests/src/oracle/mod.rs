@@ -283,9 +283,41 @@ impl Model {
                 &[hit],
             );
         }
+        let t = flow.t;
+        if self.world.frontend(t.daddr, t.dport, t.proto).is_none() {
+            return known(Expect::Unchanged, &self.retire_reused(&flow));
+        }
         match self.opening(pkt, &flow, self.world.source) {
             Ok(candidates) => Predicted::Opens(candidates),
             Err((e, r)) => known(e, &r),
+        }
+    }
+
+    /// A packet to no frontend and of no known flow that may open one (a
+    /// SYN alone, or UDP) is a flow between its own two ends. A translated
+    /// flow whose backend sees that same tuple (a reply entry under the
+    /// packet's tuple reversed) is then over: its reply entry goes, and its
+    /// request entry if that still translates to the packet's tuple.
+    fn retire_reused(&mut self, flow: &Flow) -> Vec<Reason> {
+        let t = flow.t;
+        let may_open = t.proto != 6 || flow.flags & 0x17 == 0x02;
+        let reply_key = t.reversed();
+        match self.ct.get(&reply_key) {
+            Some(e) if may_open && e.reply => {
+                let request_key = e.to.reversed();
+                if self
+                    .ct
+                    .get(&request_key)
+                    .is_some_and(|r| !r.reply && r.to == t)
+                {
+                    self.ct.remove(&request_key);
+                }
+                self.ct.remove(&reply_key);
+                let ct = &self.ct;
+                self.keys.retain(|k| ct.contains_key(k));
+                vec![Reason::ReusedTupleRetired]
+            }
+            _ => vec![],
         }
     }
 
