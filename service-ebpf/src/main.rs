@@ -2,8 +2,6 @@
 //! was made by the agent's planner; these programs only follow the maps.
 #![no_std]
 #![no_main]
-// Without the `ipv6` feature the IPv6 path is compiled but not dispatched to.
-#![cfg_attr(not(feature = "ipv6"), allow(dead_code))]
 
 mod access;
 mod conntrack;
@@ -22,6 +20,7 @@ mod packet6;
 mod ports;
 mod reject;
 mod reject6;
+mod scratch;
 mod sock;
 mod stats;
 mod tc;

@@ -38,25 +38,6 @@ pub struct Flow<F: Family> {
 }
 
 impl<F: Family> Flow<F> {
-    /// A flow to be written over (by a parse in a subprogram of its own).
-    #[inline(always)]
-    pub fn empty() -> Self {
-        Flow {
-            saddr: F::Addr::default(),
-            daddr: F::Addr::default(),
-            sport: 0,
-            dport: 0,
-            proto: 0,
-            tcp_flags: 0,
-            l3_len: 0,
-            ip_len: 0,
-            ip_id: 0,
-            frag_proto: 0,
-            ttl: 0,
-            first_fragment: false,
-        }
-    }
-
     /// Whether this packet may open a flow: any UDP datagram; a TCP segment
     /// only as a SYN without ACK, FIN or RST (no stack opens with those
     /// beside it; scanners and attacks do, and the kernel's conntrack

@@ -15,12 +15,13 @@ use crate::{
     conntrack::{self, CtLookup},
     family::{Family, V4, V6},
     forward,
-    headers::{ETH_HLEN, ETH_P_IP, ETH_TYPE_OFF},
+    headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF},
     icmp::{self, IcmpVerdict},
     lb::{self, Frontend},
     nat::{self, Target},
-    opening::{self, Opening},
+    opening::{self, Choice, Opening},
     packet::{Flow, Parsed},
+    scratch::{self, Scratch6},
     stats::{Outcome, count_packet, count_rejected},
 };
 
@@ -32,21 +33,20 @@ type TcOutcome = Outcome<i32>;
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, from_outside: bool) -> TcOutcome {
     match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
-        #[cfg(not(feature = "ipv6"))]
-        Some(ETH_P_IP) => ingress_of::<V4>(ctx, from_outside),
-        #[cfg(feature = "ipv6")]
         Some(ETH_P_IP) => ingress4(ctx, from_outside),
-        #[cfg(feature = "ipv6")]
-        Some(crate::headers::ETH_P_IPV6) => ingress6(ctx, from_outside),
+        Some(ETH_P_IPV6) => ingress6(ctx, from_outside),
         _ => Outcome::uncounted(PASS),
     }
 }
 
-// IPv6's steps are BPF subprograms of their own (`Family::SPLIT`): the
-// verifier bounds each frame and the sum along a call chain by 512 bytes,
-// which IPv6's keys and values exceed in one function. A step is cut where
-// it needs its largest values, and the steps of one packet are siblings
-// under a thin caller, not nested.
+// Each family's path is a subprogram of its own, so the verifier's 512
+// bytes of stack bound each chain, not their sum. IPv6's keys and values
+// do not fit one chain as IPv4's do: its steps are subprograms too
+// (`Family::SPLIT`), siblings under a thin caller, on state kept in a
+// per-CPU scratch slot (`scratch.rs`). A step gives its result through a
+// pointer or as an `Outcome` (which fits a register): an aggregate
+// returned by value leaves a pointer to the caller's stack in R0, which
+// the verifier refuses at a subprogram's exit.
 
 #[inline(never)]
 fn ingress4(ctx: &TcContext, from_outside: bool) -> TcOutcome {
@@ -58,19 +58,120 @@ fn egress4(ctx: &TcContext) -> TcOutcome {
     egress_of::<V4>(ctx)
 }
 
+/// A step's answer that is no tc action: the caller goes on to the next step.
+const NEXT: i32 = i32::MIN + 1;
+/// `flow_split`: a later fragment, whose key is in the scratch slot.
+const LATER_FRAGMENT: i32 = i32::MIN + 2;
+/// `choose_split`: the frontend has no backend at all.
+const REJECT: i32 = i32::MIN + 3;
+
+/// IPv6 ingress: the steps of `ingress_of` and `start_flow`, each a
+/// subprogram of its own, on state kept in this CPU's scratch slot.
 #[inline(never)]
 fn ingress6(ctx: &TcContext, from_outside: bool) -> TcOutcome {
-    ingress_of::<V6>(ctx, from_outside)
+    let Some(s) = scratch::slot6(scratch::SLOT_INGRESS) else {
+        return Outcome::uncounted(PASS);
+    };
+    let parsed = flow_split(ctx, s, true);
+    match parsed.action {
+        NEXT => {}
+        LATER_FRAGMENT => return follow_split::<V6>(ctx, &s.frag),
+        _ => return parsed,
+    }
+    let known = established_split(ctx, &s.flow);
+    if known.action != NEXT {
+        return known;
+    }
+    if frontend_split(&s.flow, from_outside, &mut s.fe) == 0 {
+        if s.flow.may_open() && retire_split(&s.flow) {
+            return Outcome::counted(PASS, Reason::ReusedTupleRetired);
+        }
+        return Outcome::uncounted(PASS);
+    }
+    let chosen = choose_split(&s.flow, &s.fe, from_outside, &mut s.choice);
+    match chosen.action {
+        NEXT => {}
+        REJECT => return reject_split(ctx, &s.flow, &s.fe),
+        _ => return chosen,
+    }
+    let recorded = record_split(&s.flow, &s.fe, &mut s.choice);
+    if recorded.action != NEXT {
+        return recorded;
+    }
+    let c = &s.choice;
+    match translate(ctx, &s.flow, &c.to, c.svc_id, c.local_source) {
+        // The flow's events (new_flow, ...) already say how it was translated.
+        Ok(action) => Outcome::uncounted(action),
+        Err(reason) => Outcome::counted(DROP, reason),
+    }
 }
 
 #[inline(never)]
 fn egress6(ctx: &TcContext) -> TcOutcome {
-    egress_of::<V6>(ctx)
+    let Some(s) = scratch::slot6(scratch::SLOT_EGRESS) else {
+        return Outcome::uncounted(PASS);
+    };
+    if flow_split(ctx, s, false).action != NEXT {
+        return Outcome::uncounted(PASS);
+    }
+    if !lb::is_node_address::<V6>(s.flow.saddr) {
+        return Outcome::uncounted(PASS);
+    }
+    local_reply_split(ctx, &s.flow)
 }
 
-/// What `established` gives for a packet that no conntrack entry decides:
-/// not a tc action, the caller goes on to the frontends.
-const NOT_TRACKED: i32 = i32::MIN + 1;
+/// The frontend of a new flow into `out`; 0: none of ours.
+#[inline(never)]
+fn frontend_split<F: Family>(flow: &Flow<F>, from_outside: bool, out: &mut Frontend<F>) -> u32 {
+    match lb::lookup_frontend::<F>(
+        flow.daddr,
+        flow.dport,
+        flow.proto,
+        origin_of(flow, from_outside),
+    ) {
+        Some(fe) => {
+            *out = fe;
+            1
+        }
+        None => 0,
+    }
+}
+
+/// `opening::choose` into `out`: NEXT to open the flow, REJECT, or the drop.
+#[inline(never)]
+fn choose_split<F: Family>(
+    flow: &Flow<F>,
+    fe: &Frontend<F>,
+    from_outside: bool,
+    out: &mut Choice<F>,
+) -> TcOutcome {
+    match opening::choose(flow, fe, from_outside) {
+        Opening::Open(c) => {
+            *out = c;
+            Outcome::uncounted(NEXT)
+        }
+        Opening::Reject => Outcome::uncounted(REJECT),
+        Opening::Drop(reason) => Outcome::counted(DROP, reason),
+    }
+}
+
+/// `opening::record`: NEXT once the flow is pinned, else its drop.
+#[inline(never)]
+fn record_split<F: Family>(flow: &Flow<F>, fe: &Frontend<F>, c: &mut Choice<F>) -> TcOutcome {
+    match opening::record(flow, fe, c) {
+        Ok(()) => Outcome::uncounted(NEXT),
+        Err(reason) => Outcome::counted(DROP, reason),
+    }
+}
+
+#[inline(always)]
+fn origin_of<F: Family>(flow: &Flow<F>, from_outside: bool) -> lb::Origin<F> {
+    if from_outside {
+        lb::Origin::Wire(flow.saddr)
+    } else {
+        lb::Origin::Inside
+    }
+}
 
 /// `established` as a subprogram. An aggregate returned by value (such as
 /// the `CtLookup` itself) comes back as a pointer to the caller's stack in
@@ -82,7 +183,7 @@ fn established_split<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> TcOutcome {
 }
 
 /// A packet of a flow conntrack knows: translated as its entry says, or
-/// passed for the kernel's conntrack; NOT_TRACKED when no entry decides.
+/// passed for the kernel's conntrack; NEXT when no entry decides.
 #[inline(always)]
 fn established<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> TcOutcome {
     match conntrack::lookup(flow) {
@@ -104,13 +205,8 @@ fn established<F: Family>(ctx: &TcContext, flow: &Flow<F>) -> TcOutcome {
             }
         }
         CtLookup::Kernel => Outcome::counted(PASS, Reason::KernelFlowPassed),
-        CtLookup::Stale | CtLookup::Miss => Outcome::uncounted(NOT_TRACKED),
+        CtLookup::Stale | CtLookup::Miss => Outcome::uncounted(NEXT),
     }
-}
-
-#[inline(never)]
-fn new_flow_split<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> TcOutcome {
-    new_flow(ctx, flow, from_outside)
 }
 
 /// A packet no conntrack entry knows: to a frontend, or none of ours.
@@ -120,14 +216,14 @@ fn new_flow_split<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool
 /// so a TCP flow's later segments cost nothing more.
 #[inline(always)]
 fn new_flow<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> TcOutcome {
-    let origin = if from_outside {
-        lb::Origin::Wire(flow.saddr)
-    } else {
-        lb::Origin::Inside
-    };
-    match lb::lookup_frontend::<F>(flow.daddr, flow.dport, flow.proto, origin) {
+    match lb::lookup_frontend::<F>(
+        flow.daddr,
+        flow.dport,
+        flow.proto,
+        origin_of(flow, from_outside),
+    ) {
         Some(fe) => start_flow(ctx, flow, &fe, from_outside),
-        None if flow.may_open() && retire_reused(flow) => {
+        None if flow.may_open() && conntrack::retire_reused(flow) => {
             Outcome::counted(PASS, Reason::ReusedTupleRetired)
         }
         None => Outcome::uncounted(PASS),
@@ -139,32 +235,23 @@ fn retire_split<F: Family>(flow: &Flow<F>) -> bool {
     conntrack::retire_reused(flow)
 }
 
-#[inline(always)]
-fn retire_reused<F: Family>(flow: &Flow<F>) -> bool {
-    if F::SPLIT {
-        retire_split(flow)
-    } else {
-        conntrack::retire_reused(flow)
-    }
-}
-
-/// What `flow_split` gives when it wrote the packet's flow: not a tc action.
-const PARSED: i32 = i32::MIN + 2;
-
-/// `F::parse` as a subprogram for a split family: the parse's temporaries
-/// (the copied header, the `Parsed` enum) stay in its own frame, off the
-/// call chain of the steps after it. The flow is written through `out`; a
-/// packet with none gets its outcome (`ingress`: later fragments followed;
-/// otherwise every such packet is passed, uncounted).
+/// The IPv6 parse as a subprogram: its temporaries (the copied header, the
+/// `Parsed` enum) stay in its own frame. NEXT with the flow in the slot,
+/// LATER_FRAGMENT with the fragment's key there (`ingress` only), or what
+/// to do with a packet that has no flow (passed; counted at ingress when
+/// it may not be rewritten).
 #[inline(never)]
-fn flow_split<F: Family>(ctx: &TcContext, out: &mut Flow<F>, ingress: bool) -> TcOutcome {
-    match F::parse(ctx) {
+fn flow_split(ctx: &TcContext, s: &mut Scratch6, ingress: bool) -> TcOutcome {
+    match V6::parse(ctx) {
         Parsed::Flow(flow) => {
-            *out = flow;
-            Outcome::uncounted(PARSED)
+            s.flow = flow;
+            Outcome::uncounted(NEXT)
         }
         Parsed::Untouchable(reason) if ingress => Outcome::counted(PASS, reason),
-        Parsed::LaterFragment(key) if ingress => follow_first_fragment::<F>(ctx, &key),
+        Parsed::LaterFragment(key) if ingress => {
+            s.frag = key;
+            Outcome::uncounted(LATER_FRAGMENT)
+        }
         _ => Outcome::uncounted(PASS),
     }
 }
@@ -172,14 +259,6 @@ fn flow_split<F: Family>(ctx: &TcContext, out: &mut Flow<F>, ingress: bool) -> T
 /// One family's ingress path.
 #[inline(always)]
 fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
-    if F::SPLIT {
-        let mut flow = Flow::<F>::empty();
-        let parsed = flow_split(ctx, &mut flow, true);
-        if parsed.action != PARSED {
-            return parsed;
-        }
-        return tracked_or_new(ctx, &flow, from_outside);
-    }
     let flow = match F::parse(ctx) {
         Parsed::Other => return Outcome::uncounted(PASS),
         Parsed::Untouchable(reason) => return Outcome::counted(PASS, reason),
@@ -214,19 +293,11 @@ fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
 /// A TCP or UDP packet: translated as conntrack says, or as a new flow.
 #[inline(always)]
 fn tracked_or_new<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool) -> TcOutcome {
-    let known = if F::SPLIT {
-        established_split(ctx, flow)
-    } else {
-        established(ctx, flow)
-    };
-    if known.action != NOT_TRACKED {
+    let known = established(ctx, flow);
+    if known.action != NEXT {
         return known;
     }
-    if F::SPLIT {
-        new_flow_split(ctx, flow, from_outside)
-    } else {
-        new_flow(ctx, flow, from_outside)
-    }
+    new_flow(ctx, flow, from_outside)
 }
 
 /// Replies that the node's own stack sends: a flow translated at ingress to
@@ -239,38 +310,22 @@ fn tracked_or_new<F: Family>(ctx: &TcContext, flow: &Flow<F>, from_outside: bool
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> TcOutcome {
     match ctx.read::<[u8; 2]>(ETH_TYPE_OFF) {
-        #[cfg(not(feature = "ipv6"))]
-        Some(ETH_P_IP) => egress_of::<V4>(ctx),
-        #[cfg(feature = "ipv6")]
         Some(ETH_P_IP) => egress4(ctx),
-        #[cfg(feature = "ipv6")]
-        Some(crate::headers::ETH_P_IPV6) => egress6(ctx),
+        Some(ETH_P_IPV6) => egress6(ctx),
         _ => Outcome::uncounted(PASS),
     }
 }
 
 #[inline(always)]
 fn egress_of<F: Family>(ctx: &TcContext) -> TcOutcome {
-    let flow = if F::SPLIT {
-        let mut flow = Flow::<F>::empty();
-        if flow_split(ctx, &mut flow, false).action != PARSED {
-            return Outcome::uncounted(PASS);
-        }
-        flow
-    } else {
-        match F::parse(ctx) {
-            Parsed::Flow(flow) => flow,
-            _ => return Outcome::uncounted(PASS),
-        }
+    let flow = match F::parse(ctx) {
+        Parsed::Flow(flow) => flow,
+        _ => return Outcome::uncounted(PASS),
     };
     if !lb::is_node_address::<F>(flow.saddr) {
         return Outcome::uncounted(PASS);
     }
-    if F::SPLIT {
-        local_reply_split(ctx, &flow)
-    } else {
-        local_reply(ctx, &flow)
-    }
+    local_reply(ctx, &flow)
 }
 
 #[inline(never)]
@@ -369,6 +424,11 @@ fn remember_fragments<F: Family>(flow: &Flow<F>, to: &Target<F>, svc_id: u32, lo
     F::frag_insert(&F::frag_key(flow), &value);
 }
 
+#[inline(never)]
+fn follow_split<F: Family>(ctx: &TcContext, key: &F::FragKey) -> TcOutcome {
+    follow_first_fragment::<F>(ctx, key)
+}
+
 /// A later fragment gets the addresses its first fragment got; without a
 /// record of the first it is passed untouched and counted.
 #[inline(always)]
@@ -400,7 +460,6 @@ fn start_flow<F: Family>(
 ) -> TcOutcome {
     let opened = match opening::choose(flow, fe, from_outside) {
         Opening::Drop(reason) => Err(reason),
-        Opening::Reject if F::SPLIT => return reject_split(ctx, flow, fe),
         Opening::Reject => return reject(ctx, flow, fe),
         Opening::Open(mut c) => opening::record(flow, fe, &mut c)
             .and_then(|()| translate(ctx, flow, &c.to, c.svc_id, c.local_source)),

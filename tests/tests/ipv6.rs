@@ -135,7 +135,6 @@ fn spread(ns: &Netns, to: SocketAddr, client: IpAddr, n: usize) -> BTreeMap<Stri
 }
 
 #[test]
-#[ignore = "the IPv6 tc path is behind the service-ebpf ipv6 feature: its ingress call chain needs more than the verifier's 512 bytes of stack"]
 fn ipv6_cluster_ip_spreads_tcp_over_three_pods_and_answers_udp_from_the_service() {
     let f = Node6::new();
     let spec = format!("  clusterIP: '{VIP6}'\n  ipFamilies: [IPv6]\n");
@@ -186,7 +185,6 @@ fn ipv6_cluster_ip_spreads_tcp_over_three_pods_and_answers_udp_from_the_service(
 }
 
 #[test]
-#[ignore = "the IPv6 tc path is behind the service-ebpf ipv6 feature: its ingress call chain needs more than the verifier's 512 bytes of stack"]
 fn a_require_dual_stack_service_answers_on_both_cluster_ips() {
     let f = Node6::new();
     let spec = format!(
@@ -289,7 +287,6 @@ fn ipv6_neighbours_stay_reachable_with_the_programs_attached() {
 }
 
 #[test]
-#[ignore = "the IPv6 tc path is behind the service-ebpf ipv6 feature: its ingress call chain needs more than the verifier's 512 bytes of stack"]
 fn ipv6_node_port_from_outside_reaches_local_pods_and_keeps_the_client_address() {
     let mut f = Node6::new();
     f.topo.add_client().unwrap();
@@ -320,7 +317,6 @@ fn ipv6_node_port_from_outside_reaches_local_pods_and_keeps_the_client_address()
 }
 
 #[test]
-#[ignore = "the IPv6 tc path is behind the service-ebpf ipv6 feature: its ingress call chain needs more than the verifier's 512 bytes of stack"]
 fn an_ipv6_frontend_without_endpoints_refuses_tcp_and_udp_at_once() {
     let f = Node6::new();
     let vip: Ipv6Addr = "fd00:96::30".parse().unwrap();
