@@ -7,7 +7,7 @@ use service_common::*;
 use crate::{
     dataplane::cgroup::SocketLb,
     plan::{
-        ipnet_lite::{Ipv4Net, ParseNetError},
+        ipnet_lite::{IpNet, ParseNetError},
         maglev::{self, Balancing},
     },
     status,
@@ -208,18 +208,18 @@ pub struct RunArgs {
     /// is (anyone allowed to set spec.externalIPs could otherwise intercept
     /// traffic to any address, CVE-2020-8554).
     #[arg(long = "external-ip-allow", value_parser = parse_net)]
-    pub external_ip_allow: Vec<Ipv4Net>,
+    pub external_ip_allow: Vec<IpNet>,
     /// The ClusterIP range(s) of the cluster; a Service with a ClusterIP
     /// outside them is refused. Without it any address is accepted.
     #[arg(long = "service-cidr", value_parser = parse_net)]
-    pub service_cidrs: Vec<Ipv4Net>,
+    pub service_cidrs: Vec<IpNet>,
     /// The cluster's pod range(s), as kube-proxy's --cluster-cidr: traffic
     /// from them arriving on an external interface counts as inside the
     /// cluster, to which externalTrafficPolicy Local does not apply (it
     /// reaches the cluster-wide endpoints). Traffic from pod interfaces and
     /// from the node's own sockets always counts as inside.
     #[arg(long = "cluster-cidr", value_parser = parse_net)]
-    pub cluster_cidrs: Vec<Ipv4Net>,
+    pub cluster_cidrs: Vec<IpNet>,
     /// cgroup v2 directory whose processes' sockets (in this network
     /// namespace only) are translated at connect()/sendmsg() time: host
     /// processes reaching Services. Default: the cgroup2 mount from
@@ -408,7 +408,7 @@ pub enum Command {
     },
 }
 
-pub fn parse_net(s: &str) -> Result<Ipv4Net, ParseNetError> {
+pub fn parse_net(s: &str) -> Result<IpNet, ParseNetError> {
     s.parse()
 }
 

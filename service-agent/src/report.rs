@@ -1,6 +1,6 @@
 //! Reading the programmed state back from the pinned maps, for `list`,
 //! `stats` and `dump`: what the kernel has, not what the agent meant.
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::fmt::Write as _;
 
 use crate::dataplane::maps::AnyBackend;
 
@@ -72,7 +72,7 @@ pub fn programmed(t: &Tables, status: Option<&Status>) -> anyhow::Result<Vec<Pro
             affinity_timeout_s: (m.flags & SVC_F_AFFINITY != 0).then_some(m.affinity_timeout_s),
             source_ranges: ranges
                 .iter()
-                .map(|r| format!("{}/{}", Ipv4Addr::from(r.addr), r.prefix))
+                .map(|r| format!("{}/{}", r.addr, r.prefix))
                 .collect(),
             service: named.map(|n| n.service.clone()),
             port_name: named.map(|n| n.port_name.clone()),

@@ -36,7 +36,7 @@ pub struct RunConfig {
     /// Fixed node addresses; empty: every non-loopback IPv4 address of the namespace.
     pub node_ips: Vec<Ipv4Addr>,
     /// The cluster's pod ranges: sources inside the cluster on the wire.
-    pub cluster_cidrs: Vec<plan::ipnet_lite::Ipv4Net>,
+    pub cluster_cidrs: Vec<plan::ipnet_lite::IpNet>,
     /// The XDP fast path on the external interfaces.
     pub xdp: XdpMode,
     /// The cgroup whose sockets are translated at connect().

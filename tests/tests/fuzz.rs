@@ -20,7 +20,7 @@ use integration_tests::{
 };
 use service_agent::{
     dataplane::{IfaceRole, MapSizes},
-    plan::ipnet_lite::Ipv4Net,
+    plan::ipnet_lite::IpNet,
 };
 use service_common::{Reason, Verdict};
 
@@ -106,7 +106,7 @@ fn refused_by_test_run(pkt: &[u8]) -> bool {
 }
 
 /// The world's `--cluster-cidr` as the agent takes it.
-fn model_cidrs(w: &integration_tests::oracle::World) -> Vec<Ipv4Net> {
+fn model_cidrs(w: &integration_tests::oracle::World) -> Vec<IpNet> {
     w.cluster_cidrs
         .iter()
         .map(|(n, l)| format!("{}/{l}", Ipv4Addr::from(*n)).parse().unwrap())

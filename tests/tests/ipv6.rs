@@ -232,6 +232,63 @@ fn a_require_dual_stack_service_answers_on_both_cluster_ips() {
     }
 }
 
+/// An IPv6 LoadBalancer IP reached from outside the cluster: a client in
+/// `loadBalancerSourceRanges` is served (and seen with its own address, the
+/// backends being local), one outside them is dropped and counted.
+#[test]
+fn an_ipv6_load_balancer_ip_serves_only_its_source_ranges() {
+    let mut f = Node6::new();
+    f.topo.add_client().unwrap();
+    f.topo.add_client().unwrap();
+    let lb_ip: Ipv6Addr = "fd00:99::9".parse().unwrap();
+    let node6 = f.topo.nodes[0].ip6.unwrap();
+    let allowed = f.topo.clients[0].ip6.unwrap();
+    for c in &f.topo.clients {
+        c.ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &lb_ip.to_string(),
+            "via",
+            &node6.to_string(),
+        ])
+        .unwrap();
+    }
+    let spec = format!(
+        "  type: LoadBalancer\n  clusterIP: '{VIP6}'\n  \
+         loadBalancerSourceRanges: ['{allowed}/128', 192.0.2.0/24]\n"
+    );
+    let svc = service("lb6", &spec).replace(
+        "port: 80, targetPort: 8080}",
+        "port: 80, targetPort: 8080, nodePort: 30080}",
+    ) + &format!("status:\n  loadBalancer: {{ingress: [{{ip: '{lb_ip}'}}]}}\n---\n");
+    // The status belongs to the Service document, before its separator.
+    let svc = svc.replacen("---\nstatus:", "status:", 1);
+    f.dir
+        .write("svc.yaml", &(svc + &f.slice("lb6", "IPv6")))
+        .unwrap();
+    let agent = f.start_agent();
+    let frontend = format!("[{lb_ip}]:80/TCP");
+    agent
+        .wait_list("the IPv6 LoadBalancer IP", |l| listed(l, &frontend, 3))
+        .unwrap();
+    let to = SocketAddr::new(lb_ip.into(), 80);
+    let counts = spread(&f.topo.clients[0].ns, to, allowed.into(), 30);
+    assert!(
+        counts.len() >= 2 && counts.keys().all(|k| k.starts_with("web-")),
+        "{counts:?}"
+    );
+    let denied = f.topo.clients[1]
+        .ns
+        .within(move || traffic::tcp_ask(to, std::time::Duration::from_millis(500)))
+        .unwrap();
+    assert!(
+        denied.is_err(),
+        "a client outside the ranges got {denied:?}"
+    );
+    assert!(reason(&agent, "source_range_denied") >= 1);
+}
+
 /// `ping` once from `ns` to `to` after forgetting every neighbour, so the
 /// exchange needs neighbour discovery first.
 fn ping_fresh(ns: &Netns, to: Ipv6Addr) -> bool {

@@ -38,7 +38,9 @@ impl Contents {
             MAP_SERVICES => self.services.len(),
             MAP_BACKENDS => self.backends.len(),
             MAP_AFFINITY_MATCH => self.affinity_match.len(),
-            MAP_SOURCE_RANGES => self.source_ranges.len(),
+            MAP_SOURCE_RANGES | MAP_SOURCE_RANGES6 => (self.source_ranges.iter())
+                .filter(|r| r.map() == map)
+                .count(),
             MAP_NODE_ADDRS => self.node_addrs.len(),
             MAP_META => self.meta.len(),
             MAP_CONNTRACK => self.conntrack.len(),
@@ -213,7 +215,7 @@ impl Maps for FakeMaps {
             .is_some_and(|c| self.contents.entries(map) >= *c);
         if full && !self.contents.has(&e) {
             // A trie has no preallocated room: the kernel says ENOSPC there.
-            let errno = if map == MAP_SOURCE_RANGES {
+            let errno = if map == MAP_SOURCE_RANGES || map == MAP_SOURCE_RANGES6 {
                 libc::ENOSPC
             } else {
                 libc::E2BIG

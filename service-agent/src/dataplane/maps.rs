@@ -11,26 +11,52 @@ use service_common::*;
 
 use super::tables::Tables;
 
-/// One loadBalancerSourceRange of a frontend: a SOURCE_RANGES key.
+/// One loadBalancerSourceRange of a frontend (or one of the cluster's pod
+/// ranges): a SOURCE_RANGES or SOURCE_RANGES6 key, by the address's family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RangeKey {
     pub svc_id: u32,
-    /// The CIDR's prefix length (0..=32), not the trie's.
+    /// The CIDR's prefix length (0..=32 or 0..=128), not the trie's.
     pub prefix: u8,
     /// The network address.
-    pub addr: [u8; 4],
+    pub addr: IpAddr,
 }
 
 impl RangeKey {
+    // The tries match the svc_id (32 bits) before the source address.
     fn to_trie(self) -> Key<SourceRange> {
-        // The trie matches the svc_id (32 bits) before the source address.
+        let IpAddr::V4(a) = self.addr else {
+            unreachable!("an IPv6 range goes to SOURCE_RANGES6")
+        };
         Key::new(
             32 + self.prefix as u32,
             SourceRange {
                 svc_id: self.svc_id.to_be_bytes(),
-                addr: self.addr,
+                addr: a.octets(),
             },
         )
+    }
+
+    fn to_trie6(self) -> Key<SourceRange6> {
+        let IpAddr::V6(a) = self.addr else {
+            unreachable!("an IPv4 range goes to SOURCE_RANGES")
+        };
+        Key::new(
+            32 + self.prefix as u32,
+            SourceRange6 {
+                svc_id: self.svc_id.to_be_bytes(),
+                addr: a.octets(),
+            },
+        )
+    }
+
+    /// The trie the range goes to, by its pinned name.
+    pub fn map(&self) -> &'static str {
+        if self.addr.is_ipv6() {
+            MAP_SOURCE_RANGES6
+        } else {
+            MAP_SOURCE_RANGES
+        }
     }
 
     fn from_trie(k: &Key<SourceRange>) -> Self {
@@ -38,7 +64,16 @@ impl RangeKey {
         RangeKey {
             svc_id: u32::from_be_bytes(d.svc_id),
             prefix: k.prefix_len().saturating_sub(32) as u8,
-            addr: d.addr,
+            addr: Ipv4Addr::from(d.addr).into(),
+        }
+    }
+
+    fn from_trie6(k: &Key<SourceRange6>) -> Self {
+        let d = k.data();
+        RangeKey {
+            svc_id: u32::from_be_bytes(d.svc_id),
+            prefix: k.prefix_len().saturating_sub(32) as u8,
+            addr: Ipv6Addr::from(d.addr).into(),
         }
     }
 }
@@ -154,7 +189,7 @@ impl Entry {
             Entry::Backend(..) => MAP_BACKENDS,
             Entry::Backend6(..) => MAP_BACKENDS6,
             Entry::AffinityMatch(_) => MAP_AFFINITY_MATCH,
-            Entry::SourceRange(_) => MAP_SOURCE_RANGES,
+            Entry::SourceRange(r) => r.map(),
             Entry::NodeAddr(_) => MAP_NODE_ADDRS,
             Entry::NodeAddr6(_) => MAP_NODE_ADDRS6,
             Entry::Meta(..) => MAP_META,
@@ -170,7 +205,7 @@ impl EntryKey {
             EntryKey::Backend(_) => MAP_BACKENDS,
             EntryKey::Backend6(_) => MAP_BACKENDS6,
             EntryKey::AffinityMatch(_) => MAP_AFFINITY_MATCH,
-            EntryKey::SourceRange(_) => MAP_SOURCE_RANGES,
+            EntryKey::SourceRange(r) => r.map(),
             EntryKey::NodeAddr(_) => MAP_NODE_ADDRS,
             EntryKey::NodeAddr6(_) => MAP_NODE_ADDRS6,
             EntryKey::Conntrack(_) => MAP_CONNTRACK,
@@ -272,6 +307,9 @@ impl Maps for Tables {
             Entry::Backend(id, b) => self.backends.insert(id, b, 0),
             Entry::Backend6(id, b) => self.backends6.insert(id, b, 0),
             Entry::AffinityMatch(k) => self.affinity_match.insert(k, 1, 0),
+            Entry::SourceRange(r) if r.addr.is_ipv6() => {
+                self.source_ranges6.insert(&r.to_trie6(), 1, 0)
+            }
             Entry::SourceRange(r) => self.source_ranges.insert(&r.to_trie(), 1, 0),
             Entry::NodeAddr(a) => self.node_addrs.insert(a, 1, 0),
             Entry::NodeAddr6(a) => self.node_addrs6.insert(a, 1, 0),
@@ -286,6 +324,9 @@ impl Maps for Tables {
             EntryKey::Backend(id) => self.backends.remove(&id),
             EntryKey::Backend6(id) => self.backends6.remove(&id),
             EntryKey::AffinityMatch(k) => self.affinity_match.remove(&k),
+            EntryKey::SourceRange(r) if r.addr.is_ipv6() => {
+                self.source_ranges6.remove(&r.to_trie6())
+            }
             EntryKey::SourceRange(r) => self.source_ranges.remove(&r.to_trie()),
             EntryKey::NodeAddr(a) => self.node_addrs.remove(&a),
             EntryKey::NodeAddr6(a) => self.node_addrs6.remove(&a),
@@ -342,10 +383,12 @@ impl Maps for Tables {
     }
 
     fn source_ranges(&self) -> Result<Vec<RangeKey>, MapError> {
-        self.source_ranges
+        let v4 = self
+            .source_ranges
             .keys()
-            .map(|k| k.map(|k| RangeKey::from_trie(&k)))
-            .collect()
+            .map(|k| k.map(|k| RangeKey::from_trie(&k)));
+        let v6 = (self.source_ranges6.keys()).map(|k| k.map(|k| RangeKey::from_trie6(&k)));
+        v4.chain(v6).collect()
     }
 
     fn maglev_tables(&self) -> Result<BTreeMap<u32, StoredTable>, MapError> {

@@ -61,7 +61,7 @@ pub enum FieldError {
         "{0} is not in an --external-ip-allow range; not programmed \
          (externalIPs are refused by default, CVE-2020-8554)"
     )]
-    ExternalIpNotAllowed(std::net::Ipv4Addr),
+    ExternalIpNotAllowed(std::net::IpAddr),
     #[error("frontend {key} is already used by Service {other}; Service not programmed")]
     FrontendTaken { key: FrontendKey, other: String },
     /// An EndpointSlice labelled with a Service that does not exist.

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::{
     model::SERVICE_NAME_LABEL,
-    plan::{compile_after, ipnet_lite::Ipv4Net},
+    plan::{compile_after, ipnet_lite::IpNet},
 };
 
 /// Seeded, so a failing seed can be replayed.
@@ -152,12 +152,12 @@ fn random_node(r: &mut Rng) -> NodeContext {
     NodeContext {
         name: r.chance(80).then(|| "node-1".to_string()),
         external_ip_allow: if r.chance(50) {
-            vec!["192.0.2.0/24".parse::<Ipv4Net>().unwrap()]
+            vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]
         } else {
             vec![]
         },
         service_cidrs: if r.chance(30) {
-            vec!["10.96.0.0/16".parse::<Ipv4Net>().unwrap()]
+            vec!["10.96.0.0/16".parse::<IpNet>().unwrap()]
         } else {
             vec![]
         },

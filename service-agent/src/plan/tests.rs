@@ -824,6 +824,117 @@ endpoints:
     );
 }
 
+/// A dual-stack LoadBalancer with an IPv6 externalIP and ingress IP.
+const DS_LB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  clusterIPs: [10.96.0.50, 'fd00:96::50']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  externalIPs: ['2001:db8:7::7', 203.0.113.7]
+  loadBalancerSourceRanges: [192.0.2.0/24, '2001:db8:1::/48']
+  ports: [{port: 443, nodePort: 30443}]
+status:
+  loadBalancer: {ingress: [{ip: 203.0.113.9}, {ip: '2001:db8:9::9'}]}
+"#;
+
+fn ranges_of(p: &Plan, k: FrontendKey) -> Vec<String> {
+    p.frontends[&k]
+        .source_ranges
+        .iter()
+        .map(|n| n.to_string())
+        .collect()
+}
+
+#[test]
+fn ipv6_external_and_load_balancer_ips_are_served_with_their_familys_ranges() {
+    let node = NodeContext {
+        external_ip_allow: vec![
+            "203.0.113.0/24".parse().unwrap(),
+            "2001:db8:7::/48".parse().unwrap(),
+        ],
+        ..Default::default()
+    };
+    let p = plan_for(DS_LB, &node);
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    for (addr, kind) in [
+        ("2001:db8:7::7", FrontendKind::ExternalIp),
+        ("203.0.113.7", FrontendKind::ExternalIp),
+        ("203.0.113.9", FrontendKind::LoadBalancer),
+        ("2001:db8:9::9", FrontendKind::LoadBalancer),
+    ] {
+        assert_eq!(
+            p.frontends[&key(addr, 443, Protocol::Tcp)].kind,
+            kind,
+            "{addr}"
+        );
+    }
+    // Each LoadBalancer IP checks the ranges of its own family.
+    let lb4 = ranges_of(&p, key("203.0.113.9", 443, Protocol::Tcp));
+    assert_eq!(lb4, ["192.0.2.0/24"]);
+    let lb6 = ranges_of(&p, key("2001:db8:9::9", 443, Protocol::Tcp));
+    assert_eq!(lb6, ["2001:db8:1::/48"]);
+    // Only IPv4 ranges: no IPv6 client passes (a range nobody is in), not all.
+    let only4 = plan_for(&DS_LB.replace(", '2001:db8:1::/48'", ""), &node);
+    let lb6 = ranges_of(&only4, key("2001:db8:9::9", 443, Protocol::Tcp));
+    assert_eq!(lb6, ["::/128"]);
+    // An IPv6 externalIP outside the allow-list is named, the rest served.
+    let narrow = NodeContext {
+        external_ip_allow: vec!["203.0.113.0/24".parse().unwrap()],
+        ..Default::default()
+    };
+    let p = plan_for(DS_LB, &narrow);
+    assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+    assert_eq!(p.problems[0].field, "spec.externalIPs[0]");
+    assert!(p.problems[0].message.contains("CVE-2020-8554"));
+    assert!(
+        p.frontends
+            .contains_key(&key("203.0.113.7", 443, Protocol::Tcp))
+    );
+    // A bad IPv6 range refuses the Service, naming it.
+    let bad = plan_for(&DS_LB.replace("2001:db8:1::/48", "2001:db8:1::/129"), &node);
+    assert!(bad.refused.contains("default/lb"));
+    assert_eq!(bad.problems[0].field, "spec.loadBalancerSourceRanges[1]");
+}
+
+#[test]
+fn ipv6_cluster_ips_are_checked_against_the_ipv6_service_range() {
+    let node = NodeContext {
+        service_cidrs: vec![
+            "10.96.0.0/16".parse().unwrap(),
+            "fd00:96::/108".parse().unwrap(),
+        ],
+        ..Default::default()
+    };
+    let spec = "{clusterIP: 'fd00:96::10', ports: [{port: 80, targetPort: 8080}]}";
+    assert_eq!(plan_for(&ds(spec), &node).frontends.len(), 1);
+    let p = plan_for(&ds(&spec.replace("fd00:96::10", "fd00:97::10")), &node);
+    assert!(p.frontends.is_empty());
+    assert_eq!(p.problems[0].field, "spec.clusterIP");
+    assert!(
+        p.problems[0]
+            .message
+            .contains("outside the service range fd00:96::/108"),
+        "{}",
+        p.problems[0]
+    );
+    // Only IPv4 ranges given: IPv6 ClusterIPs are not range-checked.
+    let v4_only = NodeContext {
+        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+        ..Default::default()
+    };
+    assert_eq!(
+        plan_for(&ds(&spec.replace("fd00:96::10", "fd00:97::10")), &v4_only)
+            .frontends
+            .len(),
+        1
+    );
+}
+
 #[test]
 fn external_ips_are_refused_without_an_allow_list() {
     let p = plan(NODEPORT);

@@ -143,7 +143,7 @@ pub struct FrontendPlan {
     pub reject_when_empty: bool,
     /// New flows only from these sources (loadBalancerSourceRanges, on
     /// LoadBalancer ingress IPs); empty: from anywhere.
-    pub source_ranges: Vec<ipnet_lite::Ipv4Net>,
+    pub source_ranges: Vec<ipnet_lite::IpNet>,
 }
 
 /// A Service the dataplane deliberately leaves alone, and why.
@@ -205,10 +205,10 @@ pub struct NodeContext {
     /// Only externalIPs inside these ranges are programmed; none without
     /// any: whoever may set `spec.externalIPs` could otherwise intercept
     /// traffic to any address (CVE-2020-8554).
-    pub external_ip_allow: Vec<ipnet_lite::Ipv4Net>,
+    pub external_ip_allow: Vec<ipnet_lite::IpNet>,
     /// The ranges ClusterIPs are allocated from (`--service-cluster-ip-range`);
     /// empty: any address is accepted.
-    pub service_cidrs: Vec<ipnet_lite::Ipv4Net>,
+    pub service_cidrs: Vec<ipnet_lite::IpNet>,
     /// The node's `topology.kubernetes.io/zone`, for topology hints.
     pub zone: Option<String>,
 }

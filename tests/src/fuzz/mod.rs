@@ -6,7 +6,7 @@ pub mod generate;
 
 use std::net::Ipv4Addr;
 
-use service_agent::plan::{FrontendKey, FrontendKind, Plan, Protocol, ipnet_lite::Ipv4Net};
+use service_agent::plan::{FrontendKey, FrontendKind, Plan, Protocol, ipnet_lite::IpNet};
 
 use crate::{
     bpf::{self, FibNamespace},
@@ -198,7 +198,7 @@ pub fn plan(w: &World) -> Plan {
             .iter()
             .map(|(n, l)| {
                 format!("{}/{l}", Ipv4Addr::from(*n))
-                    .parse::<Ipv4Net>()
+                    .parse::<IpNet>()
                     .unwrap()
             })
             .collect();

@@ -82,7 +82,7 @@ fn transition(
 ) -> Result<(), Failed> {
     let svc_id = to.svc_id;
     for r in to.ranges.difference(&cur.ranges.clone()) {
-        step(MAP_SOURCE_RANGES, t.insert(Entry::SourceRange(*r)))?;
+        step(r.map(), t.insert(Entry::SourceRange(*r)))?;
         cur.ranges.insert(*r);
     }
     for id in to.members.difference(&cur.members.clone()) {
@@ -122,7 +122,7 @@ fn transition(
         cur.maglev = None;
     }
     for r in cur.ranges.clone().difference(&to.ranges) {
-        step(MAP_SOURCE_RANGES, t.remove(EntryKey::SourceRange(*r)))?;
+        step(r.map(), t.remove(EntryKey::SourceRange(*r)))?;
         cur.ranges.remove(r);
     }
     let surplus: Vec<u16> = cur
@@ -210,7 +210,7 @@ fn desired(
             .map(|n| RangeKey {
                 svc_id,
                 prefix: n.prefix,
-                addr: n.network().octets(),
+                addr: n.network(),
             })
             .collect(),
         maglev,

@@ -12,7 +12,7 @@ use service_common::*;
 use super::Writer;
 use crate::{
     dataplane::maps::{Entry, EntryKey, Maps, RangeKey},
-    plan::ipnet_lite::Ipv4Net,
+    plan::ipnet_lite::IpNet,
 };
 
 impl Writer {
@@ -74,13 +74,13 @@ impl Writer {
     }
 
     /// Keeps the cluster's pod ranges (`--cluster-cidr`) equal to `cidrs`.
-    pub fn set_cluster_cidrs(&self, t: &mut impl Maps, cidrs: &[Ipv4Net]) -> Result<(), MapError> {
+    pub fn set_cluster_cidrs(&self, t: &mut impl Maps, cidrs: &[IpNet]) -> Result<(), MapError> {
         let want: BTreeSet<RangeKey> = cidrs
             .iter()
             .map(|n| RangeKey {
                 svc_id: CLUSTER_CIDRS_ID,
                 prefix: n.prefix,
-                addr: n.network().octets(),
+                addr: n.network(),
             })
             .collect();
         let have: BTreeSet<RangeKey> = (t.source_ranges()?.into_iter())

@@ -11,13 +11,13 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{Ctx, FieldError, FrontendList, Refusal};
+use super::{Ctx, FieldError, FrontendList, Refusal, external};
 use crate::{
     model::Sourced,
     plan::{
         endpoints::{self, Chosen, TrafficPolicy},
         error::MAX_PORT,
-        ipnet_lite::Ipv4Net,
+        ipnet_lite::IpNet,
         slices::{port_endpoints, port_u16},
         types::Protocol,
         types::{Family, FrontendKey, FrontendKind, FrontendPlan, HealthCheck, NodeContext},
@@ -57,12 +57,18 @@ pub(super) struct Frontends {
     pub external_addrs: Vec<(IpAddr, FrontendKind)>,
     pub affinity: Option<u32>,
     /// For LoadBalancer ingress IPs only.
-    pub source_ranges: Vec<Ipv4Net>,
+    pub source_ranges: Vec<IpNet>,
     pub policy: TrafficPolicy,
 }
 
 impl Frontends {
-    fn plan(&self, port_name: &str, kind: FrontendKind, chosen: &Chosen) -> FrontendPlan {
+    fn plan(
+        &self,
+        addr: IpAddr,
+        port_name: &str,
+        kind: FrontendKind,
+        chosen: &Chosen,
+    ) -> FrontendPlan {
         let internal = kind == FrontendKind::ClusterIp;
         // Without any endpoint every source is refused alike: no short-circuit.
         let short_circuit = !internal && self.policy.external_local && chosen.has_any;
@@ -79,7 +85,7 @@ impl Frontends {
             affinity_timeout_s: self.affinity,
             reject_when_empty: !chosen.has_any,
             source_ranges: if kind == FrontendKind::LoadBalancer {
-                self.source_ranges.clone()
+                external::ranges_for(&self.source_ranges, addr.is_ipv6())
             } else {
                 vec![]
             },
@@ -135,17 +141,18 @@ pub(super) fn frontends(
             let key = |addr, port| FrontendKey { addr, port, proto };
             out.push((
                 key(*cluster_ip, port),
-                service.plan(&port_name, FrontendKind::ClusterIp, &chosen),
+                service.plan(*cluster_ip, &port_name, FrontendKind::ClusterIp, &chosen),
             ));
             if let Some(np) = node_port {
                 out.push((
                     key(family.unspecified(), np),
-                    service.plan(&port_name, FrontendKind::NodePort, &chosen),
+                    service.plan(*cluster_ip, &port_name, FrontendKind::NodePort, &chosen),
                 ));
             }
             let external = service.external_addrs.iter();
             for (addr, kind) in external.filter(|(a, _)| Family::of(*a) == family) {
-                out.push((key(*addr, port), service.plan(&port_name, *kind, &chosen)));
+                let plan = service.plan(*addr, &port_name, *kind, &chosen);
+                out.push((key(*addr, port), plan));
             }
         }
     }

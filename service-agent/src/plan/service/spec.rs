@@ -60,32 +60,47 @@ fn field_of(i: usize) -> String {
 
 /// `ip` as a ClusterIP of its family, or why it cannot be one.
 fn check_cluster_ip(ip: &str, node: &NodeContext) -> Result<IpAddr, FieldError> {
-    let not_service = || FieldError::NotAServiceAddress(ip.into());
     match ip.parse::<IpAddr>() {
         Ok(IpAddr::V4(a)) => check_v4(ip, a, node),
-        Ok(IpAddr::V6(a)) => check_v6(a).ok_or_else(not_service),
+        Ok(IpAddr::V6(a)) => check_v6(ip, a, node),
         Err(_) => Err(FieldError::NotAnAddress(ip.into())),
     }
 }
 
-fn check_v4(ip: &str, a: Ipv4Addr, node: &NodeContext) -> Result<IpAddr, FieldError> {
-    if !node.service_cidrs.is_empty() && !node.service_cidrs.iter().any(|n| n.contains(a)) {
-        let ranges: Vec<String> = node.service_cidrs.iter().map(|n| n.to_string()).collect();
-        return Err(FieldError::OutsideServiceRange {
-            ip: ip.into(),
-            ranges: ranges.join(", "),
-        });
+/// `ip` must be in a `--service-cluster-ip-range` of its family, when
+/// that flag names any.
+fn check_range(ip: &str, a: IpAddr, node: &NodeContext) -> Result<(), FieldError> {
+    let mut ranges = node
+        .service_cidrs
+        .iter()
+        .filter(|n| n.is_ipv6() == a.is_ipv6());
+    if ranges.clone().next().is_none() || ranges.any(|n| n.contains(a)) {
+        return Ok(());
     }
+    let of_family: Vec<String> = (node.service_cidrs.iter())
+        .filter(|n| n.is_ipv6() == a.is_ipv6())
+        .map(|n| n.to_string())
+        .collect();
+    Err(FieldError::OutsideServiceRange {
+        ip: ip.into(),
+        ranges: of_family.join(", "),
+    })
+}
+
+fn check_v4(ip: &str, a: Ipv4Addr, node: &NodeContext) -> Result<IpAddr, FieldError> {
+    check_range(ip, a.into(), node)?;
     if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
         return Err(FieldError::NotAServiceAddress(ip.into()));
     }
     Ok(IpAddr::V4(a))
 }
 
-/// `--service-cluster-ip-range` takes IPv4 ranges only, so IPv6
-/// ClusterIPs are checked for being unicast, not for their range.
-fn check_v6(a: Ipv6Addr) -> Option<IpAddr> {
-    (!a.is_unspecified() && !a.is_multicast() && !a.is_loopback()).then_some(IpAddr::V6(a))
+fn check_v6(ip: &str, a: Ipv6Addr, node: &NodeContext) -> Result<IpAddr, FieldError> {
+    check_range(ip, a.into(), node)?;
+    if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+        return Err(FieldError::NotAServiceAddress(ip.into()));
+    }
+    Ok(IpAddr::V6(a))
 }
 
 pub(super) fn read<'a>(ctx: &mut Ctx<'a>, node: &NodeContext) -> Result<Read<'a>, Refusal> {

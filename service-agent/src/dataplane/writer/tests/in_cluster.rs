@@ -166,11 +166,11 @@ fn a_failed_write_of_either_set_is_named_and_retried() {
 #[test]
 fn cluster_cidrs_are_kept_under_their_id_and_survive_adoption() {
     let range = |s: &str| {
-        let n: crate::plan::ipnet_lite::Ipv4Net = s.parse().unwrap();
+        let n: crate::plan::ipnet_lite::IpNet = s.parse().unwrap();
         RangeKey {
             svc_id: CLUSTER_CIDRS_ID,
             prefix: n.prefix,
-            addr: n.network().octets(),
+            addr: n.network(),
         }
     };
     let fk = tcp(1);
