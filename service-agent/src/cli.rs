@@ -204,16 +204,17 @@ pub struct RunArgs {
     /// Addresses NodePorts answer on (default: every non-loopback IPv4 address here).
     #[arg(long = "node-ip")]
     pub node_ips: Vec<Ipv4Addr>,
-    /// Only externalIPs inside these CIDRs are programmed; without it none
+    /// Only externalIPs inside these CIDRs (IPv4 or IPv6) are programmed; without it none
     /// is (anyone allowed to set spec.externalIPs could otherwise intercept
     /// traffic to any address, CVE-2020-8554).
     #[arg(long = "external-ip-allow", value_parser = parse_net)]
     pub external_ip_allow: Vec<IpNet>,
-    /// The ClusterIP range(s) of the cluster; a Service with a ClusterIP
-    /// outside them is refused. Without it any address is accepted.
+    /// The ClusterIP range(s) of the cluster, of either family; a ClusterIP
+    /// outside the ranges of its family is refused. A family without a
+    /// range here is not checked.
     #[arg(long = "service-cidr", value_parser = parse_net)]
     pub service_cidrs: Vec<IpNet>,
-    /// The cluster's pod range(s), as kube-proxy's --cluster-cidr: traffic
+    /// The cluster's pod range(s) of either family, as kube-proxy's --cluster-cidr: traffic
     /// from them arriving on an external interface counts as inside the
     /// cluster, to which externalTrafficPolicy Local does not apply (it
     /// reaches the cluster-wide endpoints). Traffic from pod interfaces and
