@@ -79,14 +79,14 @@ pub fn parse<P: Packet>(
     })
 }
 
-pub enum IcmpVerdict {
+pub enum IcmpVerdict<A = [u8; 4]> {
     NotOurs,
     /// `local_source`: the error now comes from one of this node's
     /// addresses (a NodePort), so it goes to its next hop directly.
     Translated {
         svc_id: u32,
-        source: [u8; 4],
-        client: [u8; 4],
+        source: A,
+        client: A,
         local_source: bool,
     },
     Failed(Reason),

@@ -11,6 +11,7 @@ mod flood;
 mod forward;
 mod headers;
 mod icmp;
+mod icmp6;
 mod lb;
 mod maps;
 mod nat;

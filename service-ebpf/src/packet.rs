@@ -8,6 +8,7 @@ use crate::{
     family::{Family, V4},
     headers::*,
     icmp::{self, IcmpError},
+    icmp6::Icmp6Error,
 };
 
 /// A TCP or UDP packet of family `F`, as the dataplane needs to see it.
@@ -71,8 +72,10 @@ pub enum Parsed<F: Family> {
     /// A packet the dataplane must not rewrite; passed on, counted.
     Untouchable(Reason),
     Flow(Flow<F>),
-    /// An ICMP error quoting a TCP/UDP packet (IPv4 only so far).
+    /// An ICMP error quoting a TCP/UDP packet.
     IcmpError(IcmpError),
+    /// The same over IPv6.
+    Icmp6Error(Icmp6Error),
     /// A fragment after the first: no L4 header.
     LaterFragment(F::FragKey),
 }

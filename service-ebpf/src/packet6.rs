@@ -1,16 +1,17 @@
 //! Reading an IPv6 TCP or UDP packet into a `Flow`: the fixed header, then
 //! the extension headers a router or host may put before the upper layer
 //! (hop-by-hop, routing, destination options, fragment), walked a bounded
-//! number of times so the verifier sees a fixed cost. ICMPv6 is never the
-//! dataplane's business here: neighbour discovery, router advertisements
-//! and MLD go on untouched and uncounted.
+//! number of times so the verifier sees a fixed cost. Of ICMPv6 only errors
+//! quoting TCP/UDP are read (`icmp6.rs`): neighbour discovery, router
+//! advertisements and MLD go on untouched and uncounted.
 use network_types::ip::Ipv6Hdr;
-use service_common::{FragKey6, IPPROTO_TCP, IPPROTO_UDP, Reason};
+use service_common::{FragKey6, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
 use crate::{
     access::Packet,
     family::V6,
     headers::*,
+    icmp6,
     packet::{Flow, Parsed},
 };
 
@@ -96,6 +97,12 @@ pub fn parse<P: Packet>(ctx: &P) -> Parsed<V6> {
     }
     if is_extension(next) {
         return Parsed::Untouchable(Reason::Ipv6ExtChainTooLong);
+    }
+    if next == IPPROTO_ICMPV6 && frag.is_none() {
+        return match icmp6::parse(ctx, (ip.src_addr, ip.dst_addr), off, ip_end) {
+            Some(e) => Parsed::Icmp6Error(e),
+            None => Parsed::Other,
+        };
     }
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Parsed::Other;

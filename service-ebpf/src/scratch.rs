@@ -11,12 +11,14 @@
 //! packets at once; ingress and egress have a slot each all the same.
 use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
 
-use crate::{family::V6, lb::Frontend, opening::Choice, packet::Flow};
+use crate::{family::V6, icmp6::Icmp6Error, lb::Frontend, opening::Choice, packet::Flow};
 
 pub struct Scratch6 {
     pub flow: Flow<V6>,
     /// A later fragment's key, when the parse found one.
     pub frag: <V6 as crate::family::Family>::FragKey,
+    /// An ICMPv6 error quoting a flow, when the parse found one.
+    pub icmp: Icmp6Error,
     pub fe: Frontend<V6>,
     pub choice: Choice<V6>,
 }

@@ -7,7 +7,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use service_common::{
-    CT_F_LOCAL_SOURCE, FragValueOf, IPPROTO_ICMP, IPPROTO_TCP, Reason, SVC_F_REJECT_EMPTY,
+    CT_F_LOCAL_SOURCE, FragValueOf, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, Reason,
+    SVC_F_REJECT_EMPTY,
 };
 
 use crate::{
@@ -17,6 +18,7 @@ use crate::{
     forward,
     headers::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ETH_TYPE_OFF},
     icmp::{self, IcmpVerdict},
+    icmp6::{self, Icmp6Error},
     lb::{self, Frontend},
     nat::{self, Target},
     opening::{self, Choice, Opening},
@@ -64,6 +66,8 @@ const NEXT: i32 = i32::MIN + 1;
 const LATER_FRAGMENT: i32 = i32::MIN + 2;
 /// `choose_split`: the frontend has no backend at all.
 const REJECT: i32 = i32::MIN + 3;
+/// `flow_split`: an ICMPv6 error quoting TCP/UDP, in the scratch slot.
+const ICMP_ERROR: i32 = i32::MIN + 4;
 
 /// IPv6 ingress: the steps of `ingress_of` and `start_flow`, each a
 /// subprogram of its own, on state kept in this CPU's scratch slot.
@@ -76,6 +80,7 @@ fn ingress6(ctx: &TcContext, from_outside: bool) -> TcOutcome {
     match parsed.action {
         NEXT => {}
         LATER_FRAGMENT => return follow_split::<V6>(ctx, &s.frag),
+        ICMP_ERROR => return icmp6_split(ctx, &s.icmp),
         _ => return parsed,
     }
     let known = established_split(ctx, &s.flow);
@@ -252,6 +257,10 @@ fn flow_split(ctx: &TcContext, s: &mut Scratch6, ingress: bool) -> TcOutcome {
             s.frag = key;
             Outcome::uncounted(LATER_FRAGMENT)
         }
+        Parsed::Icmp6Error(e) if ingress => {
+            s.icmp = e;
+            Outcome::uncounted(ICMP_ERROR)
+        }
         _ => Outcome::uncounted(PASS),
     }
 }
@@ -265,29 +274,42 @@ fn ingress_of<F: Family>(ctx: &TcContext, from_outside: bool) -> TcOutcome {
         Parsed::Flow(flow) => flow,
         Parsed::LaterFragment(key) => return follow_first_fragment::<F>(ctx, &key),
         Parsed::IcmpError(e) => {
-            return match icmp::translate(ctx, &e) {
-                IcmpVerdict::NotOurs => Outcome::uncounted(PASS),
-                IcmpVerdict::Translated {
-                    svc_id,
-                    source,
-                    client,
-                    local_source,
-                } => {
-                    count_packet(svc_id, ctx.len());
-                    // From a node address, IP input would drop it as a martian.
-                    let action = if local_source {
-                        let ip_len = ctx.size().saturating_sub(ETH_HLEN) as u16;
-                        forward::to_next_hop::<V4>(ctx, source, client, IPPROTO_ICMP, ip_len)
-                    } else {
-                        PASS
-                    };
-                    Outcome::counted(action, Reason::IcmpErrorTranslated)
-                }
-                IcmpVerdict::Failed(reason) => Outcome::counted(DROP, reason),
-            };
+            return icmp_outcome::<V4>(ctx, icmp::translate(ctx, &e), IPPROTO_ICMP);
         }
+        Parsed::Icmp6Error(_) => return Outcome::uncounted(PASS),
     };
     tracked_or_new(ctx, &flow, from_outside)
+}
+
+/// What an ICMP error's translation comes to; `proto` is the error's own
+/// (ICMP or ICMPv6), for the route it takes from a node address.
+#[inline(always)]
+fn icmp_outcome<F: Family>(ctx: &TcContext, v: IcmpVerdict<F::Addr>, proto: u8) -> TcOutcome {
+    match v {
+        IcmpVerdict::NotOurs => Outcome::uncounted(PASS),
+        IcmpVerdict::Translated {
+            svc_id,
+            source,
+            client,
+            local_source,
+        } => {
+            count_packet(svc_id, ctx.len());
+            // From a node address, IP input would drop it as a martian.
+            let action = if local_source {
+                let ip_len = ctx.size().saturating_sub(ETH_HLEN) as u16;
+                forward::to_next_hop::<F>(ctx, source, client, proto, ip_len)
+            } else {
+                PASS
+            };
+            Outcome::counted(action, Reason::IcmpErrorTranslated)
+        }
+        IcmpVerdict::Failed(reason) => Outcome::counted(DROP, reason),
+    }
+}
+
+#[inline(never)]
+fn icmp6_split(ctx: &TcContext, e: &Icmp6Error) -> TcOutcome {
+    icmp_outcome::<V6>(ctx, icmp6::translate(ctx, e), IPPROTO_ICMPV6)
 }
 
 /// A TCP or UDP packet: translated as conntrack says, or as a new flow.

@@ -289,6 +289,55 @@ fn an_ipv6_load_balancer_ip_serves_only_its_source_ranges() {
     assert!(reason(&agent, "source_range_denied") >= 1);
 }
 
+/// A backend's ICMPv6 error about a translated flow reaches the client as
+/// if the ClusterIP had sent it: UDP to a backend port nothing listens on
+/// makes the backend answer "port unreachable" quoting the translated
+/// datagram, and the client's connected socket, which only knows the
+/// ClusterIP, sees ECONNREFUSED at once instead of silence.
+#[test]
+fn an_icmpv6_error_from_a_backend_is_translated_back_to_the_cluster_ip() {
+    let f = Node6::new();
+    let spec = format!("  clusterIP: '{VIP6}'\n");
+    // The UDP port's endpoints are on 9999, where no pod listens.
+    let slice = f
+        .slice("web6", "IPv6")
+        .replace("port: 8080, protocol: UDP", "port: 9999, protocol: UDP");
+    f.dir
+        .write("svc.yaml", &(service("web6", &spec) + &slice))
+        .unwrap();
+    let agent = f.start_agent();
+    agent
+        .wait_list("the IPv6 UDP frontend", |l| {
+            l.lines().any(|l| {
+                l.starts_with(&format!("[{VIP6}]:53/UDP")) && l.matches(":9999").count() == 3
+            })
+        })
+        .unwrap();
+    let client = f.topo.pod("client");
+    let to = SocketAddr::new(VIP6.into(), 53);
+    let got = client
+        .ns
+        .within(move || {
+            let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+            s.connect(to).unwrap();
+            s.set_read_timeout(Some(T)).unwrap();
+            s.send(b"hello").unwrap();
+            let mut buf = [0u8; 64];
+            let started = Instant::now();
+            (s.recv(&mut buf).map(|_| ()), started.elapsed())
+        })
+        .unwrap();
+    assert!(
+        got.0
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "the client's socket saw {:?}",
+        got.0
+    );
+    assert!(got.1 < Duration::from_secs(1), "refused after {:?}", got.1);
+    assert!(reason(&agent, "icmp_error_translated") >= 1);
+}
+
 /// `ping` once from `ns` to `to` after forgetting every neighbour, so the
 /// exchange needs neighbour discovery first.
 fn ping_fresh(ns: &Netns, to: Ipv6Addr) -> bool {
