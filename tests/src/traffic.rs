@@ -274,11 +274,12 @@ impl UdpFlow {
 /// One UDP request of `size` bytes (fragmented when larger than the MTU);
 /// the server answers with as many bytes. Returns the reply and its length.
 pub fn udp_ask_big(
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     size: usize,
     timeout: Duration,
 ) -> std::io::Result<(Reply, usize)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    let to = to.into();
+    let s = UdpSocket::bind(if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
     s.connect(to)?;
     s.set_read_timeout(Some(timeout))?;
     let mut msg = b"BIG".to_vec();

@@ -338,6 +338,47 @@ fn an_icmpv6_error_from_a_backend_is_translated_back_to_the_cluster_ip() {
     assert!(reason(&agent, "icmp_error_translated") >= 1);
 }
 
+/// 4000-byte UDP datagrams over IPv6 leave the client in fragments (the
+/// fragment header); the first picks a backend, the later ones follow it,
+/// and the reply comes back whole, fragmented the other way.
+#[test]
+fn large_ipv6_udp_datagrams_are_fragmented_and_reach_one_backend_whole() {
+    let f = Node6::new();
+    let spec = format!("  clusterIP: '{VIP6}'\n");
+    f.dir
+        .write(
+            "svc.yaml",
+            &(service("web6", &spec) + &f.slice("web6", "IPv6")),
+        )
+        .unwrap();
+    let agent = f.start_agent();
+    agent
+        .wait_list("the IPv6 frontend", |l| {
+            listed(l, &format!("[{VIP6}]:53/UDP"), 3)
+        })
+        .unwrap();
+    let to = SocketAddr::new(VIP6.into(), 53);
+    let results = f
+        .topo
+        .pod("client")
+        .ns
+        .within(move || {
+            (0..20)
+                .map(|_| traffic::udp_ask_big(to, 4000, T))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let mut servers = BTreeSet::new();
+    for r in results {
+        let (reply, len) = r.expect("a 4000-byte datagram over IPv6 and a 4000-byte reply");
+        assert_eq!(len, 4000);
+        servers.insert(reply.server);
+    }
+    assert!(servers.len() >= 2, "{servers:?}");
+    // At 1500 bytes of MTU each 4000-byte datagram is 3 fragments each way.
+    assert!(reason(&agent, "fragment_translated") >= 40);
+}
+
 /// `ping` once from `ns` to `to` after forgetting every neighbour, so the
 /// exchange needs neighbour discovery first.
 fn ping_fresh(ns: &Netns, to: Ipv6Addr) -> bool {
