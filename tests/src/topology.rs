@@ -60,6 +60,8 @@ pub struct Topology {
     // Field order is drop order: pods and hosts go before the segment.
     pub pods: Vec<Pod>,
     pub clients: Vec<Client>,
+    /// Routers between the segment and clients behind them.
+    routers: Vec<Netns>,
     pub nodes: Vec<Node>,
     lan: Netns,
     lan_ports: usize,
@@ -76,6 +78,7 @@ impl Topology {
             tag,
             pods: vec![],
             clients: vec![],
+            routers: vec![],
             nodes: vec![],
             lan,
             lan_ports: 0,
@@ -295,6 +298,97 @@ impl Topology {
         let ip6 = self.dual_stack.then(|| lan6(100 + k as u8));
         self.clients.push(Client { ns, ip, ip6 });
         Ok(k - 1)
+    }
+
+    /// Adds a host outside the cluster behind a router on the nodes'
+    /// segment (dual-stack topologies): the host is 10.<78+k>.0.2 and
+    /// fd00:<78+k>::2, every node routes its network through the router,
+    /// and the router's link to it has `mtu`, smaller than the segment's,
+    /// so packets to it too large for that link are answered with "packet
+    /// too big" (IPv6) or "fragmentation needed" by the router. Returns its
+    /// position in `clients`.
+    pub fn add_routed_client(&mut self, mtu: u32) -> anyhow::Result<usize> {
+        anyhow::ensure!(
+            self.dual_stack,
+            "a routed client needs a dual-stack topology"
+        );
+        let k = self.routers.len() + 1;
+        let router = self.namespace(&format!("{}-r{k}", self.tag))?;
+        let router_lan = Ipv4Addr::new(LAN_PREFIX[0], LAN_PREFIX[1], LAN_PREFIX[2], 200 + k as u8);
+        self.plug_into_lan(&router, router_lan)?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        let ns = self.namespace(&format!("{}-rc{k}", self.tag))?;
+        router.ip(&[
+            "link",
+            "add",
+            "r0",
+            "mtu",
+            &mtu.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns.name,
+        ])?;
+        let net = 78 + k as u8;
+        let ip = Ipv4Addr::new(10, net, 0, 2);
+        let ip6 = Ipv6Addr::new(0xfd00, net as u16, 0, 0, 0, 0, 0, 2);
+        let (gw, gw6) = (
+            Ipv4Addr::new(10, net, 0, 1),
+            Ipv6Addr::new(0xfd00, net as u16, 0, 0, 0, 0, 0, 1),
+        );
+        router.ip(&["addr", "add", &format!("{gw}/24"), "dev", "r0"])?;
+        router.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{gw6}/64"),
+            "dev",
+            "r0",
+            "nodad",
+        ])?;
+        router.ip(&["link", "set", "r0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
+        ns.ip(&["-6", "route", "add", "default", "via", &gw6.to_string()])?;
+        let router_lan6 = lan6(200 + k as u8).to_string();
+        for n in &self.nodes {
+            n.ns.ip(&[
+                "route",
+                "add",
+                &format!("10.{net}.0.0/24"),
+                "via",
+                &router_lan.to_string(),
+            ])?;
+            n.ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:{net:x}::/64"),
+                "via",
+                &router_lan6,
+            ])?;
+        }
+        self.routers.push(router);
+        self.clients.push(Client {
+            ns,
+            ip,
+            ip6: Some(ip6),
+        });
+        Ok(self.clients.len() - 1)
     }
 
     /// Makes the segment's veths behave like wires for XDP, which sees raw

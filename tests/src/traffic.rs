@@ -51,6 +51,9 @@ fn serve_tcp_conn(mut s: TcpStream, name: String, stop: Arc<AtomicBool>) {
         Err(_) => return,
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    // A peer that stops taking data (a path that drops it) must not keep
+    // the server's thread, and the test's teardown, waiting.
+    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
     let mut reader = BufReader::new(match s.try_clone() {
         Ok(c) => c,
         Err(_) => return,
@@ -77,7 +80,16 @@ fn serve_tcp_conn(mut s: TcpStream, name: String, stop: Arc<AtomicBool>) {
                     );
                     return;
                 }
+                // "DATA n": n bytes after the usual line, for transfers
+                // larger than a path's MTU.
+                let extra: usize = (line.strip_prefix("DATA "))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+                    .min(64 << 20);
                 if s.write_all(format!("{name} {peer}\n").as_bytes()).is_err() {
+                    return;
+                }
+                if extra > 0 && s.write_all(&vec![b'x'; extra]).is_err() {
                     return;
                 }
                 line.clear();
@@ -269,6 +281,33 @@ impl UdpFlow {
         let n = self.sock.recv(&mut buf)?;
         parse_reply(&String::from_utf8_lossy(&buf[..n]))
     }
+}
+
+/// A TCP request for `size` bytes after the reply line: the reply and how
+/// many of the bytes arrived before the connection went quiet for `timeout`.
+pub fn tcp_fetch(
+    to: impl Into<SocketAddr>,
+    size: usize,
+    timeout: Duration,
+) -> std::io::Result<(Reply, usize)> {
+    let mut s = TcpStream::connect_timeout(&to.into(), timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("DATA {size}\n").as_bytes())?;
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let reply = parse_reply(&line)?;
+    let mut got = 0;
+    let mut buf = vec![0u8; 65536];
+    while got < size {
+        match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((reply, got))
 }
 
 /// One UDP request of `size` bytes (fragmented when larger than the MTU);

@@ -379,6 +379,45 @@ fn large_ipv6_udp_datagrams_are_fragmented_and_reach_one_backend_whole() {
     assert!(reason(&agent, "fragment_translated") >= 40);
 }
 
+/// Path MTU discovery through a NodePort: a client outside the cluster,
+/// behind a router whose link to it carries 1280 bytes, fetches 200 KB. The
+/// backend's full-size segments get "packet too big" from the router,
+/// addressed to the node (the replies' source after translation); the
+/// dataplane hands it to the backend as an error about its own segment, the
+/// backend lowers its path MTU, and the transfer completes.
+#[test]
+fn path_mtu_discovery_works_through_an_ipv6_node_port() {
+    let mut f = Node6::new();
+    let c = f.topo.add_routed_client(1280).unwrap();
+    let spec = format!("  type: NodePort\n  clusterIP: '{VIP6}'\n");
+    let svc = service("web6", &spec).replace(
+        "port: 80, targetPort: 8080}",
+        "port: 80, targetPort: 8080, nodePort: 30080}",
+    );
+    f.dir
+        .write("svc.yaml", &(svc + &f.slice("web6", "IPv6")))
+        .unwrap();
+    let agent = f.start_agent();
+    agent
+        .wait_list("the IPv6 NodePort", |l| listed(l, "[*]:30080/TCP", 3))
+        .unwrap();
+    let to = SocketAddr::new(f.topo.nodes[0].ip6.unwrap().into(), 30080);
+    let client_ip: IpAddr = f.topo.clients[c].ip6.unwrap().into();
+    let (reply, got) = f.topo.clients[c]
+        .ns
+        .within(move || traffic::tcp_fetch(to, 200_000, Duration::from_secs(5)))
+        .unwrap()
+        .expect("a connection through the NodePort");
+    assert!(reply.server.starts_with("web-"), "{reply:?}");
+    assert_eq!(
+        reply.seen_from.ip(),
+        client_ip,
+        "local backend: client kept"
+    );
+    assert_eq!(got, 200_000, "the transfer stalled: {got} of 200000 bytes");
+    assert!(reason(&agent, "icmp_error_translated") >= 1);
+}
+
 /// `ping` once from `ns` to `to` after forgetting every neighbour, so the
 /// exchange needs neighbour discovery first.
 fn ping_fresh(ns: &Netns, to: Ipv6Addr) -> bool {
