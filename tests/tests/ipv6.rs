@@ -761,15 +761,19 @@ impl TwoNodes6 {
     }
 
     fn start_agents(&self) -> Vec<Agent> {
+        self.start_agents_with(&[])
+    }
+
+    /// The agents, node-1's with `node1_flags` added.
+    fn start_agents_with(&self, node1_flags: &[&str]) -> Vec<Agent> {
         (0..2)
             .map(|i| {
                 let node = format!("node-{}", i + 1);
-                Agent::start(
-                    &self.topo.nodes[i].ns,
-                    &self.dir.path,
-                    &["--node-name", &node],
-                )
-                .unwrap()
+                let mut args = vec!["--node-name", &node];
+                if i == 0 {
+                    args.extend_from_slice(node1_flags);
+                }
+                Agent::start(&self.topo.nodes[i].ns, &self.dir.path, &args).unwrap()
             })
             .collect()
     }
@@ -840,6 +844,48 @@ fn ipv6_node_port_to_a_backend_on_another_node_is_source_nated_to_the_node() {
     }
     assert_eq!(reason(&agents[0], "snat_failed"), 0);
     assert!(reason(&agents[0], "reply_translated") >= 20);
+}
+
+/// An IPv6 `--node-ip` is node-1's IPv6 SNAT source (here a second address
+/// on its external interface, not the one the agent would pick itself) and
+/// the only IPv6 address its NodePorts answer on.
+#[test]
+fn an_ipv6_node_ip_is_the_snat_source_and_where_ipv6_node_ports_answer() {
+    let f = TwoNodes6::new();
+    let extra: Ipv6Addr = "fd00:77::99".parse().unwrap();
+    f.topo.nodes[0]
+        .ns
+        .ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{extra}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    f.write("", &["web-2"]);
+    let fixed = extra.to_string();
+    let agents = f.start_agents_with(&["--node-ip", &fixed]);
+    agents[0]
+        .wait_list("the IPv6 NodePort", |l| listed(l, "[*]:30080/TCP", 1))
+        .unwrap();
+    let to = SocketAddr::new(extra.into(), 30080);
+    for (server, seen) in ask_all(f.outside(), to, 10) {
+        assert_eq!((server.as_str(), seen), ("web-2", IpAddr::from(extra)));
+    }
+    // node-1's other IPv6 address is no NodePort address now: the kernel
+    // answers for it, and nothing listens there.
+    let other = SocketAddr::new(f.node6(0).into(), 30080);
+    let r = f
+        .outside()
+        .within(move || traffic::tcp_ask(other, T))
+        .unwrap();
+    assert_eq!(
+        r.map(|r| r.server).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
 }
 
 /// Policy Local with the only endpoint on node-1: through node-1 it sees
