@@ -1,7 +1,7 @@
 //! `service-agent run`: keeps the maps equal to what the source says.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use crate::{
     dataplane::{
         Dataplane, IfaceRole, XdpEgress, cgroup::CgroupTarget, interfaces, sock_destroy, takeover,
+        writer::snat_source,
     },
     faults::{Failing, FaultKind},
     gc::{self, monotonic_ns},
@@ -273,16 +274,26 @@ impl Agent {
             }
         }
         self.xdp_egress = standing;
-        let fixed = self.cfg.node_ips.clone();
-        let listed = self.dp.writer.refresh_node_addrs(&mut self.dp.tables, || {
-            if fixed.is_empty() {
-                interfaces::node_addresses()
-            } else {
-                Ok(fixed)
-            }
-        });
+        let (fixed, fixed6) = (self.cfg.node_ips.clone(), self.cfg.node_ips6.clone());
+        let listed = self.dp.writer.refresh_node_addrs(
+            &mut self.dp.tables,
+            || {
+                if fixed.is_empty() {
+                    interfaces::node_addresses()
+                } else {
+                    Ok(fixed)
+                }
+            },
+            || {
+                if fixed6.is_empty() {
+                    interfaces::node_addresses6()
+                } else {
+                    Ok(fixed6)
+                }
+            },
+        );
         let faults = &self.metrics.faults;
-        let addrs = match listed {
+        let (addrs, addrs6) = match listed {
             Ok(a) => {
                 faults.succeeded(FaultKind::NodeAddrs, "");
                 a
@@ -294,7 +305,10 @@ impl Agent {
         };
         let snat = self.snat_address(&addrs);
         let set = self.dp.writer.set_snat_addr(&mut self.dp.tables, snat);
-        let set = set.map_err(|e| format!("setting the SNAT address: {e}"));
+        let snat6 = self.snat_address6(&addrs6);
+        let set = set
+            .and_then(|()| self.dp.writer.set_snat_addr6(&mut self.dp.tables, snat6))
+            .map_err(|e| format!("setting the SNAT address: {e}"));
         self.metrics
             .faults
             .outcome(FaultKind::NodeAddrs, "snat", set);
@@ -337,17 +351,18 @@ impl Agent {
         }
     }
 
-    /// The first --node-ip, else the first address of the first external
-    /// interface: where replies of source-NATed flows come back to.
+    /// Where replies of source-NATed IPv4 flows come back to (`snat_source`).
     fn snat_address(&self, node_addrs: &[Ipv4Addr]) -> Option<Ipv4Addr> {
-        if let Some(a) = self.cfg.node_ips.first() {
-            return Some(*a);
-        }
-        self.cfg
-            .external_ifaces
-            .iter()
-            .find_map(|i| interfaces::interface_addresses(i).ok()?.into_iter().next())
-            .or_else(|| node_addrs.first().copied())
+        let external = (self.cfg.external_ifaces.iter())
+            .map(|i| interfaces::interface_addresses(i).unwrap_or_default());
+        snat_source(&self.cfg.node_ips, external, node_addrs)
+    }
+
+    /// The same for IPv6 flows.
+    fn snat_address6(&self, node_addrs: &[Ipv6Addr]) -> Option<Ipv6Addr> {
+        let external = (self.cfg.external_ifaces.iter())
+            .map(|i| interfaces::interface_addresses6(i).unwrap_or_default());
+        snat_source(&self.cfg.node_ips6, external, node_addrs)
     }
 }
 

@@ -1,5 +1,8 @@
 //! The command line: `service-agent run | list | stats | dump | cleanup`.
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use service_common::*;
@@ -201,9 +204,14 @@ pub struct RunArgs {
     /// This node's zone (its topology.kubernetes.io/zone label), for topology hints.
     #[arg(long)]
     pub node_zone: Option<String>,
-    /// Addresses NodePorts answer on (default: every non-loopback IPv4 address here).
-    #[arg(long = "node-ip")]
-    pub node_ips: Vec<Ipv4Addr>,
+    /// Addresses NodePorts answer on, IPv4 or IPv6, repeated for several
+    /// (default per family: every non-loopback IPv4 address here, every
+    /// IPv6 one but link-local). The first of each family is also the
+    /// source that traffic from outside to a backend on another node is
+    /// NATed to (default: the first address of the first
+    /// --external-iface that has one of that family).
+    #[arg(long = "node-ip", value_parser = parse_node_ip)]
+    pub node_ips: Vec<IpAddr>,
     /// Only externalIPs inside these CIDRs (IPv4 or IPv6) are programmed; without it none
     /// is (anyone allowed to set spec.externalIPs could otherwise intercept
     /// traffic to any address, CVE-2020-8554).
@@ -413,6 +421,45 @@ pub fn parse_net(s: &str) -> Result<IpNet, ParseNetError> {
     s.parse()
 }
 
+/// A `--node-ip`: an address other nodes and clients can reach this node
+/// on, since NodePorts answer there and replies of source-NATed flows
+/// return to it.
+pub fn parse_node_ip(s: &str) -> Result<IpAddr, String> {
+    let a: IpAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 or IPv6 address"))?;
+    let why = match a {
+        IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
+            Some("not a unicast address")
+        }
+        IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address reaches no other host"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(
+            "a link-local address names the node on one link only; give a global or unique-local one",
+        ),
+        IpAddr::V6(v6) if !crate::dataplane::interfaces::usable_node_address6(&v6) => {
+            Some("not a unicast address other hosts can reach")
+        }
+        _ => None,
+    };
+    match why {
+        Some(why) => Err(format!("{s}: {why}")),
+        None => Ok(a),
+    }
+}
+
+/// `--node-ip`s split by family, each in the order given.
+pub fn split_node_ips(ips: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let v4 = ips.iter().filter_map(|a| match a {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    });
+    let v6 = ips.iter().filter_map(|a| match a {
+        IpAddr::V6(a) => Some(*a),
+        IpAddr::V4(_) => None,
+    });
+    (v4.collect(), v6.collect())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpArg {
     Off,
@@ -433,6 +480,67 @@ impl From<XdpArg> for crate::dataplane::XdpMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ips_take_both_families_and_refuse_what_cannot_name_the_node() {
+        let ips: Vec<IpAddr> = ["192.168.0.5", "fd00:77::11", "10.0.0.1", "2001:db8::1"]
+            .iter()
+            .map(|s| parse_node_ip(s).unwrap())
+            .collect();
+        let (v4, v6) = split_node_ips(&ips);
+        assert_eq!(
+            v4,
+            [
+                "192.168.0.5".parse::<Ipv4Addr>().unwrap(),
+                "10.0.0.1".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            v6,
+            [
+                "fd00:77::11".parse::<Ipv6Addr>().unwrap(),
+                "2001:db8::1".parse().unwrap()
+            ]
+        );
+        for (bad, why) in [
+            ("fe80::1", "link-local"),
+            ("::1", "not a unicast address"),
+            ("::", "not a unicast address"),
+            ("ff02::1", "not a unicast address"),
+            ("127.0.0.1", "loopback"),
+            ("0.0.0.0", "not a unicast address"),
+            ("224.0.0.1", "not a unicast address"),
+            ("fd00::1/64", "is not an IPv4 or IPv6 address"),
+            ("node-1", "is not an IPv4 or IPv6 address"),
+        ] {
+            let e = parse_node_ip(bad).unwrap_err();
+            assert!(e.contains(bad) && e.contains(why), "{bad}: {e}");
+        }
+        // The flag as clap reads it, both families repeated.
+        let cli = Cli::try_parse_from([
+            "service-agent",
+            "run",
+            "--manifests",
+            "/m",
+            "--node-ip",
+            "fd00:77::11",
+            "--node-ip",
+            "192.168.0.5",
+        ]);
+        let Ok(Cli {
+            command: Command::Run(args),
+            ..
+        }) = cli
+        else {
+            panic!("--node-ip of both families refused");
+        };
+        assert_eq!(split_node_ips(&args.node_ips).0.len(), 1);
+        let e = Cli::try_parse_from(["service-agent", "run", "--node-ip", "fe80::1"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--node-ip") && e.contains("link-local"), "{e}");
+    }
 
     #[test]
     fn port_ranges_parse_and_bad_ones_say_why() {

@@ -79,6 +79,7 @@ fn main() -> anyhow::Result<()> {
                 flow_limits,
                 ..
             } = *args;
+            let (node_ips, node_ips6) = split_node_ips(&node_ips);
             let source = match source {
                 SourceKind::Manifests => SourceConfig::Manifests(
                     manifests.context("--manifests is required with --source manifests")?,
@@ -110,6 +111,7 @@ fn main() -> anyhow::Result<()> {
                     zone: node_zone,
                 },
                 node_ips,
+                node_ips6,
                 cluster_cidrs,
                 sizes: MapSizes {
                     frontends: frontends_max,

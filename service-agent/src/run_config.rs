@@ -1,7 +1,7 @@
 //! What `service-agent run` is told on its command line, resolved into
 //! the values the agent loop uses.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
@@ -35,6 +35,9 @@ pub struct RunConfig {
     pub pod_iface_globs: Vec<String>,
     /// Fixed node addresses; empty: every non-loopback IPv4 address of the namespace.
     pub node_ips: Vec<Ipv4Addr>,
+    /// The IPv6 ones; empty: every IPv6 address of the namespace but
+    /// link-local ones.
+    pub node_ips6: Vec<Ipv6Addr>,
     /// The cluster's pod ranges: sources inside the cluster on the wire.
     pub cluster_cidrs: Vec<plan::ipnet_lite::IpNet>,
     /// The XDP fast path on the external interfaces.

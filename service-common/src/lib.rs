@@ -408,6 +408,13 @@ pub const META_FLOOD_THRESHOLD: u32 = 4;
 /// SOCKET_LB_* values. 0, what a META written before this slot existed
 /// holds, is the node's own sockets only.
 pub const META_SOCKET_LB: u32 = 5;
+/// The node's IPv6 SNAT source, bytes 0..8 and 8..16 of the address each as
+/// `u64::from_ne_bytes`; a high half of 0 (never a node's global or
+/// unique-local address) is none. Two slots cannot change in one update:
+/// the agent clears HI, writes LO, then writes HI, and the programs read
+/// HI, LO, HI and use the address only when both HI reads agree.
+pub const META_SNAT_ADDR6_HI: u32 = 6;
+pub const META_SNAT_ADDR6_LO: u32 = 7;
 pub const META_MAX: u32 = 8;
 
 /// The flood guard's count of one CPU (FLOOD, a per-CPU array of one).

@@ -181,6 +181,32 @@ pub fn snat_address() -> Option<[u8; 4]> {
     (v != 0).then(|| (v as u32).to_ne_bytes())
 }
 
+/// The node's IPv6 SNAT source. Its two META slots are not written at
+/// once: HI is read again after LO, and an address whose HI changed in
+/// between (the agent clears HI before it writes LO) is none this time,
+/// never half of the old address and half of the new one.
+#[inline(always)]
+pub fn snat_address6() -> Option<[u8; 16]> {
+    let hi = meta_word(META_SNAT_ADDR6_HI)?;
+    let lo = meta_word(META_SNAT_ADDR6_LO)?;
+    if hi == 0 || meta_word(META_SNAT_ADDR6_HI)? != hi {
+        return None;
+    }
+    let mut a = [0u8; 16];
+    a[..8].copy_from_slice(&hi.to_ne_bytes());
+    a[8..].copy_from_slice(&lo.to_ne_bytes());
+    Some(a)
+}
+
+/// A META slot read from memory each time: the re-read of HI above must
+/// not be folded into the first.
+#[inline(always)]
+fn meta_word(slot: u32) -> Option<u64> {
+    let p = META.get_ptr(slot)?;
+    // SAFETY: an in-bounds slot of an array map, alive while the program runs.
+    Some(unsafe { core::ptr::read_volatile(p) })
+}
+
 #[inline(always)]
 fn reply_key<F: Family>(flow: &Flow<F>, to: &Target<F>) -> CtKeyOf<F::Addr> {
     CtKeyOf {

@@ -15,7 +15,7 @@ use service_common::*;
 
 use crate::{
     access::Packet,
-    conntrack::snat_address,
+    conntrack::{snat_address, snat_address6},
     csum::word,
     headers::*,
     maps::*,
@@ -308,11 +308,12 @@ impl Family for V6 {
         SOURCE_RANGES6.get(&Key::new(32 + 128, data)).is_some()
     }
 
-    /// No IPv6 SNAT address yet: source-NATed IPv6 flows are refused
-    /// (`snat_failed`) rather than sent with a source replies cannot reach.
+    /// None while the agent has no IPv6 address for the node: source-NATed
+    /// IPv6 flows are then refused (`snat_failed`) rather than sent with a
+    /// source replies cannot reach.
     #[inline(always)]
     fn snat_address() -> Option<Addr6> {
-        None
+        snat_address6()
     }
 
     #[inline(always)]

@@ -1,10 +1,11 @@
-//! IPv6 end to end on a dual-stack node: a client pod and backend pods with
-//! IPv4 and IPv6 (ULA, inside the namespaces only) addresses, the agent on
-//! the node, real TCP and UDP over IPv6 ClusterIPs, a dual-stack Service on
-//! both its ClusterIPs, and the node's IPv6 neighbours reachable with the
-//! programs attached. The IPv6 socket hooks (node and pod sockets, IPv4-mapped
-//! addresses) run now; the packet-path cases are ignored until the IPv6 tc
-//! path is dispatched to (see service-ebpf's `ipv6` feature).
+//! IPv6 end to end on dual-stack nodes: pods and nodes with IPv4 and IPv6
+//! (ULA, inside the namespaces only) addresses, agents on the nodes, real
+//! TCP and UDP over IPv6 ClusterIPs and NodePorts through the tc path
+//! (spread, affinity, hairpin, refusal, source NAT to a node's IPv6 address
+//! for a backend on another node, traffic policy Local), a dual-stack
+//! Service on both its ClusterIPs, the IPv6 socket hooks (node and pod
+//! sockets, IPv4-mapped addresses), and the node's IPv6 neighbours reachable
+//! with the programs attached.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -734,4 +735,298 @@ fn connected_ipv6_udp_sockets_are_ended_when_their_backend_leaves() {
         assert_ne!(&now, gone, "{to}: reconnected to a live backend");
         assert_eq!(&peer, to);
     }
+}
+
+/// Two dual-stack nodes and an outside client: `web-1` on node-1 and
+/// `web-2` on node-2 serving TCP and UDP on 8080 (IPv6), pod `c1` on
+/// node-1, and an agent on each node.
+struct TwoNodes6 {
+    _servers: Vec<Server>,
+    topo: Topology,
+    dir: ManifestDir,
+}
+
+impl TwoNodes6 {
+    fn new() -> Self {
+        let mut topo = Topology::dual_stack().unwrap();
+        topo.add_node().unwrap();
+        topo.add_node().unwrap();
+        topo.add_client().unwrap();
+        let mut servers = vec![];
+        for (name, node) in [("web-1", 0), ("web-2", 1)] {
+            let k = topo.add_pod(node, name).unwrap();
+            let p = &topo.pods[k];
+            servers.push(Server::start(&p.ns, p.ip6.unwrap(), 8080, name).unwrap());
+        }
+        topo.add_pod(0, "c1").unwrap();
+        Self {
+            _servers: servers,
+            topo,
+            dir: ManifestDir::new().unwrap(),
+        }
+    }
+
+    /// Writes the IPv6 NodePort Service `web6` (80/TCP as 30080, 53/UDP as
+    /// 30053) with `extra_spec`, its endpoints the pods in `pods`, each with
+    /// its own node as nodeName.
+    fn write(&self, extra_spec: &str, pods: &[&str]) {
+        let spec = format!("  type: NodePort\n  clusterIP: '{VIP6}'\n{extra_spec}");
+        let svc = service("web6", &spec)
+            .replace(
+                "port: 80, targetPort: 8080}",
+                "port: 80, targetPort: 8080, nodePort: 30080}",
+            )
+            .replace(
+                "port: 53, targetPort: 8080}",
+                "port: 53, targetPort: 8080, nodePort: 30053}",
+            );
+        let mut eps = String::new();
+        for name in pods {
+            let p = self.topo.pod(name);
+            eps.push_str(&format!(
+                "- {{addresses: ['{}'], nodeName: node-{}, conditions: {{ready: true}}}}\n",
+                p.ip6.unwrap(),
+                p.node + 1
+            ));
+        }
+        let slice = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: web6-ipv6, labels: {{kubernetes.io/service-name: web6}}}}\n\
+             addressType: IPv6\n\
+             ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 8080, protocol: UDP}}]\n\
+             endpoints:\n{eps}"
+        );
+        self.dir.write("svc.yaml", &(svc + &slice)).unwrap();
+    }
+
+    fn start_agents(&self) -> Vec<Agent> {
+        self.start_agents_with(&[])
+    }
+
+    /// The agents, node-1's with `node1_flags` added.
+    fn start_agents_with(&self, node1_flags: &[&str]) -> Vec<Agent> {
+        (0..2)
+            .map(|i| {
+                let node = format!("node-{}", i + 1);
+                let mut args = vec!["--node-name", &node];
+                if i == 0 {
+                    args.extend_from_slice(node1_flags);
+                }
+                Agent::start(&self.topo.nodes[i].ns, &self.dir.path, &args).unwrap()
+            })
+            .collect()
+    }
+
+    fn node6(&self, i: usize) -> Ipv6Addr {
+        self.topo.nodes[i].ip6.unwrap()
+    }
+
+    fn outside(&self) -> &Netns {
+        &self.topo.clients[0].ns
+    }
+}
+
+/// `n` TCP requests from `ns` to `to` on new connections: each answer's
+/// server and the source it saw.
+fn ask_all(ns: &Netns, to: SocketAddr, n: usize) -> Vec<(String, IpAddr)> {
+    ns.within(move || {
+        (0..n)
+            .map(|i| {
+                let r =
+                    traffic::tcp_ask(to, T).unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
+                (r.server, r.seen_from.ip())
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+/// Policy Cluster: an outside client on node-1's IPv6 address reaches the
+/// only backend, on node-2, source-NATed to node-1's IPv6 address (the
+/// agent's choice: node-1's address on its external interface), over TCP
+/// and UDP; node-2 itself serves it with the client's address kept.
+#[test]
+fn ipv6_node_port_to_a_backend_on_another_node_is_source_nated_to_the_node() {
+    let f = TwoNodes6::new();
+    f.write("", &["web-2"]);
+    let agents = f.start_agents();
+    for a in &agents {
+        a.wait_list("the IPv6 NodePort", |l| listed(l, "[*]:30080/TCP", 1))
+            .unwrap();
+    }
+    let client6: IpAddr = f.topo.clients[0].ip6.unwrap().into();
+    let via1 = SocketAddr::new(f.node6(0).into(), 30080);
+    for (server, seen) in ask_all(f.outside(), via1, 20) {
+        assert_eq!(server, "web-2");
+        assert_eq!(
+            seen,
+            IpAddr::from(f.node6(0)),
+            "a remote backend sees node-1's IPv6 address"
+        );
+    }
+    let udp_to = SocketAddr::new(f.node6(0).into(), 30053);
+    let (reply, from) = f
+        .outside()
+        .within(move || traffic::udp_ask(udp_to, T))
+        .unwrap()
+        .expect("a UDP reply through node-1's IPv6 NodePort");
+    assert_eq!(reply.server, "web-2");
+    assert_eq!(reply.seen_from.ip(), IpAddr::from(f.node6(0)));
+    assert_eq!(from, udp_to, "the reply comes from the NodePort");
+    let via2 = SocketAddr::new(f.node6(1).into(), 30080);
+    for (server, seen) in ask_all(f.outside(), via2, 5) {
+        assert_eq!(
+            (server.as_str(), seen),
+            ("web-2", client6),
+            "local: client kept"
+        );
+    }
+    assert_eq!(reason(&agents[0], "snat_failed"), 0);
+    assert!(reason(&agents[0], "reply_translated") >= 20);
+}
+
+/// An IPv6 `--node-ip` is node-1's IPv6 SNAT source (here a second address
+/// on its external interface, not the one the agent would pick itself) and
+/// the only IPv6 address its NodePorts answer on.
+#[test]
+fn an_ipv6_node_ip_is_the_snat_source_and_where_ipv6_node_ports_answer() {
+    let f = TwoNodes6::new();
+    let extra: Ipv6Addr = "fd00:77::99".parse().unwrap();
+    f.topo.nodes[0]
+        .ns
+        .ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{extra}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    f.write("", &["web-2"]);
+    let fixed = extra.to_string();
+    let agents = f.start_agents_with(&["--node-ip", &fixed]);
+    agents[0]
+        .wait_list("the IPv6 NodePort", |l| listed(l, "[*]:30080/TCP", 1))
+        .unwrap();
+    let to = SocketAddr::new(extra.into(), 30080);
+    for (server, seen) in ask_all(f.outside(), to, 10) {
+        assert_eq!((server.as_str(), seen), ("web-2", IpAddr::from(extra)));
+    }
+    // node-1's other IPv6 address is no NodePort address now: the kernel
+    // answers for it, and nothing listens there.
+    let other = SocketAddr::new(f.node6(0).into(), 30080);
+    let r = f
+        .outside()
+        .within(move || traffic::tcp_ask(other, T))
+        .unwrap();
+    assert_eq!(
+        r.map(|r| r.server).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+}
+
+/// Policy Local with the only endpoint on node-1: through node-1 it sees
+/// the outside client's own IPv6 address; node-2 has no local endpoint and
+/// drops (no answer, no reset), never forwarding to node-1.
+#[test]
+fn ipv6_node_port_with_local_policy_keeps_the_client_and_does_not_forward() {
+    let f = TwoNodes6::new();
+    f.write("  externalTrafficPolicy: Local\n", &["web-1"]);
+    let agents = f.start_agents();
+    agents[0]
+        .wait_list("the local endpoint", |l| listed(l, "[*]:30080/TCP", 1))
+        .unwrap();
+    agents[1]
+        .wait_list("no local endpoint", |l| {
+            l.contains("[*]:30080/TCP -> (no endpoints")
+        })
+        .unwrap();
+    let client6: IpAddr = f.topo.clients[0].ip6.unwrap().into();
+    let via1 = SocketAddr::new(f.node6(0).into(), 30080);
+    for (server, seen) in ask_all(f.outside(), via1, 20) {
+        assert_eq!((server.as_str(), seen), ("web-1", client6));
+    }
+    let via2 = SocketAddr::new(f.node6(1).into(), 30080);
+    let r = f
+        .outside()
+        .within(move || traffic::tcp_ask(via2, Duration::from_millis(700)))
+        .unwrap();
+    assert_eq!(
+        r.map(|r| r.server).unwrap_err().kind(),
+        std::io::ErrorKind::TimedOut,
+        "dropped, not rejected and not forwarded"
+    );
+    assert!(reason(&agents[1], "no_local_endpoint") >= 1);
+    assert_eq!(reason(&agents[1], "snat_failed"), 0);
+}
+
+/// ClientIP affinity on an IPv6 ClusterIP: a pod's 20 connections all reach
+/// one of three backends.
+#[test]
+fn ipv6_client_ip_affinity_holds_a_pod_to_one_backend() {
+    let f = Node6::new();
+    let spec = format!(
+        "  clusterIP: '{VIP6}'\n  sessionAffinity: ClientIP\n  \
+         sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}\n"
+    );
+    f.dir
+        .write(
+            "svc.yaml",
+            &(service("web6", &spec) + &f.slice("web6", "IPv6")),
+        )
+        .unwrap();
+    let agent = f.start_agent();
+    let frontend = format!("[{VIP6}]:80/TCP");
+    agent
+        .wait_list("affinity on three backends", |l| {
+            listed(l, &frontend, 3) && l.contains("affinity ClientIP 60s")
+        })
+        .unwrap();
+    let client = f.topo.pod("client");
+    let counts = spread(
+        &client.ns,
+        SocketAddr::new(VIP6.into(), 80),
+        client.ip6.unwrap().into(),
+        20,
+    );
+    assert_eq!(counts.len(), 1, "one backend for the client: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 20);
+}
+
+/// Hairpin over IPv6: a pod that is the only endpoint of an IPv6 ClusterIP
+/// reaches itself through it, over TCP and UDP (its request arrives from
+/// the ClusterIP, so it answers through the dataplane).
+#[test]
+fn an_ipv6_pod_reaches_itself_through_its_cluster_ip() {
+    let f = Node6::new();
+    let spec = format!("  clusterIP: '{VIP6}'\n");
+    f.dir
+        .write(
+            "svc.yaml",
+            &(service("web6", &spec) + &f.slice_of("web6", "IPv6", |n| n == "web-1")),
+        )
+        .unwrap();
+    let agent = f.start_agent();
+    agent
+        .wait_list("one backend", |l| listed(l, &format!("[{VIP6}]:80/TCP"), 1))
+        .unwrap();
+    let me = f.topo.pod("web-1");
+    let tcp_to = SocketAddr::new(VIP6.into(), 80);
+    let udp_to = SocketAddr::new(VIP6.into(), 53);
+    let (tcp, udp) = me
+        .ns
+        .within(move || (traffic::tcp_ask(tcp_to, T), traffic::udp_ask(udp_to, T)))
+        .unwrap();
+    let tcp = tcp.expect("hairpin TCP over IPv6");
+    assert_eq!(tcp.server, "web-1");
+    assert_eq!(
+        tcp.seen_from.ip(),
+        IpAddr::from(VIP6),
+        "the request arrives from the ClusterIP, not from the pod itself"
+    );
+    let (udp, from) = udp.expect("hairpin UDP over IPv6");
+    assert_eq!(udp.server, "web-1");
+    assert_eq!(from, udp_to);
 }

@@ -339,4 +339,8 @@ impl Maps for FakeMaps {
     fn node_addrs6(&self) -> Vec<Addr6> {
         self.contents.node_addrs6.iter().copied().collect()
     }
+
+    fn meta(&self, slot: u32) -> u64 {
+        self.contents.meta.get(&slot).copied().unwrap_or(0)
+    }
 }

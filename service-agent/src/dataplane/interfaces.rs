@@ -56,14 +56,31 @@ fn addresses(keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<Ipv4Addr>> {
 /// loopback, link-local and multicast excluded (a link-local address names
 /// a node only on one link).
 pub fn node_addresses6() -> std::io::Result<Vec<std::net::Ipv6Addr>> {
+    addresses6(|_| true)
+}
+
+/// `node_addresses6` of one interface.
+pub fn interface_addresses6(iface: &str) -> std::io::Result<Vec<std::net::Ipv6Addr>> {
+    addresses6(|name| name == iface)
+}
+
+fn addresses6(keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<std::net::Ipv6Addr>> {
     let mut out: Vec<std::net::Ipv6Addr> = nix::ifaddrs::getifaddrs()
         .map_err(std::io::Error::from)?
+        .filter(|ifa| keep(&ifa.interface_name))
         .filter_map(|ifa| Some(ifa.address?.as_sockaddr_in6()?.ip()))
-        .filter(|a| !a.is_loopback() && !a.is_unicast_link_local() && !a.is_multicast())
+        .filter(usable_node_address6)
         .collect();
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// Whether an IPv6 address can name this node to others: loopback,
+/// link-local (it names the node on one link only), multicast and the
+/// unspecified address cannot.
+pub fn usable_node_address6(a: &std::net::Ipv6Addr) -> bool {
+    !a.is_loopback() && !a.is_unicast_link_local() && !a.is_multicast() && !a.is_unspecified()
 }
 
 /// Link and address changes of this network namespace, from rtnetlink
@@ -85,7 +102,8 @@ impl LinkEvents {
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
             SockProtocol::NetlinkRoute,
         )?;
-        let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
+        let groups =
+            (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
         bind(
             std::os::fd::AsRawFd::as_raw_fd(&fd),
             &NetlinkAddr::new(0, groups),

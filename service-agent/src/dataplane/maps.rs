@@ -261,6 +261,8 @@ pub trait Maps {
     fn conntrack6(&self) -> Walk<(CtKey6, CtValue6)>;
     fn node_addrs(&self) -> Vec<[u8; 4]>;
     fn node_addrs6(&self) -> Vec<Addr6>;
+    /// A META slot (0 when it cannot be read, what an unwritten slot holds).
+    fn meta(&self, slot: u32) -> u64;
 }
 
 /// A walk of a map: the entries read, and the errors met on the way (an
@@ -419,5 +421,9 @@ impl Maps for Tables {
 
     fn node_addrs6(&self) -> Vec<Addr6> {
         self.node_addrs6.keys().filter_map(Result::ok).collect()
+    }
+
+    fn meta(&self, slot: u32) -> u64 {
+        self.meta.get(&slot, 0).unwrap_or(0)
     }
 }

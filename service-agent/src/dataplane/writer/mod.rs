@@ -24,6 +24,7 @@ pub use self::flows::{
     CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
     FlowPass, Lifetimes, expire_conntrack,
 };
+pub use self::node_addrs::snat_source;
 use self::{frontends::Programmed, ids::Ids, maglev::MaglevState};
 use super::{
     maps::{EntryKey, Maps},

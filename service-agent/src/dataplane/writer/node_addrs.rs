@@ -15,6 +15,25 @@ use crate::{
     plan::ipnet_lite::IpNet,
 };
 
+/// The address flows from outside are source-NATed to when their backend
+/// runs on another node, for one family: the first `--node-ip` of it, else
+/// the first address of the first external interface that has one, else
+/// the first of the node's addresses (`node`). Replies of such flows come
+/// back to it, so it must be where other nodes route to this one: an
+/// external interface's address is, an arbitrary node address (a pod
+/// gateway) may not be.
+pub fn snat_source<A: Copy>(
+    fixed: &[A],
+    external: impl IntoIterator<Item = Vec<A>>,
+    node: &[A],
+) -> Option<A> {
+    fixed
+        .first()
+        .copied()
+        .or_else(|| external.into_iter().find_map(|a| a.first().copied()))
+        .or_else(|| node.first().copied())
+}
+
 impl Writer {
     /// Sets the address traffic from outside is source-NATed to when its
     /// backend runs on another node.
@@ -23,28 +42,49 @@ impl Writer {
         t.insert(Entry::Meta(META_SNAT_ADDR, v))
     }
 
-    /// Keeps NODE_ADDRS equal to what `list` reads and returns it. A
-    /// listing that fails leaves NODE_ADDRS as it is: an empty set would
-    /// stop every NodePort answering, so the last good one stays until the
-    /// addresses can be read again.
+    /// The IPv6 counterpart of `set_snat_addr`, over two META slots. An
+    /// unchanged address is not written again: each change leaves the
+    /// programs without an address for a moment (see META_SNAT_ADDR6_HI),
+    /// which a refresh at every resync must not cost.
+    pub fn set_snat_addr6(
+        &self,
+        t: &mut impl Maps,
+        addr: Option<Ipv6Addr>,
+    ) -> Result<(), MapError> {
+        let (hi, lo) = addr.map_or((0, 0), |a| {
+            let o = a.octets();
+            let half = |i: usize| u64::from_ne_bytes(o[i..i + 8].try_into().expect("8 bytes"));
+            (half(0), half(8))
+        });
+        if t.meta(META_SNAT_ADDR6_HI) == hi && t.meta(META_SNAT_ADDR6_LO) == lo {
+            return Ok(());
+        }
+        t.insert(Entry::Meta(META_SNAT_ADDR6_HI, 0))?;
+        t.insert(Entry::Meta(META_SNAT_ADDR6_LO, lo))?;
+        t.insert(Entry::Meta(META_SNAT_ADDR6_HI, hi))
+    }
+
+    /// Keeps NODE_ADDRS and NODE_ADDRS6 equal to what `list` and `list6`
+    /// read and returns both. A listing that fails leaves its map as it is:
+    /// an empty set would stop every NodePort answering, so the last good
+    /// one stays until the addresses can be read again.
     pub fn refresh_node_addrs<E: std::fmt::Display>(
         &self,
         t: &mut impl Maps,
         list: impl FnOnce() -> Result<Vec<Ipv4Addr>, E>,
-    ) -> Result<Vec<Ipv4Addr>, String> {
+        list6: impl FnOnce() -> Result<Vec<Ipv6Addr>, E>,
+    ) -> Result<(Vec<Ipv4Addr>, Vec<Ipv6Addr>), String> {
         let addrs = list().map_err(|e| {
             format!("listing the node's addresses failed, {MAP_NODE_ADDRS} keeps its last set: {e}")
         })?;
         self.set_node_addrs(t, &addrs)
             .map_err(|e| format!("updating {MAP_NODE_ADDRS}: {e}"))?;
-        // IPv6 NodePorts answer on every global or unique-local address of
-        // the node (--node-ip names IPv4 ones).
-        let addrs6 = crate::dataplane::interfaces::node_addresses6().map_err(|e| {
+        let addrs6 = list6().map_err(|e| {
             format!("listing the node's IPv6 addresses failed, {MAP_NODE_ADDRS6} keeps its last set: {e}")
         })?;
         self.set_node_addrs6(t, &addrs6)
             .map_err(|e| format!("updating {MAP_NODE_ADDRS6}: {e}"))?;
-        Ok(addrs)
+        Ok((addrs, addrs6))
     }
 
     /// Keeps NODE_ADDRS6 equal to `addrs`.

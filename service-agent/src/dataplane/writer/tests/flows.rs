@@ -1,9 +1,10 @@
-use std::collections::HashMap;
+use std::{collections::HashMap, net::Ipv6Addr};
 
 use super::*;
+use crate::dataplane::maps::Maps;
 use crate::dataplane::writer::{
     CT_TCP_CLOSING_TIMEOUT_NS, CT_TCP_SYN_TIMEOUT_NS, CT_TCP_TIMEOUT_NS, CT_UDP_TIMEOUT_NS,
-    FlowLimits, Lifetimes, expire_conntrack,
+    FlowLimits, Lifetimes, expire_conntrack, snat_source,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 9);
@@ -449,21 +450,105 @@ fn a_failed_address_listing_keeps_the_last_good_node_addresses() {
     let mut maps = FakeMaps::default();
     let w = writer(&mut maps);
     let a = |last| Ipv4Addr::new(192, 168, 0, last);
-    let listed = w.refresh_node_addrs(&mut maps, || Ok::<_, String>(vec![a(1), a(2)]));
-    assert_eq!(listed, Ok(vec![a(1), a(2)]));
+    let b: Ipv6Addr = "fd00:77::11".parse().unwrap();
+    let listed = w.refresh_node_addrs(
+        &mut maps,
+        || Ok::<_, String>(vec![a(1), a(2)]),
+        || Ok(vec![b]),
+    );
+    assert_eq!(listed, Ok((vec![a(1), a(2)], vec![b])));
     let before = maps.contents.node_addrs.clone();
     let e = w
-        .refresh_node_addrs(&mut maps, || Err("netlink: EBUSY"))
+        .refresh_node_addrs(&mut maps, || Err("netlink: EBUSY"), || Ok(vec![]))
         .unwrap_err();
     assert_eq!(maps.contents.node_addrs, before);
     assert!(
         e.contains("NODE_ADDRS keeps its last set: netlink: EBUSY"),
         "{e}"
     );
+    let e = w
+        .refresh_node_addrs(&mut maps, || Ok(vec![a(1)]), || Err("netlink: EBUSY"))
+        .unwrap_err();
+    assert!(e.contains("NODE_ADDRS6 keeps its last set"), "{e}");
+    assert_eq!(
+        maps.contents.node_addrs6,
+        [b.octets()].into_iter().collect()
+    );
     // A listing that comes back empty is a listing: NodePorts answer nowhere.
-    w.refresh_node_addrs(&mut maps, || Ok::<_, String>(vec![]))
+    w.refresh_node_addrs(&mut maps, || Ok::<_, String>(vec![]), || Ok(vec![]))
         .unwrap();
     assert!(maps.contents.node_addrs.is_empty());
+    assert!(maps.contents.node_addrs6.is_empty());
+}
+
+/// The address as the programs put it together from META (conntrack.rs's
+/// `snat_address6`), None when HI is 0.
+fn snat6_in(maps: &FakeMaps) -> Option<Ipv6Addr> {
+    let (hi, lo) = (maps.meta(META_SNAT_ADDR6_HI), maps.meta(META_SNAT_ADDR6_LO));
+    let mut o = [0u8; 16];
+    o[..8].copy_from_slice(&hi.to_ne_bytes());
+    o[8..].copy_from_slice(&lo.to_ne_bytes());
+    (hi != 0).then(|| Ipv6Addr::from(o))
+}
+
+#[test]
+fn the_ipv6_snat_address_reaches_meta_in_two_halves_never_torn() {
+    let mut maps = FakeMaps::default();
+    let w = writer(&mut maps);
+    let (a, b): (Ipv6Addr, Ipv6Addr) = (
+        "fd00:77::11".parse().unwrap(),
+        "fd00:78::1:2".parse().unwrap(),
+    );
+    w.set_snat_addr6(&mut maps, Some(a)).unwrap();
+    assert_eq!(snat6_in(&maps), Some(a));
+    // A change clears HI first and sets it last: every state a reader can
+    // meet between the writes is the old address, none, or the new one.
+    maps.record_history();
+    w.set_snat_addr6(&mut maps, Some(b)).unwrap();
+    let seen: Vec<Option<Ipv6Addr>> = (maps.history.take().unwrap().iter())
+        .map(|c| {
+            let mut m = FakeMaps::default();
+            m.contents = c.clone();
+            snat6_in(&m)
+        })
+        .collect();
+    assert_eq!(seen, [None, None, Some(b)]);
+    // Unchanged: nothing written, so the programs never lose it for a moment.
+    let writes = maps.writes();
+    w.set_snat_addr6(&mut maps, Some(b)).unwrap();
+    assert_eq!(maps.writes(), writes);
+    w.set_snat_addr6(&mut maps, None).unwrap();
+    assert_eq!(snat6_in(&maps), None);
+    assert_eq!(maps.meta(META_SNAT_ADDR6_LO), 0);
+    // The IPv4 slot is its own.
+    w.set_snat_addr(&mut maps, Some(Ipv4Addr::new(192, 168, 0, 1)))
+        .unwrap();
+    w.set_snat_addr6(&mut maps, Some(a)).unwrap();
+    assert_eq!(snat6_in(&maps), Some(a));
+    assert_eq!(
+        maps.meta(META_SNAT_ADDR),
+        u32::from_ne_bytes([192, 168, 0, 1]) as u64
+    );
+}
+
+#[test]
+fn the_snat_source_is_the_first_fixed_then_external_then_any_node_address() {
+    let (x, y, z): (Ipv6Addr, Ipv6Addr, Ipv6Addr) = (
+        "fd00:77::11".parse().unwrap(),
+        "2001:db8::5".parse().unwrap(),
+        "fd00:10:244:1::1".parse().unwrap(),
+    );
+    // --node-ip wins, in the order given.
+    assert_eq!(snat_source(&[y, x], [vec![x]], &[z]), Some(y));
+    // Else the first external interface that has an address of the family
+    // (an interface without one, such as an IPv4-only uplink, is skipped).
+    assert_eq!(snat_source(&[], [vec![], vec![x, y]], &[z]), Some(x));
+    // Else any address of the node.
+    assert_eq!(snat_source(&[], [vec![], vec![]], &[z, x]), Some(z));
+    // None at all: the programs refuse such flows (snat_failed).
+    assert_eq!(snat_source::<Ipv6Addr>(&[], [vec![]], &[]), None);
+    let v4 = Ipv4Addr::new(192, 168, 77, 11);
+    assert_eq!(snat_source(&[], [vec![v4]], &[]), Some(v4));
 }
 
 #[test]
