@@ -90,6 +90,17 @@ impl Node6 {
         )
     }
 
+    /// Writes `yaml` as the manifests, starts the agent and waits until
+    /// `frontend` lists `n` backends.
+    fn serve(&self, yaml: &str, frontend: &str, n: usize) -> Agent {
+        self.dir.write("svc.yaml", yaml).unwrap();
+        let agent = self.start_agent();
+        agent
+            .wait_list(frontend, |l| listed(l, frontend, n))
+            .unwrap();
+        agent
+    }
+
     fn start_agent(&self) -> Agent {
         Agent::start(
             &self.topo.nodes[0].ns,
@@ -265,14 +276,11 @@ fn an_ipv6_load_balancer_ip_serves_only_its_source_ranges() {
     ) + &format!("status:\n  loadBalancer: {{ingress: [{{ip: '{lb_ip}'}}]}}\n---\n");
     // The status belongs to the Service document, before its separator.
     let svc = svc.replacen("---\nstatus:", "status:", 1);
-    f.dir
-        .write("svc.yaml", &(svc + &f.slice("lb6", "IPv6")))
-        .unwrap();
-    let agent = f.start_agent();
-    let frontend = format!("[{lb_ip}]:80/TCP");
-    agent
-        .wait_list("the IPv6 LoadBalancer IP", |l| listed(l, &frontend, 3))
-        .unwrap();
+    let agent = f.serve(
+        &(svc + &f.slice("lb6", "IPv6")),
+        &format!("[{lb_ip}]:80/TCP"),
+        3,
+    );
     let to = SocketAddr::new(lb_ip.into(), 80);
     let counts = spread(&f.topo.clients[0].ns, to, allowed.into(), 30);
     assert!(
@@ -346,18 +354,8 @@ fn an_icmpv6_error_from_a_backend_is_translated_back_to_the_cluster_ip() {
 fn large_ipv6_udp_datagrams_are_fragmented_and_reach_one_backend_whole() {
     let f = Node6::new();
     let spec = format!("  clusterIP: '{VIP6}'\n");
-    f.dir
-        .write(
-            "svc.yaml",
-            &(service("web6", &spec) + &f.slice("web6", "IPv6")),
-        )
-        .unwrap();
-    let agent = f.start_agent();
-    agent
-        .wait_list("the IPv6 frontend", |l| {
-            listed(l, &format!("[{VIP6}]:53/UDP"), 3)
-        })
-        .unwrap();
+    let web6 = service("web6", &spec) + &f.slice("web6", "IPv6");
+    let agent = f.serve(&web6, &format!("[{VIP6}]:53/UDP"), 3);
     let to = SocketAddr::new(VIP6.into(), 53);
     let results = f
         .topo
@@ -395,13 +393,7 @@ fn path_mtu_discovery_works_through_an_ipv6_node_port() {
         "port: 80, targetPort: 8080}",
         "port: 80, targetPort: 8080, nodePort: 30080}",
     );
-    f.dir
-        .write("svc.yaml", &(svc + &f.slice("web6", "IPv6")))
-        .unwrap();
-    let agent = f.start_agent();
-    agent
-        .wait_list("the IPv6 NodePort", |l| listed(l, "[*]:30080/TCP", 3))
-        .unwrap();
+    let agent = f.serve(&(svc + &f.slice("web6", "IPv6")), "[*]:30080/TCP", 3);
     let to = SocketAddr::new(f.topo.nodes[0].ip6.unwrap().into(), 30080);
     let client_ip: IpAddr = f.topo.clients[c].ip6.unwrap().into();
     let (reply, got) = f.topo.clients[c]
@@ -432,18 +424,8 @@ fn ipv6_neighbours_stay_reachable_with_the_programs_attached() {
     let mut f = Node6::new();
     f.topo.add_client().unwrap();
     let spec = format!("  clusterIP: '{VIP6}'\n");
-    f.dir
-        .write(
-            "svc.yaml",
-            &(service("web6", &spec) + &f.slice("web6", "IPv6")),
-        )
-        .unwrap();
-    let agent = f.start_agent();
-    agent
-        .wait_list("the IPv6 frontend", |l| {
-            listed(l, &format!("[{VIP6}]:80/TCP"), 3)
-        })
-        .unwrap();
+    let web6 = service("web6", &spec) + &f.slice("web6", "IPv6");
+    let agent = f.serve(&web6, &format!("[{VIP6}]:80/TCP"), 3);
     let node = &f.topo.nodes[0];
     let client = f.topo.pod("client");
     let outside = &f.topo.clients[0];
@@ -482,13 +464,7 @@ fn ipv6_node_port_from_outside_reaches_local_pods_and_keeps_the_client_address()
         "port: 80, targetPort: 8080}",
         "port: 80, targetPort: 8080, nodePort: 30080}",
     );
-    f.dir
-        .write("svc.yaml", &(svc + &f.slice("web6", "IPv6")))
-        .unwrap();
-    let agent = f.start_agent();
-    agent
-        .wait_list("the IPv6 NodePort", |l| listed(l, "[*]:30080/TCP", 3))
-        .unwrap();
+    let _agent = f.serve(&(svc + &f.slice("web6", "IPv6")), "[*]:30080/TCP", 3);
     let node6 = f.topo.nodes[0].ip6.unwrap();
     let outside = &f.topo.clients[0];
     let counts = spread(
