@@ -13,6 +13,8 @@ pub const LAN_PREFIX: [u8; 3] = [192, 168, 77];
 pub struct Pod {
     pub name: String,
     pub ns: Netns,
+    /// Its IPv4 address; in an IPv6-only topology (`ipv6_pods_only`) the
+    /// address it would have, assigned to nothing.
     pub ip: Ipv4Addr,
     /// Its IPv6 address, in a dual-stack topology.
     pub ip6: Option<Ipv6Addr>,
@@ -66,6 +68,8 @@ pub struct Topology {
     lan: Netns,
     lan_ports: usize,
     dual_stack: bool,
+    /// Pods get no IPv4 address or route (an IPv6-only pod network).
+    ipv6_pods_only: bool,
 }
 
 impl Topology {
@@ -83,6 +87,7 @@ impl Topology {
             lan,
             lan_ports: 0,
             dual_stack: false,
+            ipv6_pods_only: false,
         })
     }
 
@@ -92,6 +97,14 @@ impl Topology {
         let mut t = Self::new()?;
         t.dual_stack = true;
         t.no_dad(&t.lan)?;
+        Ok(t)
+    }
+
+    /// A dual-stack topology whose pods have IPv6 addresses only, as in an
+    /// IPv6-only cluster (the nodes keep their IPv4 addresses on the segment).
+    pub fn ipv6_pods_only() -> anyhow::Result<Self> {
+        let mut t = Self::dual_stack()?;
+        t.ipv6_pods_only = true;
         Ok(t)
     }
 
@@ -230,29 +243,31 @@ impl Topology {
         n.ns.ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ])?;
-        n.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
         n.ns.ip(&["link", "set", &host_if, "up"])?;
-        n.ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
-        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&[
-            "route",
-            "add",
-            &gw.to_string(),
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ])?;
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &gw.to_string(),
-            "dev",
-            "eth0",
-        ])?;
+        if !self.ipv6_pods_only {
+            n.ns.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
+            n.ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+            ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            ns.ip(&[
+                "route",
+                "add",
+                &gw.to_string(),
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            ns.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw.to_string(),
+                "dev",
+                "eth0",
+            ])?;
+        }
         if let Some(ip6) = ip6 {
             let gw6 = n.pod_gateway6().to_string();
             let host = &n.ns;

@@ -40,14 +40,21 @@ struct Node6 {
 
 impl Node6 {
     fn new() -> Self {
-        let mut topo = Topology::dual_stack().unwrap();
+        Self::on(Topology::dual_stack().unwrap(), true)
+    }
+
+    /// The same on `topo`; the web pods serve on their IPv4 addresses too
+    /// when `ipv4`.
+    fn on(mut topo: Topology, ipv4: bool) -> Self {
         topo.add_node().unwrap();
         topo.add_pod(0, "client").unwrap();
         let mut servers = vec![];
         for i in 1..=3 {
             let k = topo.add_pod(0, &format!("web-{i}")).unwrap();
             let p = &topo.pods[k];
-            servers.push(Server::start(&p.ns, p.ip, 8080, &p.name).unwrap());
+            if ipv4 {
+                servers.push(Server::start(&p.ns, p.ip, 8080, &p.name).unwrap());
+            }
             servers.push(Server::start(&p.ns, p.ip6.unwrap(), 8080, &p.name).unwrap());
         }
         Self {
@@ -409,6 +416,50 @@ fn path_mtu_discovery_works_through_an_ipv6_node_port() {
     );
     assert_eq!(got, 200_000, "the transfer stalled: {got} of 200000 bytes");
     assert!(reason(&agent, "icmp_error_translated") >= 1);
+}
+
+/// An IPv6-only pod network (no IPv4 address or route in any pod): an
+/// IPv6 Service is reached from a pod on its ClusterIP, TCP and UDP, and
+/// from outside on its NodePort at the node's IPv6 address.
+#[test]
+fn an_ipv6_only_pod_network_is_served() {
+    let mut f = Node6::on(Topology::ipv6_pods_only().unwrap(), false);
+    f.topo.add_client().unwrap();
+    let client = f.topo.pod("client");
+    let no_ipv4 = client
+        .ns
+        .exec("ip", &["-4", "-o", "addr", "show", "dev", "eth0"])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&no_ipv4.stdout).trim().is_empty(),
+        "the pod has no IPv4 address"
+    );
+    let spec = format!("  type: NodePort\n  clusterIP: '{VIP6}'\n  ipFamilies: [IPv6]\n");
+    let svc = service("web6", &spec).replace(
+        "port: 80, targetPort: 8080}",
+        "port: 80, targetPort: 8080, nodePort: 30080}",
+    );
+    let agent = f.serve(&(svc + &f.slice("web6", "IPv6")), "[*]:30080/TCP", 3);
+    let client_ip: IpAddr = client.ip6.unwrap().into();
+    let counts = spread(&client.ns, SocketAddr::new(VIP6.into(), 80), client_ip, 30);
+    assert!(counts.len() >= 2, "{counts:?}");
+    let to = SocketAddr::new(VIP6.into(), 53);
+    let (_, from) = client
+        .ns
+        .within(move || traffic::udp_ask(to, T))
+        .unwrap()
+        .expect("UDP through the IPv6 ClusterIP");
+    assert_eq!(from, to);
+    let outside = &f.topo.clients[0];
+    let node6 = f.topo.nodes[0].ip6.unwrap();
+    let counts = spread(
+        &outside.ns,
+        SocketAddr::new(node6.into(), 30080),
+        outside.ip6.unwrap().into(),
+        30,
+    );
+    assert!(counts.len() >= 2, "{counts:?}");
+    assert_eq!(reason(&agent, "snat_failed"), 0);
 }
 
 /// `ping` once from `ns` to `to` after forgetting every neighbour, so the
