@@ -3,7 +3,11 @@
 //! interface is attached for a tc run), the verdicts they return, and the
 //! namespace whose routes and neighbours the programs' FIB lookups consult.
 //! Shared by the program tests, the fuzzer and the bench.
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::programs::{TestRun, TestRunOptions};
@@ -79,7 +83,7 @@ pub fn frontend(service: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -
     }
 }
 
-pub fn backend(addr: Ipv4Addr, port: u16, local: bool) -> BackendAddr {
+pub fn backend(addr: impl Into<IpAddr>, port: u16, local: bool) -> BackendAddr {
     BackendAddr {
         addr: addr.into(),
         port,

@@ -1,5 +1,6 @@
-//! Building and checking raw Ethernet/IPv4 packets for BPF_PROG_TEST_RUN.
-use std::net::Ipv4Addr;
+//! Building and checking raw Ethernet/IPv4 and Ethernet/IPv6 packets for
+//! BPF_PROG_TEST_RUN.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
@@ -39,6 +40,35 @@ fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8> {
     p
 }
 
+/// The IPv6 pseudo-header (RFC 8200 section 8.1): unlike IPv4's, its length
+/// is 32 bits and the next-header byte comes last.
+fn pseudo6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(40);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&(len as u32).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, proto]);
+    p
+}
+
+/// The pseudo-header of either family; mixed families are a test's bug.
+fn pseudo_any(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => pseudo(s, d, proto, len),
+        (IpAddr::V6(s), IpAddr::V6(d)) => pseudo6(s, d, proto, len),
+        _ => panic!("a packet from {src} to {dst} mixes address families"),
+    }
+}
+
+const ETH_IPV4: [u8; 2] = [0x08, 0x00];
+const ETH_IPV6: [u8; 2] = [0x86, 0xdd];
+
+fn ethernet(ethertype: [u8; 2]) -> Vec<u8> {
+    let mut eth = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    eth.extend_from_slice(&ethertype);
+    eth
+}
+
 /// A parsed view of an output packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
@@ -53,9 +83,11 @@ pub struct Seen {
     pub l4_csum: u16,
 }
 
+/// One frame: IPv4 or IPv6 by the family of `src` and `dst` (IPv6 has no
+/// header options or fragment field here: `ip_options` and `frag` must stay 0).
 pub struct Builder {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -100,7 +132,7 @@ impl Builder {
             l4.extend_from_slice(&0u32.to_be_bytes());
             l4.extend_from_slice(&[0x50, self.tcp_flags, 0xff, 0xff, 0, 0, 0, 0]);
             l4.extend_from_slice(&self.payload);
-            let mut s = pseudo(self.src, self.dst, TCP, l4.len());
+            let mut s = pseudo_any(self.src, self.dst, TCP, l4.len());
             s.extend_from_slice(&l4);
             let c = checksum(&s);
             l4[16..18].copy_from_slice(&c.to_be_bytes());
@@ -112,7 +144,7 @@ impl Builder {
             l4.extend_from_slice(&[0, 0]);
             l4.extend_from_slice(&self.payload);
             if !self.udp_zero_csum {
-                let mut s = pseudo(self.src, self.dst, UDP, l4.len());
+                let mut s = pseudo_any(self.src, self.dst, UDP, l4.len());
                 s.extend_from_slice(&l4);
                 let mut c = checksum(&s);
                 if c == 0 {
@@ -121,6 +153,11 @@ impl Builder {
                 l4[6..8].copy_from_slice(&c.to_be_bytes());
             }
         }
+        let (src, dst) = match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => (s, d),
+            (IpAddr::V6(s), IpAddr::V6(d)) => return self.frame6(s, d, &l4),
+            (s, d) => panic!("a packet from {s} to {d} mixes address families"),
+        };
         let ihl = 20 + self.ip_options;
         let total = ihl + l4.len();
         let mut ip = vec![
@@ -137,17 +174,56 @@ impl Builder {
             0,
             0,
         ];
-        ip.extend_from_slice(&self.src.octets());
-        ip.extend_from_slice(&self.dst.octets());
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
         // NOP options.
         ip.extend(std::iter::repeat_n(1u8, self.ip_options));
         let c = checksum(&ip);
         ip[10..12].copy_from_slice(&c.to_be_bytes());
-        let mut pkt = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+        let mut pkt = ethernet(ETH_IPV4);
         pkt.extend_from_slice(&ip);
         pkt.extend_from_slice(&l4);
         pkt
     }
+
+    /// `l4` behind a fixed IPv6 header (no extension headers; IPv6 has no
+    /// header checksum, the L4 one already covers the addresses).
+    fn frame6(&self, src: Ipv6Addr, dst: Ipv6Addr, l4: &[u8]) -> Vec<u8> {
+        assert!(
+            self.ip_options == 0 && self.frag == 0,
+            "IPv4 options or fragment offset set on an IPv6 packet"
+        );
+        let mut pkt = ethernet(ETH_IPV6);
+        // Version 6, traffic class and flow label 0.
+        pkt.extend_from_slice(&[0x60, 0, 0, 0]);
+        pkt.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        pkt.extend_from_slice(&[self.proto, 64]);
+        pkt.extend_from_slice(&src.octets());
+        pkt.extend_from_slice(&dst.octets());
+        pkt.extend_from_slice(l4);
+        pkt
+    }
+}
+
+/// The tuple of an Ethernet/IPv6/TCP|UDP frame without extension headers,
+/// and whether its L4 checksum holds: (src, sport, dst, dport, ok).
+pub fn parse6(pkt: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16, bool) {
+    assert_eq!(pkt[12..14], ETH_IPV6, "not an IPv6 frame");
+    let ip = &pkt[14..];
+    let len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    let proto = ip[6];
+    let addr = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&ip[o..o + 16]).unwrap());
+    let (src, dst) = (addr(8), addr(24));
+    let l4 = &ip[40..40 + len];
+    let mut s = pseudo6(src, dst, proto, l4.len());
+    s.extend_from_slice(l4);
+    (
+        src,
+        u16::from_be_bytes([l4[0], l4[1]]),
+        dst,
+        u16::from_be_bytes([l4[2], l4[3]]),
+        checksum(&s) == 0,
+    )
 }
 
 /// Parses an Ethernet/IPv4/TCP|UDP packet and verifies its checksums.
@@ -224,7 +300,7 @@ pub fn icmp_error(from: &str, to: &str, kind: u8, code: u8, quoted: &[u8]) -> Ve
     ip.extend_from_slice(&to.octets());
     let c = checksum(&ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut pkt = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    let mut pkt = ethernet(ETH_IPV4);
     pkt.extend_from_slice(&ip);
     pkt.extend_from_slice(&icmp);
     pkt

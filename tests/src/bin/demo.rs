@@ -3,7 +3,7 @@
 //! would see and exits non-zero when what it shows is not what it claims.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     process::Command,
     time::Duration,
 };
@@ -11,11 +11,13 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use integration_tests::{
     agent::{Agent, ManifestDir},
-    topology::Topology,
+    topology::{Pod, Topology},
     traffic::{self, Server},
 };
 
 const REDIS_IP: &str = "10.96.0.20";
+const DUAL_IP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 90);
+const DUAL_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x90);
 
 fn heading(s: &str) {
     println!("\n\x1b[1m== {s}\x1b[0m");
@@ -74,6 +76,54 @@ spec:
   selector: {app: myapp}
   ports: [{name: http, port: 80}]
 "#;
+
+/// A dual-stack Service over the myapp pods: one ClusterIP per family.
+fn dual_stack_service() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: myapp-dual}}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: {DUAL_IP4}
+  clusterIPs: [{DUAL_IP4}, '{DUAL_IP6}']
+  ports: [{{name: http, port: 80, targetPort: 80}}]
+---
+"#
+    )
+}
+
+/// The EndpointSlice of `family` ("IPv4" or "IPv6") for myapp-dual, as the
+/// EndpointSlice controller writes one per family of a dual-stack Service.
+/// The Service has no selector: the manifest source's endpoints controller
+/// takes a pod's first address only, so it would give no IPv6 slice.
+fn dual_stack_slice(family: &str, pods: &[&Pod]) -> String {
+    let mut eps = String::new();
+    for p in pods {
+        let addr: IpAddr = match (family, p.ip6) {
+            ("IPv6", Some(ip6)) => ip6.into(),
+            _ => p.ip.into(),
+        };
+        eps.push_str(&format!(
+            "- {{addresses: ['{addr}'], nodeName: node-{}, conditions: {{ready: true}}}}\n",
+            p.node + 1
+        ));
+    }
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: myapp-dual-{}, labels: {{kubernetes.io/service-name: myapp-dual}}}}\n\
+         addressType: {family}\nports: [{{name: http, port: 80, protocol: TCP}}]\nendpoints:\n{eps}---\n",
+        family.to_ascii_lowercase()
+    )
+}
+
+/// The line of `list` for `frontend`, if it has `n` backends on port 80.
+fn list_line<'a>(list: &'a str, frontend: &str, n: usize) -> Option<&'a str> {
+    list.lines()
+        .find(|l| l.starts_with(frontend))
+        .filter(|l| l.split(" # ").next().unwrap_or("").matches(":80").count() == n + 1)
+}
 
 /// `curl -s http://ADDR/hostname.html` from the outside client, 12 times.
 fn curl_loop(client_ns: &str, node_ip: Ipv4Addr) -> anyhow::Result<Vec<String>> {
@@ -186,9 +236,74 @@ fn dig_in_pod(ns: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The dual-stack Service from pod `from`: a few connections to each
+/// ClusterIP, each answered by a myapp pod that saw the pod's own address of
+/// that family, and the Service's two frontends in `list`.
+fn dual_stack_section(agent: &Agent, from: &Pod) -> anyhow::Result<()> {
+    heading(&format!(
+        "Dual-stack Service myapp-dual (RequireDualStack, ipFamilies [IPv4, IPv6]) from pod {} on node-{}",
+        from.name,
+        from.node + 1
+    ));
+    let fe4 = format!("{DUAL_IP4}:80/TCP");
+    let fe6 = format!("[{DUAL_IP6}]:80/TCP");
+    let list = agent.wait_list("both families of myapp-dual", |l| {
+        list_line(l, &fe4, 3).is_some() && list_line(l, &fe6, 3).is_some()
+    })?;
+    let own6 = from
+        .ip6
+        .context("the demo topology gives every pod an IPv6 address")?;
+    let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+    for (to, own) in [
+        (SocketAddr::new(DUAL_IP4.into(), 80), IpAddr::from(from.ip)),
+        (SocketAddr::new(DUAL_IP6.into(), 80), IpAddr::from(own6)),
+    ] {
+        let replies = from.ns.within(move || {
+            (0..3)
+                .map(|_| traffic::tcp_ask(to, Duration::from_secs(3)))
+                .collect::<Result<Vec<_>, _>>()
+        })??;
+        for r in replies {
+            println!(
+                "  {} -> {to} answered by {} (it saw the client as {}, the pod's own address)",
+                from.name, r.server, r.seen_from
+            );
+            ensure!(
+                r.server.starts_with("myapp-"),
+                "{to} answered by {}",
+                r.server
+            );
+            ensure!(
+                r.seen_from.ip() == own,
+                "{to}: the backend saw {} instead of the pod's {own}",
+                r.seen_from
+            );
+            *answered.entry(r.server).or_default() += 1;
+        }
+    }
+    println!(
+        "   -> 6 answers over both families from {} pods: {answered:?}",
+        answered.len()
+    );
+    println!("$ service-agent list | grep myapp-dual");
+    let lines: Vec<&str> = list
+        .lines()
+        .filter(|l| l.contains("default/myapp-dual"))
+        .collect();
+    for l in &lines {
+        println!("{l}");
+    }
+    ensure!(
+        lines.len() == 2,
+        "list shows {} lines for myapp-dual, not one per family",
+        lines.len()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     heading("A two-node cluster in network namespaces (nothing leaves this machine)");
-    let mut topo = Topology::new()?;
+    let mut topo = Topology::dual_stack()?;
     let n1 = topo.add_node()?;
     let n2 = topo.add_node()?;
     let c = topo.add_client()?;
@@ -204,6 +319,9 @@ fn main() -> anyhow::Result<()> {
         let k = topo.add_pod(node, name)?;
         let p = &topo.pods[k];
         servers.push(Server::start(&p.ns, p.ip, 80, name)?);
+        if let Some(ip6) = p.ip6 {
+            servers.push(Server::start(&p.ns, ip6, 80, name)?);
+        }
         manifests.push_str(&pod(name, "myapp", p.ip, &format!("node-{}", node + 1), 80));
     }
     let r = topo.add_pod(n2, "redis-0")?;
@@ -211,26 +329,47 @@ fn main() -> anyhow::Result<()> {
     servers.push(Server::start(&rp.ns, rp.ip, 6379, "redis-0")?);
     manifests.push_str(&pod("redis-0", "redis", rp.ip, "node-2", 6379));
     let cp = topo.add_pod(n1, "toolbox")?;
+    let v6 = |a: Option<Ipv6Addr>| a.map(|a| a.to_string()).unwrap_or_default();
     for n in &topo.nodes {
-        println!("  node-{} {} (pods 10.244.{}.0/24)", n.index, n.ip, n.index);
+        println!(
+            "  node-{} {} {} (pods 10.244.{}.0/24, fd00:10:244:{}::/64)",
+            n.index,
+            n.ip,
+            v6(n.ip6),
+            n.index,
+            n.index
+        );
     }
     for p in &topo.pods {
         println!(
-            "  pod {:<20} {:<12} on node-{}",
+            "  pod {:<20} {:<12} {:<18} on node-{}",
             p.name,
             p.ip.to_string(),
+            v6(p.ip6),
             p.node + 1
         );
     }
     println!(
-        "  client {} (a laptop on the node network, outside the cluster)",
-        topo.clients[c].ip
+        "  client {} {} (a laptop on the node network, outside the cluster)",
+        topo.clients[c].ip,
+        v6(topo.clients[c].ip6)
     );
 
     let dir = ManifestDir::new()?;
     dir.write("pods.yaml", &manifests)?;
     dir.write("myapp.yaml", &myapp_service(false))?;
     dir.write("other.yaml", OTHER_SERVICES)?;
+    let myapp_pods: Vec<&Pod> = topo
+        .pods
+        .iter()
+        .filter(|p| p.name.starts_with("myapp-"))
+        .collect();
+    dir.write(
+        "myapp-dual.yaml",
+        &(dual_stack_service()
+            + &dual_stack_slice("IPv4", &myapp_pods)
+            + &dual_stack_slice("IPv6", &myapp_pods)),
+    )?;
     heading("service-agent on each node, same manifests, its own pin directory");
     let mut a1 = Agent::start(
         &topo.nodes[n1].ns,
@@ -309,6 +448,8 @@ fn main() -> anyhow::Result<()> {
         reply.seen_from.ip() == std::net::IpAddr::V4(topo.pods[cp].ip),
         "source address not preserved"
     );
+
+    dual_stack_section(&a1, &topo.pods[cp])?;
 
     heading("service-agent list (node-1), read back from the pinned maps");
     let list = a1.list()?;

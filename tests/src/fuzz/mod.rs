@@ -170,7 +170,7 @@ pub fn plan(w: &World) -> Plan {
             .iter()
             .map(|&b| {
                 let b = f.endpoints[b];
-                bpf::backend(b.addr.into(), b.port, b.local)
+                bpf::backend(b.addr, b.port, b.local)
             })
             .collect();
         let kind = if f.is_node_port() {
@@ -188,7 +188,7 @@ pub fn plan(w: &World) -> Plan {
             p.in_cluster = Some(
                 f.endpoints
                     .iter()
-                    .map(|b| bpf::backend(b.addr.into(), b.port, b.local))
+                    .map(|b| bpf::backend(b.addr, b.port, b.local))
                     .collect(),
             );
         }

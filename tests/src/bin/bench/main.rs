@@ -16,7 +16,13 @@ mod plots;
 mod scale;
 mod socket_lb;
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
 
 use integration_tests::bpf;
 pub use integration_tests::bpf::Loaded;
@@ -41,11 +47,30 @@ pub fn backend_ip(i: u32, k: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * BACKENDS_PER_SERVICE + k)
 }
 
+/// The IPv6 ClusterIP of bench Service `i` (ULA, as the tests' fd00:96::/64).
+pub fn vip6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0)) + i as u128)
+}
+
+pub fn backend_ip6(i: u32, k: u32) -> Ipv6Addr {
+    Ipv6Addr::from(
+        u128::from(Ipv6Addr::new(0xfd00, 0x10, 0x128, 0, 0, 0, 0, 0))
+            + (i * BACKENDS_PER_SERVICE + k) as u128,
+    )
+}
+
 pub fn load(services: u32) -> Loaded {
+    load_families(services, 1)
+}
+
+/// `load` with room for `families` frontends per Service: svc_ids and
+/// backend ids are one space over both families, so a dual-stack Service
+/// takes two of each per port.
+pub fn load_families(services: u32, families: u32) -> Loaded {
     let sizes = MapSizes {
-        frontends: services + 1024,
+        frontends: services * families + 1024,
         services: services * (BACKENDS_PER_SERVICE + 1) + 1024,
-        backends: services * BACKENDS_PER_SERVICE + 1024,
+        backends: services * BACKENDS_PER_SERVICE * families + 1024,
         conntrack: 1 << 20,
         affinity: 1024,
         maglev: 1024,
@@ -53,12 +78,41 @@ pub fn load(services: u32) -> Loaded {
     Loaded::new("bench", &sizes).expect("load the programs")
 }
 
+/// `services` ClusterIP Services of 10 backends, IPv4 only.
 pub fn plan_of(services: u32) -> Plan {
     let mut plan = Plan::default();
+    add_family(
+        &mut plan,
+        services,
+        |i| vip(i).into(),
+        |i, k| backend_ip(i, k).into(),
+    );
+    plan
+}
+
+/// The same Services made dual-stack: each also has an IPv6 ClusterIP
+/// (`vip6`) with 10 IPv6 backends, as from its `addressType: IPv6` slice.
+pub fn dual_stack_plan_of(services: u32) -> Plan {
+    let mut plan = plan_of(services);
+    add_family(
+        &mut plan,
+        services,
+        |i| vip6(i).into(),
+        |i, k| backend_ip6(i, k).into(),
+    );
+    plan
+}
+
+fn add_family(
+    plan: &mut Plan,
+    services: u32,
+    vip: impl Fn(u32) -> IpAddr,
+    backend: impl Fn(u32, u32) -> IpAddr,
+) {
     for i in 0..services {
         plan.frontends.insert(
             FrontendKey {
-                addr: vip(i).into(),
+                addr: vip(i),
                 port: 80,
                 proto: Protocol::Tcp,
             },
@@ -66,12 +120,11 @@ pub fn plan_of(services: u32) -> Plan {
                 &format!("bench/svc-{i}"),
                 FrontendKind::ClusterIp,
                 (0..BACKENDS_PER_SERVICE)
-                    .map(|k| bpf::backend(backend_ip(i, k), 8080, true))
+                    .map(|k| bpf::backend(backend(i, k), 8080, true))
                     .collect(),
             ),
         );
     }
-    plan
 }
 
 pub fn verdict(ok: bool) -> &'static str {
@@ -374,6 +427,65 @@ fn packet_cost_report(
             format!("{est:.2}×"),
         ),
     ]);
+    ipv6_report(md, costs, targets);
+}
+
+/// The IPv6 rows beside the IPv4 ones, and their ratio per packet.
+fn ipv6_report(md: &mut String, costs: &[PacketCost], targets: &mut Vec<(String, bool, String)>) {
+    let _ = writeln!(
+        md,
+        "### IPv6 beside IPv4\n\n\
+         Every Service above is dual-stack: besides its IPv4 ClusterIP it has an IPv6 one (fd00:96::/64) with 10 IPv6 \
+         backends, in SERVICES6/BACKENDS6 of the same loaded programs. In every round the IPv4 and IPv6 flows of the hot set \
+         run one after the other (alternating which goes first) to the same {HOT_FRONTENDS} Services, from fresh clients \
+         (10.244.0.0/16, fd00:10:244::/64); the IPv6 frames are Ethernet, a 40-byte IPv6 header without extension headers, \
+         TCP. First packet: the hot-set row above; established: one more packet of each of those flows. The IPv6 tc path runs \
+         its steps as subprograms over a per-CPU scratch slot. Target: IPv6 / IPv4 per packet ≤ 1.2×.\n\n\
+         | Services | first packet IPv4 (ns) | first packet IPv6 (ns) | IPv6 / IPv4 | established IPv4 (ns) | established IPv6 (ns) | IPv6 / IPv4 |\n\
+         |---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for c in costs {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.2}× |",
+            c.services,
+            c.first_hot_ns,
+            c.first_hot6_ns,
+            c.first_hot6_ns / c.first_hot_ns,
+            c.established_ns,
+            c.established6_ns,
+            c.established6_ns / c.established_ns
+        );
+    }
+    let _ = writeln!(md);
+    let (Some(lo), Some(hi)) = (costs.first(), costs.last()) else {
+        return;
+    };
+    let ends = if costs.len() > 1 {
+        vec![lo, hi]
+    } else {
+        vec![lo]
+    };
+    for c in ends {
+        for (what, v6, v4) in [
+            ("first packet of a flow", c.first_hot6_ns, c.first_hot_ns),
+            (
+                "packet of an established flow",
+                c.established6_ns,
+                c.established_ns,
+            ),
+        ] {
+            let ratio = v6 / v4;
+            targets.push((
+                format!(
+                    "IPv6 / IPv4 per packet ≤ 1.2×, tc ClusterIP, {what} at {} Services",
+                    c.services
+                ),
+                ratio <= 1.2,
+                format!("{ratio:.2}×"),
+            ));
+        }
+    }
 }
 
 fn find<'a>(e2e: &'a [PathResult], name: &str, services: u32) -> Option<&'a PathResult> {
