@@ -129,12 +129,28 @@ fn pod_is_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn pod_ip(pod: &Pod) -> Option<&str> {
-    let status = pod.status.as_ref()?;
-    status
-        .pod_ip
-        .as_deref()
-        .or_else(|| status.pod_ips.as_ref()?.first().map(|p| p.ip.as_str()))
+/// A Pod's addresses: `status.podIPs` (one per family on a dual-stack
+/// cluster), or `status.podIP` alone when the list is missing.
+fn pod_ips(pod: &Pod) -> Vec<&str> {
+    let Some(status) = pod.status.as_ref() else {
+        return vec![];
+    };
+    let mut out: Vec<&str> = (status.pod_ips.iter().flatten())
+        .map(|p| p.ip.as_str())
+        .collect();
+    if out.is_empty() {
+        out.extend(status.pod_ip.as_deref());
+    }
+    out
+}
+
+/// An EndpointSlice's `addressType` for `ip`. What is no address goes with
+/// IPv4, where the planner reports it by name.
+fn address_type(ip: &str) -> &'static str {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(_)) => "IPv6",
+        _ => "IPv4",
+    }
 }
 
 /// The endpoint hostname the controller gives a Pod: its `spec.hostname`
@@ -262,35 +278,40 @@ pub fn slices_from_pods<'a>(
     let ports = spec.ports.clone().unwrap_or_default();
     let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
     let ns = namespace(&s.metadata);
-    // Pods whose ports resolve alike share a slice, as in the controller.
-    let mut groups: BTreeMap<Vec<Option<i32>>, Vec<Endpoint>> = BTreeMap::new();
+    // Pods whose ports resolve alike share a slice, as in the controller,
+    // which also makes one slice per address family: a dual-stack Pod is an
+    // endpoint of both.
+    type Group = (&'static str, Vec<Option<i32>>);
+    let mut groups: BTreeMap<Group, Vec<Endpoint>> = BTreeMap::new();
     for pod in pods {
         let p = &pod.object;
         if namespace(&p.metadata) != ns || !selector_matches(selector, p) || pod_is_finished(p) {
             continue;
         }
-        let Some(ip) = pod_ip(p) else { continue };
         let resolved: Vec<Option<i32>> =
             ports.iter().map(|sp| resolve_target_port(sp, p)).collect();
         let ready = pod_is_ready(p);
         let terminating = p.metadata.deletion_timestamp.is_some();
-        groups.entry(resolved).or_default().push(Endpoint {
-            addresses: vec![ip.to_string()],
-            conditions: Some(EndpointConditions {
-                ready: Some((ready && !terminating) || publish_not_ready),
-                serving: Some(ready || publish_not_ready),
-                terminating: Some(terminating),
-            }),
-            node_name: p.spec.as_ref().and_then(|sp| sp.node_name.clone()),
-            hostname: pod_hostname(p, s),
-            target_ref: None,
-            ..Default::default()
-        });
+        for ip in pod_ips(p) {
+            let group = (address_type(ip), resolved.clone());
+            groups.entry(group).or_default().push(Endpoint {
+                addresses: vec![ip.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some((ready && !terminating) || publish_not_ready),
+                    serving: Some(ready || publish_not_ready),
+                    terminating: Some(terminating),
+                }),
+                node_name: p.spec.as_ref().and_then(|sp| sp.node_name.clone()),
+                hostname: pod_hostname(p, s),
+                target_ref: None,
+                ..Default::default()
+            });
+        }
     }
     groups
         .into_iter()
         .enumerate()
-        .map(|(i, (resolved, endpoints))| {
+        .map(|(i, ((family, resolved), endpoints))| {
             let ports = ports
                 .iter()
                 .zip(resolved)
@@ -307,7 +328,7 @@ pub fn slices_from_pods<'a>(
                 format!("pods selected by Service {}", object_ref(&s.metadata)),
                 EndpointSlice {
                     metadata: slice_meta(s, i),
-                    address_type: "IPv4".into(),
+                    address_type: family.into(),
                     endpoints: Some(endpoints),
                     ports: Some(ports),
                 },
@@ -325,26 +346,32 @@ pub fn mirror_endpoints(ep: &Sourced<Endpoints>) -> Vec<Sourced<EndpointSlice>> 
         ..Default::default()
     };
     let mut out = vec![];
-    for (i, subset) in e.subsets.iter().flatten().enumerate() {
-        let mut endpoints = vec![];
+    for subset in e.subsets.iter().flatten() {
+        // One slice per address family, as the mirroring controller makes.
+        // A subset without addresses still gives its (empty) slice.
+        let mut by_family: BTreeMap<&'static str, Vec<Endpoint>> =
+            BTreeMap::from([("IPv4", vec![])]);
         for (addrs, ready) in [
             (&subset.addresses, true),
             (&subset.not_ready_addresses, false),
         ] {
             for a in addrs.iter().flatten() {
-                endpoints.push(Endpoint {
-                    addresses: vec![a.ip.clone()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(ready),
-                        serving: Some(ready),
-                        terminating: Some(false),
-                    }),
-                    node_name: a.node_name.clone(),
-                    ..Default::default()
-                });
+                by_family
+                    .entry(address_type(&a.ip))
+                    .or_default()
+                    .push(Endpoint {
+                        addresses: vec![a.ip.clone()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(ready),
+                            serving: Some(ready),
+                            terminating: Some(false),
+                        }),
+                        node_name: a.node_name.clone(),
+                        ..Default::default()
+                    });
             }
         }
-        let ports = subset
+        let ports: Vec<EndpointPort> = subset
             .ports
             .iter()
             .flatten()
@@ -355,15 +382,21 @@ pub fn mirror_endpoints(ep: &Sourced<Endpoints>) -> Vec<Sourced<EndpointSlice>> 
                 app_protocol: p.app_protocol.clone(),
             })
             .collect();
-        out.push(Sourced::new(
-            ep.origin.clone(),
-            EndpointSlice {
-                metadata: slice_meta(&svc_like, i),
-                address_type: "IPv4".into(),
-                endpoints: Some(endpoints),
-                ports: Some(ports),
-            },
-        ));
+        let dual = by_family.len() > 1;
+        for (family, endpoints) in by_family {
+            if dual && endpoints.is_empty() {
+                continue;
+            }
+            out.push(Sourced::new(
+                ep.origin.clone(),
+                EndpointSlice {
+                    metadata: slice_meta(&svc_like, out.len()),
+                    address_type: family.into(),
+                    endpoints: Some(endpoints),
+                    ports: Some(ports.clone()),
+                },
+            ));
+        }
     }
     out
 }

@@ -574,6 +574,85 @@ spec:
     );
 }
 
+/// As the EndpointSlice controller: a Pod with `podIPs` of both families is
+/// an endpoint in the slice of each family, so a dual-stack Service gets
+/// both ClusterIPs served from one selector; an IPv4-only Pod only the IPv4.
+#[test]
+fn dual_stack_pods_become_endpoints_of_each_family() {
+    let pod = |name: &str, ips: &[&str]| {
+        let list: Vec<String> = ips.iter().map(|ip| format!("{{ip: '{ip}'}}")).collect();
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: web}}}}\n\
+             spec: {{containers: [{{name: c}}]}}\n\
+             status: {{podIP: '{}', podIPs: [{}], conditions: [{{type: Ready, status: 'True'}}]}}\n",
+            ips[0],
+            list.join(", ")
+        )
+    };
+    let yaml = [
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.30
+  clusterIPs: [10.96.0.30, 'fd00:96::30']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#
+        .to_string(),
+        pod("a", &["10.244.0.5", "fd00:10:244::5"]),
+        pod("b", &["10.244.0.6", "fd00:10:244::6"]),
+        pod("v4only", &["10.244.0.7"]),
+    ]
+    .concat();
+    let p = plan(&yaml);
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    assert_eq!(
+        backends(&p, key("10.96.0.30", 80, Protocol::Tcp)),
+        ["10.244.0.5:8080", "10.244.0.6:8080", "10.244.0.7:8080"]
+    );
+    assert_eq!(
+        backends(&p, key("fd00:96::30", 80, Protocol::Tcp)),
+        ["[fd00:10:244::5]:8080", "[fd00:10:244::6]:8080"]
+    );
+}
+
+/// Mirrored Endpoints of both families give one slice per family.
+#[test]
+fn mirrored_endpoints_of_both_families_serve_each_cluster_ip() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec:
+  clusterIP: 10.96.0.41
+  clusterIPs: [10.96.0.41, 'fd00:96::41']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: ext}
+subsets:
+- addresses: [{ip: 192.0.2.10}, {ip: '2001:db8::10'}]
+  ports: [{name: pg, port: 5433}]
+"#;
+    let p = plan(yaml);
+    assert!(p.problems.is_empty(), "{:?}", p.problems);
+    assert_eq!(
+        backends(&p, key("10.96.0.41", 5432, Protocol::Tcp)),
+        ["192.0.2.10:5433"]
+    );
+    assert_eq!(
+        backends(&p, key("fd00:96::41", 5432, Protocol::Tcp)),
+        ["[2001:db8::10]:5433"]
+    );
+}
+
 #[test]
 fn endpoints_of_a_selectorless_service_are_mirrored() {
     let yaml = r#"
