@@ -42,7 +42,7 @@ fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8> {
 
 /// The IPv6 pseudo-header (RFC 8200 section 8.1): unlike IPv4's, its length
 /// is 32 bits and the next-header byte comes last.
-fn pseudo6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> Vec<u8> {
+pub fn pseudo6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> Vec<u8> {
     let mut p = Vec::with_capacity(40);
     p.extend_from_slice(&src.octets());
     p.extend_from_slice(&dst.octets());
