@@ -1,6 +1,9 @@
 //! service-agent: programs the eBPF Service dataplane from Kubernetes
 //! manifests and shows what is programmed.
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -225,78 +228,122 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn ip(a: [u8; 4]) -> Ipv4Addr {
-    Ipv4Addr::from(a)
+/// An address of either family in map order, as people read it.
+fn addr<A>(a: A) -> IpAddr
+where
+    IpAddr: From<A>,
+{
+    IpAddr::from(a)
+}
+
+fn dump_services<A: Copy>(
+    m: &aya::maps::HashMap<aya::maps::MapData, ServiceKeyOf<A>, ServiceValue>,
+) -> anyhow::Result<()>
+where
+    ServiceKeyOf<A>: aya::Pod,
+    IpAddr: From<A>,
+{
+    for e in m.iter() {
+        let (k, v) = e?;
+        println!(
+            "{} proto {} scope {} slot {} => backend_id {} count {} flags {:#x} svc_id {} affinity_timeout_s {}",
+            SocketAddr::new(addr(k.addr), k.port),
+            k.proto,
+            k.scope,
+            k.slot,
+            v.backend_id,
+            v.count,
+            v.flags,
+            v.svc_id,
+            v.affinity_timeout_s
+        );
+    }
+    Ok(())
+}
+
+fn dump_backends<A: Copy>(
+    m: &aya::maps::HashMap<aya::maps::MapData, u32, BackendOf<A>>,
+) -> anyhow::Result<()>
+where
+    BackendOf<A>: aya::Pod,
+    IpAddr: From<A>,
+{
+    for e in m.iter() {
+        let (id, b) = e?;
+        println!(
+            "{id} => {} proto {} flags {:#x}",
+            SocketAddr::new(addr(b.addr), b.port),
+            b.proto,
+            b.flags
+        );
+    }
+    Ok(())
+}
+
+fn dump_conntrack<A: Copy>(
+    m: &aya::maps::HashMap<aya::maps::MapData, CtKeyOf<A>, CtValueOf<A>>,
+) -> anyhow::Result<()>
+where
+    CtKeyOf<A>: aya::Pod,
+    CtValueOf<A>: aya::Pod,
+    IpAddr: From<A>,
+{
+    for e in m.iter() {
+        let (k, v) = e?;
+        println!(
+            "{} -> {} proto {} => {} -> {} backend {} svc {} flags {:#x} last_seen_ns {}",
+            SocketAddr::new(addr(k.saddr), k.sport),
+            SocketAddr::new(addr(k.daddr), k.dport),
+            k.proto,
+            SocketAddr::new(addr(v.nat_saddr), v.nat_sport),
+            SocketAddr::new(addr(v.nat_daddr), v.nat_dport),
+            v.backend_id,
+            v.svc_id,
+            v.flags,
+            v.last_seen_ns
+        );
+    }
+    Ok(())
+}
+
+fn dump_affinity<A: Copy>(
+    m: &aya::maps::HashMap<aya::maps::MapData, AffinityKeyOf<A>, AffinityValue>,
+) -> anyhow::Result<()>
+where
+    AffinityKeyOf<A>: aya::Pod,
+    IpAddr: From<A>,
+{
+    for e in m.iter() {
+        let (k, v) = e?;
+        println!(
+            "{} svc {} => backend {} last_used_ns {}",
+            addr(k.client),
+            k.svc_id,
+            v.backend_id,
+            v.last_used_ns
+        );
+    }
+    Ok(())
 }
 
 fn dump(t: &Tables, map: &str) -> anyhow::Result<()> {
     match map.to_ascii_uppercase().as_str() {
-        MAP_SERVICES => {
-            for e in t.services.iter() {
-                let (k, v) = e?;
-                println!(
-                    "{}:{} proto {} scope {} slot {} => backend_id {} count {} flags {:#x} svc_id {} affinity_timeout_s {}",
-                    ip(k.addr),
-                    k.port,
-                    k.proto,
-                    k.scope,
-                    k.slot,
-                    v.backend_id,
-                    v.count,
-                    v.flags,
-                    v.svc_id,
-                    v.affinity_timeout_s
-                );
-            }
-        }
-        MAP_BACKENDS => {
-            for e in t.backends.iter() {
-                let (id, b) = e?;
-                println!(
-                    "{id} => {}:{} proto {} flags {:#x}",
-                    ip(b.addr),
-                    b.port,
-                    b.proto,
-                    b.flags
-                );
-            }
-        }
-        MAP_CONNTRACK => {
-            for e in t.conntrack.iter() {
-                let (k, v) = e?;
-                println!(
-                    "{}:{} -> {}:{} proto {} => {}:{} -> {}:{} backend {} svc {} flags {:#x} last_seen_ns {}",
-                    ip(k.saddr),
-                    k.sport,
-                    ip(k.daddr),
-                    k.dport,
-                    k.proto,
-                    ip(v.nat_saddr),
-                    v.nat_sport,
-                    ip(v.nat_daddr),
-                    v.nat_dport,
-                    v.backend_id,
-                    v.svc_id,
-                    v.flags,
-                    v.last_seen_ns
-                );
-            }
-        }
-        MAP_AFFINITY => {
-            for e in t.affinity.iter() {
-                let (k, v) = e?;
-                println!(
-                    "{} svc {} => backend {} last_used_ns {}",
-                    ip(k.client),
-                    k.svc_id,
-                    v.backend_id,
-                    v.last_used_ns
-                );
-            }
-        }
+        MAP_SERVICES => dump_services(&t.services)?,
+        MAP_SERVICES6 => dump_services(&t.services6)?,
+        MAP_BACKENDS => dump_backends(&t.backends)?,
+        MAP_BACKENDS6 => dump_backends(&t.backends6)?,
+        MAP_CONNTRACK => dump_conntrack(&t.conntrack)?,
+        MAP_CONNTRACK6 => dump_conntrack(&t.conntrack6)?,
+        MAP_AFFINITY => dump_affinity(&t.affinity)?,
+        MAP_AFFINITY6 => dump_affinity(&t.affinity6)?,
         MAP_NODE_ADDRS => {
             for e in t.node_addrs.keys() {
-                println!("{}", ip(e?));
+                println!("{}", addr(e?));
+            }
+        }
+        MAP_NODE_ADDRS6 => {
+            for e in t.node_addrs6.keys() {
+                println!("{}", addr(e?));
             }
         }
         MAP_MAGLEV => {
@@ -318,7 +365,8 @@ fn dump(t: &Tables, map: &str) -> anyhow::Result<()> {
             }
         }
         other => anyhow::bail!(
-            "unknown map {other}: one of SERVICES, BACKENDS, CONNTRACK, AFFINITY, NODE_ADDRS, MAGLEV"
+            "unknown map {other}: one of SERVICES, BACKENDS, CONNTRACK, AFFINITY, NODE_ADDRS \
+             (each also with 6 for IPv6), MAGLEV"
         ),
     }
     Ok(())

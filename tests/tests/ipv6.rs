@@ -173,6 +173,13 @@ fn ipv6_cluster_ip_spreads_tcp_over_three_pods_and_answers_udp_from_the_service(
         list.contains(&format!("{frontend} -> [{web1}]:8080")),
         "list prints IPv6 frontends and backends bracketed:\n{list}"
     );
+    for (map, want) in [
+        ("SERVICES6", format!("[{VIP6}]:80 proto 6 scope 0 slot 0")),
+        ("BACKENDS6", format!("[{web1}]:8080 proto 6")),
+    ] {
+        let dump = agent.cli("dump", &[map]).unwrap();
+        assert!(dump.contains(&want), "dump {map}:\n{dump}");
+    }
     let client = f.topo.pod("client");
     let client_ip: IpAddr = client.ip6.unwrap().into();
     let counts = spread(&client.ns, SocketAddr::new(VIP6.into(), 80), client_ip, 150);
