@@ -455,6 +455,7 @@ fn metrics_health_and_readiness_are_served() {
     let n: u64 = packets.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(n >= 40, "{packets}");
     assert!(packets.contains("service=\"default/web\""), "{packets}");
+    assert!(packets.contains("ip_family=\"IPv4\""), "{packets}");
 }
 
 #[test]

@@ -208,6 +208,26 @@ fn ipv6_cluster_ip_spreads_tcp_over_three_pods_and_answers_udp_from_the_service(
         packets >= 150 * 3,
         "{frontend} counted {packets} packets:\n{stats}"
     );
+    // /metrics labels the frontend's counters with its family.
+    let text = f.topo.nodes[0]
+        .ns
+        .within(|| {
+            traffic::http_request(
+                service_agent::cli::DEFAULT_METRICS_ADDR.parse().unwrap(),
+                "/metrics",
+                T,
+            )
+        })
+        .unwrap()
+        .unwrap()
+        .1;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("service_agent_frontend_packets_total{")
+                && l.contains(&format!("frontend=\"{frontend}\""))
+                && l.contains("ip_family=\"IPv6\"")),
+        "no IPv6-labelled counters for {frontend}:\n{text}"
+    );
 }
 
 #[test]

@@ -35,6 +35,8 @@ struct MapLabel {
 struct FrontendLabel {
     frontend: String,
     service: String,
+    /// `IPv4` or `IPv6`, as Kubernetes names a Service's `ipFamilies`.
+    ip_family: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,9 +92,13 @@ impl MapCollector {
                 .find(|x| x.frontend == f)
                 .and_then(|x| x.service.clone())
                 .unwrap_or_default();
+            // Frontends print IPv6 addresses bracketed (`[fd00::10]:80/TCP`,
+            // `[*]:30080/TCP`).
+            let ip_family = if f.starts_with('[') { "IPv6" } else { "IPv4" };
             let l = FrontendLabel {
                 frontend: f,
                 service,
+                ip_family,
             };
             snap.frontends.push((l, s));
         }
