@@ -9,16 +9,18 @@ use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, bpf_fib_lookup},
     btf_maps::lpm_trie::Key,
     helpers::bpf_csum_diff,
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use service_common::*;
 
 use crate::{
-    access::Packet,
+    access::{Packet, xdp_ptr},
     conntrack::{snat_address, snat_address6},
-    csum::word,
+    csum::{self, word},
     headers::*,
     maps::*,
+    nat::Target,
     packet::{self, Flow, Parsed},
     packet6,
     reject::{self, RejectFailed},
@@ -38,6 +40,9 @@ pub trait Family: Sized + Copy + 'static {
     /// The IP header's address fields in the frame.
     const SRC_OFF: usize;
     const DST_OFF: usize;
+    /// The IP header without options or extension headers: all the XDP
+    /// fast path rewrites.
+    const PLAIN_HLEN: usize;
 
     fn parse<P: Packet>(ctx: &P) -> Parsed<Self>;
 
@@ -75,6 +80,12 @@ pub trait Family: Sized + Copy + 'static {
         old: Self::Addr,
         new: Self::Addr,
     ) -> Result<(), ()>;
+    /// Updates an L4 checksum for the pseudo-header's address `old`
+    /// becoming `new`, in the packet's byte order.
+    fn csum_replace_addr(check: u16, old: Self::Addr, new: Self::Addr) -> u16;
+    /// XDP: rewrites the plain IP header of `flow` to `to`'s addresses with
+    /// the TTL or hop limit decremented, as a router forwards it.
+    fn xdp_rewrite_ip(ctx: &XdpContext, to: &Target<Self>) -> Option<()>;
     /// Fills the family and addresses of a FIB lookup.
     fn fib_addrs(p: &mut bpf_fib_lookup, saddr: Self::Addr, daddr: Self::Addr);
 
@@ -96,6 +107,7 @@ impl Family for V4 {
     const SPLIT: bool = false;
     const SRC_OFF: usize = IP_SRC_OFF;
     const DST_OFF: usize = IP_DST_OFF;
+    const PLAIN_HLEN: usize = IP_HLEN;
 
     #[inline(always)]
     fn parse<P: Packet>(ctx: &P) -> Parsed<Self> {
@@ -220,6 +232,30 @@ impl Family for V4 {
     }
 
     #[inline(always)]
+    fn csum_replace_addr(check: u16, old: Addr4, new: Addr4) -> u16 {
+        csum::replace4(check, old, new)
+    }
+
+    #[inline(always)]
+    fn xdp_rewrite_ip(ctx: &XdpContext, to: &Target<Self>) -> Option<()> {
+        let ip = xdp_ptr::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: bounds-checked against data_end by xdp_ptr; the header is
+        // bytes only (alignment 1).
+        let ip = unsafe { &mut *ip };
+        let mut check = u16::from_ne_bytes(ip.check);
+        // TTL and protocol share a 16-bit checksum word.
+        let old_ttl = [ip.ttl, ip.proto];
+        ip.ttl -= 1;
+        check = csum::replace2(check, old_ttl, [ip.ttl, ip.proto]);
+        check = csum::replace4(check, ip.src_addr, to.saddr);
+        check = csum::replace4(check, ip.dst_addr, to.daddr);
+        ip.src_addr = to.saddr;
+        ip.dst_addr = to.daddr;
+        ip.check = check.to_ne_bytes();
+        Some(())
+    }
+
+    #[inline(always)]
     fn fib_addrs(p: &mut bpf_fib_lookup, saddr: Addr4, daddr: Addr4) {
         p.family = AF_INET;
         p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
@@ -244,6 +280,7 @@ impl Family for V6 {
     const SPLIT: bool = true;
     const SRC_OFF: usize = IP6_SRC_OFF;
     const DST_OFF: usize = IP6_DST_OFF;
+    const PLAIN_HLEN: usize = IP6_HLEN;
 
     #[inline(always)]
     fn parse<P: Packet>(ctx: &P) -> Parsed<Self> {
@@ -375,6 +412,28 @@ impl Family for V6 {
             .map_err(|_| ())?;
         }
         ctx.store(field_off, &new, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn csum_replace_addr(mut check: u16, old: Addr6, new: Addr6) -> u16 {
+        let w = |a: &Addr6, i: usize| [a[i], a[i + 1], a[i + 2], a[i + 3]];
+        for i in [0, 4, 8, 12] {
+            check = csum::replace4(check, w(&old, i), w(&new, i));
+        }
+        check
+    }
+
+    #[inline(always)]
+    fn xdp_rewrite_ip(ctx: &XdpContext, to: &Target<Self>) -> Option<()> {
+        let ip = xdp_ptr::<Ipv6Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: as for V4.
+        let ip = unsafe { &mut *ip };
+        // No header checksum: the hop limit is covered by none, the
+        // addresses only by the L4 pseudo-header (the caller's part).
+        ip.hop_limit -= 1;
+        ip.src_addr = to.saddr;
+        ip.dst_addr = to.daddr;
+        Some(())
     }
 
     #[inline(always)]

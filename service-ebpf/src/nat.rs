@@ -16,6 +16,19 @@ pub struct Target<F: Family> {
     pub dport: u16,
 }
 
+impl<F: Family> Target<F> {
+    /// A placeholder for a step to fill in.
+    #[inline(always)]
+    pub fn none() -> Self {
+        Target {
+            saddr: F::ANY,
+            sport: 0,
+            daddr: F::ANY,
+            dport: 0,
+        }
+    }
+}
+
 pub struct RewriteFailed;
 
 #[inline(always)]

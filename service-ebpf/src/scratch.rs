@@ -9,6 +9,9 @@
 //! there (softirq, or egress with bottom halves off), and a redirect is
 //! carried out after the program returns, so a slot is never shared by two
 //! packets at once; ingress and egress have a slot each all the same.
+//! XDP has its own too: it finishes with a frame before tc sees it, but
+//! generic XDP runs from the receive path that tc egress may also be
+//! reached from, and a slot of its own leaves nothing to reason about.
 use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
 
 use crate::{family::V6, icmp6::Icmp6Error, lb::Frontend, opening::Choice, packet::Flow};
@@ -25,10 +28,11 @@ pub struct Scratch6 {
 
 pub const SLOT_INGRESS: u32 = 0;
 pub const SLOT_EGRESS: u32 = 1;
+pub const SLOT_XDP: u32 = 2;
 
 /// Not pinned: what it holds lives for one packet.
 #[btf_map]
-static SCRATCH6: PerCpuArray<Scratch6, 2> = PerCpuArray::new();
+static SCRATCH6: PerCpuArray<Scratch6, 3> = PerCpuArray::new();
 
 /// This CPU's slot `slot`.
 #[inline(always)]
