@@ -2,7 +2,8 @@
 //! (ULA, inside the namespaces only) addresses, agents on the nodes, real
 //! TCP and UDP over IPv6 ClusterIPs and NodePorts through the tc path
 //! (spread, affinity, hairpin, refusal, source NAT to a node's IPv6 address
-//! for a backend on another node, traffic policy Local), a dual-stack
+//! for a backend on another node, traffic policy Local, and the same
+//! forwarded by the XDP fast path), a dual-stack
 //! Service on both its ClusterIPs, the IPv6 socket hooks (node and pod
 //! sockets, IPv4-mapped addresses), and the node's IPv6 neighbours reachable
 //! with the programs attached.
@@ -938,6 +939,53 @@ fn ipv6_node_port_to_a_backend_on_another_node_is_source_nated_to_the_node() {
     assert_eq!(reason(&agents[0], "snat_failed"), 0);
     assert!(reason(&agents[0], "reply_translated") >= 20);
 }
+
+/// The XDP fast path carries IPv6 as it does IPv4: with `--xdp` on node-1
+/// (wires emulated, as XDP sees raw frames), an outside client's TCP and
+/// UDP through node-1's IPv6 NodePort reach the only backend, on node-2,
+/// source-NATed to node-1's IPv6 address, and XDP sent the requests and
+/// replies back out of eth0 rather than handing them to tc.
+fn ipv6_node_port_to_a_remote_backend_is_forwarded_by_xdp(xdp: &'static str) {
+    let f = TwoNodes6::new();
+    f.topo.emulate_wires().unwrap();
+    f.write("", &["web-2"]);
+    let agents = f.start_agents_with(&["--xdp", xdp]);
+    agents[0]
+        .wait_list("the IPv6 NodePort", |l| listed(l, "[*]:30080/TCP", 1))
+        .unwrap();
+    let node1 = IpAddr::from(f.node6(0));
+    let via1 = SocketAddr::new(node1, 30080);
+    for (server, seen) in ask_all(f.outside(), via1, 20) {
+        assert_eq!((server.as_str(), seen), ("web-2", node1));
+    }
+    let udp_to = SocketAddr::new(node1, 30053);
+    for _ in 0..5 {
+        let (reply, from) = f
+            .outside()
+            .within(move || traffic::udp_ask(udp_to, T))
+            .unwrap()
+            .expect("a UDP reply through node-1's IPv6 NodePort");
+        assert_eq!((reply.server.as_str(), reply.seen_from.ip()), ("web-2", node1));
+        assert_eq!(from, udp_to, "the reply comes from the NodePort");
+    }
+    let a = &agents[0];
+    let sent = reason(a, "xdp_tx") + reason(a, "xdp_redirect");
+    let passed = reason(a, "xdp_passed_to_tc");
+    assert!(sent > 0, "--xdp {xdp}: nothing went out through XDP");
+    // Only packets meeting a neighbour not yet resolved go to tc.
+    assert!(
+        passed * 4 < sent,
+        "--xdp {xdp}: {passed} packets passed to tc, {sent} sent by XDP"
+    );
+    // Both directions: the matches XDP counts as events.
+    assert!(reason(a, "ct_hit") > 0 && reason(a, "reply_translated") > 0);
+    assert_eq!(reason(a, "snat_failed"), 0);
+    assert_eq!(reason(a, "rewrite_failed"), 0);
+}
+
+integration_tests::tests_in_modes!([xdp_native = "native", xdp_generic = "generic"] {
+    ipv6_node_port_to_a_remote_backend_is_forwarded_by_xdp,
+});
 
 /// An IPv6 `--node-ip` is node-1's IPv6 SNAT source (here a second address
 /// on its external interface, not the one the agent would pick itself) and
