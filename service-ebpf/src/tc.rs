@@ -127,7 +127,11 @@ fn egress6(ctx: &TcContext) -> TcOutcome {
 
 /// The frontend of a new flow into `out`; 0: none of ours.
 #[inline(never)]
-pub(crate) fn frontend_split<F: Family>(flow: &Flow<F>, from_outside: bool, out: &mut Frontend<F>) -> u32 {
+pub(crate) fn frontend_split<F: Family>(
+    flow: &Flow<F>,
+    from_outside: bool,
+    out: &mut Frontend<F>,
+) -> u32 {
     match lb::lookup_frontend::<F>(
         flow.daddr,
         flow.dport,

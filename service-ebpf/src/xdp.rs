@@ -27,8 +27,9 @@ use crate::{
     nat::Target,
     opening::{self, Choice, Opening},
     packet::{Flow, Parsed},
-    scratch, tc,
+    scratch,
     stats::{Outcome, count_packet, count_reason},
+    tc,
 };
 
 const PASS: u32 = xdp_action::XDP_PASS;
@@ -243,12 +244,7 @@ fn record_split<F: Family>(flow: &Flow<F>, fe: &Frontend<F>, c: &mut Choice<F>) 
 /// `send`, counted; a subprogram for a split family, whose FIB lookup's 64
 /// bytes then sit in a frame of their own.
 #[inline(always)]
-fn send_of<F: Family>(
-    ctx: &XdpContext,
-    flow: &Flow<F>,
-    to: &Target<F>,
-    svc_id: u32,
-) -> u32 {
+fn send_of<F: Family>(ctx: &XdpContext, flow: &Flow<F>, to: &Target<F>, svc_id: u32) -> u32 {
     if F::SPLIT {
         send_split(ctx, flow, to, svc_id)
     } else {
@@ -257,12 +253,7 @@ fn send_of<F: Family>(
 }
 
 #[inline(never)]
-fn send_split<F: Family>(
-    ctx: &XdpContext,
-    flow: &Flow<F>,
-    to: &Target<F>,
-    svc_id: u32,
-) -> u32 {
+fn send_split<F: Family>(ctx: &XdpContext, flow: &Flow<F>, to: &Target<F>, svc_id: u32) -> u32 {
     send(ctx, flow, to, svc_id).finish()
 }
 

@@ -965,7 +965,10 @@ fn ipv6_node_port_to_a_remote_backend_is_forwarded_by_xdp(xdp: &'static str) {
             .within(move || traffic::udp_ask(udp_to, T))
             .unwrap()
             .expect("a UDP reply through node-1's IPv6 NodePort");
-        assert_eq!((reply.server.as_str(), reply.seen_from.ip()), ("web-2", node1));
+        assert_eq!(
+            (reply.server.as_str(), reply.seen_from.ip()),
+            ("web-2", node1)
+        );
         assert_eq!(from, udp_to, "the reply comes from the NodePort");
     }
     let a = &agents[0];
