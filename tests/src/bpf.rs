@@ -4,7 +4,7 @@
 //! namespace whose routes and neighbours the programs' FIB lookups consult.
 //! Shared by the program tests, the fuzzer and the bench.
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
     time::Duration,
 };
@@ -144,6 +144,18 @@ impl Loaded {
         self.dp
             .writer
             .set_snat_addr(&mut self.dp.tables, Some(snat))?;
+        Ok(())
+    }
+
+    /// Makes `addr` this node's IPv6 address and the source of
+    /// source-NATed IPv6 flows.
+    pub fn set_node_addr6(&mut self, addr: Ipv6Addr) -> anyhow::Result<()> {
+        self.dp
+            .writer
+            .set_node_addrs6(&mut self.dp.tables, &[addr])?;
+        self.dp
+            .writer
+            .set_snat_addr6(&mut self.dp.tables, Some(addr))?;
         Ok(())
     }
 

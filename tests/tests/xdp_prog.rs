@@ -4,8 +4,13 @@
 //! translated with valid checksums, the next hop's MACs and a decremented
 //! TTL; everything else comes out untouched for tc, which follows the
 //! backend XDP recorded for a new flow. Single packets are a table of cases;
-//! ends with generated packets checked against these rules.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! ends with generated packets checked against these rules. IPv6 has a world
+//! of its own: the same NodePort flow forwarded both ways, hop limit and
+//! checksums checked, and what XDP leaves to tc.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::ensure;
 use integration_tests::{
@@ -511,6 +516,165 @@ fn generated_packets_keep_the_xdp_rules() {
                 verdicts.get(&v).copied().unwrap_or(0) >= 100,
                 "verdict {v} too rare: {verdicts:?}"
             );
+        }
+    });
+}
+
+const NODE6: &str = "fd00:50::1";
+const CLIENT6: &str = "fd00:50::100";
+const PEER_NODE6: &str = "fd00:50::20";
+const REMOTE6: &str = "fd00:10:244:2::11";
+
+fn ip6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// The IPv6 counterpart of `network`: ext0 facing the client and the peer
+/// node, a route to the remote backend's range through the peer node.
+fn network6() -> anyhow::Result<FibNamespace> {
+    let fib = FibNamespace::new("xdp6")?;
+    // Addresses usable at once (no duplicate detection), and forwarding on,
+    // without which the IPv6 FIB lookup answers "forwarding disabled".
+    for k in [
+        "net.ipv6.conf.all.accept_dad",
+        "net.ipv6.conf.default.accept_dad",
+        "net.ipv6.conf.all.forwarding",
+        "net.ipv6.conf.default.forwarding",
+    ] {
+        let v = if k.ends_with("accept_dad") { "0" } else { "1" };
+        fib.ns.sysctl(k, v)?;
+    }
+    fib.link("ext0", "wire0", "fd00:50::1/64")?
+        .neighbour(PEER_NODE6, PEER_NODE_MAC, "ext0")?
+        .neighbour(CLIENT6, CLIENT_MAC, "ext0")?
+        .route("fd00:10:244:2::/64", &["via", PEER_NODE6])?;
+    Ok(fib)
+}
+
+fn plan6() -> Plan {
+    let mut plan = Plan::default();
+    for (port, proto, bport) in [(30080, Protocol::Tcp, 8080), (30053, Protocol::Udp, 5353)] {
+        plan.frontends.insert(
+            FrontendKey {
+                addr: Ipv6Addr::UNSPECIFIED.into(),
+                port,
+                proto,
+            },
+            bpf::frontend(
+                &format!("xdp6/np-{port}"),
+                FrontendKind::NodePort,
+                vec![bpf::backend(ip6(REMOTE6), bport, false)],
+            ),
+        );
+    }
+    plan
+}
+
+fn in_world6(test: impl FnOnce(&mut World) + Send + 'static) {
+    let fib = network6().unwrap();
+    let mac = fib.mac("ext0").unwrap();
+    fib.ns
+        .within(move || {
+            let mut l = Loaded::with_plan("xdp6t", &bpf::sizes(1024, 1 << 16), &plan6()).unwrap();
+            let ingress = l.attach_xdp("ext0").unwrap();
+            l.set_node_addr6(ip6(NODE6)).unwrap();
+            test(&mut World { l, ingress, mac })
+        })
+        .expect("the test in the world's namespace passed");
+}
+
+/// `out` as `input` forwarded: the next hop's and this interface's MACs,
+/// hop limit one less, the L4 checksum valid, payload and length kept.
+/// Returns the tuple it carries.
+fn assert_forwarded6(
+    w: &World,
+    input: &[u8],
+    out: &[u8],
+    dmac: [u8; 6],
+) -> (Ipv6Addr, u16, Ipv6Addr, u16) {
+    assert_eq!(out[0..6], dmac, "destination MAC is the next hop's");
+    assert_eq!(out[6..12], w.mac, "source MAC is the egress interface's");
+    assert_eq!(out.len(), input.len(), "length kept");
+    assert_eq!(out[21] + 1, input[21], "hop limit decremented");
+    let l4 = 14 + 40 + if input[20] == packet::TCP { 20 } else { 8 };
+    assert_eq!(out[l4..], input[l4..], "payload kept");
+    let (src, sport, dst, dport, ok) = packet::parse6(out);
+    assert!(ok, "L4 checksum valid after the rewrite");
+    (src, sport, dst, dport)
+}
+
+#[test]
+fn an_ipv6_node_port_flow_to_a_remote_backend_is_forwarded_by_xdp_both_ways() {
+    in_world6(|w| {
+        let mut syn = Builder::tcp(CLIENT6, 40000, NODE6, 30080, SYN);
+        syn.payload = b"hello".to_vec();
+        let (syn, out) = w.run(&syn.build());
+        assert_eq!(out.verdict, XDP_REDIRECT);
+        let (src, sport, dst, dport) = assert_forwarded6(w, &syn, &out.packet, PEER_NODE_MAC);
+        assert_eq!(src, ip6(NODE6), "source-NATed to the node");
+        assert!((SNAT_PORT_MIN..SNAT_PORT_MIN + SNAT_PORT_COUNT).contains(&sport));
+        assert_eq!((dst, dport), (ip6(REMOTE6), 8080));
+        assert_eq!(w.reason(Reason::SnatFlow), 1);
+        assert_eq!(w.reason(Reason::XdpTx), 1);
+
+        // The backend's answer leaves as the NodePort's, to the client.
+        let reply = Builder::tcp(REMOTE6, 8080, NODE6, sport, SYN | ACK).build();
+        let (reply, out) = w.run(&reply);
+        assert_eq!(out.verdict, XDP_REDIRECT);
+        let r = assert_forwarded6(w, &reply, &out.packet, CLIENT_MAC);
+        assert_eq!(r, (ip6(NODE6), 30080, ip6(CLIENT6), 40000));
+        assert_eq!(w.reason(Reason::ReplyTranslated), 1);
+
+        // The rest of the flow follows conntrack.
+        let (ack, out) = w.run(&Builder::tcp(CLIENT6, 40000, NODE6, 30080, ACK).build());
+        assert_eq!(out.verdict, XDP_REDIRECT);
+        let a = assert_forwarded6(w, &ack, &out.packet, PEER_NODE_MAC);
+        assert_eq!((a.1, a.2), (sport, ip6(REMOTE6)));
+        assert_eq!(w.reason(Reason::CtHit), 1);
+
+        // UDP: the checksum follows the addresses and ports.
+        let mut udp = Builder::udp(CLIENT6, 41000, NODE6, 30053);
+        udp.payload = vec![7; 33];
+        let (udp, out) = w.run(&udp.build());
+        assert_eq!(out.verdict, XDP_REDIRECT);
+        let u = assert_forwarded6(w, &udp, &out.packet, PEER_NODE_MAC);
+        assert_eq!((u.0, u.2, u.3), (ip6(NODE6), ip6(REMOTE6), 5353));
+        assert_eq!(w.reason(Reason::XdpTx), 4);
+        assert_eq!(w.reason(Reason::XdpPassedToTc), 0);
+    });
+}
+
+#[test]
+fn ipv6_packets_xdp_cannot_forward_go_to_tc_untouched() {
+    in_world6(|w| {
+        // UDP without checksum is never translated over IPv6 (tc counts it).
+        let mut zero = Builder::udp(CLIENT6, 41001, NODE6, 30053);
+        zero.udp_zero_csum = true;
+        // A hop limit of 1 would expire here.
+        let mut last_hop = Builder::tcp(CLIENT6, 42000, NODE6, 30080, SYN).build();
+        last_hop[21] = 1;
+        // A hop-by-hop header (padding only) before TCP.
+        let hop_by_hop = {
+            let plain = Builder::tcp(CLIENT6, 42001, NODE6, 30080, SYN).build();
+            let mut p = plain[..54].to_vec();
+            p[20] = 0;
+            let payload = u16::from_be_bytes([p[18], p[19]]) + 8;
+            p[18..20].copy_from_slice(&payload.to_be_bytes());
+            p.extend_from_slice(&[packet::TCP, 0, 1, 4, 0, 0, 0, 0]);
+            p.extend_from_slice(&plain[54..]);
+            p
+        };
+        for (what, pkt) in [
+            ("zero UDP checksum", zero.build()),
+            ("hop limit 1", last_hop),
+            ("extension header", hop_by_hop),
+        ] {
+            let (sent, out) = w.run(&pkt);
+            assert_eq!(out.verdict, XDP_PASS, "{what}");
+            assert_eq!(out.packet, sent, "{what}: untouched");
+        }
+        for r in [Reason::NewFlow, Reason::XdpPassedToTc, Reason::XdpTx] {
+            assert_eq!(w.reason(r), 0, "{r:?}: nothing opened or sent");
         }
     });
 }
