@@ -219,13 +219,16 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
 enum Choice<F: Family> {
     Proceed,
     Refuse(i32),
-    To {
-        addr: F::Addr,
-        port: u16,
-        proto: u8,
-        svc_id: u32,
-        backend_id: u32,
-    },
+    To(Chosen<F::Addr>),
+}
+
+/// A socket's backend, and what SOCK_REVNAT needs to find the socket again.
+struct Chosen<A> {
+    addr: A,
+    port: u16,
+    proto: u8,
+    svc_id: u32,
+    backend_id: u32,
 }
 
 /// The backend a socket asking for `daddr:dport` goes to, with the flow's
@@ -279,12 +282,35 @@ fn choose<F: Family>(
     };
     lb::note_affinity(&fe, client, &pick);
     count_flow_opened(fe.master.svc_id, false, pick.affinity);
-    Choice::To {
+    Choice::To(Chosen {
         addr: pick.backend.addr,
         port: pick.backend.port,
         proto,
         svc_id: fe.master.svc_id,
         backend_id: pick.id,
+    })
+}
+
+/// The hook's answer for `chosen`: a translated socket gets its backend
+/// written (`set`) and what it asked for remembered (`remember`: false when
+/// the LRU refused, counted), both per the socket's family.
+#[inline(always)]
+fn finish<F: Family>(
+    chosen: Choice<F>,
+    remember: impl FnOnce(&Chosen<F::Addr>) -> bool,
+    set: impl FnOnce(F::Addr, u16),
+) -> i32 {
+    match chosen {
+        Choice::Proceed => PROCEED,
+        Choice::Refuse(rc) => rc,
+        Choice::To(to) => {
+            if !remember(&to) {
+                count_reason(Reason::SockRevNatFailed);
+            }
+            set(to.addr, to.port);
+            count_reason(Reason::SockTranslated);
+            PROCEED
+        }
     }
 }
 
@@ -300,38 +326,27 @@ fn forward(ctx: &SockAddrContext, connect: bool) -> i32 {
         return PROCEED;
     };
     let (daddr, dport) = user_addr(ctx);
-    match choose::<V4>(who, proto, connect, daddr, dport) {
-        Choice::Proceed => PROCEED,
-        Choice::Refuse(rc) => rc,
-        Choice::To {
-            addr,
-            port,
-            proto,
-            svc_id,
-            backend_id,
-        } => {
-            let key = SockRevKey {
-                cookie: socket_cookie(ctx),
-                addr,
-                port,
-                _pad: 0,
-            };
-            let value = SockRevValue {
-                addr: daddr,
-                port: dport,
-                proto,
-                _pad: 0,
-                svc_id,
-                backend_id,
-            };
-            if SOCK_REVNAT.insert(key, value, 0).is_err() {
-                count_reason(Reason::SockRevNatFailed);
-            }
-            set_user_addr(ctx, addr, port);
-            count_reason(Reason::SockTranslated);
-            PROCEED
-        }
-    }
+    let chosen = choose::<V4>(who, proto, connect, daddr, dport);
+    let remember = |to: &Chosen<Addr4>| {
+        let key = SockRevKey {
+            cookie: socket_cookie(ctx),
+            addr: to.addr,
+            port: to.port,
+            _pad: 0,
+        };
+        let value = SockRevValue {
+            addr: daddr,
+            port: dport,
+            proto: to.proto,
+            _pad: 0,
+            svc_id: to.svc_id,
+            backend_id: to.backend_id,
+        };
+        SOCK_REVNAT.insert(key, value, 0).is_ok()
+    };
+    finish(chosen, remember, |addr, port| {
+        set_user_addr(ctx, addr, port)
+    })
 }
 
 /// An IPv6 socket: an IPv6 Service from the IPv6 maps, an IPv4-mapped
@@ -347,54 +362,36 @@ fn forward6(ctx: &SockAddrContext, connect: bool) -> i32 {
         Some(daddr4) => match choose::<V4>(who, proto, connect, daddr4, dport) {
             Choice::Proceed => Choice::Proceed,
             Choice::Refuse(rc) => Choice::Refuse(rc),
-            Choice::To {
-                addr,
-                port,
-                proto,
-                svc_id,
-                backend_id,
-            } => Choice::<V6>::To {
-                addr: mapped(addr),
-                port,
-                proto,
-                svc_id,
-                backend_id,
-            },
+            Choice::To(to) => Choice::<V6>::To(Chosen {
+                addr: mapped(to.addr),
+                port: to.port,
+                proto: to.proto,
+                svc_id: to.svc_id,
+                backend_id: to.backend_id,
+            }),
         },
         None => choose::<V6>(who, proto, connect, daddr, dport),
     };
-    match chosen {
-        Choice::Proceed => PROCEED,
-        Choice::Refuse(rc) => rc,
-        Choice::To {
-            addr,
-            port,
-            proto,
-            svc_id,
-            backend_id,
-        } => {
-            let key = SockRevKey6 {
-                cookie: socket_cookie(ctx),
-                addr,
-                port,
-                _pad: [0; 6],
-            };
-            let value = SockRevValue6 {
-                addr: daddr,
-                port: dport,
-                proto,
-                _pad: 0,
-                svc_id,
-                backend_id,
-            };
-            if SOCK_REVNAT6.insert(key, value, 0).is_err() {
-                count_reason(Reason::SockRevNatFailed);
-            }
-            set_user_addr6(ctx, addr, port);
-            count_reason(Reason::SockTranslated);
-            PROCEED
-        }
-    }
+    let remember = |to: &Chosen<Addr6>| {
+        let key = SockRevKey6 {
+            cookie: socket_cookie(ctx),
+            addr: to.addr,
+            port: to.port,
+            _pad: [0; 6],
+        };
+        let value = SockRevValue6 {
+            addr: daddr,
+            port: dport,
+            proto: to.proto,
+            _pad: 0,
+            svc_id: to.svc_id,
+            backend_id: to.backend_id,
+        };
+        SOCK_REVNAT6.insert(key, value, 0).is_ok()
+    };
+    finish(chosen, remember, |addr, port| {
+        set_user_addr6(ctx, addr, port)
+    })
 }
 
 #[inline(always)]
