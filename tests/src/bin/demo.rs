@@ -44,7 +44,20 @@ spec:
     )
 }
 
-fn pod(name: &str, app: &str, ip: Ipv4Addr, node: &str, port: u16) -> String {
+/// A Pod as the API server shows it: `podIPs` lists its IPv6 address too
+/// when it has one (a dual-stack pod).
+fn pod(
+    name: &str,
+    app: &str,
+    ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
+    node: &str,
+    port: u16,
+) -> String {
+    let ips = match ip6 {
+        Some(ip6) => format!("[{{ip: {ip}}}, {{ip: '{ip6}'}}]"),
+        None => format!("[{{ip: {ip}}}]"),
+    };
     format!(
         r#"apiVersion: v1
 kind: Pod
@@ -54,6 +67,7 @@ spec:
   containers: [{{name: main, image: example/{app}, ports: [{{containerPort: {port}}}]}}]
 status:
   podIP: {ip}
+  podIPs: {ips}
   conditions: [{{type: Ready, status: "True"}}]
 ---
 "#
@@ -77,7 +91,9 @@ spec:
   ports: [{name: http, port: 80}]
 "#;
 
-/// A dual-stack Service over the myapp pods: one ClusterIP per family.
+/// A dual-stack Service over the myapp pods: one ClusterIP per family, the
+/// endpoints of each from the pods' `podIPs` of that family (the manifest
+/// source makes one EndpointSlice per family, as the controller does).
 fn dual_stack_service() -> String {
     format!(
         r#"apiVersion: v1
@@ -88,33 +104,10 @@ spec:
   ipFamilies: [IPv4, IPv6]
   clusterIP: {DUAL_IP4}
   clusterIPs: [{DUAL_IP4}, '{DUAL_IP6}']
+  selector: {{app: myapp}}
   ports: [{{name: http, port: 80, targetPort: 80}}]
 ---
 "#
-    )
-}
-
-/// The EndpointSlice of `family` ("IPv4" or "IPv6") for myapp-dual, as the
-/// EndpointSlice controller writes one per family of a dual-stack Service.
-/// The Service has no selector: the manifest source's endpoints controller
-/// takes a pod's first address only, so it would give no IPv6 slice.
-fn dual_stack_slice(family: &str, pods: &[&Pod]) -> String {
-    let mut eps = String::new();
-    for p in pods {
-        let addr: IpAddr = match (family, p.ip6) {
-            ("IPv6", Some(ip6)) => ip6.into(),
-            _ => p.ip.into(),
-        };
-        eps.push_str(&format!(
-            "- {{addresses: ['{addr}'], nodeName: node-{}, conditions: {{ready: true}}}}\n",
-            p.node + 1
-        ));
-    }
-    format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {{name: myapp-dual-{}, labels: {{kubernetes.io/service-name: myapp-dual}}}}\n\
-         addressType: {family}\nports: [{{name: http, port: 80, protocol: TCP}}]\nendpoints:\n{eps}---\n",
-        family.to_ascii_lowercase()
     )
 }
 
@@ -322,12 +315,13 @@ fn main() -> anyhow::Result<()> {
         if let Some(ip6) = p.ip6 {
             servers.push(Server::start(&p.ns, ip6, 80, name)?);
         }
-        manifests.push_str(&pod(name, "myapp", p.ip, &format!("node-{}", node + 1), 80));
+        let node = format!("node-{}", node + 1);
+        manifests.push_str(&pod(name, "myapp", p.ip, p.ip6, &node, 80));
     }
     let r = topo.add_pod(n2, "redis-0")?;
     let rp = &topo.pods[r];
     servers.push(Server::start(&rp.ns, rp.ip, 6379, "redis-0")?);
-    manifests.push_str(&pod("redis-0", "redis", rp.ip, "node-2", 6379));
+    manifests.push_str(&pod("redis-0", "redis", rp.ip, rp.ip6, "node-2", 6379));
     let cp = topo.add_pod(n1, "toolbox")?;
     let v6 = |a: Option<Ipv6Addr>| a.map(|a| a.to_string()).unwrap_or_default();
     for n in &topo.nodes {
@@ -359,17 +353,7 @@ fn main() -> anyhow::Result<()> {
     dir.write("pods.yaml", &manifests)?;
     dir.write("myapp.yaml", &myapp_service(false))?;
     dir.write("other.yaml", OTHER_SERVICES)?;
-    let myapp_pods: Vec<&Pod> = topo
-        .pods
-        .iter()
-        .filter(|p| p.name.starts_with("myapp-"))
-        .collect();
-    dir.write(
-        "myapp-dual.yaml",
-        &(dual_stack_service()
-            + &dual_stack_slice("IPv4", &myapp_pods)
-            + &dual_stack_slice("IPv6", &myapp_pods)),
-    )?;
+    dir.write("myapp-dual.yaml", &dual_stack_service())?;
     heading("service-agent on each node, same manifests, its own pin directory");
     let mut a1 = Agent::start(
         &topo.nodes[n1].ns,
