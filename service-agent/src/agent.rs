@@ -40,7 +40,7 @@ struct Agent {
     changes: ChangeTracker,
     /// (Service, port name) of each frontend in the last status file: the
     /// file is rewritten only when these, skips or problems change.
-    status_names: BTreeMap<FrontendKey, (String, String)>,
+    status_names: BTreeMap<FrontendKey, (Arc<str>, Arc<str>)>,
     last_skipped: Vec<plan::Skipped>,
     health: HealthServers,
     metrics: Arc<Metrics>,

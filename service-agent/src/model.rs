@@ -5,7 +5,7 @@
 //! two jobs the control plane would: the EndpointSlice controller (Pods
 //! selected by a Service become endpoints) and the mirroring controller
 //! (Endpoints of a selector-less Service become an EndpointSlice).
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -39,11 +39,12 @@ pub const TOPOLOGY_MODE_ANNOTATIONS: [&str; 2] = [
 ];
 
 /// What joins a Service and its EndpointSlices: the namespace (`default`
-/// when missing) and the name.
+/// when missing) and the name. Shared strings: the planner and the sources
+/// index by it several times over, and a copy costs no allocation.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceId {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ServiceId {

@@ -44,8 +44,8 @@ impl Status {
                 .iter()
                 .map(|(k, f)| FrontendStatus {
                     frontend: k.to_string(),
-                    service: f.service.clone(),
-                    port_name: f.port_name.clone(),
+                    service: f.service.to_string(),
+                    port_name: f.port_name.to_string(),
                 })
                 .collect(),
             skipped: plan

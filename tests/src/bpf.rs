@@ -73,9 +73,9 @@ pub fn sizes(entries: u32, conntrack: u32) -> MapSizes {
 pub fn frontend(service: &str, kind: FrontendKind, backends: Vec<BackendAddr>) -> FrontendPlan {
     FrontendPlan {
         service: service.into(),
-        port_name: String::new(),
+        port_name: "".into(),
         kind,
-        backends,
+        backends: backends.into(),
         in_cluster: None,
         affinity_timeout_s: None,
         reject_when_empty: true,

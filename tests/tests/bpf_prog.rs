@@ -741,7 +741,7 @@ fn sources_inside_the_cluster_use_the_in_cluster_set_of_a_local_frontend() {
         FrontendKind::NodePort,
         vec![bpf::backend(ip(OWN), 8080, true)],
     );
-    np.in_cluster = Some(vec![bpf::backend(ip(IN_CLUSTER), 8080, true)]);
+    np.in_cluster = Some(vec![bpf::backend(ip(IN_CLUSTER), 8080, true)].into());
     let mut l = load(vec![(key("0.0.0.0", 30080, Protocol::Tcp), np)]);
     l.set_node_addr(ip(NODE)).unwrap();
     (l.dp.writer)

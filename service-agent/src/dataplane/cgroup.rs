@@ -310,7 +310,14 @@ pub fn detach_all(pin_dir: &Path) -> Vec<String> {
 /// value bpf_get_netns_cookie() returns for sockets of the same namespace.
 pub fn netns_cookie() -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    // Unbound: binding needs an address, and a namespace whose loopback is
+    // still down has none.
+    let s = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: the buffer and its length describe `cookie`.

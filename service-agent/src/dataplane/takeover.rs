@@ -165,13 +165,22 @@ pub fn adopt_kernel_flows(
     node_addrs: &[Ipv4Addr],
     now_ns: u64,
 ) -> Result<usize, TakeoverError> {
-    let fe = Frontends::read(t, node_addrs);
-    let mut found = vec![];
+    let mut translated = vec![];
     kernel_conntrack::dump(|flow| {
-        if let Some(e) = entries_for(&flow, &fe, now_ns) {
-            found.push(e);
+        if flow.dst_translated() {
+            translated.push(flow);
         }
     })?;
+    // Reading the maps back costs two syscalls an entry (a second at
+    // 100,000 backends): only when netfilter translates something.
+    if translated.is_empty() {
+        return Ok(0);
+    }
+    let fe = Frontends::read(t, node_addrs);
+    let found: Vec<_> = translated
+        .iter()
+        .filter_map(|flow| entries_for(flow, &fe, now_ns))
+        .collect();
     let mut written = 0;
     for [(rk, rv), (qk, qv)] in found {
         // NOEXIST: an existing entry is either ours (a newer flow on the

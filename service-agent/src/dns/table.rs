@@ -78,7 +78,7 @@ impl Table {
                     .or_default()
                     .insert((id.clone(), host));
             }
-            *self.namespaces.entry(id.namespace.clone()).or_default() += 1;
+            *self.namespaces.entry(id.namespace.to_string()).or_default() += 1;
             self.services.insert(id.clone(), e);
         }
     }
@@ -95,10 +95,10 @@ impl Table {
                 }
             }
         }
-        if let Some(n) = self.namespaces.get_mut(&id.namespace) {
+        if let Some(n) = self.namespaces.get_mut(&*id.namespace) {
             *n -= 1;
             if *n == 0 {
-                self.namespaces.remove(&id.namespace);
+                self.namespaces.remove(&*id.namespace);
             }
         }
     }

@@ -9,7 +9,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::Endpoint};
 
 use super::{
     slices::PortEndpoint,
-    types::{BackendAddr, NodeContext},
+    types::{BackendAddr, Backends, NodeContext},
 };
 use crate::model::TOPOLOGY_MODE_ANNOTATIONS;
 
@@ -92,14 +92,14 @@ impl TrafficPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Chosen {
     /// For traffic from inside the cluster (the ClusterIP).
-    pub internal: Vec<BackendAddr>,
+    pub internal: Backends,
     /// For traffic from outside (NodePorts, externalIPs, LoadBalancer IPs).
-    pub external: Vec<BackendAddr>,
+    pub external: Backends,
     /// Cluster-wide (topology-narrowed), whatever the policies say: what
     /// sources inside the cluster get on external addresses of a Service
     /// with `externalTrafficPolicy: Local` (kube-proxy's short-circuit to
     /// its cluster policy chain).
-    pub cluster: Vec<BackendAddr>,
+    pub cluster: Backends,
     /// Some endpoint anywhere can serve: without one the frontends reject;
     /// with one but none chosen (policy Local), they drop.
     pub has_any: bool,
@@ -136,6 +136,8 @@ pub(super) fn categorize_endpoints(
         }
         _ => all.clone(),
     };
+    // One shared list for every frontend of the port that gets it.
+    let (local, cluster): (Backends, Backends) = (local.into(), cluster.into());
     let pick = |local_only: bool| {
         if local_only {
             local.clone()

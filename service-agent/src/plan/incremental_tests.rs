@@ -90,7 +90,7 @@ fn random_service(r: &mut Rng, id: &ServiceId, origin: usize) -> Sourced<Service
     if ty == "LoadBalancer" && r.chance(30) {
         spec["loadBalancerSourceRanges"] = json!(["203.0.113.0/24"]);
     }
-    let mut meta = json!({"namespace": id.namespace, "name": id.name});
+    let mut meta = json!({"namespace": &*id.namespace, "name": &*id.name});
     if r.chance(70) {
         meta["creationTimestamp"] = json!(format!("2024-01-0{}T00:00:00Z", 1 + r.below(3)));
     }
@@ -127,10 +127,10 @@ fn random_slice(
         }
         endpoints.push(e);
     }
-    let ns = id.map_or("a", |i| i.namespace.as_str());
+    let ns = id.map_or("a", |i| &*i.namespace);
     let mut meta = json!({"namespace": ns, "name": format!("sl-{n}")});
     if let Some(id) = id {
-        meta["labels"] = json!({SERVICE_NAME_LABEL: id.name});
+        meta["labels"] = json!({SERVICE_NAME_LABEL: &*id.name});
     }
     let obj = json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",

@@ -84,7 +84,7 @@ fn per_service_objects_give_the_full_compile_and_a_pod_edit_names_its_service() 
     let web = expected
         .frontends
         .values()
-        .find(|f| f.service == "default/web")
+        .find(|f| &*f.service == "default/web")
         .unwrap();
     assert_eq!(
         web.backends

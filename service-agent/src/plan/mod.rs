@@ -39,8 +39,8 @@ pub use self::{
         SERVICE_PROXY_NAME_LABEL, Skip, is_port_name,
     },
     types::{
-        BackendAddr, FrontendKey, FrontendKind, FrontendPlan, HealthCheck, NodeContext, Plan,
-        Problem, Protocol, Skipped,
+        BackendAddr, Backends, FrontendKey, FrontendKind, FrontendPlan, HealthCheck, NodeContext,
+        Plan, Problem, Protocol, Skipped,
     },
 };
 use crate::model::Sourced;
@@ -65,11 +65,7 @@ pub fn compile_after(
     node: &NodeContext,
     previous: &Plan,
 ) -> Plan {
-    let incumbents: BTreeSet<&str> = previous
-        .frontends
-        .values()
-        .map(|f| f.service.as_str())
-        .collect();
+    let incumbents: BTreeSet<&str> = previous.frontends.values().map(|f| &*f.service).collect();
     let mut plan = Plan::default();
     let by_service = slices::by_service(slices);
     for slice in slices {
@@ -113,7 +109,7 @@ pub fn compile_after(
         plan.health_checks.extend(settled.health);
         if settled.refused {
             plan.refused.insert(c.name.clone());
-            plan.frontends.retain(|_, f| f.service != c.name);
+            plan.frontends.retain(|_, f| *f.service != *c.name);
         }
         plan.problems.extend(settled.problems);
     }

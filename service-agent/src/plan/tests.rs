@@ -234,7 +234,10 @@ spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
 "#;
     let p = plan(yaml);
     assert_eq!(p.frontends.len(), 1);
-    assert_eq!(p.frontends.values().next().unwrap().service, "default/a");
+    assert_eq!(
+        p.frontends.values().next().unwrap().service.as_ref(),
+        "default/a"
+    );
     assert!(p.refused.contains("default/b"));
     let msg = p.problems[0].to_string();
     assert!(
@@ -1057,7 +1060,7 @@ fn the_service_already_serving_a_frontend_keeps_it() {
     let c = cluster(&(svc("alpha") + &svc("zeta")));
     let after = compile_after(&c.services, &[], &NodeContext::default(), &before);
     assert_eq!(
-        after.frontends.values().next().unwrap().service,
+        after.frontends.values().next().unwrap().service.as_ref(),
         "default/zeta"
     );
     assert!(after.refused.contains("default/alpha"));
@@ -1071,7 +1074,10 @@ fn the_service_already_serving_a_frontend_keeps_it() {
     let c =
         cluster(&(dated("alpha", "2026-02-01T00:00:00Z") + &dated("zeta", "2026-01-01T00:00:00Z")));
     let p = compile(&c.services, &[], &NodeContext::default());
-    assert_eq!(p.frontends.values().next().unwrap().service, "default/zeta");
+    assert_eq!(
+        p.frontends.values().next().unwrap().service.as_ref(),
+        "default/zeta"
+    );
 }
 
 #[test]

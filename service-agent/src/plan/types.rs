@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use super::{error::FieldError, ipnet_lite};
@@ -121,21 +122,26 @@ pub enum FrontendKind {
     LoadBalancer,
 }
 
+/// A frontend's backends. Shared: the planner keeps a frontend's plan as
+/// compiled, as won and as in force, and a Service's ports and frontends
+/// mostly have the same list.
+pub type Backends = Arc<[BackendAddr]>;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendPlan {
-    /// `namespace/name` of the Service.
-    pub service: String,
-    pub port_name: String,
+    /// `namespace/name` of the Service (shared by its frontends).
+    pub service: Arc<str>,
+    pub port_name: Arc<str>,
     pub kind: FrontendKind,
     /// Sorted, without duplicates. Empty: the frontend rejects.
-    pub backends: Vec<BackendAddr>,
+    pub backends: Backends,
     /// The backends for sources inside the cluster (pods, the node itself),
     /// when they differ in kind from `backends`: on the external addresses
     /// of a Service with `externalTrafficPolicy: Local`, which applies to
     /// traffic from outside only, these get every cluster-wide endpoint as
     /// kube-proxy's short-circuit gives them. `None`: every source uses
     /// `backends`.
-    pub in_cluster: Option<Vec<BackendAddr>>,
+    pub in_cluster: Option<Backends>,
     /// ClientIP affinity timeout, when the Service asks for affinity.
     pub affinity_timeout_s: Option<u32>,
     /// With no backend: answer with a reject (the Service has no endpoint
@@ -240,7 +246,7 @@ impl Plan {
     /// that a bad edit leaves the last good state serving.
     pub fn keep_refused_from(&mut self, previous: &Plan) {
         for (k, f) in &previous.frontends {
-            if self.refused.contains(&f.service) && !self.frontends.contains_key(k) {
+            if self.refused.contains(&*f.service) && !self.frontends.contains_key(k) {
                 self.frontends.insert(*k, f.clone());
             }
         }

@@ -250,7 +250,7 @@ impl Writer {
         report: &mut ApplyReport,
     ) -> Result<(), String> {
         let mut ids = Vec::with_capacity(fe.backends.len());
-        for b in &fe.backends {
+        for b in fe.backends.iter() {
             let flags = if b.local { BE_F_LOCAL } else { 0 };
             let backend = AnyBackend::new(b.addr, b.port, mk.proto(), flags);
             ids.push(self.ids.backend_id(t, backend, report)?);

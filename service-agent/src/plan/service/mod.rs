@@ -105,7 +105,7 @@ fn compile(
         );
     }
     let service = ports::Frontends {
-        service: ctx.name.clone(),
+        service: ctx.name.as_str().into(),
         cluster_ips,
         node_ports: matches!(svc_type, "NodePort" | "LoadBalancer"),
         external_addrs,

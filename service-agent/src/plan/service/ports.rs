@@ -1,7 +1,7 @@
 //! The ports of a Service: each valid one becomes a frontend on the
 //! ClusterIP, on every node address (NodePort) and on each external
 //! address, with the endpoints chosen for it.
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -48,7 +48,7 @@ fn protocol_of(sp: &ServicePort) -> Result<Protocol, FieldError> {
 /// What every frontend of the Service shares.
 pub(super) struct Frontends {
     /// `namespace/name`.
-    pub service: String,
+    pub service: Arc<str>,
     /// One per family, the primary first: each family's frontends get
     /// the endpoints of that family's slices.
     pub cluster_ips: Vec<IpAddr>,
@@ -74,7 +74,7 @@ impl Frontends {
         let short_circuit = !internal && self.policy.external_local && chosen.has_any;
         FrontendPlan {
             service: self.service.clone(),
-            port_name: port_name.to_string(),
+            port_name: port_name.into(),
             kind,
             backends: if internal {
                 chosen.internal.clone()
@@ -156,6 +156,8 @@ pub(super) fn frontends(
             }
         }
     }
+    // Kept per Service until it changes: without its growth room.
+    out.shrink_to_fit();
     Ok((out, local_ready))
 }
 
@@ -209,7 +211,7 @@ pub(super) fn health_check(
     };
     Some(HealthCheck {
         port,
-        service: service.service.clone(),
+        service: service.service.to_string(),
         local_endpoints: local_ready.len(),
     })
 }

@@ -109,7 +109,12 @@ fn local_external_frontends_give_sources_inside_the_cluster_every_ready_endpoint
             ["10.244.1.5:8080", "10.244.2.5:8080"],
             "{at:?}: inside, ready ones of every node"
         );
-        let local: Vec<bool> = f.in_cluster.iter().flatten().map(|b| b.local).collect();
+        let local: Vec<bool> = f
+            .in_cluster
+            .iter()
+            .flat_map(|b| b.iter())
+            .map(|b| b.local)
+            .collect();
         assert_eq!(local, [true, false], "{at:?}");
     }
     let c = frontend(&p, CLUSTER_IP);

@@ -3,6 +3,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -81,7 +82,9 @@ pub struct ManifestDir {
     /// Service → files with its Service objects, slices or Endpoints, and
     /// where in each they are: gathering one Service's objects must not scan
     /// a file that holds all 10,000 (`kubectl get -o yaml` output).
-    files_of: BTreeMap<ServiceId, BTreeMap<PathBuf, Held>>,
+    /// (A few files per Service at most: a vector, not a map, whose
+    /// empty node alone would be a kilobyte a Service.)
+    files_of: BTreeMap<ServiceId, Vec<(Arc<Path>, Held)>>,
     /// (namespace, label, value) → Pods carrying it, by file and position.
     pods: BTreeMap<LabelKey, BTreeSet<(PathBuf, usize)>>,
     /// (namespace, label, value) of the first term of a selector → the
@@ -96,9 +99,9 @@ type LabelKey = (String, String, String);
 /// Positions of one Service's objects in one file's lists, in document order.
 #[derive(Debug, Default)]
 struct Held {
-    services: Vec<usize>,
-    slices: Vec<usize>,
-    endpoints: Vec<usize>,
+    services: Vec<u32>,
+    slices: Vec<u32>,
+    endpoints: Vec<u32>,
 }
 
 /// What reading files again changed.
@@ -231,16 +234,20 @@ impl ManifestDir {
             .get(id)
             .into_iter()
             .flatten()
-            .filter_map(|(p, h)| Some((self.last_good.get(p)?, h)))
+            .filter_map(|(p, h)| Some((self.last_good.get(&**p)?, h)))
             .collect();
         let services: Vec<Sourced<Service>> = held
             .iter()
-            .flat_map(|(f, h)| h.services.iter().filter_map(|i| f.services.get(*i)))
+            .flat_map(|(f, h)| {
+                h.services
+                    .iter()
+                    .filter_map(|i| f.services.get(*i as usize))
+            })
             .map(|(s, _, _)| s.unpack())
             .collect();
         let mut slices: Vec<Sourced<EndpointSlice>> = held
             .iter()
-            .flat_map(|(f, h)| h.slices.iter().filter_map(|i| f.slices.get(*i)))
+            .flat_map(|(f, h)| h.slices.iter().filter_map(|i| f.slices.get(*i as usize)))
             .map(|(s, _)| s.unpack())
             .collect();
         let own_slices = !slices.is_empty();
@@ -261,7 +268,11 @@ impl ManifestDir {
         }
         if !own_slices && services.iter().any(|s| is_selectorless(&s.object)) {
             for (f, h) in &held {
-                for (ep, _) in h.endpoints.iter().filter_map(|i| f.endpoints.get(*i)) {
+                for (ep, _) in h
+                    .endpoints
+                    .iter()
+                    .filter_map(|i| f.endpoints.get(*i as usize))
+                {
                     slices.extend(mirror_endpoints(&ep.unpack()));
                 }
             }
@@ -369,6 +380,9 @@ impl ManifestDir {
     /// Adds (or removes) what `objects` of `file` contribute to the indexes.
     fn index(&mut self, file: &Path, objects: &Stored, add: bool) {
         let mut held: BTreeMap<ServiceId, Held> = BTreeMap::new();
+        // Positions fit u32: a file is at most MAX_FILE_BYTES, and an object
+        // takes more than a byte.
+        let at = |i: usize| i as u32;
         for (i, (_, id, first_term)) in objects.services.iter().enumerate() {
             if let Some(key) = first_term {
                 let counts = self.selectors.entry(key.clone()).or_default();
@@ -385,24 +399,30 @@ impl ManifestDir {
                     }
                 }
             }
-            held.entry(id.clone()).or_default().services.push(i);
+            held.entry(id.clone()).or_default().services.push(at(i));
         }
         let mut unlabeled = false;
         for (i, (_, id)) in objects.slices.iter().enumerate() {
             match id {
-                Some(id) => held.entry(id.clone()).or_default().slices.push(i),
+                Some(id) => held.entry(id.clone()).or_default().slices.push(at(i)),
                 None => unlabeled = true,
             }
         }
         for (i, (_, id)) in objects.endpoints.iter().enumerate() {
-            held.entry(id.clone()).or_default().endpoints.push(i);
+            held.entry(id.clone()).or_default().endpoints.push(at(i));
         }
+        let shared: Arc<Path> = file.into();
         for (id, h) in held {
             if add {
                 let files = self.files_of.entry(id).or_default();
-                files.insert(file.to_path_buf(), h);
+                // In path order, as a map would keep them: objects() gathers
+                // in that order.
+                match files.binary_search_by(|(p, _)| (**p).cmp(file)) {
+                    Ok(i) => files[i].1 = h,
+                    Err(i) => files.insert(i, (shared.clone(), h)),
+                }
             } else if let Some(files) = self.files_of.get_mut(&id) {
-                files.remove(file);
+                files.retain(|(p, _)| **p != *file);
                 if files.is_empty() {
                     self.files_of.remove(&id);
                 }

@@ -107,9 +107,11 @@ pub fn edge_costs(sizes: &[u32], flows: u32, rounds: u32) -> anyhow::Result<Vec<
             let mut l = load(services);
             let mut plan = plan_of(services);
             for fe in plan.frontends.values_mut() {
-                for b in &mut fe.backends {
-                    b.local = false;
-                }
+                fe.backends = fe
+                    .backends
+                    .iter()
+                    .map(|b| service_agent::plan::BackendAddr { local: false, ..*b })
+                    .collect();
             }
             l.apply(&plan)?;
             l.set_node_addr(NODE)?;

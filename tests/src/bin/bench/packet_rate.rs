@@ -115,9 +115,11 @@ fn world(services: u32, pins: &PinDir) -> anyhow::Result<World> {
         ),
     );
     for fe in plan.frontends.values_mut() {
-        for b in &mut fe.backends {
-            b.local = false;
-        }
+        fe.backends = fe
+            .backends
+            .iter()
+            .map(|b| service_agent::plan::BackendAddr { local: false, ..*b })
+            .collect();
     }
     l.apply(&plan)?;
     l.set_node_addr(NODE)?;

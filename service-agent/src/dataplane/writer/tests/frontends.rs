@@ -268,7 +268,7 @@ fn a_full_map_refuses_the_frontend_by_name_and_leaves_the_others() {
                 let fk = grown
                     .frontends
                     .iter()
-                    .find(|(_, f)| f.service == format!("default/{s}"))
+                    .find(|(_, f)| *f.service == format!("default/{s}"))
                     .unwrap()
                     .0;
                 format!("Service default/{s} frontend {fk}: {message}")

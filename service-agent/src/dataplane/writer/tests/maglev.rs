@@ -123,8 +123,13 @@ fn two_nodes_build_the_same_table_whatever_their_order_and_locality() {
     let np = node_port(30080);
     let mut a = external(FrontendKind::NodePort, &[4, 9, 2, 7]);
     let mut b = external(FrontendKind::NodePort, &[7, 2, 9, 4]);
-    a.backends[0].local = true;
-    b.backends[2].local = true;
+    let mark_local = |f: &mut FrontendPlan, i: usize| {
+        let mut v = f.backends.to_vec();
+        v[i].local = true;
+        f.backends = v.into();
+    };
+    mark_local(&mut a, 0);
+    mark_local(&mut b, 2);
     let tables: Vec<_> = [a, b]
         .into_iter()
         .map(|f| {

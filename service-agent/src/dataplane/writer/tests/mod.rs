@@ -67,8 +67,8 @@ fn pod(last: u8) -> Ipv4Addr {
 /// A frontend of Service `default/<name>` with backends 10.1.0.<b>:8080.
 fn fe(name: &str, backends: &[u8]) -> FrontendPlan {
     FrontendPlan {
-        service: format!("default/{name}"),
-        port_name: String::new(),
+        service: format!("default/{name}").into(),
+        port_name: "".into(),
         kind: FrontendKind::ClusterIp,
         backends: backends
             .iter()
