@@ -6,7 +6,7 @@
 //! last sync saw of it, by `resourceVersion` when it has one (the API
 //! server's objects), else by its content (manifests).
 use std::{
-    collections::{BTreeMap, HashMap, hash_map::DefaultHasher},
+    collections::{HashMap, hash_map::DefaultHasher},
     hash::{Hash as _, Hasher as _},
     time::SystemTime,
 };
@@ -23,11 +23,26 @@ use crate::{
 };
 
 /// What the last sync saw of one Service id: a fingerprint of its Service
-/// objects, and of each of its slices by name.
+/// objects, and of each of its slices by (a hash of) its name, sorted. Kept
+/// for every Service: as a map of names, a kilobyte each at 10,000.
 #[derive(Default, PartialEq, Eq)]
 struct Seen {
-    services: Vec<u64>,
-    slices: BTreeMap<String, u64>,
+    services: Box<[u64]>,
+    slices: Box<[(u64, u64)]>,
+}
+
+impl Seen {
+    fn slice(&self, name: &str) -> Option<u64> {
+        let k = name_hash(name);
+        let i = self.slices.binary_search_by(|(n, _)| n.cmp(&k)).ok()?;
+        Some(self.slices[i].1)
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -92,14 +107,18 @@ impl ChangeTracker {
                 .iter()
                 .map(|s| fingerprint(&s.object.metadata, &s.object))
                 .collect(),
-            slices: slices
-                .iter()
-                .map(|s| {
-                    let m = &s.object.metadata;
-                    let name = m.name.clone().unwrap_or_default();
-                    (name, fingerprint(m, &s.object))
-                })
-                .collect(),
+            slices: {
+                let mut v: Vec<(u64, u64)> = slices
+                    .iter()
+                    .map(|s| {
+                        let m = &s.object.metadata;
+                        let name = m.name.as_deref().unwrap_or_default();
+                        (name_hash(name), fingerprint(m, &s.object))
+                    })
+                    .collect();
+                v.sort_unstable();
+                v.into_boxed_slice()
+            },
         };
         let before = self.seen.remove(id).unwrap_or_default();
         if before.services != now.services {
@@ -107,7 +126,7 @@ impl ChangeTracker {
         }
         for s in slices {
             let name = s.object.metadata.name.as_deref().unwrap_or_default();
-            if before.slices.get(name) != now.slices.get(name) {
+            if before.slice(name) != now.slice(name) {
                 out.endpoint_changes += 1;
                 out.triggers
                     .extend(trigger_time(&s.object).filter(|t| *t >= self.start));
@@ -115,8 +134,8 @@ impl ChangeTracker {
         }
         let deleted = before
             .slices
-            .keys()
-            .filter(|n| !now.slices.contains_key(*n));
+            .iter()
+            .filter(|(n, _)| now.slices.binary_search_by(|(m, _)| m.cmp(n)).is_err());
         out.endpoint_changes += deleted.count() as u64;
         if now != Seen::default() {
             self.seen.insert(id.clone(), now);

@@ -12,8 +12,10 @@ use crate::dataplane::maps::{AnyBackend, Maps};
 pub(super) struct Ids {
     /// Backend → its id in BACKENDS or BACKENDS6 (one id space).
     backends: HashMap<AnyBackend, u32>,
-    /// Backend id → the backend and how many frontend slots use it.
-    refs: HashMap<u32, (AnyBackend, usize)>,
+    /// Backend id → the backend and how many frontend slots use it, indexed
+    /// by id: ids are handed out densely from 1 and reused, and at 100,000
+    /// backends a hash map of them, growing, held twice their size.
+    refs: Refs,
     /// Backend ids whose count fell to zero since the last release: the
     /// only candidates for removal, so a change does not scan every backend.
     unused: BTreeSet<u32>,
@@ -47,14 +49,14 @@ impl Ids {
     /// unless a frontend slot refers to it.
     pub fn adopt_backend(&mut self, id: u32, b: AnyBackend) {
         self.backends.insert(b, id);
-        self.refs.insert(id, (b, 0));
+        self.refs.set(id, Some((b, 0)));
         self.unused.insert(id);
         self.next_backend_id = self.next_backend_id.max(id + 1);
     }
 
     /// The backend behind `id`, when it is known.
     pub fn backend(&self, id: u32) -> Option<AnyBackend> {
-        self.refs.get(&id).map(|(b, _)| *b)
+        self.refs.get(id).map(|(b, _)| *b)
     }
 
     pub fn adopt_svc_id(&mut self, id: u32) {
@@ -62,7 +64,7 @@ impl Ids {
     }
 
     pub fn add_ref(&mut self, id: u32, delta: isize) {
-        if let Some(e) = self.refs.get_mut(&id) {
+        if let Some(e) = self.refs.get_mut(id) {
             e.1 = e.1.saturating_add_signed(delta);
             if e.1 == 0 {
                 self.unused.insert(id);
@@ -112,7 +114,7 @@ impl Ids {
         }
         report.backends_added += 1;
         self.backends.insert(b, id);
-        self.refs.insert(id, (b, 0));
+        self.refs.set(id, Some((b, 0)));
         // Released again if the frontend that asked for it fails to write.
         self.unused.insert(id);
         Ok(id)
@@ -123,7 +125,7 @@ impl Ids {
     pub fn release_unused(&mut self, t: &mut impl Maps, report: &mut ApplyReport) {
         let unused: Vec<(AnyBackend, u32)> = std::mem::take(&mut self.unused)
             .into_iter()
-            .filter_map(|id| match self.refs.get(&id) {
+            .filter_map(|id| match self.refs.get(id) {
                 Some((b, 0)) => Some((*b, id)),
                 _ => None,
             })
@@ -132,7 +134,7 @@ impl Ids {
             match t.remove(b.entry_key(id)) {
                 Ok(()) => {
                     self.backends.remove(&b);
-                    self.refs.remove(&id);
+                    self.refs.set(id, None);
                     self.free_backend_ids.push(id);
                     report.backends_removed += 1;
                 }
@@ -142,5 +144,30 @@ impl Ids {
                 }
             }
         }
+    }
+}
+
+/// Backend id → (backend, slot references), as a vector indexed by id.
+#[derive(Clone, Debug, Default)]
+struct Refs(Vec<Option<(AnyBackend, usize)>>);
+
+impl Refs {
+    fn get(&self, id: u32) -> Option<&(AnyBackend, usize)> {
+        self.0.get(id as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, id: u32) -> Option<&mut (AnyBackend, usize)> {
+        self.0.get_mut(id as usize)?.as_mut()
+    }
+
+    fn set(&mut self, id: u32, v: Option<(AnyBackend, usize)>) {
+        let i = id as usize;
+        if i >= self.0.len() {
+            if v.is_none() {
+                return;
+            }
+            self.0.resize(i + 1, None);
+        }
+        self.0[i] = v;
     }
 }

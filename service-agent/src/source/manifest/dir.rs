@@ -40,7 +40,7 @@ impl Sink for Stored {
         let id = ServiceId::of(&s.object.metadata);
         let first_term = pod_selector(&s.object).and_then(|(ns, selector)| {
             let (k, v) = selector.iter().next()?;
-            Some((ns.to_string(), k.clone(), v.clone()))
+            Some(label_key(ns, k, v))
         });
         self.services.push((Packed::pack(&s), id, first_term));
     }
@@ -89,12 +89,22 @@ pub struct ManifestDir {
     pods: BTreeMap<LabelKey, BTreeSet<(PathBuf, usize)>>,
     /// (namespace, label, value) of the first term of a selector → the
     /// Services whose selector starts with it (counted: a file may repeat one).
-    selectors: BTreeMap<LabelKey, BTreeMap<ServiceId, usize>>,
+    selectors: BTreeMap<LabelKey, Vec<(ServiceId, usize)>>,
     /// Files holding slices that name no Service.
     unlabeled: BTreeSet<PathBuf>,
 }
 
-type LabelKey = (String, String, String);
+/// A hash of (namespace, label, value). The indexes by label give
+/// candidates that are then matched in full, so a collision costs a
+/// candidate, never a wrong answer; and a hash takes no allocation.
+type LabelKey = u64;
+
+fn label_key(namespace: &str, label: &str, value: &str) -> LabelKey {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    (namespace, label, value).hash(&mut h);
+    h.finish()
+}
 
 /// Positions of one Service's objects in one file's lists, in document order.
 #[derive(Debug, Default)]
@@ -260,7 +270,7 @@ impl ManifestDir {
             };
             let candidates = self
                 .pods
-                .get(&(ns.to_string(), k.clone(), v.clone()))
+                .get(&label_key(ns, k, v))
                 .into_iter()
                 .flatten()
                 .filter_map(|(p, i)| self.last_good.get(p)?.pods.get(*i));
@@ -325,7 +335,12 @@ impl ManifestDir {
 
     /// Puts `new` in place of what `file` held, keeping the indexes, and
     /// notes the Services whose objects differ.
-    fn replace(&mut self, file: &Path, new: Stored, changes: &mut Changes) {
+    fn replace(&mut self, file: &Path, mut new: Stored, changes: &mut Changes) {
+        // Kept until the file changes: without the room the reading grew.
+        new.services.shrink_to_fit();
+        new.slices.shrink_to_fit();
+        new.endpoints.shrink_to_fit();
+        new.pods.shrink_to_fit();
         let old = self.last_good.remove(file).unwrap_or_default();
         // Objects compared by position: an edit in place touches one
         // Service, an inserted document shifts the origins of those after it.
@@ -370,8 +385,8 @@ impl ManifestDir {
         for pod in pods {
             let ns = pod_namespace(&pod.object);
             for (k, v) in pod.object.metadata.labels.iter().flatten() {
-                if let Some(ids) = self.selectors.get(&(ns.to_string(), k.clone(), v.clone())) {
-                    out.extend(ids.keys().cloned());
+                if let Some(ids) = self.selectors.get(&label_key(ns, k, v)) {
+                    out.extend(ids.iter().map(|(id, _)| id.clone()));
                 }
             }
         }
@@ -385,14 +400,21 @@ impl ManifestDir {
         let at = |i: usize| i as u32;
         for (i, (_, id, first_term)) in objects.services.iter().enumerate() {
             if let Some(key) = first_term {
-                let counts = self.selectors.entry(key.clone()).or_default();
-                let n = counts.entry(id.clone()).or_default();
+                let counts = self.selectors.entry(*key).or_default();
+                let at = match counts.iter().position(|(x, _)| x == id) {
+                    Some(at) => at,
+                    None => {
+                        counts.push((id.clone(), 0));
+                        counts.len() - 1
+                    }
+                };
+                let n = &mut counts[at].1;
                 if add {
                     *n += 1;
                 } else {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
-                        counts.remove(id);
+                        counts.swap_remove(at);
                     }
                     if counts.is_empty() {
                         self.selectors.remove(key);
@@ -436,7 +458,7 @@ impl ManifestDir {
         for (i, pod) in objects.pods.iter().enumerate() {
             let ns = pod_namespace(&pod.object);
             for (k, v) in pod.object.metadata.labels.iter().flatten() {
-                let key = (ns.to_string(), k.clone(), v.clone());
+                let key = label_key(ns, k, v);
                 let at = (file.to_path_buf(), i);
                 if add {
                     self.pods.entry(key).or_default().insert(at);
