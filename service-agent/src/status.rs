@@ -83,7 +83,12 @@ pub fn status_path(state_dir: &Path) -> PathBuf {
 pub fn write(state_dir: &Path, status: &Status) -> std::io::Result<()> {
     fs::create_dir_all(state_dir)?;
     let tmp = state_dir.join(".status.json.tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
+    // Streamed: the text for 10,000 frontends is megabytes the agent
+    // need not hold.
+    let mut out = std::io::BufWriter::new(fs::File::create(&tmp)?);
+    serde_json::to_writer_pretty(&mut out, status)?;
+    std::io::Write::flush(&mut out)?;
+    drop(out);
     fs::rename(tmp, status_path(state_dir))
 }
 

@@ -5,13 +5,21 @@
 //! structs, 10,000 Services with 10 endpoints each take about 90 MiB
 //! (every optional field has its room, every string its allocation); as
 //! JSON, without the fields `trim` removed, a fifth of that; compressed
-//! (LZ4: an EndpointSlice repeats the same keys for every endpoint), a
-//! third of the JSON again. Unpacking one costs microseconds.
+//! with LZ4 against a dictionary of what Services and slices have in
+//! common (their keys, the usual values), a sixth of the JSON again: alone,
+//! an object of a few hundred bytes has too little to compress. Unpacking
+//! one costs microseconds.
 use std::{fmt, marker::PhantomData};
 
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::Sourced;
+
+/// Text every object of any kind is compressed against: typical trimmed
+/// Services and EndpointSlices, as serde_json writes them. Changing it
+/// changes nothing kept across runs: objects are packed and unpacked by
+/// the same process.
+const DICTIONARY: &[u8] = include_bytes!("packed_dictionary.json");
 
 pub struct Packed<T> {
     pub origin: Box<str>,
@@ -28,7 +36,8 @@ impl<T: Serialize + DeserializeOwned> Packed<T> {
             serde_json::to_vec(&object.object).expect("a Kubernetes object serializes to JSON");
         Self {
             origin: object.origin.as_str().into(),
-            packed: lz4_flex::compress_prepend_size(&json).into_boxed_slice(),
+            packed: lz4_flex::block::compress_prepend_size_with_dict(&json, DICTIONARY)
+                .into_boxed_slice(),
             _object: PhantomData,
         }
     }
@@ -48,7 +57,7 @@ impl<T: Serialize + DeserializeOwned> Packed<T> {
 
 impl<T> Packed<T> {
     fn json(&self) -> Vec<u8> {
-        lz4_flex::decompress_size_prepended(&self.packed)
+        lz4_flex::block::decompress_size_prepended_with_dict(&self.packed, DICTIONARY)
             .expect("a packed object decompresses: it was compressed here")
     }
 }
@@ -109,5 +118,40 @@ mod tests {
         let mut other = slice.clone();
         other.object.address_type = "IPv6".into();
         assert_ne!(p, Packed::pack(&other));
+    }
+
+    /// The dictionary is what makes a lone object small: a slice of ten
+    /// endpoints, as a controller writes it, packs to well under a fifth of
+    /// its JSON (about 1.7 KB), where LZ4 alone leaves a third.
+    #[test]
+    fn a_typical_slice_packs_small() {
+        let endpoints = (0..10)
+            .map(|k| {
+                serde_json::json!({
+                    "addresses": [format!("10.128.3.{k}")],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": format!("worker-{}", k % 3),
+                    "zone": format!("eu-west-{}", k % 3),
+                })
+            })
+            .collect::<Vec<_>>();
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "metadata": {
+                "name": "checkout-7xk2p",
+                "namespace": "shop",
+                "resourceVersion": "48213",
+                "creationTimestamp": "2026-10-02T08:15:00Z",
+                "labels": {"kubernetes.io/service-name": "checkout"},
+                "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2026-10-02T08:15:00Z"},
+            },
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }))
+        .unwrap();
+        let json = serde_json::to_vec(&slice).unwrap().len();
+        let p = Packed::pack(&Sourced::new("", slice.clone()));
+        assert!(p.size() * 5 < json, "{} bytes packed of {json}", p.size());
+        assert_eq!(p.unpack().object, slice);
     }
 }

@@ -1,7 +1,12 @@
 //! The ids the writer hands out: svc_ids (an index of the per-CPU SVC_STATS
 //! array) and backend ids (BACKENDS keys), with the slot references that
 //! decide when a backend entry can go.
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::BTreeSet,
+    hash::{BuildHasher, RandomState},
+};
+
+use hashbrown::HashTable;
 
 use service_common::*;
 
@@ -11,7 +16,7 @@ use crate::dataplane::maps::{AnyBackend, Maps};
 #[derive(Clone, Debug, Default)]
 pub(super) struct Ids {
     /// Backend → its id in BACKENDS or BACKENDS6 (one id space).
-    backends: HashMap<AnyBackend, u32>,
+    backends: ByBackend,
     /// Backend id → the backend and how many frontend slots use it, indexed
     /// by id: ids are handed out densely from 1 and reused, and at 100,000
     /// backends a hash map of them, growing, held twice their size.
@@ -48,8 +53,12 @@ impl Ids {
     /// A backend found in BACKENDS at start: released at the next apply
     /// unless a frontend slot refers to it.
     pub fn adopt_backend(&mut self, id: u32, b: AnyBackend) {
-        self.backends.insert(b, id);
+        if let Some(old) = self.backends.get(&self.refs, b) {
+            self.backends.remove(&self.refs, b);
+            self.refs.set(old, None);
+        }
         self.refs.set(id, Some((b, 0)));
+        self.backends.insert(&self.refs, b, id);
         self.unused.insert(id);
         self.next_backend_id = self.next_backend_id.max(id + 1);
     }
@@ -94,8 +103,8 @@ impl Ids {
         b: AnyBackend,
         report: &mut ApplyReport,
     ) -> Result<u32, String> {
-        if let Some(id) = self.backends.get(&b) {
-            return Ok(*id);
+        if let Some(id) = self.backends.get(&self.refs, b) {
+            return Ok(id);
         }
         let id = match self.free_backend_ids.pop() {
             Some(id) => id,
@@ -113,8 +122,8 @@ impl Ids {
             return Err(describe(map, e));
         }
         report.backends_added += 1;
-        self.backends.insert(b, id);
         self.refs.set(id, Some((b, 0)));
+        self.backends.insert(&self.refs, b, id);
         // Released again if the frontend that asked for it fails to write.
         self.unused.insert(id);
         Ok(id)
@@ -133,7 +142,7 @@ impl Ids {
         for (b, id) in unused {
             match t.remove(b.entry_key(id)) {
                 Ok(()) => {
-                    self.backends.remove(&b);
+                    self.backends.remove(&self.refs, b);
                     self.refs.set(id, None);
                     self.free_backend_ids.push(id);
                     report.backends_removed += 1;
@@ -169,5 +178,39 @@ impl Refs {
             self.0.resize(i + 1, None);
         }
         self.0[i] = v;
+    }
+}
+
+/// Backend → id, as a table of bare ids hashed by the backend each names in
+/// [`Refs`]: the backend is kept once, not again as a key.
+#[derive(Clone, Debug, Default)]
+struct ByBackend {
+    table: HashTable<u32>,
+    hasher: RandomState,
+}
+
+impl ByBackend {
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn get(&self, refs: &Refs, b: AnyBackend) -> Option<u32> {
+        let named = |id: &u32| refs.get(*id).map(|(x, _)| *x) == Some(b);
+        self.table.find(self.hasher.hash_one(b), named).copied()
+    }
+
+    /// `b` must have `id` in `refs` already, and no other id here.
+    fn insert(&mut self, refs: &Refs, b: AnyBackend, id: u32) {
+        let hasher = &self.hasher;
+        let rehash = |id: &u32| refs.get(*id).map_or(0, |(x, _)| hasher.hash_one(x));
+        self.table.insert_unique(hasher.hash_one(b), id, rehash);
+    }
+
+    /// Before `b`'s id leaves `refs`.
+    fn remove(&mut self, refs: &Refs, b: AnyBackend) {
+        let named = |id: &u32| refs.get(*id).map(|(x, _)| *x) == Some(b);
+        if let Ok(e) = self.table.find_entry(self.hasher.hash_one(b), named) {
+            e.remove();
+        }
     }
 }

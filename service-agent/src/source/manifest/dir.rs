@@ -439,9 +439,18 @@ impl ManifestDir {
                 let files = self.files_of.entry(id).or_default();
                 // In path order, as a map would keep them: objects() gathers
                 // in that order.
+                let mut h = h;
+                h.services.shrink_to_fit();
+                h.slices.shrink_to_fit();
+                h.endpoints.shrink_to_fit();
                 match files.binary_search_by(|(p, _)| (**p).cmp(file)) {
                     Ok(i) => files[i].1 = h,
-                    Err(i) => files.insert(i, (shared.clone(), h)),
+                    Err(i) => {
+                        // Kept for every Service: a first push would make
+                        // room for four.
+                        files.reserve_exact(1);
+                        files.insert(i, (shared.clone(), h));
+                    }
                 }
             } else if let Some(files) = self.files_of.get_mut(&id) {
                 files.retain(|(p, _)| **p != *file);
