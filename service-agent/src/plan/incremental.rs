@@ -69,6 +69,7 @@ struct Unit {
     /// The frontends it won in the last replay.
     won: SmallMap<FrontendKey, FrontendPlan>,
     refused: bool,
+    /// One per Service object, or none when every one is empty.
     outputs: Vec<ObjectOutput>,
 }
 
@@ -405,7 +406,13 @@ impl Incremental {
             let unit = self.units.get_mut(&id).expect("a member");
             unit.won = won;
             unit.refused = refused;
-            unit.outputs = outputs.remove(&id).unwrap_or_default();
+            // Only lists with something in them are read (by
+            // `assemble_lists`, for noisy Services): most Services keep none.
+            let mut out = outputs.remove(&id).unwrap_or_default();
+            if out.iter().all(ObjectOutput::is_empty) {
+                out = vec![];
+            }
+            unit.outputs = out;
         }
     }
 

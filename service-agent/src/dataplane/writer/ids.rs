@@ -74,7 +74,7 @@ impl Ids {
 
     pub fn add_ref(&mut self, id: u32, delta: isize) {
         if let Some(e) = self.refs.get_mut(id) {
-            e.1 = e.1.saturating_add_signed(delta);
+            e.1 = e.1.saturating_add_signed(delta as i32);
             if e.1 == 0 {
                 self.unused.insert(id);
             }
@@ -158,18 +158,18 @@ impl Ids {
 
 /// Backend id → (backend, slot references), as a vector indexed by id.
 #[derive(Clone, Debug, Default)]
-struct Refs(Vec<Option<(AnyBackend, usize)>>);
+struct Refs(Vec<Option<(AnyBackend, u32)>>);
 
 impl Refs {
-    fn get(&self, id: u32) -> Option<&(AnyBackend, usize)> {
+    fn get(&self, id: u32) -> Option<&(AnyBackend, u32)> {
         self.0.get(id as usize)?.as_ref()
     }
 
-    fn get_mut(&mut self, id: u32) -> Option<&mut (AnyBackend, usize)> {
+    fn get_mut(&mut self, id: u32) -> Option<&mut (AnyBackend, u32)> {
         self.0.get_mut(id as usize)?.as_mut()
     }
 
-    fn set(&mut self, id: u32, v: Option<(AnyBackend, usize)>) {
+    fn set(&mut self, id: u32, v: Option<(AnyBackend, u32)>) {
         let i = id as usize;
         if i >= self.0.len() {
             if v.is_none() {
