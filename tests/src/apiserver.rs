@@ -7,6 +7,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    ops::Bound,
     path::PathBuf,
     sync::{
         Arc, Condvar, Mutex,
@@ -107,6 +108,52 @@ fn matches(obj: &Value, query: &BTreeMap<String, String>) -> bool {
     true
 }
 
+/// One page of a list, as the API server pages them: at most `limit`
+/// items, and a `continue` token while more remain. Every page carries the
+/// first page's resourceVersion, so the watch that follows starts from
+/// there and replays whatever changed while the pages were read (the real
+/// server serves the later pages from a snapshot; replaying the changes
+/// since it comes to the same). The token is `<rv>/<last key>`.
+fn list_page(st: &State, kind: Kind, query: &BTreeMap<String, String>) -> Value {
+    let limit = query
+        .get("limit")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(usize::MAX);
+    let (rv, start) = match query.get("continue").and_then(|c| c.split_once('/')) {
+        Some((rv, key)) => (
+            rv.parse().unwrap_or(st.rv),
+            Bound::Excluded((kind, key.to_string())),
+        ),
+        None => (st.rv, Bound::Included((kind, String::new()))),
+    };
+    let mut items: Vec<Value> = vec![];
+    let mut more = None;
+    for ((k, _), o) in st.objects.range((start, Bound::Unbounded)) {
+        if *k != kind {
+            break;
+        }
+        if !matches(o, query) {
+            continue;
+        }
+        if items.len() == limit {
+            more = items.last().map(|last| format!("{rv}/{}", key_of(last)));
+            break;
+        }
+        items.push(o.clone());
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if let Some(token) = more {
+        metadata["continue"] = json!(token);
+    }
+    json!({
+        "kind": kind.list_kind(),
+        "apiVersion": kind.api_version(),
+        "metadata": metadata,
+        "items": items,
+    })
+}
+
 fn respond(s: &mut TcpStream, status: &str, body: &str) {
     let _ = write!(
         s,
@@ -148,18 +195,7 @@ fn handle(mut s: TcpStream, shared: Shared, stop: Arc<AtomicBool>) {
     if query.get("watch").map(String::as_str) != Some("true") {
         let mut st = lock.lock().unwrap();
         st.lists += 1;
-        let items: Vec<Value> = st
-            .objects
-            .iter()
-            .filter(|((k, _), o)| *k == kind && matches(o, &query))
-            .map(|(_, o)| o.clone())
-            .collect();
-        let body = json!({
-            "kind": kind.list_kind(),
-            "apiVersion": kind.api_version(),
-            "metadata": {"resourceVersion": st.rv.to_string()},
-            "items": items,
-        });
+        let body = list_page(&st, kind, &query);
         drop(st);
         respond(&mut s, "200 OK", &body.to_string());
         return;
@@ -388,4 +424,50 @@ pub fn node(name: &str, zone: &str) -> Value {
         "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
         "status": {"addresses": [{"type": "InternalIP", "address": "192.168.77.11"}]},
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_come_in_pages_at_the_first_pages_version() {
+        let mut st = State::default();
+        for name in ["a", "b", "c"] {
+            st.rv += 1;
+            let obj = service("ns", name, "10.96.0.1", 80, "TCP");
+            st.objects.insert((Kind::Service, key_of(&obj)), obj);
+        }
+        st.objects
+            .insert((Kind::Node, "/n".into()), node("n", "zone-a"));
+        let query = |q: &[(&str, &str)]| -> BTreeMap<String, String> {
+            q.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let names = |page: &Value| -> Vec<String> {
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let first = list_page(&st, Kind::Service, &query(&[("limit", "2")]));
+        assert_eq!(names(&first), ["a", "b"]);
+        assert_eq!(first["metadata"]["resourceVersion"], "3");
+        let token = first["metadata"]["continue"].as_str().unwrap().to_string();
+        // A change between pages: the later page still names the first's version.
+        st.rv += 1;
+        let second = list_page(
+            &st,
+            Kind::Service,
+            &query(&[("limit", "2"), ("continue", &token)]),
+        );
+        assert_eq!(names(&second), ["c"]);
+        assert_eq!(second["metadata"]["resourceVersion"], "3");
+        assert!(second["metadata"].get("continue").is_none());
+        let all = list_page(&st, Kind::Service, &query(&[]));
+        assert_eq!(names(&all), ["a", "b", "c"]);
+    }
 }

@@ -1,17 +1,15 @@
-//! The Kubernetes API source: kube-rs reflectors over Services,
-//! EndpointSlices (joined to their Service by `kubernetes.io/service-name`)
-//! and this node's Node object. The watchers relist on watch expiry (410
-//! Gone) and disconnects with jittered exponential backoff, so deletes missed
-//! while disconnected are caught by the relist. Each event names the
-//! Services it touches (an EndpointSlice: the Service it belonged to and the
-//! one it belongs to now), so the agent recompiles only those; a completed
-//! relist asks for everything.
-use std::{
-    collections::{BTreeSet, HashMap},
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+//! The Kubernetes API source: kube-rs watchers over Services and
+//! EndpointSlices (joined to their Service by `kubernetes.io/service-name`),
+//! kept packed in stores of our own (`store.rs`), and a reflector over this
+//! node's Node object. The watchers relist on watch expiry (410 Gone) and
+//! disconnects with jittered exponential backoff, so deletes missed while
+//! disconnected are caught by the relist. Each event names the Services it
+//! touches (an EndpointSlice: the Service it belonged to and the one it
+//! belongs to now), so the agent recompiles only those; a completed relist
+//! asks for everything.
+mod store;
+
+use std::{collections::BTreeSet, path::Path, sync::Arc, time::Instant};
 
 use anyhow::Context as _;
 use futures::{Stream, StreamExt as _, future::BoxFuture};
@@ -28,13 +26,15 @@ use kube::{
         watcher,
     },
 };
+use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use self::store::{Index, ServiceKeys, SliceIndex, Touched, Watched};
 use super::{Pending, ServiceObjects, SharedPending, Source};
 use crate::{
     faults::{FaultKind, Faults},
-    model::{SERVICE_NAME_LABEL, ServiceId, Sourced, trim},
+    model::{SERVICE_NAME_LABEL, ServiceId, trim},
 };
 
 pub use crate::model::TRIGGER_TIME_ANNOTATION;
@@ -72,56 +72,12 @@ pub async fn client(
     Ok(Client::try_from(config)?)
 }
 
-/// Reflector stores kept current by background tasks.
+/// Stores kept current by background tasks: Services and EndpointSlices
+/// packed, the Node (one object, its labels only) in a reflector store.
 pub struct KubeSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    services: Arc<Watched<Service, ServiceKeys>>,
+    slices: Arc<Watched<EndpointSlice, SliceIndex>>,
     node: Store<Node>,
-    slice_index: Arc<Mutex<SliceIndex>>,
-}
-
-/// Which Service each EndpointSlice belongs to, kept from the events: the
-/// store answers "this slice", the agent asks "the slices of this Service".
-#[derive(Default)]
-struct SliceIndex {
-    /// (namespace, slice name) → its Service.
-    owner: HashMap<(String, String), ServiceId>,
-    by_service: HashMap<ServiceId, BTreeSet<String>>,
-}
-
-impl SliceIndex {
-    /// Files `slice` under its Service; returns the Service it had before.
-    fn put(&mut self, slice: &EndpointSlice) -> Option<ServiceId> {
-        let key = slice_key(slice);
-        let old = self.remove(&key);
-        if let Some(id) = ServiceId::of_slice(slice) {
-            self.by_service
-                .entry(id.clone())
-                .or_default()
-                .insert(key.1.clone());
-            self.owner.insert(key, id);
-        }
-        old
-    }
-
-    fn remove(&mut self, key: &(String, String)) -> Option<ServiceId> {
-        let old = self.owner.remove(key)?;
-        if let Some(names) = self.by_service.get_mut(&old) {
-            names.remove(&key.1);
-            if names.is_empty() {
-                self.by_service.remove(&old);
-            }
-        }
-        Some(old)
-    }
-}
-
-fn slice_key(slice: &EndpointSlice) -> (String, String) {
-    let m = &slice.metadata;
-    (
-        m.namespace.clone().unwrap_or_else(|| "default".into()),
-        m.name.clone().unwrap_or_default(),
-    )
 }
 
 /// How long a watch counts as failing after its last error when no event
@@ -141,7 +97,7 @@ fn drive<T: Send + 'static>(
     stream: impl Stream<Item = Result<T, watcher::Error>> + Send + 'static,
     what: &'static str,
     wake: Wake,
-    mut on_item: impl FnMut(&T) + Send + 'static,
+    mut on_item: impl FnMut(T) + Send + 'static,
 ) {
     tokio::spawn(async move {
         futures::pin_mut!(stream);
@@ -150,8 +106,9 @@ fn drive<T: Send + 'static>(
                 Ok(item) => {
                     // An item after a failure means the watch is back.
                     wake.1.succeeded(FaultKind::Watch, what);
-                    // The store already holds what the item says.
-                    on_item(&item);
+                    // The stores hold what the item says once this returns,
+                    // and the wake comes after it.
+                    on_item(item);
                     // Full: a wake is already queued, and it covers this item.
                     let _ = wake.0.try_send(());
                 }
@@ -167,33 +124,41 @@ fn drive<T: Send + 'static>(
     });
 }
 
-/// A reflector whose store keeps each object as `strip` leaves it; every
-/// event is passed to `on_event` once the store holds it.
-fn spawn_reflector<K>(
+/// A watcher feeding a packed store, each object as `strip` leaves it;
+/// what each event touched goes to `pending`.
+fn spawn_store<K, I>(
     api: Api<K>,
     config: watcher::Config,
     what: &'static str,
     strip: fn(&mut K),
     wake: Wake,
-    mut on_event: impl FnMut(&watcher::Event<K>, &Store<K>) + Send + 'static,
-) -> Store<K>
+    pending: SharedPending,
+) -> Arc<Watched<K, I>>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
-        + serde::de::DeserializeOwned
+        + Serialize
+        + DeserializeOwned
         + Send
         + Sync
         + 'static,
+    I: Index<K> + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(strip)
-        .reflect(writer);
-    let store = reader.clone();
-    drive(stream, what, wake, move |event| on_event(event, &store));
-    reader
+    let store = Arc::new(Watched::default());
+    // The watcher lists in pages and passes each object on as it reads
+    // it: each is packed as it comes, so at most a page is ever held as
+    // structs, even in the first list.
+    let stream = watcher(api, config).default_backoff().modify(strip);
+    let writer = store.clone();
+    drive(stream, what, wake, move |event| {
+        match writer.handle(event) {
+            Touched::Nothing => {}
+            Touched::Services(ids) => pending.note(|p| p.services.extend(ids)),
+            Touched::Everything => pending.note(|p| p.everything = true),
+        }
+    });
+    store
 }
 
 /// The Node matters for its labels only (the zone): its status (images,
@@ -216,54 +181,21 @@ impl KubeSource {
         faults: Arc<Faults>,
     ) -> Self {
         let wake = Wake(changed, faults);
-        let p = pending.clone();
-        let services = spawn_reflector(
+        let services = spawn_store(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
             "services",
             trim::service,
             wake.clone(),
-            move |event, _| match event {
-                watcher::Event::Apply(s) | watcher::Event::Delete(s) => p.note(|p| {
-                    p.services.insert(ServiceId::of(&s.metadata));
-                }),
-                // A relist may have missed deletes: look at everything.
-                watcher::Event::InitDone => p.note(|p| p.everything = true),
-                watcher::Event::Init | watcher::Event::InitApply(_) => {}
-            },
+            pending.clone(),
         );
-        let slice_index = Arc::new(Mutex::new(SliceIndex::default()));
-        let (p, index) = (pending, slice_index.clone());
-        let slices = spawn_reflector(
+        let slices = spawn_store(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(SERVICE_NAME_LABEL),
             "endpointslices",
             trim::endpoint_slice,
             wake.clone(),
-            move |event, store| {
-                let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
-                match event {
-                    watcher::Event::Apply(s) => {
-                        let old = index.put(s);
-                        p.note(|p| {
-                            p.services
-                                .extend(old.into_iter().chain(ServiceId::of_slice(s)))
-                        });
-                    }
-                    watcher::Event::Delete(s) => {
-                        let old = index.remove(&slice_key(s));
-                        p.note(|p| p.services.extend(old));
-                    }
-                    watcher::Event::InitDone => {
-                        *index = SliceIndex::default();
-                        for s in store.state() {
-                            index.put(&s);
-                        }
-                        p.note(|p| p.everything = true);
-                    }
-                    watcher::Event::Init | watcher::Event::InitApply(_) => {}
-                }
-            },
+            pending,
         );
         // The agent compares the zone it reads at each sync and recompiles
         // everything when it differs; only a change of labels wakes it
@@ -293,7 +225,6 @@ impl KubeSource {
             services,
             slices,
             node: reader,
-            slice_index,
         }
     }
 }
@@ -309,12 +240,12 @@ impl Source for KubeSource {
     fn wait_until_synced(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async {
             let started = Instant::now();
-            self.services.wait_until_ready().await?;
-            self.slices.wait_until_ready().await?;
+            self.services.wait_until_synced().await;
+            self.slices.wait_until_synced().await;
             self.node.wait_until_ready().await?;
             info!(
-                services = self.services.state().len(),
-                endpointslices = self.slices.state().len(),
+                services = self.services.len(),
+                endpointslices = self.slices.len(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "initial lists complete"
             );
@@ -323,56 +254,17 @@ impl Source for KubeSource {
     }
 
     /// Every Service id the stores know (Services and slices' Services).
-    /// Rebuilds the slice index from the store first: at start the first
-    /// full read may come before the event task has seen the initial list.
     fn ids(&self) -> BTreeSet<ServiceId> {
-        {
-            let mut index = self.slice_index.lock().unwrap_or_else(|e| e.into_inner());
-            *index = SliceIndex::default();
-            for s in self.slices.state() {
-                index.put(&s);
-            }
-        }
-        let mut ids: BTreeSet<ServiceId> = self
-            .services
-            .state()
-            .iter()
-            .map(|s| ServiceId::of(&s.metadata))
-            .collect();
-        let index = self.slice_index.lock().unwrap_or_else(|e| e.into_inner());
-        ids.extend(index.by_service.keys().cloned());
+        let mut ids: BTreeSet<ServiceId> = self.services.ids().into_iter().collect();
+        ids.extend(self.slices.ids());
         ids
     }
 
     /// The Service `id` and its EndpointSlices, as the stores have them now.
     fn objects(&self, id: &ServiceId) -> ServiceObjects {
-        let svc = self
-            .services
-            .get(&reflector::ObjectRef::new(&id.name).within(&id.namespace));
-        let names: Vec<String> = self
-            .slice_index
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_service
-            .get(id)
-            .map(|n| n.iter().cloned().collect())
-            .unwrap_or_default();
-        let slices = names
-            .iter()
-            .filter_map(|n| {
-                self.slices
-                    .get(&reflector::ObjectRef::new(n).within(&id.namespace))
-            })
-            // The index may run ahead of or behind the store by an event;
-            // the event that caused it brings this Service back anyway.
-            .filter(|s| ServiceId::of_slice(s).as_ref() == Some(id))
-            .map(|s| Sourced::new("api", (*s).clone()))
-            .collect();
         (
-            svc.into_iter()
-                .map(|s| Sourced::new("api", (*s).clone()))
-                .collect(),
-            slices,
+            self.services.service(id).into_iter().collect(),
+            self.slices.of_service(id),
         )
     }
 
@@ -391,8 +283,60 @@ impl Source for KubeSource {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::model::TOPOLOGY_MODE_ANNOTATIONS;
+
+    fn named<K: kube::Resource>(mut object: K, name: &str) -> K {
+        object.meta_mut().namespace = Some("ns".into());
+        object.meta_mut().name = Some(name.into());
+        object
+    }
+
+    fn slice_of(name: &str, service: &str) -> EndpointSlice {
+        let mut slice = named(EndpointSlice::default(), name);
+        slice.metadata.labels = Some(BTreeMap::from([(
+            SERVICE_NAME_LABEL.to_string(),
+            service.to_string(),
+        )]));
+        slice
+    }
+
+    #[test]
+    fn a_service_comes_with_its_slices_and_ids_name_every_service_known() {
+        let source = KubeSource {
+            services: Arc::default(),
+            slices: Arc::default(),
+            node: reflector::store().0,
+        };
+        source.services.handle(watcher::Event::Init);
+        for name in ["a", "b"] {
+            let svc = named(Service::default(), name);
+            source.services.handle(watcher::Event::InitApply(svc));
+        }
+        source.services.handle(watcher::Event::InitDone);
+        source.slices.handle(watcher::Event::Init);
+        for (name, service) in [("a-2", "a"), ("a-1", "a"), ("c-1", "c")] {
+            let slice = slice_of(name, service);
+            source.slices.handle(watcher::Event::InitApply(slice));
+        }
+        source.slices.handle(watcher::Event::InitDone);
+        let id = |n: &str| ServiceId::new("ns", n);
+        assert_eq!(
+            source.ids(),
+            BTreeSet::from([id("a"), id("b"), id("c")]),
+            "a slice's Service counts before its Service arrives"
+        );
+        let (services, slices) = source.objects(&id("a"));
+        assert_eq!(services.len(), 1);
+        assert_eq!(services[0].origin, "api");
+        let names: Vec<_> = slices.iter().map(|s| s.object.name_any()).collect();
+        assert_eq!(names, ["a-1", "a-2"]);
+        let (services, slices) = source.objects(&id("c"));
+        assert!(services.is_empty());
+        assert_eq!(slices.len(), 1);
+    }
 
     #[test]
     fn the_stores_keep_the_trigger_time_and_topology_annotations_only() {

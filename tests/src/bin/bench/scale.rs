@@ -1,11 +1,13 @@
 //! The agent binary at the sizes and in the shapes users feed it: one
 //! `kubectl get svc,endpointslices -A -o yaml` file (a `List` of every
 //! object, with what kubectl writes: uids, resource versions, the
-//! last-applied annotation, owner references, target references), and the
-//! same objects in files of 20. Per run: the start (wall time, the first
-//! sync's own time, CPU), peak and resident memory, and for the one-file
-//! 10,000-Service case an idle window at the default resync period: CPU
-//! per resync and the average share of a core.
+//! last-applied annotation, owner references, target references), the
+//! same objects in files of 20, and the same objects served by the API
+//! server double (with the `managedFields` a real server adds, listed in
+//! pages of 500 as kube-rs asks for them). Per run: the start (wall time,
+//! the first sync's own time, CPU), peak and resident memory, and for the
+//! one-file 10,000-Service case an idle window at the default resync
+//! period: CPU per resync and the average share of a core.
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
@@ -18,7 +20,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use integration_tests::agent::{Agent, ManifestDir};
+use integration_tests::{
+    agent::{Agent, ManifestDir},
+    apiserver::{self, ApiServer, Kind},
+};
+use serde_json::{Value, json};
 use service_agent::dataplane::tables::Tables;
 
 use crate::{
@@ -34,6 +40,8 @@ pub enum Layout {
     OneList,
     /// Files of 20 Services and their slices, one document each.
     SmallFiles,
+    /// The same objects listed and watched from the API server double.
+    ApiServer,
 }
 
 impl Layout {
@@ -41,6 +49,7 @@ impl Layout {
         match self {
             Layout::OneList => "one file (`kubectl get -o yaml`, a List)",
             Layout::SmallFiles => "files of 20 Services",
+            Layout::ApiServer => "API server",
         }
     }
 }
@@ -84,9 +93,12 @@ pub struct Measured {
 /// with a shorter idle window).
 pub fn scale(quick: bool) -> Vec<ScaleRun> {
     let idle = if quick { 90 } else { 300 };
+    // The API server at 10,000 only: its double holds every object and
+    // every event in this process, and the target is set at 10,000.
     let mut runs = vec![
         (Layout::OneList, 10_000, Some(idle)),
         (Layout::SmallFiles, 10_000, None),
+        (Layout::ApiServer, 10_000, None),
     ];
     if !quick {
         runs.extend([
@@ -97,6 +109,27 @@ pub fn scale(quick: bool) -> Vec<ScaleRun> {
     runs.into_iter()
         .map(|(layout, services, idle)| {
             eprintln!("  {} × {services} ...", layout.describe());
+            if layout == Layout::ApiServer {
+                let (file_mib, result) = match run_agent_api(services) {
+                    Ok((bytes, m)) => (bytes as f64 / (1 << 20) as f64, Ok(m)),
+                    Err(e) => (0.0, Err(format!("{e:#}"))),
+                };
+                if let Ok(m) = &result {
+                    eprintln!(
+                        "    start {:.2} s (first sync {:.2} s), {:.2} s CPU, peak {:.0} MiB",
+                        m.start_s,
+                        m.first_sync_s.unwrap_or(f64::NAN),
+                        m.start_cpu_s,
+                        m.peak_mib
+                    );
+                }
+                return ScaleRun {
+                    layout,
+                    services,
+                    file_mib,
+                    result,
+                };
+            }
             let dir = match ManifestDir::new() {
                 Ok(d) => d,
                 Err(e) => {
@@ -258,6 +291,61 @@ fn as_document(item: &str) -> String {
     out
 }
 
+/// Service `i` and its slice as the API server returns them: the manifest
+/// rows, plus the `managedFields` the server keeps (and `kubectl get`
+/// hides).
+fn api_objects(i: u32) -> anyhow::Result<(Value, Value)> {
+    let (svc, slice) = objects(i);
+    let item = |text: &str| -> anyhow::Result<Value> {
+        let mut items: Vec<Value> = serde_yaml_ng::from_str(text)?;
+        items.pop().context("a manifest row holds one item")
+    };
+    let (mut svc, mut slice) = (item(&svc)?, item(&slice)?);
+    svc["metadata"]["managedFields"] = json!([{
+        "apiVersion": "v1",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {
+            "f:metadata": {
+                "f:annotations": {".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {}},
+                "f:labels": {".": {}, "f:app": {}, "f:app.kubernetes.io/managed-by": {},
+                             "f:app.kubernetes.io/part-of": {}},
+            },
+            "f:spec": {
+                "f:internalTrafficPolicy": {},
+                "f:ports": {".": {}, "k:{\"port\":80,\"protocol\":\"TCP\"}": {
+                    ".": {}, "f:name": {}, "f:port": {}, "f:protocol": {}, "f:targetPort": {}}},
+                "f:selector": {},
+                "f:sessionAffinity": {},
+                "f:type": {},
+            },
+        },
+        "manager": "kubectl-client-side-apply",
+        "operation": "Update",
+        "time": "2026-11-30T10:00:00Z",
+    }]);
+    let owner = slice["metadata"]["ownerReferences"][0]["uid"].clone();
+    slice["metadata"]["managedFields"] = json!([{
+        "apiVersion": "discovery.k8s.io/v1",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {
+            "f:addressType": {},
+            "f:endpoints": {},
+            "f:metadata": {
+                "f:annotations": {".": {}, "f:endpoints.kubernetes.io/last-change-trigger-time": {}},
+                "f:generateName": {},
+                "f:labels": {".": {}, "f:endpointslice.kubernetes.io/managed-by": {},
+                             "f:kubernetes.io/service-name": {}},
+                "f:ownerReferences": {".": {}, format!("k:{{\"uid\":{owner}}}"): {}},
+            },
+            "f:ports": {},
+        },
+        "manager": "kube-controller-manager",
+        "operation": "Update",
+        "time": "2026-11-30T10:00:00Z",
+    }]);
+    Ok((svc, slice))
+}
+
 /// Writes the manifests; returns their size in bytes.
 fn write_manifests(dir: &Path, layout: Layout, services: u32) -> anyhow::Result<u64> {
     let mut bytes = 0u64;
@@ -289,6 +377,7 @@ fn write_manifests(dir: &Path, layout: Layout, services: u32) -> anyhow::Result<
                 bytes += text.len() as u64;
             }
         }
+        Layout::ApiServer => anyhow::bail!("the API server's objects are served, not written"),
     }
     Ok(bytes)
 }
@@ -302,7 +391,46 @@ fn run_agent(dir: &Path, services: u32, idle: Option<Duration>) -> anyhow::Resul
         flags.extend(["--resync-seconds", "3600"]);
     }
     let started = Instant::now();
-    let mut agent = Agent::start_nowait(&ns, dir, &flags)?;
+    let agent = Agent::start_nowait(&ns, dir, &flags)?;
+    measure(agent, started, services, idle)
+}
+
+/// The agent on the API server double holding `services` Services and
+/// their slices; returns the objects' size as JSON and the measurements.
+fn run_agent_api(services: u32) -> anyhow::Result<(u64, Measured)> {
+    let ns = node_namespace()?;
+    let api = ApiServer::start(&ns)?;
+    api.apply(Kind::Node, apiserver::node("node-1", "zone-a"));
+    let mut bytes = 0u64;
+    for i in 0..services {
+        let (svc, slice) = api_objects(i)?;
+        bytes += (svc.to_string().len() + slice.to_string().len()) as u64;
+        api.apply(Kind::Service, svc);
+        api.apply(Kind::EndpointSlice, slice);
+    }
+    let flags = [
+        "--node-name",
+        "node-1",
+        "--metrics-addr",
+        "off",
+        "--resync-seconds",
+        "3600",
+    ];
+    let started = Instant::now();
+    let agent = Agent::start_kube(&ns, api.kubeconfig(), &flags)?;
+    // The agent goes before the server it watches.
+    let measured = measure(agent, started, services, None);
+    Ok((bytes, measured?))
+}
+
+/// Waits for a started agent to have every Service in the maps, then
+/// measures it (and its idle CPU over `idle`).
+fn measure(
+    mut agent: Agent,
+    started: Instant,
+    services: u32,
+    idle: Option<Duration>,
+) -> anyhow::Result<Measured> {
     agent.wait_log_from(0, "agent running", Duration::from_secs(600))?;
     let start_s = started.elapsed().as_secs_f64();
     let start_cpu_s = agent.cpu_seconds().unwrap_or(f64::NAN);
@@ -350,10 +478,11 @@ fn first_sync(log: &str) -> Option<f64> {
 pub fn report(md: &mut String, runs: &[ScaleRun], targets: &mut Vec<(String, bool, String)>) {
     let _ = writeln!(
         md,
-        "## The agent at scale, from manifests\n\n\
+        "## The agent at scale, from manifests and from the API server\n\n\
          The agent binary on a manifest directory, {BACKENDS_PER_SERVICE} endpoints a Service, objects as \
          `kubectl get svc,endpointslices -A -o yaml` prints them (uids, resource versions, the last-applied \
-         annotation, owner and target references). Start: process start to `agent running` (programs loaded, \
+         annotation, owner and target references); and on the API server double serving the same objects \
+         with their `managedFields`, listed in pages of 500 and then watched (size: the objects as JSON). Start: process start to `agent running` (programs loaded, \
          every Service in the maps, checked by reading the last one back); first sync: the agent's own time for \
          it. Memory: VmHWM (peak) and VmRSS after. Idle: CPU over a window with the default 30 s resync.\n\n\
          | layout | Services | size (MiB) | start (s) | first sync (s) | start CPU (s) | peak / after (MiB) | idle share of a core | CPU a resync (s) |\n\
@@ -417,7 +546,7 @@ pub fn report(md: &mut String, runs: &[ScaleRun], targets: &mut Vec<(String, boo
         idle.is_some_and(|i| i.share() < 0.01),
         idle.map_or("n/a".into(), |i| format!("{:.2} %", i.share() * 100.0)),
     ));
-    for layout in [Layout::OneList, Layout::SmallFiles] {
+    for layout in [Layout::OneList, Layout::SmallFiles, Layout::ApiServer] {
         let m = find(layout, 10_000);
         targets.push((
             format!(
