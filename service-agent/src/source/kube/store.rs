@@ -311,7 +311,7 @@ impl Watched<Service, ServiceKeys> {
     }
 
     pub(super) fn service(&self, id: &ServiceId) -> Option<Sourced<Service>> {
-        let key = (id.namespace.clone(), id.name.clone());
+        let key = (id.namespace.to_string(), id.name.to_string());
         self.read().live.objects.get(&key).map(Packed::unpack)
     }
 }
@@ -331,7 +331,7 @@ impl Watched<EndpointSlice, SliceIndex> {
         names
             .iter()
             .filter_map(|name| {
-                let key = (id.namespace.clone(), name.clone());
+                let key = (id.namespace.to_string(), name.clone());
                 store.live.objects.get(&key).map(Packed::unpack)
             })
             .collect()
@@ -398,7 +398,7 @@ mod tests {
             .iter()
             .map(|i| {
                 let s = store.service(i).expect("an id names a held Service").object;
-                (i.name.clone(), s.spec.unwrap().cluster_ip.unwrap())
+                (i.name.to_string(), s.spec.unwrap().cluster_ip.unwrap())
             })
             .collect();
         held.sort();
