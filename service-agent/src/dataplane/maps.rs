@@ -9,7 +9,7 @@ use std::{
 use aya::maps::{MapError, PerCpuValues, lpm_trie::Key};
 use service_common::*;
 
-use super::tables::Tables;
+use super::{batch, tables::Tables};
 
 /// One loadBalancerSourceRange of a frontend (or one of the cluster's pod
 /// ranges): a SOURCE_RANGES or SOURCE_RANGES6 key, by the address's family.
@@ -232,11 +232,27 @@ impl StoredTable {
     }
 }
 
+/// How many of `all` entries an [`Maps::insert_all`] wrote, and its error.
+pub fn written(r: Result<(), (usize, MapError)>, all: usize) -> (usize, Option<MapError>) {
+    match r {
+        Ok(()) => (all, None),
+        Err((n, e)) => (n, Some(e)),
+    }
+}
+
 /// What the writer does to the maps. Errors are the kernel's: a new key in
 /// a full hash map fails with E2BIG (a full LPM trie with ENOSPC).
 pub trait Maps {
     /// Creates or replaces an entry.
     fn insert(&mut self, e: Entry) -> Result<(), MapError>;
+    /// Creates or replaces entries, in order: in one call where the kernel
+    /// takes a batch. On an error, how many were written before it.
+    fn insert_all(&mut self, entries: &[Entry]) -> Result<(), (usize, MapError)> {
+        for (i, e) in entries.iter().enumerate() {
+            self.insert(*e).map_err(|err| (i, err))?;
+        }
+        Ok(())
+    }
     /// Deletes an entry; one that is not there is not an error.
     fn remove(&mut self, k: EntryKey) -> Result<(), MapError>;
     /// Creates or replaces the Maglev table of `svc_id` (a value too large
@@ -301,6 +317,21 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// The keys and values of `entries` when every one is of the kind `f` takes.
+fn split<K, V>(
+    entries: &[Entry],
+    f: impl Fn(&Entry) -> Option<(K, V)>,
+) -> Option<(Vec<K>, Vec<V>)> {
+    let mut keys = Vec::with_capacity(entries.len());
+    let mut values = Vec::with_capacity(entries.len());
+    for e in entries {
+        let (k, v) = f(e)?;
+        keys.push(k);
+        values.push(v);
+    }
+    Some((keys, values))
+}
+
 impl Maps for Tables {
     fn insert(&mut self, e: Entry) -> Result<(), MapError> {
         match e {
@@ -317,6 +348,62 @@ impl Maps for Tables {
             Entry::NodeAddr6(a) => self.node_addrs6.insert(a, 1, 0),
             Entry::Meta(i, v) => self.meta.set(i, v, 0),
         }
+    }
+
+    /// Entries of SERVICES, SERVICES6, BACKENDS, BACKENDS6 or
+    /// AFFINITY_MATCH, all of one map, go in one batch; anything else one
+    /// at a time.
+    fn insert_all(&mut self, entries: &[Entry]) -> Result<(), (usize, MapError)> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        match first {
+            Entry::Service(..) => {
+                if let Some((k, v)) = split(entries, |e| match e {
+                    Entry::Service(k, v) => Some((*k, *v)),
+                    _ => None,
+                }) {
+                    return batch::update(&mut self.services, &k, &v);
+                }
+            }
+            Entry::Service6(..) => {
+                if let Some((k, v)) = split(entries, |e| match e {
+                    Entry::Service6(k, v) => Some((*k, *v)),
+                    _ => None,
+                }) {
+                    return batch::update(&mut self.services6, &k, &v);
+                }
+            }
+            Entry::Backend(..) => {
+                if let Some((k, v)) = split(entries, |e| match e {
+                    Entry::Backend(k, v) => Some((*k, *v)),
+                    _ => None,
+                }) {
+                    return batch::update(&mut self.backends, &k, &v);
+                }
+            }
+            Entry::Backend6(..) => {
+                if let Some((k, v)) = split(entries, |e| match e {
+                    Entry::Backend6(k, v) => Some((*k, *v)),
+                    _ => None,
+                }) {
+                    return batch::update(&mut self.backends6, &k, &v);
+                }
+            }
+            Entry::AffinityMatch(_) => {
+                if let Some((k, v)) = split(entries, |e| match e {
+                    Entry::AffinityMatch(k) => Some((*k, 1u32)),
+                    _ => None,
+                }) {
+                    return batch::update(&mut self.affinity_match, &k, &v);
+                }
+            }
+            _ => {}
+        }
+        for (i, e) in entries.iter().enumerate() {
+            self.insert(*e).map_err(|err| (i, err))?;
+        }
+        Ok(())
     }
 
     fn remove(&mut self, k: EntryKey) -> Result<(), MapError> {

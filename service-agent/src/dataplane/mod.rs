@@ -1,5 +1,6 @@
 //! The only part of the agent that touches BPF: loading and attaching the
 //! programs, adopting pinned maps, and writing plans into them.
+pub mod batch;
 pub mod cgroup;
 #[cfg(test)]
 pub mod fake;

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     dataplane::{
-        maps::{AnyBackend, Entry, EntryKey, Maps, RangeKey},
+        maps::{AnyBackend, Entry, EntryKey, Maps, RangeKey, written},
         readback::{FeKey, slot_key},
     },
     faults::FaultKind,
@@ -85,19 +85,31 @@ fn transition(
         step(r.map(), t.insert(Entry::SourceRange(*r)))?;
         cur.ranges.insert(*r);
     }
-    for id in to.members.difference(&cur.members.clone()) {
-        let k = AffinityMatchKey {
-            svc_id,
-            backend_id: *id,
-        };
-        step(MAP_AFFINITY_MATCH, t.insert(Entry::AffinityMatch(k)))?;
-        cur.members.insert(*id);
+    let members: Vec<u32> = to.members.difference(&cur.members).copied().collect();
+    let entries: Vec<Entry> = (members.iter())
+        .map(|id| {
+            Entry::AffinityMatch(AffinityMatchKey {
+                svc_id,
+                backend_id: *id,
+            })
+        })
+        .collect();
+    let (done, failed) = written(t.insert_all(&entries), members.len());
+    cur.members.extend(members[..done].iter().copied());
+    if let Some(e) = failed {
+        return Err(Failed(MAP_AFFINITY_MATCH, e));
     }
-    for (slot, v) in &to.slots {
-        if cur.slots.get(slot) != Some(v) {
-            step(services_map(&mk), t.insert(slot_key(&mk, *slot).entry(*v)))?;
-            cur.slots.insert(*slot, *v);
-        }
+    let slots: Vec<(u16, ServiceValue)> = (to.slots.iter())
+        .filter(|(slot, v)| cur.slots.get(slot) != Some(v))
+        .map(|(slot, v)| (*slot, *v))
+        .collect();
+    let entries: Vec<Entry> = (slots.iter())
+        .map(|(slot, v)| slot_key(&mk, *slot).entry(*v))
+        .collect();
+    let (done, failed) = written(t.insert_all(&entries), slots.len());
+    cur.slots.extend(slots[..done].iter().copied());
+    if let Some(e) = failed {
+        return Err(Failed(services_map(&mk), e));
     }
     if let Some(m) = &to.maglev
         && cur.maglev.as_ref() != Some(m)
@@ -249,12 +261,13 @@ impl Writer {
         removed_pairs: &mut BTreeSet<(u32, u32)>,
         report: &mut ApplyReport,
     ) -> Result<(), String> {
-        let mut ids = Vec::with_capacity(fe.backends.len());
-        for b in fe.backends.iter() {
-            let flags = if b.local { BE_F_LOCAL } else { 0 };
-            let backend = AnyBackend::new(b.addr, b.port, mk.proto(), flags);
-            ids.push(self.ids.backend_id(t, backend, report)?);
-        }
+        let backends: Vec<AnyBackend> = (fe.backends.iter())
+            .map(|b| {
+                let flags = if b.local { BE_F_LOCAL } else { 0 };
+                AnyBackend::new(b.addr, b.port, mk.proto(), flags)
+            })
+            .collect();
+        let ids = self.ids.backend_ids(t, &backends, report)?;
         if ids.len() > u16::MAX as usize - 1 {
             return Err(format!(
                 "{} backends, more than a frontend can hold",

@@ -11,7 +11,7 @@ use hashbrown::HashTable;
 use service_common::*;
 
 use super::{ApplyReport, describe};
-use crate::dataplane::maps::{AnyBackend, Maps};
+use crate::dataplane::maps::{AnyBackend, Entry, Maps, written};
 
 #[derive(Clone, Debug, Default)]
 pub(super) struct Ids {
@@ -96,37 +96,57 @@ impl Ids {
         self.free_svc_ids.push(id);
     }
 
-    /// The id of `b`, written into BACKENDS first when it is new.
-    pub fn backend_id(
+    /// The ids of `backends`, in their order; those that are new are
+    /// written into BACKENDS (BACKENDS6) first, together.
+    pub fn backend_ids(
         &mut self,
         t: &mut impl Maps,
-        b: AnyBackend,
+        backends: &[AnyBackend],
         report: &mut ApplyReport,
-    ) -> Result<u32, String> {
-        if let Some(id) = self.backends.get(&self.refs, b) {
-            return Ok(id);
-        }
-        let id = match self.free_backend_ids.pop() {
-            Some(id) => id,
-            None => {
-                self.next_backend_id += 1;
-                self.next_backend_id - 1
+    ) -> Result<Vec<u32>, String> {
+        let mut ids = Vec::with_capacity(backends.len());
+        // Registered as they are handed out, so that a backend listed twice
+        // gets one id; taken back below if their write fails.
+        let mut fresh: Vec<(AnyBackend, u32)> = vec![];
+        for b in backends {
+            if let Some(id) = self.backends.get(&self.refs, *b) {
+                ids.push(id);
+                continue;
             }
-        };
-        if let Err(e) = t.insert(b.entry(id)) {
-            self.free_backend_ids.push(id);
-            let map = match b {
-                AnyBackend::V4(_) => MAP_BACKENDS,
-                AnyBackend::V6(_) => MAP_BACKENDS6,
+            let id = match self.free_backend_ids.pop() {
+                Some(id) => id,
+                None => {
+                    self.next_backend_id += 1;
+                    self.next_backend_id - 1
+                }
             };
-            return Err(describe(map, e));
+            self.refs.set(id, Some((*b, 0)));
+            self.backends.insert(&self.refs, *b, id);
+            fresh.push((*b, id));
+            ids.push(id);
         }
-        report.backends_added += 1;
-        self.refs.set(id, Some((b, 0)));
-        self.backends.insert(&self.refs, b, id);
-        // Released again if the frontend that asked for it fails to write.
-        self.unused.insert(id);
-        Ok(id)
+        let entries: Vec<Entry> = fresh.iter().map(|(b, id)| b.entry(*id)).collect();
+        let (done, failed) = written(t.insert_all(&entries), fresh.len());
+        for (_, id) in &fresh[..done] {
+            report.backends_added += 1;
+            // Released again if the frontend that asked for it fails to write.
+            self.unused.insert(*id);
+        }
+        for (b, id) in &fresh[done..] {
+            self.backends.remove(&self.refs, *b);
+            self.refs.set(*id, None);
+            self.free_backend_ids.push(*id);
+        }
+        match (failed, fresh.get(done)) {
+            (Some(e), Some((b, _))) => {
+                let map = match b {
+                    AnyBackend::V4(_) => MAP_BACKENDS,
+                    AnyBackend::V6(_) => MAP_BACKENDS6,
+                };
+                Err(describe(map, e))
+            }
+            _ => Ok(ids),
+        }
     }
 
     /// Removes the backends no slot refers to any more; one that cannot be
