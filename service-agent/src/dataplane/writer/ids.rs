@@ -53,9 +53,11 @@ impl Ids {
     /// A backend found in BACKENDS at start: released at the next apply
     /// unless a frontend slot refers to it.
     pub fn adopt_backend(&mut self, id: u32, b: AnyBackend) {
+        // Listed twice (an agent stopped between writes): the other id keeps
+        // its entry in `refs`, unused, so that its BACKENDS entry goes at
+        // the next release; lookups find this one.
         if let Some(old) = self.backends.get(&self.refs, b) {
-            self.backends.remove(&self.refs, b);
-            self.refs.set(old, None);
+            self.backends.remove(b, old);
         }
         self.refs.set(id, Some((b, 0)));
         self.backends.insert(&self.refs, b, id);
@@ -133,7 +135,7 @@ impl Ids {
             self.unused.insert(*id);
         }
         for (b, id) in &fresh[done..] {
-            self.backends.remove(&self.refs, *b);
+            self.backends.remove(*b, *id);
             self.refs.set(*id, None);
             self.free_backend_ids.push(*id);
         }
@@ -162,7 +164,7 @@ impl Ids {
         for (b, id) in unused {
             match t.remove(b.entry_key(id)) {
                 Ok(()) => {
-                    self.backends.remove(&self.refs, b);
+                    self.backends.remove(b, id);
                     self.refs.set(id, None);
                     self.free_backend_ids.push(id);
                     report.backends_removed += 1;
@@ -226,11 +228,59 @@ impl ByBackend {
         self.table.insert_unique(hasher.hash_one(b), id, rehash);
     }
 
-    /// Before `b`'s id leaves `refs`.
-    fn remove(&mut self, refs: &Refs, b: AnyBackend) {
-        let named = |id: &u32| refs.get(*id).map(|(x, _)| *x) == Some(b);
-        if let Ok(e) = self.table.find_entry(self.hasher.hash_one(b), named) {
+    /// `id`, which names `b`, if it is here.
+    fn remove(&mut self, b: AnyBackend, id: u32) {
+        if let Ok(e) = self.table.find_entry(self.hasher.hash_one(b), |x| *x == id) {
             e.remove();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::dataplane::fake::FakeMaps;
+
+    fn backend(last: u8) -> AnyBackend {
+        AnyBackend::new(Ipv4Addr::new(10, 1, 0, last).into(), 8080, IPPROTO_TCP, 0)
+    }
+
+    #[test]
+    fn a_backend_adopted_under_two_ids_keeps_the_later_and_releases_the_other() {
+        let mut t = FakeMaps::default();
+        let mut report = ApplyReport::default();
+        let b = backend(5);
+        for id in [3, 7] {
+            t.insert(b.entry(id)).unwrap();
+        }
+        let mut ids = Ids::new(100);
+        ids.adopt_backend(3, b);
+        ids.adopt_backend(7, b);
+        assert_eq!(ids.backend_ids(&mut t, &[b], &mut report), Ok(vec![7]));
+        ids.add_ref(7, 1);
+        ids.release_unused(&mut t, &mut report);
+        assert_eq!(t.contents.backends.keys().collect::<Vec<_>>(), [&7]);
+        assert_eq!(ids.backend_count(), 1);
+        assert_eq!(ids.backend(3), None);
+    }
+
+    #[test]
+    fn new_backends_a_full_map_refuses_get_no_id_and_those_written_keep_theirs() {
+        let mut t = FakeMaps::default();
+        t.set_capacity(MAP_BACKENDS, 2);
+        let mut report = ApplyReport::default();
+        let mut ids = Ids::new(100);
+        let all = [backend(1), backend(2), backend(3), backend(2)];
+        let e = ids.backend_ids(&mut t, &all, &mut report).unwrap_err();
+        assert!(e.contains("BACKENDS is full"), "{e}");
+        assert_eq!(report.backends_added, 2);
+        assert_eq!(ids.backend_count(), 2);
+        assert_eq!(t.contents.backends.len(), 2);
+        // The refused one's id is handed out again, to the next new backend.
+        t.set_capacity(MAP_BACKENDS, 3);
+        let got = ids.backend_ids(&mut t, &all, &mut report).unwrap();
+        assert_eq!(got, [1, 2, 3, 2]);
     }
 }

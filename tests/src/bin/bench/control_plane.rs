@@ -672,7 +672,7 @@ pub fn report(md: &mut String, cp: &ControlPlane, targets: &mut Vec<(String, boo
          | in process: program from nothing | {:.0} ms |\n\
          | in process: one-Service change, p50 / p99 | {:.2} / {:.2} ms |\n\
          | in process: full resync (recompile all, compare all) | {:.0} ms |\n\
-         | in process: bench RSS with all of it loaded | {:.0} MiB |\n\
+         | in process: RSS of the bench process with all of it loaded (the harness's own data included) | {:.0} MiB |\n\
          {}{}\
          {}{}",
         cp.from_nothing_ms,
@@ -713,12 +713,11 @@ pub fn report(md: &mut String, cp: &ControlPlane, targets: &mut Vec<(String, boo
             cp.change_p99_ms < 20.0,
             format!("{:.2} ms", cp.change_p99_ms),
         ),
-        (
-            "memory under 100 MiB at 10,000 Services (bench process)".to_string(),
-            cp.rss_mib < 100.0,
-            format!("{:.0} MiB", cp.rss_mib),
-        ),
     ]);
+    // The bench process's own RSS holds the harness too (typed objects,
+    // the earlier parts' worlds), so it is a row, not a target: the
+    // agent's memory targets are judged on the agent process below and in
+    // the scale part.
     for (what, r) in [
         ("manifest file", &cp.agent_manifest),
         ("API watch event", &cp.agent_kube),

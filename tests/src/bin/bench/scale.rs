@@ -382,14 +382,37 @@ fn write_manifests(dir: &Path, layout: Layout, services: u32) -> anyhow::Result<
     Ok(bytes)
 }
 
+/// The map sizes an operator sets for `services` Services of
+/// BACKENDS_PER_SERVICE endpoints, beyond what the defaults hold (65,536
+/// frontends, 262,144 SERVICES entries, 131,072 backends): a frontend
+/// takes a master and a slot a backend.
+fn map_sizes(services: u32) -> Vec<String> {
+    let frontends = services.next_power_of_two().max(65_536);
+    let entries = services * (BACKENDS_PER_SERVICE + 1);
+    let backends = services * BACKENDS_PER_SERVICE;
+    if entries <= 262_144 && backends <= 131_072 {
+        return vec![];
+    }
+    [
+        ("--frontends-max", frontends + 1),
+        ("--services-max", entries + entries / 8),
+        ("--backends-max", backends + backends / 8),
+    ]
+    .into_iter()
+    .flat_map(|(flag, n)| [flag.to_string(), n.to_string()])
+    .collect()
+}
+
 fn run_agent(dir: &Path, services: u32, idle: Option<Duration>) -> anyhow::Result<Measured> {
     let ns = node_namespace()?;
     // The default resync period when idle is measured (what users run),
     // none in the middle of a start otherwise.
-    let mut flags = vec!["--metrics-addr", "off"];
+    let mut flags: Vec<String> = vec!["--metrics-addr".into(), "off".into()];
     if idle.is_none() {
-        flags.extend(["--resync-seconds", "3600"]);
+        flags.extend(["--resync-seconds".into(), "3600".into()]);
     }
+    flags.extend(map_sizes(services));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let started = Instant::now();
     let agent = Agent::start_nowait(&ns, dir, &flags)?;
     measure(agent, started, services, idle)
