@@ -123,6 +123,12 @@ pub struct Changes {
     pub unlabeled: bool,
 }
 
+/// One file as read: its stamp (none if it vanished meanwhile) and objects.
+struct Read {
+    stamp: Option<FileStamp>,
+    objects: Result<Stored, ManifestError>,
+}
+
 /// Size and a hash of the contents. Timestamps would be cheaper but are
 /// coarse on many filesystems: two writes within a tick would look alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,9 +202,7 @@ impl ManifestDir {
         for p in gone {
             self.forget(&p, &mut changes);
         }
-        for file in &files {
-            self.read(file, &mut changes);
-        }
+        self.read_all(&files, &mut changes);
         changes
     }
 
@@ -302,20 +306,60 @@ impl ManifestDir {
     }
 
     fn read(&mut self, file: &Path, changes: &mut Changes) {
+        if let Some(read) = self.parse(file) {
+            self.take(file, read, changes);
+        }
+    }
+
+    /// Reads `files` again, parsing them on every CPU (each file on its
+    /// own: files of 20 Services are most of a start from many files), and
+    /// takes what they hold in their order, as one read after another would.
+    fn read_all(&mut self, files: &[PathBuf], changes: &mut Changes) {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let share = files.len().div_ceil(cpus.min(files.len()).max(1)).max(1);
+        let this = &*self;
+        let reads: Vec<Option<Read>> = std::thread::scope(|scope| {
+            let parts: Vec<_> = files
+                .chunks(share)
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|f| this.parse(f)).collect::<Vec<_>>())
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for (file, read) in files.iter().zip(reads) {
+            if let Some(read) = read {
+                self.take(file, read, changes);
+            }
+        }
+    }
+
+    /// `file` parsed, unless it is as it was when last read.
+    fn parse(&self, file: &Path) -> Option<Read> {
         let now = stamp(file);
         if let (Some(now), Some((before, _))) = (now, self.seen.get(file))
             && now == *before
         {
-            return;
+            return None;
         }
-        let error = match parse_file_into::<Stored>(file) {
+        Some(Read {
+            stamp: now,
+            objects: parse_file_into::<Stored>(file),
+        })
+    }
+
+    fn take(&mut self, file: &Path, read: Read, changes: &mut Changes) {
+        let error = match read.objects {
             Ok(objects) => {
                 self.replace(file, objects, changes);
                 None
             }
             Err(e) => Some(e),
         };
-        match now {
+        match read.stamp {
             Some(now) => {
                 self.seen.insert(file.to_path_buf(), (now, error));
             }
