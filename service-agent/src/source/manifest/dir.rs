@@ -318,17 +318,20 @@ impl ManifestDir {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let share = files.len().div_ceil(cpus.min(files.len()).max(1)).max(1);
         let this = &*self;
+        let parse = move |part: &[PathBuf]| part.iter().map(|f| this.parse(f)).collect::<Vec<_>>();
+        // The first share on this thread: a single file (a `kubectl get -o
+        // yaml` dump) starts no thread, and what this thread allocates it
+        // reuses for the plan (another thread's allocator arena would hold
+        // its freed memory apart).
         let reads: Vec<Option<Read>> = std::thread::scope(|scope| {
-            let parts: Vec<_> = files
-                .chunks(share)
-                .map(|part| {
-                    scope.spawn(move || part.iter().map(|f| this.parse(f)).collect::<Vec<_>>())
-                })
-                .collect();
-            parts
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
+            let mut parts = files.chunks(share);
+            let first = parts.next().unwrap_or_default();
+            let others: Vec<_> = parts.map(|part| scope.spawn(move || parse(part))).collect();
+            let mut reads = parse(first);
+            for h in others {
+                reads.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            }
+            reads
         });
         for (file, read) in files.iter().zip(reads) {
             if let Some(read) = read {
