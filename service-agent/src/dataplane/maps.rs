@@ -317,11 +317,13 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-/// The keys and values of `entries` when every one is of the kind `f` takes.
-fn split<K, V>(
+/// `entries` written to `map` in one batch, when every one is of the kind
+/// `f` takes (none: they are not all of that map).
+fn in_one_batch<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
     entries: &[Entry],
     f: impl Fn(&Entry) -> Option<(K, V)>,
-) -> Option<(Vec<K>, Vec<V>)> {
+) -> Option<Result<(), (usize, MapError)>> {
     let mut keys = Vec::with_capacity(entries.len());
     let mut values = Vec::with_capacity(entries.len());
     for e in entries {
@@ -329,7 +331,7 @@ fn split<K, V>(
         keys.push(k);
         values.push(v);
     }
-    Some((keys, values))
+    Some(batch::update(map, &keys, &values))
 }
 
 impl Maps for Tables {
@@ -354,51 +356,34 @@ impl Maps for Tables {
     /// AFFINITY_MATCH, all of one map, go in one batch; anything else one
     /// at a time.
     fn insert_all(&mut self, entries: &[Entry]) -> Result<(), (usize, MapError)> {
-        let Some(first) = entries.first() else {
-            return Ok(());
-        };
-        match first {
-            Entry::Service(..) => {
-                if let Some((k, v)) = split(entries, |e| match e {
-                    Entry::Service(k, v) => Some((*k, *v)),
-                    _ => None,
-                }) {
-                    return batch::update(&mut self.services, &k, &v);
-                }
-            }
-            Entry::Service6(..) => {
-                if let Some((k, v)) = split(entries, |e| match e {
-                    Entry::Service6(k, v) => Some((*k, *v)),
-                    _ => None,
-                }) {
-                    return batch::update(&mut self.services6, &k, &v);
-                }
-            }
-            Entry::Backend(..) => {
-                if let Some((k, v)) = split(entries, |e| match e {
-                    Entry::Backend(k, v) => Some((*k, *v)),
-                    _ => None,
-                }) {
-                    return batch::update(&mut self.backends, &k, &v);
-                }
-            }
-            Entry::Backend6(..) => {
-                if let Some((k, v)) = split(entries, |e| match e {
-                    Entry::Backend6(k, v) => Some((*k, *v)),
-                    _ => None,
-                }) {
-                    return batch::update(&mut self.backends6, &k, &v);
-                }
-            }
-            Entry::AffinityMatch(_) => {
-                if let Some((k, v)) = split(entries, |e| match e {
+        let batched = match entries.first() {
+            None => return Ok(()),
+            Some(Entry::Service(..)) => in_one_batch(&mut self.services, entries, |e| match e {
+                Entry::Service(k, v) => Some((*k, *v)),
+                _ => None,
+            }),
+            Some(Entry::Service6(..)) => in_one_batch(&mut self.services6, entries, |e| match e {
+                Entry::Service6(k, v) => Some((*k, *v)),
+                _ => None,
+            }),
+            Some(Entry::Backend(..)) => in_one_batch(&mut self.backends, entries, |e| match e {
+                Entry::Backend(k, v) => Some((*k, *v)),
+                _ => None,
+            }),
+            Some(Entry::Backend6(..)) => in_one_batch(&mut self.backends6, entries, |e| match e {
+                Entry::Backend6(k, v) => Some((*k, *v)),
+                _ => None,
+            }),
+            Some(Entry::AffinityMatch(_)) => {
+                in_one_batch(&mut self.affinity_match, entries, |e| match e {
                     Entry::AffinityMatch(k) => Some((*k, 1u32)),
                     _ => None,
-                }) {
-                    return batch::update(&mut self.affinity_match, &k, &v);
-                }
+                })
             }
-            _ => {}
+            Some(_) => None,
+        };
+        if let Some(r) = batched {
+            return r;
         }
         for (i, e) in entries.iter().enumerate() {
             self.insert(*e).map_err(|err| (i, err))?;

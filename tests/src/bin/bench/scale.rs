@@ -109,45 +109,24 @@ pub fn scale(quick: bool) -> Vec<ScaleRun> {
     runs.into_iter()
         .map(|(layout, services, idle)| {
             eprintln!("  {} × {services} ...", layout.describe());
-            if layout == Layout::ApiServer {
-                let (file_mib, result) = match run_agent_api(services) {
-                    Ok((bytes, m)) => (bytes as f64 / (1 << 20) as f64, Ok(m)),
+            let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+            let (file_mib, result) = if layout == Layout::ApiServer {
+                match run_agent_api(services) {
+                    Ok((bytes, m)) => (mib(bytes), Ok(m)),
                     Err(e) => (0.0, Err(format!("{e:#}"))),
-                };
-                if let Ok(m) = &result {
-                    eprintln!(
-                        "    start {:.2} s (first sync {:.2} s), {:.2} s CPU, peak {:.0} MiB",
-                        m.start_s,
-                        m.first_sync_s.unwrap_or(f64::NAN),
-                        m.start_cpu_s,
-                        m.peak_mib
-                    );
                 }
-                return ScaleRun {
-                    layout,
-                    services,
-                    file_mib,
-                    result,
-                };
-            }
-            let dir = match ManifestDir::new() {
-                Ok(d) => d,
-                Err(e) => {
-                    return ScaleRun {
-                        layout,
-                        services,
-                        file_mib: 0.0,
-                        result: Err(format!("{e:#}")),
-                    };
+            } else {
+                match ManifestDir::new() {
+                    Ok(dir) => {
+                        let written = write_manifests(&dir.path, layout, services);
+                        let file_mib = written.as_ref().map_or(0.0, |b| mib(*b));
+                        let idle = idle.map(Duration::from_secs);
+                        let result = written.and_then(|_| run_agent(&dir.path, services, idle));
+                        (file_mib, result.map_err(|e| format!("{e:#}")))
+                    }
+                    Err(e) => (0.0, Err(format!("{e:#}"))),
                 }
             };
-            let written = write_manifests(&dir.path, layout, services);
-            let file_mib = written
-                .as_ref()
-                .map_or(0.0, |b| *b as f64 / (1 << 20) as f64);
-            let result = written
-                .and_then(|_| run_agent(&dir.path, services, idle.map(Duration::from_secs)))
-                .map_err(|e| format!("{e:#}"));
             if let Ok(m) = &result {
                 eprintln!(
                     "    start {:.2} s (first sync {:.2} s), {:.2} s CPU, peak {:.0} MiB{}",
