@@ -50,6 +50,13 @@ impl Netns {
         run("ip", &full)
     }
 
+    /// Adds an IPv6 address (`addr/prefix`) to `dev` without duplicate
+    /// address detection: with it the address stays tentative for a second
+    /// or more, and a test that sends at once would race it.
+    pub fn add_addr6(&self, cidr: &str, dev: &str) -> anyhow::Result<Output> {
+        self.ip(&["-6", "addr", "add", cidr, "dev", dev, "nodad"])
+    }
+
     /// Runs a command inside the namespace (network namespace only, so the
     /// host's /sys/fs/bpf stays visible).
     pub fn exec(&self, cmd: &str, args: &[&str]) -> anyhow::Result<Output> {

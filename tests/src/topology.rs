@@ -140,15 +140,7 @@ impl Topology {
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         if self.dual_stack {
             let ip6 = lan6(ip.octets()[3]);
-            ns.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{ip6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
+            ns.add_addr6(&format!("{ip6}/64"), "eth0")?;
         }
         ns.ip(&["link", "set", "eth0", "up"])?;
         Ok(())
@@ -271,25 +263,9 @@ impl Topology {
         if let Some(ip6) = ip6 {
             let gw6 = n.pod_gateway6().to_string();
             let host = &n.ns;
-            host.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{gw6}/128"),
-                "dev",
-                &host_if,
-                "nodad",
-            ])?;
+            host.add_addr6(&format!("{gw6}/128"), &host_if)?;
             host.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
-            ns.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{ip6}/128"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
+            ns.add_addr6(&format!("{ip6}/128"), "eth0")?;
             ns.ip(&["-6", "route", "add", &gw6, "dev", "eth0"])?;
             ns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
         }
@@ -356,26 +332,10 @@ impl Topology {
             Ipv6Addr::new(0xfd00, net as u16, 0, 0, 0, 0, 0, 1),
         );
         router.ip(&["addr", "add", &format!("{gw}/24"), "dev", "r0"])?;
-        router.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{gw6}/64"),
-            "dev",
-            "r0",
-            "nodad",
-        ])?;
+        router.add_addr6(&format!("{gw6}/64"), "r0")?;
         router.ip(&["link", "set", "r0", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+        ns.add_addr6(&format!("{ip6}/64"), "eth0")?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
         ns.ip(&["-6", "route", "add", "default", "via", &gw6.to_string()])?;

@@ -999,15 +999,7 @@ fn an_ipv6_node_ip_is_the_snat_source_and_where_ipv6_node_ports_answer() {
     let extra: Ipv6Addr = "fd00:77::99".parse().unwrap();
     f.topo.nodes[0]
         .ns
-        .ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{extra}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])
+        .add_addr6(&format!("{extra}/64"), "eth0")
         .unwrap();
     f.write("", &["web-2"]);
     let fixed = extra.to_string();
