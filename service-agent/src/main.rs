@@ -32,6 +32,29 @@ fn open(pins: &PinArgs) -> anyhow::Result<Tables> {
     })
 }
 
+/// With the API source, every thread allocates from glibc's one main
+/// arena. By default each thread that allocates gets an arena of its own,
+/// and what one frees the others cannot reuse: the watchers deserialize
+/// list pages on whichever worker thread polls them, the first sync
+/// compiles on the main thread, and at 10,000 Services the arenas held
+/// 76 MiB for a live heap of about 25. With one arena the peak is 62 MiB.
+/// The manifest source parses files on every CPU at once, where arenas
+/// pay for themselves (one arena made its start twice as slow), so it
+/// keeps glibc's default. A `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` in the
+/// environment is the operator's choice and wins.
+fn one_malloc_arena() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var_os("GLIBC_TUNABLES").is_some()
+    {
+        return;
+    }
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt sets an allocator parameter; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run(_)) {
@@ -132,6 +155,9 @@ fn main() -> anyhow::Result<()> {
                 flow_limits: flow_limits.limits(),
                 dns,
             };
+            if matches!(cfg.source, SourceConfig::Kube { .. }) {
+                one_malloc_arena();
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -52,12 +52,28 @@ fn any(_: &str) -> bool {
     true
 }
 
+/// The labels of a Service that the planner reads.
+pub fn service_label(key: &str) -> bool {
+    key == SERVICE_PROXY_NAME_LABEL || key == HEADLESS_LABEL
+}
+
+/// The annotations of a Service that the planner reads.
+pub fn service_annotation(key: &str) -> bool {
+    TOPOLOGY_MODE_ANNOTATIONS.contains(&key)
+}
+
+/// The labels of an EndpointSlice that a source reads (its Service).
+pub fn slice_label(key: &str) -> bool {
+    key == SERVICE_NAME_LABEL
+}
+
+/// The annotations of an EndpointSlice that the metrics read.
+pub fn slice_annotation(key: &str) -> bool {
+    key == TRIGGER_TIME_ANNOTATION
+}
+
 pub fn service(svc: &mut Service) {
-    meta(
-        &mut svc.metadata,
-        |k| k == SERVICE_PROXY_NAME_LABEL || k == HEADLESS_LABEL,
-        |k| TOPOLOGY_MODE_ANNOTATIONS.contains(&k),
-    );
+    meta(&mut svc.metadata, service_label, service_annotation);
     svc.status = svc.status.take().and_then(|s| {
         s.load_balancer.map(|lb| ServiceStatus {
             load_balancer: Some(lb),
@@ -67,11 +83,7 @@ pub fn service(svc: &mut Service) {
 }
 
 pub fn endpoint_slice(slice: &mut EndpointSlice) {
-    meta(
-        &mut slice.metadata,
-        |k| k == SERVICE_NAME_LABEL,
-        |k| k == TRIGGER_TIME_ANNOTATION,
-    );
+    meta(&mut slice.metadata, slice_label, slice_annotation);
     for e in slice.endpoints.iter_mut().flatten() {
         e.target_ref = None;
         e.deprecated_topology = None;

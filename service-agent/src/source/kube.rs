@@ -7,12 +7,13 @@
 //! touches (an EndpointSlice: the Service it belonged to and the one it
 //! belongs to now), so the agent recompiles only those; a completed relist
 //! asks for everything.
+mod lean;
 mod store;
 
 use std::{collections::BTreeSet, path::Path, sync::Arc, time::Instant};
 
 use anyhow::Context as _;
-use futures::{Stream, StreamExt as _, future::BoxFuture};
+use futures::{Stream, StreamExt as _, TryStreamExt as _, future::BoxFuture};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -30,6 +31,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use self::lean::Lean;
 use self::store::{Index, ServiceKeys, SliceIndex, Touched, Watched};
 use super::{Pending, ServiceObjects, SharedPending, Source};
 use crate::{
@@ -127,7 +129,7 @@ fn drive<T: Send + 'static>(
 /// A watcher feeding a packed store, each object as `strip` leaves it;
 /// what each event touched goes to `pending`.
 fn spawn_store<K, I>(
-    api: Api<K>,
+    api: Api<Lean<K>>,
     config: watcher::Config,
     what: &'static str,
     strip: fn(&mut K),
@@ -143,13 +145,17 @@ where
         + Send
         + Sync
         + 'static,
+    Lean<K>: DeserializeOwned,
     I: Index<K> + Send + Sync + 'static,
 {
     let store = Arc::new(Watched::default());
     // The watcher lists in pages and passes each object on as it reads
     // it: each is packed as it comes, so at most a page is ever held as
     // structs, even in the first list.
-    let stream = watcher(api, config).default_backoff().modify(strip);
+    let stream = watcher(api, config)
+        .default_backoff()
+        .map_ok(lean::unwrap)
+        .modify(strip);
     let writer = store.clone();
     drive(stream, what, wake, move |event| {
         match writer.handle(event) {
@@ -182,7 +188,7 @@ impl KubeSource {
     ) -> Self {
         let wake = Wake(changed, faults);
         let services = spawn_store(
-            Api::<Service>::all(client.clone()),
+            Api::<Lean<Service>>::all(client.clone()),
             watcher::Config::default(),
             "services",
             trim::service,
@@ -190,7 +196,7 @@ impl KubeSource {
             pending.clone(),
         );
         let slices = spawn_store(
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<Lean<EndpointSlice>>::all(client.clone()),
             watcher::Config::default().labels(SERVICE_NAME_LABEL),
             "endpointslices",
             trim::endpoint_slice,

@@ -6,8 +6,8 @@
 //! Service changed. Beside the objects, an index of which Service each
 //! belongs to, updated under the same lock, so the two never disagree.
 use std::{
-    collections::HashMap,
-    sync::{RwLock, RwLockReadGuard, RwLockWriteGuard},
+    collections::{HashMap, HashSet},
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
 use k8s_openapi::{
@@ -23,14 +23,13 @@ use crate::model::{ServiceId, Sourced, packed::Packed};
 /// The origin the objects carry (the planner names it in refusals).
 const ORIGIN: &str = "api";
 
-/// (namespace, name): what names an object of one kind.
-type ObjectKey = (String, String);
+/// (namespace, name): what names an object of one kind. The shape of a
+/// [`ServiceId`], so that a Service's key is its id and the ids handed to
+/// the planner share the store's strings.
+type ObjectKey = ServiceId;
 
 fn object_key(meta: &ObjectMeta) -> ObjectKey {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
+    ServiceId::of(meta)
 }
 
 /// What a store keeps beside its objects, updated with them: which
@@ -55,11 +54,11 @@ impl Index<Service> for ServiceKeys {
     }
 
     fn put(&mut self, key: &ObjectKey, _: Option<ServiceId>) -> Vec<ServiceId> {
-        vec![ServiceId::new(&key.0, &key.1)]
+        vec![key.clone()]
     }
 
     fn remove(&mut self, key: &ObjectKey) -> Vec<ServiceId> {
-        vec![ServiceId::new(&key.0, &key.1)]
+        vec![key.clone()]
     }
 }
 
@@ -72,14 +71,14 @@ pub(super) struct SliceIndex {
     owner: HashMap<ObjectKey, ServiceId>,
     /// A Service → its slices' names, sorted. A Vec: most Services have one
     /// slice, and a set's node would be ten times its size.
-    by_service: HashMap<ServiceId, Vec<String>>,
+    by_service: HashMap<ServiceId, Vec<Arc<str>>>,
 }
 
 impl SliceIndex {
     fn unfile(&mut self, key: &ObjectKey) -> Option<ServiceId> {
         let old = self.owner.remove(key)?;
         if let Some(names) = self.by_service.get_mut(&old) {
-            if let Ok(at) = names.binary_search(&key.1) {
+            if let Ok(at) = names.binary_search(&key.name) {
                 names.remove(at);
             }
             if names.is_empty() {
@@ -100,8 +99,8 @@ impl Index<EndpointSlice> for SliceIndex {
         let old = self.unfile(key);
         if let Some(id) = &owner {
             let names = self.by_service.entry(id.clone()).or_default();
-            if let Err(at) = names.binary_search(&key.1) {
-                names.insert(at, key.1.clone());
+            if let Err(at) = names.binary_search(&key.name) {
+                names.insert(at, key.name.clone());
             }
             self.owner.insert(key.clone(), id.clone());
         }
@@ -117,6 +116,9 @@ impl Index<EndpointSlice> for SliceIndex {
 struct Table<K, I> {
     objects: HashMap<ObjectKey, Packed<K>>,
     index: I,
+    /// Each namespace once: a cluster has thousands of objects to a
+    /// namespace, and every key and owner names one.
+    namespaces: HashSet<Arc<str>>,
 }
 
 impl<K, I: Default> Default for Table<K, I> {
@@ -124,6 +126,7 @@ impl<K, I: Default> Default for Table<K, I> {
         Self {
             objects: HashMap::new(),
             index: I::default(),
+            namespaces: HashSet::new(),
         }
     }
 }
@@ -131,13 +134,26 @@ impl<K, I: Default> Default for Table<K, I> {
 impl<K, I: Index<K>> Table<K, I> {
     fn put(
         &mut self,
-        key: ObjectKey,
+        mut key: ObjectKey,
         packed: Packed<K>,
-        owner: Option<ServiceId>,
+        mut owner: Option<ServiceId>,
     ) -> Vec<ServiceId> {
+        key.namespace = self.intern(&key.namespace);
+        // An owner is always in its object's namespace.
+        if let Some(owner) = &mut owner {
+            owner.namespace = self.intern(&owner.namespace);
+        }
         let touched = self.index.put(&key, owner);
         self.objects.insert(key, packed);
         touched
+    }
+
+    fn intern(&mut self, namespace: &Arc<str>) -> Arc<str> {
+        if let Some(known) = self.namespaces.get(namespace) {
+            return known.clone();
+        }
+        self.namespaces.insert(namespace.clone());
+        namespace.clone()
     }
 
     fn remove(&mut self, key: &ObjectKey) -> Vec<ServiceId> {
@@ -306,13 +322,11 @@ where
 impl Watched<Service, ServiceKeys> {
     pub(super) fn ids(&self) -> Vec<ServiceId> {
         let store = self.read();
-        let keys = store.live.objects.keys();
-        keys.map(|(ns, name)| ServiceId::new(ns, name)).collect()
+        store.live.objects.keys().cloned().collect()
     }
 
     pub(super) fn service(&self, id: &ServiceId) -> Option<Sourced<Service>> {
-        let key = (id.namespace.to_string(), id.name.to_string());
-        self.read().live.objects.get(&key).map(Packed::unpack)
+        self.read().live.objects.get(id).map(Packed::unpack)
     }
 }
 
@@ -331,7 +345,10 @@ impl Watched<EndpointSlice, SliceIndex> {
         names
             .iter()
             .filter_map(|name| {
-                let key = (id.namespace.to_string(), name.clone());
+                let key = ServiceId {
+                    namespace: id.namespace.clone(),
+                    name: name.clone(),
+                };
                 store.live.objects.get(&key).map(Packed::unpack)
             })
             .collect()
