@@ -2,6 +2,7 @@
 //! directory, read into the same k8s-openapi types the API server yields,
 //! indexed by Service and watched for changes.
 mod dir;
+mod direct;
 mod parse;
 mod stream;
 mod watch;

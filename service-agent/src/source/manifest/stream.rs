@@ -16,10 +16,14 @@
 //!
 //! A List's items are typed in batches spread over the CPUs: parsing YAML
 //! is most of what a start from one big file costs, and the items are
-//! independent of each other.
+//! independent of each other. Each is typed straight from the parser's
+//! events where `direct` can, through a `serde_yaml_ng::Value` otherwise.
 use std::{io::BufRead, num::NonZeroUsize, thread};
 
-use super::parse::{FileObjects, ManifestError, Sink, add_document, parse_documents};
+use super::{
+    direct,
+    parse::{FileObjects, ManifestError, Sink, add_document, parse_documents},
+};
 
 /// Why the file must be read whole.
 pub(super) enum Stream {
@@ -228,6 +232,11 @@ fn type_part<S: Sink>(texts: &[String], name: &str, index: usize) -> Result<Type
         failed: None,
     };
     for text in texts {
+        if out.failed.is_none()
+            && direct::type_item(text, &mut out.items, || format!("{name}#{index}"))
+        {
+            continue;
+        }
         let mut items: Vec<serde_yaml_ng::Value> =
             serde_yaml_ng::from_str(text).map_err(|_| Stream::ReadWhole)?;
         let (Some(item), None) = (items.pop(), items.pop()) else {
