@@ -270,9 +270,7 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for LikeMap<A> {
         // visits `str`), without copying the Value.
         let typed = match &key {
             Value::String(s) => seed.deserialize(de::value::StrDeserializer::<A::Error>::new(s))?,
-            other => seed
-                .deserialize(other.clone())
-                .map_err(|e| de::Error::custom(e))?,
+            other => seed.deserialize(other.clone()).map_err(de::Error::custom)?,
         };
         self.keys.push(key);
         Ok(Some(typed))
