@@ -112,11 +112,12 @@ pub fn report(md: &mut String, paths: &[(String, u32, Vec<Row>)]) {
     let _ = writeln!(
         md,
         "### Program time under the end-to-end traffic (kernel.bpf_stats_enabled)\n\n\
-         BPF_ENABLE_STATS was on during the rounds above: the kernel added each run of each attached program to its \
-         run_time_ns and run_cnt, read before and after every load on a path. ns/run is the program's own time per packet \
-         (per connect() or sendmsg() for the socket hooks), under the real traffic, with no syscall in it. Enabling \
-         the statistics costs two clock reads per run, on every program path alike; the no-Service baselines run no \
-         program.\n\n\
+         BPF_ENABLE_STATS was on during one more round of the same loads after the rounds above (whose rates it \
+         would have lowered: it costs two clock reads per program run, which a node does not pay and the no-Service \
+         baselines, running no program, would not either; that round's rates are not counted): the kernel added each \
+         run of each attached program to its run_time_ns and run_cnt, read before and after every load on a path. \
+         ns/run is the program's own time per packet (per connect() or sendmsg() for the socket hooks), under the real \
+         traffic, with no syscall in it.\n\n\
          | path | Services | program | runs | ns/run |\n|---|---:|---|---:|---:|"
     );
     for (path, services, progs) in paths {

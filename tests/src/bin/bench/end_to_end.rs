@@ -418,7 +418,10 @@ impl Pooled {
 /// Sets up every path in `specs` (they coexist: each lives in namespaces of
 /// its own), checks that one request gets through each, then runs `rounds`
 /// rounds, each one `limit` of short connections then of kept-alive
-/// requests on every path in turn. Interleaving spreads whatever else this
+/// requests on every path in turn, and one more round with BPF_ENABLE_STATS
+/// on for the programs' own time, whose rates are not counted: the
+/// statistics add two clock reads to every program run, which a node does
+/// not pay and the no-program baselines would not either. Interleaving spreads whatever else this
 /// shared machine is doing over all paths alike instead of over whichever
 /// path was being measured. A path that cannot be set up is reported with
 /// its error and the others go on.
@@ -445,8 +448,21 @@ pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<Path
             }
         }
     }
-    for round in 0..rounds {
-        eprintln!("  round {} of {rounds}", round + 1);
+    for round in 0..=rounds {
+        let timing = round == rounds;
+        let _stats = if timing {
+            eprintln!("  one more round, for the programs' time");
+            match bpf_stats::enable() {
+                Ok(on) => Some(on),
+                Err(e) => {
+                    eprintln!("  no program statistics: {e:#}");
+                    break;
+                }
+            }
+        } else {
+            eprintln!("  round {} of {rounds}", round + 1);
+            None
+        };
         for (i, target, short, kept, ids) in live.iter_mut() {
             for (mode, pooled) in [(Mode::ShortConnections, short), (Mode::KeptAlive, kept)] {
                 let load = Load {
@@ -458,11 +474,14 @@ pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<Path
                     // CPUs do in `limit`: time is what ends a round.
                     max_ops: 2_000_000,
                 };
-                let before = bpf_stats::sample(ids);
+                let before = timing.then(|| bpf_stats::sample(ids));
                 let run = load::run(&target.client_ns, &target.addrs, load);
-                bpf_stats::accumulate(&mut times[*i], &before, &bpf_stats::sample(ids));
+                if let Some(before) = before {
+                    bpf_stats::accumulate(&mut times[*i], &before, &bpf_stats::sample(ids));
+                }
                 match run {
-                    Ok(r) => pooled.add(r),
+                    Ok(r) if !timing => pooled.add(r),
+                    Ok(_) => {}
                     Err(e) => {
                         errors[*i].get_or_insert_with(|| format!("{e:#}"));
                     }

@@ -284,12 +284,7 @@ fn main() -> anyhow::Result<()> {
             .into_iter()
             .filter(|p| !(quick && p.name == end_to_end::NFTABLES))
             .collect();
-        // The programs' own time under this traffic (see bpf_stats).
-        let stats = bpf_stats::enable()
-            .map_err(|e| eprintln!("  no program statistics: {e:#}"))
-            .ok();
         e2e = measure_all(&specs, e2e_rounds, e2e_limit);
-        drop(stats);
         for r in &e2e {
             eprintln!(
                 "  {} at {}: {:.0} conn/s, {:.0} req/s",
