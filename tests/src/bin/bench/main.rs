@@ -90,6 +90,18 @@ pub fn plan_of(services: u32) -> Plan {
     plan
 }
 
+/// `services` ClusterIP Services of 10 backends, IPv6 only.
+pub fn plan6_of(services: u32) -> Plan {
+    let mut plan = Plan::default();
+    add_family(
+        &mut plan,
+        services,
+        |i| vip6(i).into(),
+        |i, k| backend_ip6(i, k).into(),
+    );
+    plan
+}
+
 /// The same Services made dual-stack: each also has an IPv6 ClusterIP
 /// (`vip6`) with 10 IPv6 backends, as from its `addressType: IPv6` slice.
 pub fn dual_stack_plan_of(services: u32) -> Plan {

@@ -18,10 +18,13 @@
 //!   meet its own output), and its rate is that of the kernel's measured
 //!   program time alone: no skb is built, nothing is transmitted.
 //!
+//! The NodePort rows are measured over IPv4 and over IPv6 (the same
+//! Services, flow and topology in the other family).
+//!
 //! Each is also run once with BPF_ENABLE_STATS on, for the program's own
 //! time per packet as the kernel measures it in this traffic.
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -44,12 +47,16 @@ use service_agent::{
 use service_common::Reason;
 
 use crate::{
-    BACKENDS_PER_SERVICE, backend_ip, bare_xdp, bpf_stats, load, packet_cost::median, plan_of,
+    BACKENDS_PER_SERVICE, backend_ip, backend_ip6, bare_xdp, bpf_stats, load, packet_cost::median,
+    plan_of, plan6_of,
 };
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 1);
+const PEER_NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x00, 0x20];
 const NODE_PORT: u16 = 30080;
 const CLIENT: &str = "172.16.0.1";
+const CLIENT6: &str = "fd00:172:16::1";
 const CLIENT_PORT: u16 = 40_000;
 /// Frames per live-frame batch (the kernel's default, a NAPI budget).
 const BATCH: u32 = 64;
@@ -62,6 +69,15 @@ const TC_CALLS: u32 = 20_000;
 pub const BARE: &str = "bare XDP_TX (the limit)";
 pub const XDP: &str = "XDP NodePort, backend on another node";
 pub const TC: &str = "tc NodePort, backend on another node (program time only)";
+pub const XDP6: &str = "XDP NodePort over IPv6, backend on another node";
+pub const TC6: &str = "tc NodePort over IPv6, backend on another node (program time only)";
+
+/// The family a world's Services, flow and routes are in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ip {
+    V4,
+    V6,
+}
 
 pub struct Rate {
     pub what: &'static str,
@@ -79,6 +95,7 @@ pub struct Rate {
 /// the backends' range and whose neighbour entry is known.
 struct World {
     fib: FibNamespace,
+    ip: Ip,
     services: u32,
     l: Loaded,
     ifindex: u32,
@@ -86,23 +103,55 @@ struct World {
     sink: Xdp,
 }
 
-fn world(services: u32, pins: &PinDir) -> anyhow::Result<World> {
+fn world(services: u32, ip: Ip, pins: &PinDir) -> anyhow::Result<World> {
     let fib = FibNamespace::new("bench-rate")?;
-    fib.link("ext0", "wire0", "192.168.50.1/24")?
-        .neighbour("192.168.50.20", [0x02, 0, 0, 0, 0x00, 0x20], "ext0")?
-        .route("10.128.0.0/12", &["via", "192.168.50.20"])?
-        .route("172.16.0.0/12", &["via", "192.168.50.20"])?;
-    // No IPv6 chatter (router and neighbour solicitations) towards the sink.
-    fib.ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
-    fib.ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+    match ip {
+        Ip::V4 => {
+            fib.link("ext0", "wire0", "192.168.50.1/24")?
+                .neighbour("192.168.50.20", PEER_NODE_MAC, "ext0")?
+                .route("10.128.0.0/12", &["via", "192.168.50.20"])?
+                .route("172.16.0.0/12", &["via", "192.168.50.20"])?;
+            // No IPv6 chatter (router and neighbour solicitations) towards the sink.
+            fib.ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+            fib.ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+        }
+        Ip::V6 => {
+            // The address usable at once (no duplicate detection), and
+            // forwarding on, without which the IPv6 FIB lookup answers
+            // "forwarding disabled". The stack's own solicitations that
+            // reach the sink only add to its count.
+            for (k, v) in [
+                ("net.ipv6.conf.all.accept_dad", "0"),
+                ("net.ipv6.conf.default.accept_dad", "0"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+                ("net.ipv6.conf.default.forwarding", "1"),
+            ] {
+                fib.ns.sysctl(k, v)?;
+            }
+            fib.link("ext0", "wire0", "fd00:50::1/64")?
+                .neighbour("fd00:50::20", PEER_NODE_MAC, "ext0")?
+                .route("fd00:10:128::/48", &["via", "fd00:50::20"])?;
+        }
+    }
     enter(&fib.ns.path())?;
     // The measured NodePort Service and `services - 1` ClusterIP fillers,
     // every backend on another node.
     let mut l = load(services);
-    let mut plan = plan_of(services - 1);
+    let (mut plan, any, backend): (_, IpAddr, fn(u32, u32) -> IpAddr) = match ip {
+        Ip::V4 => (
+            plan_of(services - 1),
+            Ipv4Addr::UNSPECIFIED.into(),
+            |i, k| backend_ip(i, k).into(),
+        ),
+        Ip::V6 => (
+            plan6_of(services - 1),
+            Ipv6Addr::UNSPECIFIED.into(),
+            |i, k| backend_ip6(i, k).into(),
+        ),
+    };
     plan.frontends.insert(
         FrontendKey {
-            addr: Ipv4Addr::UNSPECIFIED.into(),
+            addr: any,
             port: NODE_PORT,
             proto: Protocol::Tcp,
         },
@@ -110,7 +159,7 @@ fn world(services: u32, pins: &PinDir) -> anyhow::Result<World> {
             "bench/node-port",
             FrontendKind::NodePort,
             (0..BACKENDS_PER_SERVICE)
-                .map(|k| integration_tests::bpf::backend(backend_ip(services, k), 8080, true))
+                .map(|k| integration_tests::bpf::backend(backend(services, k), 8080, true))
                 .collect(),
         ),
     );
@@ -122,9 +171,18 @@ fn world(services: u32, pins: &PinDir) -> anyhow::Result<World> {
             .collect();
     }
     l.apply(&plan)?;
-    l.set_node_addr(NODE)?;
-    let syn = Builder::tcp(CLIENT, CLIENT_PORT, &NODE.to_string(), NODE_PORT, SYN).build();
-    let frame = Builder::tcp(CLIENT, CLIENT_PORT, &NODE.to_string(), NODE_PORT, ACK).build();
+    let (client, node) = match ip {
+        Ip::V4 => {
+            l.set_node_addr(NODE)?;
+            (CLIENT, NODE.to_string())
+        }
+        Ip::V6 => {
+            l.set_node_addr6(NODE6)?;
+            (CLIENT6, NODE6.to_string())
+        }
+    };
+    let syn = Builder::tcp(client, CLIENT_PORT, &node, NODE_PORT, SYN).build();
+    let frame = Builder::tcp(client, CLIENT_PORT, &node, NODE_PORT, ACK).build();
     // The sink first: a veth takes XDP frames only once its peer runs XDP
     // (which is also what makes the agent's egress check allow ext0).
     let mut sink = bare_xdp::load("bench_sink", &bare_xdp::restoring_sink_insns(&frame), pins)?;
@@ -141,6 +199,7 @@ fn world(services: u32, pins: &PinDir) -> anyhow::Result<World> {
     );
     Ok(World {
         fib,
+        ip,
         services,
         l,
         ifindex,
@@ -251,9 +310,12 @@ pub fn packet_rates(sizes: &[u32], rounds: u32) -> anyhow::Result<Vec<Rate>> {
         let cpu = pin_to_one_cpu()?;
         eprintln!("  on CPU {cpu}");
         let mut worlds = vec![];
-        for &n in &sizes {
-            eprintln!("  programming {n} Services");
-            worlds.push(world(n, &pins)?);
+        for ip in [Ip::V4, Ip::V6] {
+            for &n in &sizes {
+                let family = if ip == Ip::V4 { "IPv4" } else { "IPv6" };
+                eprintln!("  programming {n} {family} Services");
+                worlds.push(world(n, ip, &pins)?);
+            }
         }
         enter(&worlds[0].fib.ns.path())?;
         let mut bare = bare_xdp::load("bench_xdp_tx", &bare_xdp::tx_insns(), &pins)?;
@@ -300,8 +362,12 @@ pub fn packet_rates(sizes: &[u32], rounds: u32) -> anyhow::Result<Vec<Rate>> {
             let t0 = w.l.dp.program(IfaceRole::External)?.info()?;
             run_tc(w)?;
             let tc_prog = per_run(&t0, &w.l.dp.program(IfaceRole::External)?.info()?);
+            let (xdp, tc) = match w.ip {
+                Ip::V4 => (XDP, TC),
+                Ip::V6 => (XDP6, TC6),
+            };
             rows.push(Rate {
-                what: XDP,
+                what: xdp,
                 services: Some(w.services),
                 mpps: mpps(std::mem::take(&mut xdp_t[k])),
                 prog_ns,
@@ -309,7 +375,7 @@ pub fn packet_rates(sizes: &[u32], rounds: u32) -> anyhow::Result<Vec<Rate>> {
             });
             let ns = median(std::mem::take(&mut tc_ns[k]));
             tc_rows.push(Rate {
-                what: TC,
+                what: tc,
                 services: Some(w.services),
                 mpps: 1e3 / ns,
                 prog_ns: tc_prog,
@@ -352,7 +418,9 @@ pub fn report(
          - **{TC}**: the same packet through the tc program. Live frames are XDP only: this is the ordinary \
          BPF_PROG_TEST_RUN, one call per packet with `repeat` 1 (a repeated run keeps the program's output as the next \
          input), {TC_CALLS} calls a round, and the rate is 1 / the kernel's measured program time: no skb is built and \
-         nothing is sent, so it is an upper bound that the XDP rows do not get.\n\n\
+         nothing is sent, so it is an upper bound that the XDP rows do not get.\n\
+         - **{XDP6}**, **{TC6}**: the same over IPv6 (the Services, the NodePort flow and the routes in the other \
+         family, the node's address the source of the SNAT).\n\n\
          Program ns is the program's own time per packet from BPF_ENABLE_STATS (run_time_ns / run_cnt) in one more \
          call of each with statistics on; sink ns the same for the sink. The bare program's figure is this measure's \
          floor (the clock reads around each run on this machine), and it is why a program ns can exceed the wall ns per \
@@ -395,6 +463,32 @@ pub fn report(
         lo.services.unwrap_or(0),
         hi.services.unwrap_or(0),
     );
+    // IPv6 against IPv4, per packet, at each size both were measured at.
+    let per_packet = |what: &str, n: Option<u32>| {
+        rows.iter()
+            .find(|r| r.what == what && r.services == n)
+            .map(|r| 1e3 / r.mpps)
+    };
+    let family: Vec<String> = [(XDP, XDP6, "XDP"), (TC, TC6, "tc")]
+        .iter()
+        .flat_map(|&(v4, v6, path)| {
+            xdp.iter().filter_map(move |r| {
+                let (a, b) = (per_packet(v4, r.services)?, per_packet(v6, r.services)?);
+                Some(format!(
+                    "{path} {:.2}× at {}",
+                    b / a,
+                    r.services.unwrap_or(0)
+                ))
+            })
+        })
+        .collect();
+    if !family.is_empty() {
+        let _ = writeln!(
+            md,
+            "IPv6 / IPv4 per packet, NodePort to another node: {}.\n",
+            family.join(", ")
+        );
+    }
     targets.extend([
         (
             format!(
