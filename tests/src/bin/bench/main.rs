@@ -81,24 +81,14 @@ pub fn load_families(services: u32, families: u32) -> Loaded {
 /// `services` ClusterIP Services of 10 backends, IPv4 only.
 pub fn plan_of(services: u32) -> Plan {
     let mut plan = Plan::default();
-    add_family(
-        &mut plan,
-        services,
-        |i| vip(i).into(),
-        |i, k| backend_ip(i, k).into(),
-    );
+    add_family(&mut plan, services, Family::V4);
     plan
 }
 
 /// `services` ClusterIP Services of 10 backends, IPv6 only.
 pub fn plan6_of(services: u32) -> Plan {
     let mut plan = Plan::default();
-    add_family(
-        &mut plan,
-        services,
-        |i| vip6(i).into(),
-        |i, k| backend_ip6(i, k).into(),
-    );
+    add_family(&mut plan, services, Family::V6);
     plan
 }
 
@@ -106,25 +96,40 @@ pub fn plan6_of(services: u32) -> Plan {
 /// (`vip6`) with 10 IPv6 backends, as from its `addressType: IPv6` slice.
 pub fn dual_stack_plan_of(services: u32) -> Plan {
     let mut plan = plan_of(services);
-    add_family(
-        &mut plan,
-        services,
-        |i| vip6(i).into(),
-        |i, k| backend_ip6(i, k).into(),
-    );
+    add_family(&mut plan, services, Family::V6);
     plan
 }
 
-fn add_family(
-    plan: &mut Plan,
-    services: u32,
-    vip: impl Fn(u32) -> IpAddr,
-    backend: impl Fn(u32, u32) -> IpAddr,
-) {
+/// Which of the bench's address plans a Service's frontend and backends use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The ClusterIP of bench Service `i`.
+    pub fn vip(self, i: u32) -> IpAddr {
+        match self {
+            Family::V4 => vip(i).into(),
+            Family::V6 => vip6(i).into(),
+        }
+    }
+
+    /// Backend `k` of bench Service `i`.
+    pub fn backend(self, i: u32, k: u32) -> IpAddr {
+        match self {
+            Family::V4 => backend_ip(i, k).into(),
+            Family::V6 => backend_ip6(i, k).into(),
+        }
+    }
+}
+
+fn add_family(plan: &mut Plan, services: u32, family: Family) {
     for i in 0..services {
         plan.frontends.insert(
             FrontendKey {
-                addr: vip(i),
+                addr: family.vip(i),
                 port: 80,
                 proto: Protocol::Tcp,
             },
@@ -132,7 +137,7 @@ fn add_family(
                 &format!("bench/svc-{i}"),
                 FrontendKind::ClusterIp,
                 (0..BACKENDS_PER_SERVICE)
-                    .map(|k| bpf::backend(backend(i, k), 8080, true))
+                    .map(|k| bpf::backend(family.backend(i, k), 8080, true))
                     .collect(),
             ),
         );

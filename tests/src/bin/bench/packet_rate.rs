@@ -47,8 +47,8 @@ use service_agent::{
 use service_common::Reason;
 
 use crate::{
-    BACKENDS_PER_SERVICE, backend_ip, backend_ip6, bare_xdp, bpf_stats, load, packet_cost::median,
-    plan_of, plan6_of,
+    BACKENDS_PER_SERVICE, Family as Ip, bare_xdp, bpf_stats, load, packet_cost::median, plan_of,
+    plan6_of,
 };
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
@@ -71,13 +71,6 @@ pub const XDP: &str = "XDP NodePort, backend on another node";
 pub const TC: &str = "tc NodePort, backend on another node (program time only)";
 pub const XDP6: &str = "XDP NodePort over IPv6, backend on another node";
 pub const TC6: &str = "tc NodePort over IPv6, backend on another node (program time only)";
-
-/// The family a world's Services, flow and routes are in.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Ip {
-    V4,
-    V6,
-}
 
 pub struct Rate {
     pub what: &'static str,
@@ -137,17 +130,9 @@ fn world(services: u32, ip: Ip, pins: &PinDir) -> anyhow::Result<World> {
     // The measured NodePort Service and `services - 1` ClusterIP fillers,
     // every backend on another node.
     let mut l = load(services);
-    let (mut plan, any, backend): (_, IpAddr, fn(u32, u32) -> IpAddr) = match ip {
-        Ip::V4 => (
-            plan_of(services - 1),
-            Ipv4Addr::UNSPECIFIED.into(),
-            |i, k| backend_ip(i, k).into(),
-        ),
-        Ip::V6 => (
-            plan6_of(services - 1),
-            Ipv6Addr::UNSPECIFIED.into(),
-            |i, k| backend_ip6(i, k).into(),
-        ),
+    let (mut plan, any): (_, IpAddr) = match ip {
+        Ip::V4 => (plan_of(services - 1), Ipv4Addr::UNSPECIFIED.into()),
+        Ip::V6 => (plan6_of(services - 1), Ipv6Addr::UNSPECIFIED.into()),
     };
     plan.frontends.insert(
         FrontendKey {
@@ -159,7 +144,7 @@ fn world(services: u32, ip: Ip, pins: &PinDir) -> anyhow::Result<World> {
             "bench/node-port",
             FrontendKind::NodePort,
             (0..BACKENDS_PER_SERVICE)
-                .map(|k| integration_tests::bpf::backend(backend(services, k), 8080, true))
+                .map(|k| integration_tests::bpf::backend(ip.backend(services, k), 8080, true))
                 .collect(),
         ),
     );
