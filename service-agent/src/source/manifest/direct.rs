@@ -19,18 +19,13 @@
 //! does not is no worse off than before.
 use std::{fmt, marker::PhantomData};
 
-use k8s_openapi::api::{
-    core::v1::{Endpoints, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
 use serde::de::{
     self, DeserializeOwned, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess,
     Visitor,
 };
 use serde_yaml_ng::Value;
 
-use super::parse::Sink;
-use crate::model::{Sourced, trim};
+use super::parse::{Kind, Sink, Typer};
 
 /// A deserializer that answers as a `serde_yaml_ng::Value` of the same
 /// text would (see the module documentation).
@@ -288,28 +283,23 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for LikeMap<A> {
 /// Types one List item (`text` is `- ` and the item, as the splitter
 /// cuts it) into `out` if this path can; false leaves it to the Value path.
 pub(super) fn type_item<S: Sink>(text: &str, out: &mut S, origin: impl FnOnce() -> String) -> bool {
-    match kind_hint(text) {
-        Some(("v1", "Service")) => one::<Service>(text).map(|mut svc| {
-            trim::service(&mut svc);
-            out.service(Sourced::new(origin(), svc));
-        }),
-        Some(("discovery.k8s.io/v1", "EndpointSlice")) => {
-            one::<EndpointSlice>(text).map(|mut slice| {
-                trim::endpoint_slice(&mut slice);
-                out.endpoint_slice(Sourced::new(origin(), slice));
-            })
-        }
-        Some(("v1", "Endpoints")) => one::<Endpoints>(text).map(|mut ep| {
-            trim::endpoints(&mut ep);
-            out.endpoints(Sourced::new(origin(), ep));
-        }),
-        Some(("v1", "Pod")) => one::<Pod>(text).map(|mut pod| {
-            trim::pod(&mut pod);
-            out.pod(Sourced::new(origin(), pod));
-        }),
-        _ => None,
+    let Some(kind) = kind_hint(text).and_then(|(api_version, kind)| Kind::of(api_version, kind))
+    else {
+        return false;
+    };
+    kind.put(Straight(text), out, origin()).is_ok()
+}
+
+/// An item's text, typed by [`one`].
+struct Straight<'a>(&'a str);
+
+impl Typer for Straight<'_> {
+    /// Nothing to say: the Value path gives the error.
+    type Error = ();
+
+    fn typed<K: DeserializeOwned>(self) -> Result<K, ()> {
+        one(self.0).ok_or(())
     }
-    .is_some()
 }
 
 /// The item's `apiVersion` and `kind` as its top-level lines spell them,

@@ -391,41 +391,99 @@ pub(super) fn add_document<S: Sink>(
             "missing: every document needs apiVersion and kind".into(),
         ));
     };
-    match (api_version.as_str(), kind.as_str()) {
-        ("v1", "List") => {
-            let items = match value {
-                serde_yaml_ng::Value::Mapping(mut m) => m.remove("items"),
-                _ => None,
-            };
-            if let Some(serde_yaml_ng::Value::Sequence(items)) = items {
-                for item in items {
-                    add_document(out, item, name, index)?;
-                }
+    if (api_version.as_str(), kind.as_str()) == ("v1", "List") {
+        let items = match value {
+            serde_yaml_ng::Value::Mapping(mut m) => m.remove("items"),
+            _ => None,
+        };
+        if let Some(serde_yaml_ng::Value::Sequence(items)) = items {
+            for item in items {
+                add_document(out, item, name, index)?;
             }
         }
-        ("v1", "Service") => {
-            let mut svc = typed(value, err)?;
-            trim::service(&mut svc);
-            out.service(Sourced::new(origin, svc));
-        }
-        ("v1", "Pod") => {
-            let mut pod = typed(value, err)?;
-            trim::pod(&mut pod);
-            out.pod(Sourced::new(origin, pod));
-        }
-        ("v1", "Endpoints") => {
-            let mut ep = typed(value, err)?;
-            trim::endpoints(&mut ep);
-            out.endpoints(Sourced::new(origin, ep));
-        }
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            let mut slice = typed(value, err)?;
-            trim::endpoint_slice(&mut slice);
-            out.endpoint_slice(Sourced::new(origin, slice));
-        }
-        // Deployments, ConfigMaps and the like may share a file with Services;
-        // the dataplane has no use for them.
-        _ => {}
+        return Ok(());
+    }
+    if let Some(k) = Kind::of(&api_version, &kind) {
+        k.put(ThroughValue { value, err }, out, origin)?;
     }
     Ok(())
+}
+
+/// The kinds of object the dataplane reads from manifests. Deployments,
+/// ConfigMaps and the like may share a file with Services; the dataplane
+/// has no use for them.
+#[derive(Clone, Copy)]
+pub(super) enum Kind {
+    Service,
+    EndpointSlice,
+    Endpoints,
+    Pod,
+}
+
+/// How an object of a known kind is typed: through a YAML Value (the
+/// errors name the field), or straight from the text (`direct`).
+pub(super) trait Typer {
+    type Error;
+    fn typed<K: DeserializeOwned>(self) -> Result<K, Self::Error>;
+}
+
+/// A document's Value, typed with the field path of any error.
+struct ThroughValue<F> {
+    value: serde_yaml_ng::Value,
+    err: F,
+}
+
+impl<F: Fn(Option<String>, String) -> ManifestError> Typer for ThroughValue<F> {
+    type Error = ManifestError;
+
+    fn typed<K: DeserializeOwned>(self) -> Result<K, ManifestError> {
+        typed(self.value, self.err)
+    }
+}
+
+impl Kind {
+    /// The kind an object's `apiVersion` and `kind` name, if the dataplane
+    /// reads it.
+    pub(super) fn of(api_version: &str, kind: &str) -> Option<Kind> {
+        match (api_version, kind) {
+            ("v1", "Service") => Some(Kind::Service),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
+            ("v1", "Endpoints") => Some(Kind::Endpoints),
+            ("v1", "Pod") => Some(Kind::Pod),
+            _ => None,
+        }
+    }
+
+    /// Types the object as this kind, cuts it to what the agent reads and
+    /// gives it to `out`.
+    pub(super) fn put<S: Sink, T: Typer>(
+        self,
+        object: T,
+        out: &mut S,
+        origin: String,
+    ) -> Result<(), T::Error> {
+        match self {
+            Kind::Service => {
+                let mut svc = object.typed()?;
+                trim::service(&mut svc);
+                out.service(Sourced::new(origin, svc));
+            }
+            Kind::EndpointSlice => {
+                let mut slice = object.typed()?;
+                trim::endpoint_slice(&mut slice);
+                out.endpoint_slice(Sourced::new(origin, slice));
+            }
+            Kind::Endpoints => {
+                let mut ep = object.typed()?;
+                trim::endpoints(&mut ep);
+                out.endpoints(Sourced::new(origin, ep));
+            }
+            Kind::Pod => {
+                let mut pod = object.typed()?;
+                trim::pod(&mut pod);
+                out.pod(Sourced::new(origin, pod));
+            }
+        }
+        Ok(())
+    }
 }
