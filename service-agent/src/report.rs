@@ -203,6 +203,8 @@ pub fn fill_with(
         (MAP_SERVICES6, t.services6.keys().count()),
         (MAP_BACKENDS6, t.backends6.keys().count()),
         (MAP_NODE_ADDRS6, t.node_addrs6.keys().count()),
+        (MAP_SOCK_REVNAT, t.sock_revnat.keys().count()),
+        (MAP_SOCK_REVNAT6, t.sock_revnat6.keys().count()),
     ]
     .into_iter()
     .map(|(name, n)| (name, n, capacity(name)))

@@ -437,7 +437,10 @@ pub const PROG_SOCK_CONNECT6: &str = "svc_sock_connect6";
 pub const PROG_SOCK_SENDMSG6: &str = "svc_sock_sendmsg6";
 pub const PROG_SOCK_RECVMSG6: &str = "svc_sock_recvmsg6";
 pub const PROG_SOCK_GETPEERNAME6: &str = "svc_sock_getpeername6";
-/// Every socket hook with the name of its attach point (the pin name too).
+/// The hook at a socket's last close (cgroup/sock_release), which removes
+/// the socket's SOCK_REVNAT entry.
+pub const PROG_SOCK_RELEASE: &str = "svc_sock_release";
+/// Every socket-address hook with the name of its attach point (the pin name too).
 pub const SOCK_HOOKS: [(&str, &str); 8] = [
     (PROG_SOCK_CONNECT4, "connect4"),
     (PROG_SOCK_SENDMSG4, "sendmsg4"),

@@ -171,6 +171,9 @@ reasons! {
     /// flow cannot be alive beside it, so its entries were removed before
     /// they could turn this flow's replies into its own; passed untouched.
     ReusedTupleRetired "reused_tuple_retired" Passed,
+    /// A translated socket was closed and its reverse entry removed from
+    /// SOCK_REVNAT (event: the verdict is on its connect()).
+    SockRevNatReleased "sock_revnat_released" Translated,
 }
 
 #[cfg(test)]

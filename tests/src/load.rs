@@ -242,6 +242,31 @@ pub fn run(client_ns: &str, targets: &[SocketAddrV4], load: Load) -> anyhow::Res
     Ok(total)
 }
 
+/// One request in `mode`: on a connection of its own, or on `conn`, which
+/// is opened to `to` when there is none.
+fn op(mode: Mode, conn: &mut Option<TcpStream>, to: SocketAddrV4) -> std::io::Result<()> {
+    match mode {
+        Mode::ShortConnections => short_connection(to),
+        Mode::KeptAlive => {
+            let s = match conn {
+                Some(s) => s,
+                None => {
+                    let s = TcpStream::connect_timeout(&SocketAddr::V4(to), IO_TIMEOUT)?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(IO_TIMEOUT))?;
+                    conn.insert(s)
+                }
+            };
+            let res = one_request(s);
+            if res.is_err() {
+                // Reconnect on the next request rather than give up.
+                *conn = None;
+            }
+            res
+        }
+    }
+}
+
 fn client_thread(
     targets: &[SocketAddrV4],
     offset: usize,
@@ -255,25 +280,7 @@ fn client_thread(
         targets[k % targets.len()]
     };
     let mut conn = None;
-    let op = |conn: &mut Option<TcpStream>, to: SocketAddrV4| -> std::io::Result<()> {
-        match load.mode {
-            Mode::ShortConnections => short_connection(to),
-            Mode::KeptAlive => {
-                if conn.is_none() {
-                    let s = TcpStream::connect_timeout(&SocketAddr::V4(to), IO_TIMEOUT)?;
-                    s.set_nodelay(true)?;
-                    s.set_read_timeout(Some(IO_TIMEOUT))?;
-                    *conn = Some(s);
-                }
-                let res = one_request(conn.as_mut().unwrap());
-                if res.is_err() {
-                    // Reconnect on the next request rather than give up.
-                    *conn = None;
-                }
-                res
-            }
-        }
-    };
+    let op = |conn: &mut Option<TcpStream>, to| op(load.mode, conn, to);
     // Warm-up: neighbour entries, conntrack, caches; not counted.
     let warm_end = Instant::now() + load.warmup;
     let mut warm_ops = 0u64;
@@ -302,4 +309,187 @@ fn client_thread(
     }
     r.elapsed = start.elapsed();
     Ok(r)
+}
+
+/// One path of an interleaved run: a client namespace (a /run/netns path)
+/// and the addresses its requests go to.
+#[derive(Clone, Copy, Debug)]
+pub struct Lane<'a> {
+    pub client_ns: &'a str,
+    pub targets: &'a [SocketAddrV4],
+}
+
+/// Which lane a moment belongs to: time is cut into slices of `slice`
+/// from `epoch`, each cycle of `lanes` slices visits every lane once, in an
+/// order shuffled per cycle, so that no lane always follows the same other
+/// one (a connection's deferred work, such as its TIME_WAIT and close,
+/// falls on whatever runs next). Every client thread reads the same
+/// schedule, so they switch lanes together.
+#[derive(Clone, Copy)]
+struct Schedule {
+    epoch: Instant,
+    slice: Duration,
+    lanes: usize,
+}
+
+impl Schedule {
+    fn cycle_and_position(&self, at: Instant) -> (u64, usize) {
+        let s =
+            (at.saturating_duration_since(self.epoch).as_nanos() / self.slice.as_nanos()) as u64;
+        (s / self.lanes as u64, (s % self.lanes as u64) as usize)
+    }
+
+    /// The lanes in the order cycle `cycle` visits them (Fisher-Yates with
+    /// the cycle as seed).
+    fn order(&self, cycle: u64) -> Vec<usize> {
+        let mut rng = crate::rng::Rng::fixed(cycle.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
+        let mut v: Vec<usize> = (0..self.lanes).collect();
+        for i in (1..v.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+        v
+    }
+}
+
+/// Runs `load` on every lane in one window, switching lanes every `slice`
+/// (each lane gets `load.limit` of measured time and at most
+/// `load.max_ops` requests, after `load.warmup` or one cycle, whichever is
+/// longer). Measured one after the other, two paths see different moments
+/// of a shared machine, and on these machines the rate of the same path
+/// moves by 10 % from one second to the next; interleaved in slices much
+/// shorter than those swings, every lane sees the same machine and their
+/// ratio keeps only what differs between the paths. A lane's time is the
+/// time from the start of each of its requests to the start of the next
+/// request (of any lane), so a lane switch costs the lane it leaves.
+///
+/// Each request (each kept-alive connection, when it opens) goes to one of
+/// its lane's targets at random, as a Service's backend choice does: a lane
+/// of pod addresses then loads its pods as a lane through the Service loads
+/// the same pods (cycling, two threads would always be on different pods).
+pub fn run_interleaved(
+    lanes: &[Lane],
+    load: Load,
+    slice: Duration,
+) -> anyhow::Result<Vec<LoadResult>> {
+    anyhow::ensure!(!lanes.is_empty(), "no lane");
+    anyhow::ensure!(!slice.is_zero(), "a zero slice");
+    for l in lanes {
+        anyhow::ensure!(!l.targets.is_empty(), "no target in {}", l.client_ns);
+    }
+    let n = lanes.len();
+    let warmup = load.warmup.max(slice * n as u32);
+    // The clock starts once every thread is up, so none loses its first slices.
+    let epoch = Instant::now() + Duration::from_millis(20);
+    let schedule = Schedule {
+        epoch,
+        slice,
+        lanes: n,
+    };
+    let measure_from = epoch + warmup;
+    let end = measure_from + load.limit * n as u32;
+    let per_thread = (load.max_ops * n as u64).div_ceil(load.threads as u64);
+    let mut handles = vec![];
+    for t in 0..load.threads {
+        let files = lanes
+            .iter()
+            .map(|l| File::open(l.client_ns).with_context(|| l.client_ns.to_string()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let targets: Vec<Vec<SocketAddrV4>> = lanes.iter().map(|l| l.targets.to_vec()).collect();
+        handles.push(thread::spawn(move || -> anyhow::Result<Vec<LoadResult>> {
+            pin(cpus().map(|c| c.0));
+            interleaved_thread(
+                &files,
+                &targets,
+                t,
+                load.mode,
+                schedule,
+                measure_from,
+                end,
+                per_thread,
+            )
+        }));
+    }
+    let mut totals = vec![LoadResult::default(); n];
+    for h in handles {
+        let rs = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        for (total, r) in totals.iter_mut().zip(rs) {
+            total.ok += r.ok;
+            total.errors += r.errors;
+            total.first_error = total.first_error.take().or(r.first_error);
+            // The threads run side by side: the rate is all of them over
+            // one thread's time (their mean).
+            total.elapsed += r.elapsed / load.threads as u32;
+            total.latencies_us.extend(r.latencies_us);
+        }
+    }
+    for total in &mut totals {
+        total.latencies_us.sort_by(|a, b| a.total_cmp(b));
+    }
+    Ok(totals)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn interleaved_thread(
+    files: &[File],
+    targets: &[Vec<SocketAddrV4>],
+    thread: usize,
+    mode: Mode,
+    schedule: Schedule,
+    measure_from: Instant,
+    end: Instant,
+    max_ops: u64,
+) -> anyhow::Result<Vec<LoadResult>> {
+    let n = files.len();
+    let mut results = vec![LoadResult::default(); n];
+    // Seeded per thread: the threads draw different sequences, every run the same.
+    let mut rng =
+        crate::rng::Rng::fixed(0x1a4e_5eed ^ (thread as u64 + 1).wrapping_mul(0x9E37_79B9));
+    let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut inside: Option<usize> = None;
+    let mut order: (u64, Vec<usize>) = (u64::MAX, vec![]);
+    // The previous request's lane and start, while measuring.
+    let mut previous: Option<(usize, Instant)> = None;
+    let mut ops = 0u64;
+    std::thread::sleep(schedule.epoch.saturating_duration_since(Instant::now()));
+    loop {
+        let now = Instant::now();
+        if let Some((lane, started)) = previous.take() {
+            results[lane].elapsed += now - started;
+        }
+        if now >= end || ops >= max_ops {
+            break;
+        }
+        let (cycle, position) = schedule.cycle_and_position(now);
+        if order.0 != cycle {
+            order = (cycle, schedule.order(cycle));
+        }
+        let lane = order.1[position];
+        if inside != Some(lane) {
+            setns(&files[lane], CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns into lane {lane}'s client namespace"))?;
+            inside = Some(lane);
+        }
+        let to = *rng.pick(&targets[lane]);
+        let res = op(mode, &mut conns[lane], to);
+        if now < measure_from {
+            continue;
+        }
+        ops += 1;
+        let r = &mut results[lane];
+        match res {
+            Ok(()) => {
+                r.ok += 1;
+                r.latencies_us.push(now.elapsed().as_secs_f64() * 1e6);
+            }
+            Err(e) => {
+                r.errors += 1;
+                r.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+        previous = Some((lane, now));
+    }
+    Ok(results)
 }

@@ -110,10 +110,27 @@ impl Fixture {
         HostClient::start(Path::new(CLIENT), &self.topo.nodes[0].ns, &self.cgroup).unwrap()
     }
 
-    fn reason(&self, name: &str) -> u64 {
+    fn stats(&self) -> serde_json::Value {
         let stats = self.agent.cli("stats", &["--output", "json"]).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&stats).unwrap();
-        v["reasons"][name].as_u64().unwrap_or(0)
+        serde_json::from_str(&stats).unwrap()
+    }
+
+    fn reason(&self, name: &str) -> u64 {
+        self.stats()["reasons"][name].as_u64().unwrap_or(0)
+    }
+
+    /// The entries of one of the agent's maps, as `list` counts them.
+    fn entries(&self, map: &str) -> u64 {
+        let list = self.agent.cli("list", &["--output", "json"]).unwrap();
+        let stats: serde_json::Value = serde_json::from_str(&list).unwrap();
+        stats["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["map"].as_str() == Some(map))
+            .unwrap_or_else(|| panic!("no map {map} in {stats}"))["entries"]
+            .as_u64()
+            .unwrap()
     }
 }
 
@@ -156,6 +173,10 @@ fn host_tcp_and_udp_reach_both_backends_and_see_the_service_address() {
         seen.insert(server);
     }
     assert_eq!(seen.len(), 2, "both backends serve host TCP: {seen:?}");
+    // Each connection remembered the Service while it was open (getpeername
+    // above) and took its entry with it when it was closed.
+    assert_eq!(f.reason("sock_revnat_released"), 40);
+    assert_eq!(f.entries("SOCK_REVNAT"), 0, "closed sockets left entries");
     // Unconnected UDP: the reply's source is the ClusterIP, not the pod.
     let a = c.ask(&format!("udp-sendto {VIP}:53")).unwrap();
     let w: Vec<&str> = a.split_whitespace().collect();
@@ -172,8 +193,21 @@ fn host_tcp_and_udp_reach_both_backends_and_see_the_service_address() {
     // 40 connects, one sendto, one UDP connect.
     assert!(f.reason("sock_translated") >= 42);
     assert!(f.reason("sock_reply_translated") >= 1);
+    // The open connected socket's entry and the sendto's (an unconnected
+    // socket's entries age out of the LRU); when the client exits, its
+    // connected socket's entry goes.
+    assert_eq!(f.entries("SOCK_REVNAT"), 2);
+    drop(c);
+    assert_eq!(f.entries("SOCK_REVNAT"), 1, "the connected socket's entry");
+    assert_eq!(f.reason("sock_revnat_released"), 41);
     let list = f.agent.list().unwrap();
-    for hook in ["connect4", "sendmsg4", "recvmsg4", "getpeername4"] {
+    for hook in [
+        "connect4",
+        "sendmsg4",
+        "recvmsg4",
+        "getpeername4",
+        "sock_release",
+    ] {
         assert!(
             list.lines()
                 .any(|l| l.contains(hook) && l.contains(&f.cgroup.flag())),

@@ -698,6 +698,20 @@ fn ipv6_sockets_reach_a_dual_stack_service_on_both_families_through_the_hooks() 
             );
         }
     }
+    // Every closed connection took its reverse entry with it (an IPv6
+    // socket's, the mapped ones too, are in SOCK_REVNAT6).
+    assert_eq!(reason(&agent, "sock_revnat_released"), 120);
+    let list = agent.cli("list", &["--output", "json"]).unwrap();
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    for map in ["SOCK_REVNAT", "SOCK_REVNAT6"] {
+        let m = list["maps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["map"] == map)
+            .unwrap_or_else(|| panic!("no {map} in {list}"));
+        assert_eq!(m["entries"], 0, "closed sockets left entries: {m}");
+    }
     // UDP from the node: unconnected replies come from the Service, and a
     // connected socket's peer is the Service.
     for to in [format!("[{DS_VIP6}]:53"), format!("[::ffff:{DS_VIP4}]:53")] {

@@ -301,6 +301,21 @@ fn pod_tcp_and_udp_reach_backends_directly_and_see_the_service_address() {
     assert_eq!(packets, 0, "the tc program translated no packet of it");
     assert!(new_flows >= 40, "the hook counted its flows: {new_flows}");
     assert!(f.reason("sock_translated") >= 40);
+    // The pod's closed sockets took their reverse entries with them.
+    assert_eq!(f.reason("sock_revnat_released"), 40);
+    let list = f.agent.cli("list", &["--output", "json"]).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let revnat = stats["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["map"] == "SOCK_REVNAT")
+        .unwrap_or_else(|| panic!("no SOCK_REVNAT in {stats}"))
+        .clone();
+    assert_eq!(
+        revnat["entries"], 0,
+        "closed sockets left entries: {revnat}"
+    );
 
     // Unconnected UDP: the hook translates each sendto, and recvfrom shows
     // the ClusterIP as the reply's source.

@@ -14,9 +14,10 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramFd, links::FdLink};
 use service_common::{
-    META_NETNS_COOKIE, META_SOCKET_LB, SOCK_HOOKS, SOCKET_LB_HOST, SOCKET_LB_OFF, SOCKET_LB_PODS,
+    META_NETNS_COOKIE, META_SOCKET_LB, PROG_SOCK_RELEASE, SOCK_HOOKS, SOCKET_LB_HOST,
+    SOCKET_LB_OFF, SOCKET_LB_PODS,
 };
 
 use super::links::{link_info, open_pinned, pin_private, sys_bpf};
@@ -115,6 +116,18 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
+/// The release hook's attach point (its pin name): it removes a closed
+/// socket's SOCK_REVNAT entry.
+const RELEASE_HOOK: &str = "sock_release";
+
+/// Every hook's pin name: the socket-address hooks and the release hook.
+fn all_hooks() -> impl Iterator<Item = &'static str> {
+    SOCK_HOOKS
+        .iter()
+        .map(|(_, hook)| *hook)
+        .chain([RELEASE_HOOK])
+}
+
 /// The kernel's attach type of each hook (enum bpf_attach_type).
 fn attach_type_of(hook: &str) -> u32 {
     match hook {
@@ -126,6 +139,7 @@ fn attach_type_of(hook: &str) -> u32 {
         "sendmsg6" => 15,
         "recvmsg6" => 20,
         "getpeername6" => 30,
+        "sock_release" => 34,
         _ => u32::MAX,
     }
 }
@@ -175,9 +189,8 @@ fn cgroup_link_info(fd: &OwnedFd) -> io::Result<CgroupLinkInfo> {
 /// The socket hooks pinned in `pin_dir`, as the kernel reports them.
 pub fn pinned_hooks(pin_dir: &Path) -> Vec<HookLink> {
     let dir = links_dir(pin_dir);
-    SOCK_HOOKS
-        .iter()
-        .filter_map(|(_, hook)| {
+    all_hooks()
+        .filter_map(|hook| {
             let fd = open_pinned(&dir.join(hook)).ok()?;
             let info = cgroup_link_info(&fd).ok()?;
             Some(HookLink {
@@ -212,6 +225,36 @@ pub fn cgroup_path(root: &Path, id: u64) -> Option<PathBuf> {
     None
 }
 
+/// The two kinds of cgroup program the hooks are: socket-address hooks
+/// and the release hook.
+trait CgroupHook {
+    fn program_fd(&self) -> anyhow::Result<&ProgramFd>;
+    /// Attaches to `cgroup` and gives back the link to pin.
+    fn attach_link(&mut self, cgroup: &fs::File) -> anyhow::Result<FdLink>;
+}
+
+impl CgroupHook for CgroupSockAddr {
+    fn program_fd(&self) -> anyhow::Result<&ProgramFd> {
+        Ok(self.fd()?)
+    }
+
+    fn attach_link(&mut self, cgroup: &fs::File) -> anyhow::Result<FdLink> {
+        let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+        Ok(self.take_link(id)?.try_into()?)
+    }
+}
+
+impl CgroupHook for CgroupSock {
+    fn program_fd(&self) -> anyhow::Result<&ProgramFd> {
+        Ok(self.fd()?)
+    }
+
+    fn attach_link(&mut self, cgroup: &fs::File) -> anyhow::Result<FdLink> {
+        let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+        Ok(self.take_link(id)?.try_into()?)
+    }
+}
+
 /// Attaches every socket hook of `ebpf` to `cgroup` through links pinned
 /// in `pin_dir`. A pinned link already on this cgroup gets the new program
 /// swapped in (sockets are translated throughout); one on another cgroup
@@ -242,30 +285,48 @@ pub fn attach(
         );
     }
     let mut out = vec![];
-    for (prog_name, hook) in SOCK_HOOKS {
-        let prog: &mut CgroupSockAddr = ebpf
+    // The release hook first: no socket translated from here on closes
+    // without its entry going.
+    let hooks = [(PROG_SOCK_RELEASE, RELEASE_HOOK)]
+        .into_iter()
+        .chain(SOCK_HOOKS);
+    for (prog_name, hook) in hooks {
+        let p = ebpf
             .program_mut(prog_name)
-            .ok_or_else(|| anyhow!("program {prog_name} missing from the BPF object"))?
-            .try_into()?;
-        let pin = dir.join(hook);
-        let adopted = adopt(prog, &pin, meta.ino(), attach_type_of(hook))
-            .with_context(|| format!("adopting {}", pin.display()))?;
-        if !adopted {
-            let id = prog
-                .attach(&cg, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {prog_name} to {}", cgroup.display()))?;
-            let fd: FdLink = prog.take_link(id)?.try_into()?;
-            pin_private(fd, &pin)?;
-        }
+            .ok_or_else(|| anyhow!("program {prog_name} missing from the BPF object"))?;
+        let hook_prog: &mut dyn CgroupHook = if hook == RELEASE_HOOK {
+            <&mut CgroupSock>::try_from(p)?
+        } else {
+            <&mut CgroupSockAddr>::try_from(p)?
+        };
+        let adopted = attach_hook(hook_prog, &dir.join(hook), &cg, meta.ino(), hook)
+            .with_context(|| format!("attaching {prog_name} to {}", cgroup.display()))?;
         out.push((hook, adopted));
     }
     Ok(out)
 }
 
+/// Adopts the link pinned at `pin` (see `adopt`) or attaches `prog` anew
+/// and pins its link there; returns whether it adopted.
+fn attach_hook(
+    prog: &mut dyn CgroupHook,
+    pin: &Path,
+    cgroup: &fs::File,
+    cgroup_id: u64,
+    hook: &str,
+) -> anyhow::Result<bool> {
+    let adopted = adopt(prog, pin, cgroup_id, attach_type_of(hook))
+        .with_context(|| format!("adopting {}", pin.display()))?;
+    if !adopted {
+        pin_private(prog.attach_link(cgroup)?, pin)?;
+    }
+    Ok(adopted)
+}
+
 /// Swaps `prog` into the link pinned at `pin` when that link is a cgroup
 /// link of `attach_type` on cgroup `cgroup_id`; removes any other pin there.
 fn adopt(
-    prog: &CgroupSockAddr,
+    prog: &dyn CgroupHook,
     pin: &Path,
     cgroup_id: u64,
     attach_type: u32,
@@ -278,7 +339,7 @@ fn adopt(
         Ok(i) if i.cgroup_id == cgroup_id && i.attach_type == attach_type => {
             let mut attr = LinkUpdateAttr {
                 link_fd: fd.as_raw_fd() as u32,
-                new_prog_fd: prog.fd()?.as_fd().as_raw_fd() as u32,
+                new_prog_fd: prog.program_fd()?.as_fd().as_raw_fd() as u32,
                 ..Default::default()
             };
             sys_bpf(BPF_LINK_UPDATE, &mut attr).context("BPF_LINK_UPDATE")?;
@@ -297,7 +358,7 @@ fn adopt(
 pub fn detach_all(pin_dir: &Path) -> Vec<String> {
     let dir = links_dir(pin_dir);
     let mut gone = vec![];
-    for (_, hook) in SOCK_HOOKS {
+    for hook in all_hooks() {
         if fs::remove_file(dir.join(hook)).is_ok() {
             gone.push(hook.to_string());
         }

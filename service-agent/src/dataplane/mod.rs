@@ -227,6 +227,12 @@ impl Dataplane {
             "socket",
             SOCK_HOOKS.map(|(name, _)| name)
         );
+        load_programs!(
+            ebpf,
+            aya::programs::CgroupSock,
+            "socket",
+            [PROG_SOCK_RELEASE]
+        );
         // Pins are the agent's alone: maps hold every flow of the node.
         for (_, path) in &paths {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use integration_tests::{
     agent::{Agent, ManifestDir},
-    load::{self, Load, LoadResult, LoadServer, Mode},
+    load::{self, Lane, Load, LoadResult, LoadServer, Mode},
     manifests,
     topology::Topology,
 };
@@ -384,6 +384,9 @@ pub struct PathResult {
     pub short: LoadResult,
     pub kept_rate: f64,
     pub kept: LoadResult,
+    /// Each round's rates, in round order (see `paired_ratio`).
+    pub short_rounds: Vec<f64>,
+    pub kept_rounds: Vec<f64>,
     pub load_ms: Option<f64>,
     /// Why the path could not be measured.
     pub error: Option<String>,
@@ -395,7 +398,9 @@ pub struct PathResult {
 /// Rounds of one mode on one path.
 #[derive(Default)]
 pub(crate) struct Pooled {
-    rates: Vec<f64>,
+    /// Each round's rate, in round order: rounds of different paths run in
+    /// the same window, so ratios can be paired by round.
+    pub(crate) rates: Vec<f64>,
     all: LoadResult,
 }
 
@@ -409,22 +414,32 @@ impl Pooled {
         self.all.latencies_us.extend(r.latencies_us);
     }
 
-    pub(crate) fn finish(mut self) -> (f64, LoadResult) {
+    /// The median rate over rounds, the pooled results, and the rates by round.
+    pub(crate) fn finish(mut self) -> (f64, LoadResult, Vec<f64>) {
         self.all.latencies_us.sort_by(|a, b| a.total_cmp(b));
-        (median(self.rates), self.all)
+        (median(self.rates.clone()), self.all, self.rates)
     }
 }
 
+/// The median over rounds of `a`'s rate over `b`'s in the same round
+/// (None when either has no rounds).
+pub(crate) fn paired_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    let per_round: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    (!per_round.is_empty()).then(|| median(per_round))
+}
+
+/// How long each path runs before the next takes over, within a round.
+pub(crate) const SLICE: Duration = Duration::from_millis(50);
+
 /// Sets up every path in `specs` (they coexist: each lives in namespaces of
 /// its own), checks that one request gets through each, then runs `rounds`
-/// rounds, each one `limit` of short connections then of kept-alive
-/// requests on every path in turn, and one more round with BPF_ENABLE_STATS
-/// on for the programs' own time, whose rates are not counted: the
-/// statistics add two clock reads to every program run, which a node does
-/// not pay and the no-program baselines would not either. Interleaving spreads whatever else this
-/// shared machine is doing over all paths alike instead of over whichever
-/// path was being measured. A path that cannot be set up is reported with
-/// its error and the others go on.
+/// rounds, each one `limit` a path of short connections then of kept-alive
+/// requests, all paths interleaved in slices of `SLICE`
+/// (`load::run_interleaved`), and one more round with BPF_ENABLE_STATS on
+/// for the programs' own time, whose rates are not counted: the statistics
+/// add two clock reads to every program run, which a node does not pay and
+/// the no-program baselines would not either. A path that cannot be set up
+/// is reported with its error and the others go on.
 pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<PathResult> {
     let mut live: Vec<(usize, Target, Pooled, Pooled, Vec<u32>)> = vec![];
     let mut times: Vec<BTreeMap<String, bpf_stats::Sample>> = vec![BTreeMap::new(); specs.len()];
@@ -463,26 +478,43 @@ pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<Path
             eprintln!("  round {} of {rounds}", round + 1);
             None
         };
-        for (i, target, short, kept, ids) in live.iter_mut() {
-            for (mode, pooled) in [(Mode::ShortConnections, short), (Mode::KeptAlive, kept)] {
-                let load = Load {
-                    mode,
-                    threads: CLIENT_THREADS,
-                    warmup: Duration::from_millis(200),
-                    limit,
-                    // A bound on count as well as time, far above what 2
-                    // CPUs do in `limit`: time is what ends a round.
-                    max_ops: 2_000_000,
-                };
-                let before = timing.then(|| bpf_stats::sample(ids));
-                let run = load::run(&target.client_ns, &target.addrs, load);
-                if let Some(before) = before {
-                    bpf_stats::accumulate(&mut times[*i], &before, &bpf_stats::sample(ids));
+        for mode in [Mode::ShortConnections, Mode::KeptAlive] {
+            let lanes: Vec<Lane> = live
+                .iter()
+                .map(|(_, t, ..)| Lane {
+                    client_ns: &t.client_ns,
+                    targets: &t.addrs,
+                })
+                .collect();
+            let load = Load {
+                mode,
+                threads: CLIENT_THREADS,
+                warmup: Duration::from_millis(200),
+                limit,
+                // A bound on count as well as time, far above what 2
+                // CPUs do in `limit`: time is what ends a round.
+                max_ops: 2_000_000,
+            };
+            let before: Option<Vec<_>> =
+                timing.then(|| live.iter().map(|l| bpf_stats::sample(&l.4)).collect());
+            let run = load::run_interleaved(&lanes, load, SLICE);
+            if let Some(before) = before {
+                for ((i, .., ids), before) in live.iter().zip(&before) {
+                    bpf_stats::accumulate(&mut times[*i], before, &bpf_stats::sample(ids));
                 }
-                match run {
-                    Ok(r) if !timing => pooled.add(r),
-                    Ok(_) => {}
-                    Err(e) => {
+            }
+            match run {
+                Ok(rs) if !timing => {
+                    for ((_, _, short, kept, _), r) in live.iter_mut().zip(rs) {
+                        match mode {
+                            Mode::ShortConnections => short.add(r),
+                            Mode::KeptAlive => kept.add(r),
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    for (i, ..) in &live {
                         errors[*i].get_or_insert_with(|| format!("{e:#}"));
                     }
                 }
@@ -497,8 +529,10 @@ pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<Path
             services: spec.services,
             short_rate: f64::NAN,
             short: LoadResult::default(),
+            short_rounds: vec![],
             kept_rate: f64::NAN,
             kept: LoadResult::default(),
+            kept_rounds: vec![],
             load_ms: None,
             error: e.clone(),
             programs: vec![],
@@ -506,8 +540,8 @@ pub fn measure_all(specs: &[PathSpec], rounds: u32, limit: Duration) -> Vec<Path
         .collect();
     for (i, target, short, kept, _) in live {
         let r = &mut results[i];
-        (r.short_rate, r.short) = short.finish();
-        (r.kept_rate, r.kept) = kept.finish();
+        (r.short_rate, r.short, r.short_rounds) = short.finish();
+        (r.kept_rate, r.kept, r.kept_rounds) = kept.finish();
         r.load_ms = target.load_ms;
         r.programs = bpf_stats::rows(&times[i]);
         // Everything the path set up goes now.

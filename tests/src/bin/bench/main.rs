@@ -521,8 +521,11 @@ fn end_to_end_report(
         "## End to end through namespaces\n\n\
          A client namespace loads two backend pods over each path: **short connections** (connect, one 6-byte request and its \
          64-byte response, close; connections/s) and **kept-alive** connections (one request at a time on an open connection; \
-         requests/s). 2 client threads, one connection each; {rounds} round(s) of {:.1} s per mode, rates are the median over \
-         rounds, latency percentiles pooled. Client, servers and forwarding share this machine's 2 CPUs: compare ratios.\n\n\
+         requests/s). 2 client threads, one connection each; {rounds} round(s) of {:.1} s per path and mode. Within a round all paths run \
+         interleaved, {} ms each in turn, in an order shuffled every turn, so that every path sees the same moments of this \
+         shared machine (measured one after the other, the same path's rate moves by 10 % from one second to the next). Rates are \
+         the median over rounds, latency percentiles pooled, and ratios are the median of each round's ratio. Client, servers \
+         and forwarding share this machine's 2 CPUs: compare ratios.\n\n\
          - pod IP from a pod: the client pod to the pods' own addresses through the node, no Service (baseline for ClusterIP).\n\
          - pod IP from outside, routed: a host on the nodes' segment to the pods' addresses, no Service (baseline for NodePort).\n\
          - ClusterIP, this dataplane: the client pod to the Service's ClusterIP; the agent runs with N Services loaded.\n\
@@ -536,7 +539,8 @@ fn end_to_end_report(
          Service is the last of the N in KUBE-SERVICES (the worst case of a linear chain; nftables looks it up in a verdict map).\n\n\
          | path | Services loaded | short conn/s | p50 / p99 / max (µs) | kept-alive req/s | p50 / p99 / max (µs) | failed |\n\
          |---|---:|---:|---:|---:|---:|---:|",
-        limit.as_secs_f64()
+        limit.as_secs_f64(),
+        end_to_end::SLICE.as_millis()
     );
     for r in e2e {
         if let Some(e) = &r.error {
@@ -576,11 +580,15 @@ fn end_to_end_report(
         let ours = find(e2e, CLUSTER_IP, n);
         let ipt = find(e2e, IPTABLES, n);
         let nft = find(e2e, NFTABLES, n);
-        let ratio = |a: Option<&PathResult>, b: Option<&PathResult>, f: fn(&PathResult) -> f64| {
-            a.zip(b).map(|(a, b)| f(a) / f(b))
-        };
-        let short: fn(&PathResult) -> f64 = |r| r.short_rate;
-        let kept: fn(&PathResult) -> f64 = |r| r.kept_rate;
+        // Paths run interleaved in every round: the median of each
+        // round's ratio compares them in the same window.
+        let ratio =
+            |a: Option<&PathResult>, b: Option<&PathResult>, f: fn(&PathResult) -> &[f64]| {
+                a.zip(b)
+                    .and_then(|(a, b)| end_to_end::paired_ratio(f(a), f(b)))
+            };
+        let short: fn(&PathResult) -> &[f64] = |r| &r.short_rounds;
+        let kept: fn(&PathResult) -> &[f64] = |r| &r.kept_rounds;
         let show = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2}×"));
         let _ = writeln!(
             md,

@@ -1,25 +1,26 @@
 //! ClusterIP through the socket hooks (`--socket-lb pods`) against the
 //! pod IP it stands for: the client pod of the end-to-end topology, with
-//! the agent holding N Services, loads the Service's ClusterIP and then the
-//! backend pods' own addresses, from the same pod and the same cgroup, in
-//! alternating rounds (A B A B) so that whatever else the machine does
-//! falls on both alike. For context, a second topology runs the agent with
-//! the default `--socket-lb host`, where the same pod's ClusterIP
-//! connections are translated by tc, and a third has no agent at all (the
-//! end-to-end section's pod IP baseline). The tc topology measures only its
-//! ClusterIP: its pod's direct connections would reuse ports whose closed
-//! ClusterIP flows still have conntrack entries, and their replies would
-//! be turned into the ClusterIP's (see the report).
+//! the agent holding N Services, loads the Service's ClusterIP and the
+//! backend pods' own addresses, from the same pod and the same cgroup,
+//! interleaved in slices of 50 ms (`load::run_interleaved`) so that
+//! whatever else the machine does falls on both alike. For context, a
+//! second topology runs the agent with the default `--socket-lb host`,
+//! where the same pod's ClusterIP connections are translated by tc, and a
+//! third has no agent at all (the end-to-end section's pod IP baseline);
+//! those two are interleaved with each other, outside the hooks' cgroup.
+//! The tc topology measures only its ClusterIP: its pod's direct
+//! connections would reuse ports whose closed ClusterIP flows still have
+//! conntrack entries, and their replies would be turned into the
+//! ClusterIP's (see the report).
 //!
-//! A kept-alive round opens one connection per client thread; through the
-//! Service each lands on a random backend, so both may share one. The pod
-//! IP paths' connections pick their pods at random too, so both sides load
-//! the backends alike.
+//! Every request (every kept-alive connection) to pod IPs goes to a pod
+//! chosen at random, as the Service's backend choice does, so both sides
+//! load the backends alike.
 //!
 //! Cgroup membership is per process and the load threads are the bench's
 //! own, so the bench moves itself into the hooks' cgroup (a child of the
-//! cgroup2 mount it made) for the rounds of the first two paths and back to
-//! where it was for the others; sockets keep the cgroup they were made in.
+//! cgroup2 mount it made) for the first pair's runs and back to where it
+//! was for the other pair's; sockets keep the cgroup they were made in.
 use std::{
     fmt::Write as _,
     fs,
@@ -31,15 +32,15 @@ use std::{
 use anyhow::Context as _;
 use integration_tests::{
     cgroup::TestCgroup,
-    load::{self, Load, Mode},
-    rng::Rng,
+    load::{self, Lane, Load, Mode},
 };
 
 use crate::{
+    bpf_stats,
     end_to_end::{
-        Env, MEASURED_VIP, Pooled, client_pod, one_request, pod_addrs, pods_env, start_agent,
+        Env, MEASURED_VIP, Pooled, SLICE, client_pod, one_request, paired_ratio, pod_addrs,
+        pods_env, start_agent,
     },
-    packet_cost::median,
 };
 
 pub const HOOKED: &str = "ClusterIP, --socket-lb pods";
@@ -57,6 +58,10 @@ pub struct Row {
     /// Each round's rates, in round order, for ratios paired by round.
     pub short_rounds: Vec<f64>,
     pub kept_rounds: Vec<f64>,
+    /// The hooked agent's programs that ran for this path's short
+    /// connections, with BPF statistics on (the two paths in the hooks'
+    /// cgroup only).
+    pub programs: Vec<bpf_stats::Row>,
 }
 
 struct Measured {
@@ -64,12 +69,8 @@ struct Measured {
     client_ns: String,
     addrs: Vec<SocketAddrV4>,
     in_cgroup: bool,
-    /// The addresses are pods: a kept-alive round gives each connection one at random.
-    pods: bool,
     short: Pooled,
     kept: Pooled,
-    short_rounds: Vec<f64>,
-    kept_rounds: Vec<f64>,
 }
 
 /// The bench process inside the hooks' cgroup while it lives; back in the
@@ -139,13 +140,10 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
     .map(|(name, env, addrs, in_cgroup)| Measured {
         name,
         client_ns: client_pod(env),
-        pods: addrs.len() > 1,
         addrs,
         in_cgroup,
         short: Pooled::default(),
         kept: Pooled::default(),
-        short_rounds: vec![],
-        kept_rounds: vec![],
     });
     for p in &paths {
         let _inside = p.in_cgroup.then(|| Inside::enter(&cgroup)).transpose()?;
@@ -157,31 +155,34 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
             probe.first_error.unwrap_or_default()
         );
     }
-    let mut rng = Rng::for_test("socket-lb bench");
+    // Paths that share the bench's cgroup state run interleaved
+    // (`load::run_interleaved`): the two in the hooks' cgroup, the two
+    // outside it. Moving the process between cgroups every slice would
+    // cost more than what is measured, so the two pairs take turns.
+    let pairs: [[usize; 2]; 2] = [[0, 1], [2, 3]];
     for round in 0..rounds {
         eprintln!("  round {} of {rounds}", round + 1);
-        // Every other round runs the paths in reverse, so that neither of
-        // a compared pair always comes first.
-        let order: Vec<usize> = if round % 2 == 0 {
-            (0..paths.len()).collect()
+        // Every other round runs the pairs in reverse order.
+        let order: Vec<[usize; 2]> = if round % 2 == 0 {
+            pairs.to_vec()
         } else {
-            (0..paths.len()).rev().collect()
+            pairs.iter().rev().copied().collect()
         };
-        for i in order {
-            let p = &mut paths[i];
-            let _inside = p.in_cgroup.then(|| Inside::enter(&cgroup)).transpose()?;
+        for pair in order {
+            let _inside = paths[pair[0]]
+                .in_cgroup
+                .then(|| Inside::enter(&cgroup))
+                .transpose()?;
             for mode in [Mode::ShortConnections, Mode::KeptAlive] {
-                // Thread t keeps a connection to addrs[t + 1]: random pods,
-                // as the Service's random backends.
-                let addrs: Vec<SocketAddrV4> = match mode {
-                    Mode::KeptAlive if p.pods => {
-                        (0..CLIENT_THREADS).map(|_| *rng.pick(&p.addrs)).collect()
-                    }
-                    _ => p.addrs.clone(),
-                };
-                let r = load::run(
-                    &p.client_ns,
-                    &addrs,
+                let lanes: Vec<Lane> = pair
+                    .iter()
+                    .map(|&i| Lane {
+                        client_ns: &paths[i].client_ns,
+                        targets: &paths[i].addrs,
+                    })
+                    .collect();
+                let rs = load::run_interleaved(
+                    &lanes,
                     Load {
                         mode,
                         threads: CLIENT_THREADS,
@@ -189,40 +190,80 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
                         limit,
                         max_ops: 2_000_000,
                     },
+                    SLICE,
                 )?;
-                eprintln!("    {}, {mode:?}: {:.0}/s", p.name, r.rate());
-                match mode {
-                    Mode::ShortConnections => {
-                        p.short_rounds.push(r.rate());
-                        p.short.add(r)
-                    }
-                    Mode::KeptAlive => {
-                        p.kept_rounds.push(r.rate());
-                        p.kept.add(r)
+                for (&i, r) in pair.iter().zip(rs) {
+                    let p = &mut paths[i];
+                    eprintln!("    {}, {mode:?}: {:.0}/s", p.name, r.rate());
+                    match mode {
+                        Mode::ShortConnections => p.short.add(r),
+                        Mode::KeptAlive => p.kept.add(r),
                     }
                 }
             }
         }
     }
+    let programs = program_time(&hooked, &cgroup, &paths[..2], limit)?;
     let hooks_saw = reasons(&hooked)?;
     eprintln!("  the hooked agent's counters: {hooks_saw}");
     let rows = paths
         .into_iter()
-        .map(|p| {
-            let (short_rate, short) = p.short.finish();
-            let (kept_rate, kept) = p.kept.finish();
+        .zip(
+            programs
+                .into_iter()
+                .map(Some)
+                .chain(std::iter::repeat(None)),
+        )
+        .map(|(p, programs)| {
+            let (short_rate, short, short_rounds) = p.short.finish();
+            let (kept_rate, kept, kept_rounds) = p.kept.finish();
             Row {
                 name: p.name,
                 short_rate,
                 short,
                 kept_rate,
                 kept,
-                short_rounds: p.short_rounds,
-                kept_rounds: p.kept_rounds,
+                short_rounds,
+                kept_rounds,
+                programs: programs.unwrap_or_default(),
             }
         })
         .collect();
     drop((hooked, tc, plain));
+    Ok(rows)
+}
+
+/// The hooked agent's programs' own time for each of `paths` (those in
+/// the hooks' cgroup), over `limit` of short connections each, alone, with
+/// BPF statistics on: what a translated connect() costs the hook against
+/// one it passes. Not counted in the rates (the statistics slow every run).
+fn program_time(
+    hooked: &Env,
+    cgroup: &TestCgroup,
+    paths: &[Measured],
+    limit: Duration,
+) -> anyhow::Result<Vec<Vec<bpf_stats::Row>>> {
+    let ids = bpf_stats::attached_programs(&hooked.agent().context("no agent")?.pin_dir);
+    let _on = bpf_stats::enable()?;
+    let _inside = Inside::enter(cgroup)?;
+    let mut rows = vec![];
+    for p in paths {
+        let before = bpf_stats::sample(&ids);
+        load::run(
+            &p.client_ns,
+            &p.addrs,
+            Load {
+                mode: Mode::ShortConnections,
+                threads: CLIENT_THREADS,
+                warmup: Duration::ZERO,
+                limit,
+                max_ops: 2_000_000,
+            },
+        )?;
+        let mut times = Default::default();
+        bpf_stats::accumulate(&mut times, &before, &bpf_stats::sample(&ids));
+        rows.push(bpf_stats::rows(&times));
+    }
     Ok(rows)
 }
 
@@ -262,12 +303,16 @@ pub fn report(
          The client pod of the end-to-end topology, the agent holding {services} Services, in the hooks' cgroup: its \
          connect() to the ClusterIP is given a backend by the cgroup hook, so its packets leave the pod addressed to the \
          backend and tc on its veth translates none of them. Baseline: the same pod, in the same cgroup, to the backend \
-         pods' addresses. {rounds} rounds of {:.1} s per mode, the paths alternating within each round; rates are medians \
-         over rounds. For context, a second topology whose agent runs `--socket-lb host`: the same ClusterIP through tc, \
-         and a third with no agent: the pods' addresses with no hook on the client (the end-to-end section's baseline). \
-         In kept-alive rounds each of the 2 connections to pod IPs goes to a pod chosen at random, as the Service's do.\n\n\
+         pods' addresses. {rounds} rounds of {:.1} s per path and mode; in each round the two run interleaved, {} ms \
+         each in turn, so that both see the same moments of this shared machine; rates are medians over rounds, ratios the \
+         median of each round's ratio. For context, a second topology whose agent runs `--socket-lb host`: the same \
+         ClusterIP through tc, and a third with no agent: the pods' addresses with no hook on the client (the end-to-end \
+         section's baseline); these two are interleaved with each other, outside the hooks' cgroup, so ratios across the \
+         two pairs compare runs a few seconds apart. Every request (every kept-alive connection) to pod IPs goes to a pod \
+         chosen at random, as the Service's do.\n\n\
          | path | short conn/s | p50 / p99 (µs) | kept-alive req/s | p50 / p99 (µs) | failed |\n|---|---:|---:|---:|---:|---:|",
-        limit.as_secs_f64()
+        limit.as_secs_f64(),
+        SLICE.as_millis()
     );
     for r in rows {
         let _ = writeln!(
@@ -288,8 +333,7 @@ pub fn report(
     // back to back shares that moment's load on this machine.
     let ratio = |a: &str, b: &str, f: fn(&Row) -> &[f64]| {
         let (a, b) = get(a).zip(get(b))?;
-        let per_round: Vec<f64> = f(a).iter().zip(f(b)).map(|(x, y)| x / y).collect();
-        (!per_round.is_empty()).then(|| median(per_round))
+        paired_ratio(f(a), f(b))
     };
     let short: fn(&Row) -> &[f64] = |r| &r.short_rounds;
     let kept: fn(&Row) -> &[f64] = |r| &r.kept_rounds;
@@ -309,6 +353,19 @@ pub fn report(
         show(ratio(HOOKED_POD_IP, PLAIN_POD_IP, short)),
         show(ratio(HOOKED_POD_IP, PLAIN_POD_IP, kept)),
     );
+    let _ = writeln!(
+        md,
+        "The hooked agent's programs over {:.1} s of short connections on each path alone, with BPF statistics on \
+         (not counted in the rates above): a connect() to the ClusterIP is translated by the hook, one to a pod IP \
+         passes it after the frontend lookup.\n\n| path | program | runs | ns/run |\n|---|---|---:|---:|",
+        limit.as_secs_f64()
+    );
+    for r in rows {
+        for (name, runs, ns) in &r.programs {
+            let _ = writeln!(md, "| {} | {name} | {runs} | {ns:.0} |", r.name);
+        }
+    }
+    let _ = writeln!(md);
     for (what, f) in [("short connections", short), ("kept-alive requests", kept)] {
         let v = ratio(HOOKED, HOOKED_POD_IP, f);
         targets.push((
