@@ -194,7 +194,18 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
                 )?;
                 for (&i, r) in pair.iter().zip(rs) {
                     let p = &mut paths[i];
-                    eprintln!("    {}, {mode:?}: {:.0}/s", p.name, r.rate());
+                    eprintln!(
+                        "    {}, {mode:?}: {:.0}/s{}",
+                        p.name,
+                        r.rate(),
+                        r.first_error
+                            .as_ref()
+                            .map_or(String::new(), |e| format!(
+                                " ({} failed, first: {e}; max {:.0} µs)",
+                                r.errors,
+                                r.percentile_us(1.0)
+                            ))
+                    );
                     match mode {
                         Mode::ShortConnections => p.short.add(r),
                         Mode::KeptAlive => p.kept.add(r),
@@ -204,8 +215,8 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
         }
     }
     let programs = program_time(&hooked, &cgroup, &paths[..2], limit)?;
-    let hooks_saw = reasons(&hooked)?;
-    eprintln!("  the hooked agent's counters: {hooks_saw}");
+    eprintln!("  the hooked agent's counters: {}", reasons(&hooked)?);
+    eprintln!("  the tc agent's counters: {}", reasons(&tc)?);
     let rows = paths
         .into_iter()
         .zip(
@@ -267,8 +278,9 @@ fn program_time(
     Ok(rows)
 }
 
-/// sock_translated and the measured frontend's tc packets, to show in the
-/// log that the hooks (not tc) carried the ClusterIP path.
+/// The measured frontend's tc packets and every reason counted, to show in
+/// the log that the hooks (not tc) carried the ClusterIP path, and why a
+/// path stalled.
 fn reasons(env: &Env) -> anyhow::Result<String> {
     let text = env
         .agent()
@@ -282,10 +294,18 @@ fn reasons(env: &Env) -> anyhow::Result<String> {
                 .find(|f| f["frontend"].as_str() == Some(&format!("{MEASURED_VIP}:80/TCP")))
         })
         .map(|f| f["packets"].clone());
+    // Every reason counted, for what went wrong when a path stalls.
+    let counted: Vec<String> = v["reasons"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
     Ok(format!(
-        "sock_translated {}, tc packets of {MEASURED_VIP}:80/TCP {}",
-        v["reasons"]["sock_translated"],
-        packets.unwrap_or_default()
+        "tc packets of {MEASURED_VIP}:80/TCP {}; {}",
+        packets.unwrap_or_default(),
+        counted.join(", ")
     ))
 }
 
