@@ -174,6 +174,10 @@ reasons! {
     /// A translated socket was closed and its reverse entry removed from
     /// SOCK_REVNAT (event: the verdict is on its connect()).
     SockRevNatReleased "sock_revnat_released" Translated,
+    /// A TCP SYN found its flow's request entry without the reply entry
+    /// (half of an idle flow removed while the client reused its port): the
+    /// half was removed and the SYN opened the flow afresh (event).
+    HalfFlowReopened "half_flow_reopened" Translated,
 }
 
 #[cfg(test)]

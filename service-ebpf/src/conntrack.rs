@@ -72,6 +72,21 @@ pub fn lookup<F: Family>(flow: &Flow<F>) -> CtLookup<F> {
         touch(entry, flow);
         return CtLookup::Kernel;
     }
+    // A SYN on a request entry whose reply entry is gone (the agent expired
+    // the idle flow while this client reused its port, or the LRU evicted
+    // one half): the backend would get the SYN, and its SYN-ACK, found by
+    // no entry, would reach the client untranslated and be refused, on
+    // every retransmission until the entry expired. The half flow goes and
+    // the SYN opens the flow afresh.
+    if !reply
+        && flow.proto == IPPROTO_TCP
+        && flow.may_open()
+        && F::ct_ptr(&partner_key::<F>(entry, flow.proto)).is_none()
+    {
+        F::ct_remove(&key_of(flow));
+        count_reason(Reason::HalfFlowReopened);
+        return CtLookup::Miss;
+    }
     touch(entry, flow);
     // The first reply makes the flow established: the agent then gives it
     // the long lifetime instead of the SYN one.

@@ -860,6 +860,41 @@ fn the_flood_guard_refuses_openings_past_its_threshold() {
     assert_eq!(packet::parse(&out).dst, ip(BACKEND));
 }
 
+/// A SYN on a request entry whose reply entry is gone (the agent expired
+/// the idle flow while the client reused its port): it opens the flow
+/// afresh, with both entries, so the SYN-ACK is translated; a segment that
+/// is not a SYN keeps using the request entry.
+#[test]
+fn a_syn_on_half_a_flow_opens_it_afresh() {
+    let mut l = web(&[(BACKEND, 8080)]);
+    let request = bpf::ct_key(ip(CLIENT), 40100, ip(VIP), 80, IPPROTO_TCP);
+    let reply = bpf::ct_key(ip(BACKEND), 8080, ip(CLIENT), 40100, IPPROTO_TCP);
+    let syn = Builder::tcp(CLIENT, 40100, VIP, 80, SYN).build();
+    run(&mut l, &syn);
+    l.dp.tables.conntrack.remove(&reply).unwrap();
+    // Not a SYN: the request entry still carries it, nothing is reopened.
+    let counts = l.counts(&[(Reason::HalfFlowReopened, 0)]);
+    let (_, out) = run(&mut l, &Builder::tcp(CLIENT, 40100, VIP, 80, ACK).build());
+    assert_eq!(packet::parse(&out).dst, ip(BACKEND));
+    counts.check(&l).unwrap();
+    assert!(l.conntrack(&reply).is_none());
+
+    let counts = l.counts(&[(Reason::HalfFlowReopened, 1), (Reason::NewFlow, 1)]);
+    let (_, out) = run(&mut l, &syn);
+    counts.check(&l).unwrap();
+    assert_eq!(packet::parse(&out).dst, ip(BACKEND));
+    assert!(l.conntrack(&request).is_some() && l.conntrack(&reply).is_some());
+    let (_, out) = run(
+        &mut l,
+        &Builder::tcp(BACKEND, 8080, CLIENT, 40100, SYN | ACK).build(),
+    );
+    assert_eq!(
+        packet::parse(&out).src,
+        ip(VIP),
+        "the SYN-ACK is translated"
+    );
+}
+
 /// A client port that reached the backend through the ClusterIP, reused to
 /// reach that backend directly: the backend sees one tuple for both, so the
 /// direct opening retires the ClusterIP flow, whose reply entry would turn

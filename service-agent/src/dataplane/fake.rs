@@ -137,6 +137,9 @@ pub struct FakeMaps {
     conntrack_walk_fails_after: Option<usize>,
     /// Walks of CONNTRACK so far.
     pub conntrack_walks: std::cell::Cell<usize>,
+    /// What the programs wrote to CONNTRACK after the agent's walk of it: a
+    /// walk does not see these, a read of one entry does.
+    pub conntrack_since_walk: HashMap<CtKey, CtValue>,
 }
 
 fn pairs<K: Copy, V: Copy>(m: &BTreeMap<K, V>) -> Vec<(K, V)> {
@@ -330,6 +333,16 @@ impl Maps for FakeMaps {
     fn conntrack6(&self) -> Walk<(CtKey6, CtValue6)> {
         let all = self.contents.conntrack6.iter().map(|(k, v)| Ok((*k, *v)));
         all.collect()
+    }
+
+    fn conntrack_entry(&self, k: &CtKey) -> Option<CtValue> {
+        (self.conntrack_since_walk.get(k))
+            .or_else(|| self.contents.conntrack.get(k))
+            .copied()
+    }
+
+    fn conntrack6_entry(&self, k: &CtKey6) -> Option<CtValue6> {
+        self.contents.conntrack6.get(k).copied()
     }
 
     fn node_addrs(&self) -> Vec<[u8; 4]> {

@@ -275,6 +275,9 @@ pub trait Maps {
     /// meanwhile is skipped, not an error).
     fn conntrack(&self) -> Walk<(CtKey, CtValue)>;
     fn conntrack6(&self) -> Walk<(CtKey6, CtValue6)>;
+    /// One CONNTRACK entry as it is now (None: gone, or unreadable).
+    fn conntrack_entry(&self, k: &CtKey) -> Option<CtValue>;
+    fn conntrack6_entry(&self, k: &CtKey6) -> Option<CtValue6>;
     fn node_addrs(&self) -> Vec<[u8; 4]>;
     fn node_addrs6(&self) -> Vec<Addr6>;
     /// A META slot (0 when it cannot be read, what an unwritten slot holds).
@@ -485,6 +488,14 @@ impl Maps for Tables {
 
     fn conntrack6(&self) -> Walk<(CtKey6, CtValue6)> {
         self.conntrack6.iter().collect()
+    }
+
+    fn conntrack_entry(&self, k: &CtKey) -> Option<CtValue> {
+        self.conntrack.get(k, 0).ok()
+    }
+
+    fn conntrack6_entry(&self, k: &CtKey6) -> Option<CtValue6> {
+        self.conntrack6.get(k, 0).ok()
     }
 
     fn node_addrs(&self) -> Vec<[u8; 4]> {

@@ -1,7 +1,7 @@
 //! Conntrack entries the agent removes: UDP flows whose backend left their
 //! frontend, and flows idle past their timeout.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     hash::Hash,
 };
 
@@ -72,6 +72,8 @@ trait CtMap: Copy {
     type Addr: Copy + Eq + Hash;
     const NAME: &'static str;
     fn key(k: CtKeyOf<Self::Addr>) -> EntryKey;
+    /// The entry at `k` as it is now.
+    fn current(t: &impl Maps, k: &CtKeyOf<Self::Addr>) -> Option<CtValueOf<Self::Addr>>;
 }
 
 #[derive(Clone, Copy)]
@@ -85,6 +87,9 @@ impl CtMap for Ct4 {
     fn key(k: CtKey) -> EntryKey {
         EntryKey::Conntrack(k)
     }
+    fn current(t: &impl Maps, k: &CtKey) -> Option<CtValue> {
+        t.conntrack_entry(k)
+    }
 }
 
 impl CtMap for Ct6 {
@@ -92,6 +97,9 @@ impl CtMap for Ct6 {
     const NAME: &'static str = MAP_CONNTRACK6;
     fn key(k: CtKey6) -> EntryKey {
         EntryKey::Conntrack6(k)
+    }
+    fn current(t: &impl Maps, k: &CtKey6) -> Option<CtValue6> {
+        t.conntrack6_entry(k)
     }
 }
 
@@ -119,13 +127,16 @@ fn flush_of<M: CtMap>(
         .filter(|(k, v)| k.proto == IPPROTO_UDP && removed.contains(&(v.svc_id, v.backend_id)))
         .map(|(k, _)| *k)
         .collect();
-    remove_flows::<M>(t, walk, doomed)
+    remove_flows::<M, _>(t, walk, doomed, |_, _| true)
 }
 
-fn remove_flows<M: CtMap>(
-    t: &mut impl Maps,
+/// Removes the entries at `keys` for which `still` (asked just before each
+/// removal) holds.
+fn remove_flows<M: CtMap, T: Maps>(
+    t: &mut T,
     walk: &CtWalk<M>,
     keys: Vec<CtKeyOf<M::Addr>>,
+    mut still: impl FnMut(&T, &CtKeyOf<M::Addr>) -> bool,
 ) -> FlowPass {
     let mut pass = FlowPass {
         entries: walk.entries.len(),
@@ -139,6 +150,9 @@ fn remove_flows<M: CtMap>(
     let mut failed = 0;
     let mut first = None;
     for k in keys {
+        if !still(t, &k) {
+            continue;
+        }
         match t.remove(M::key(k)) {
             Ok(()) => pass.removed += 1,
             Err(e) => {
@@ -192,8 +206,8 @@ pub fn expire_conntrack(t: &mut impl Maps, now_ns: u64, lifetimes: &Lifetimes) -
     v4.and(expire_of(t, &walk, now_ns, lifetimes, Ct6))
 }
 
-fn expire_of<M: CtMap>(
-    t: &mut impl Maps,
+fn expire_of<M: CtMap, T: Maps>(
+    t: &mut T,
     walk: &CtWalk<M>,
     now_ns: u64,
     lifetimes: &Lifetimes,
@@ -202,23 +216,50 @@ fn expire_of<M: CtMap>(
     let entries: HashMap<CtKeyOf<M::Addr>, CtValueOf<M::Addr>> =
         walk.entries.iter().copied().collect();
     let idle = |v: &CtValueOf<M::Addr>, limit: u64| now_ns.saturating_sub(v.last_seen_ns) > limit;
-    let expired = entries
+    let (requests, replies): (Vec<_>, Vec<_>) = entries
         .iter()
         .filter(|(k, v)| {
-            // The partner's key is what the partner rewrites packets into, reversed.
-            let partner = entries.get(&CtKeyOf {
-                saddr: v.nat_daddr,
-                daddr: v.nat_saddr,
-                sport: v.nat_dport,
-                dport: v.nat_sport,
-                proto: k.proto,
-                _pad: [0; 3],
-            });
+            let partner = entries.get(&partner_key::<M>(k, v));
             let opening = opening(v, partner);
             idle(v, lifetimes.of(v, opening))
                 && partner.is_none_or(|p| idle(p, lifetimes.of(p, opening)))
         })
         .map(|(k, _)| *k)
-        .collect();
-    remove_flows::<M>(t, walk, expired)
+        .partition(|k| entries[k].flags & CT_F_REPLY == 0);
+    // The programs go on while the agent walks and removes: a client may
+    // reuse an expired flow's port meanwhile, its SYN touching the request
+    // entry or, the request entry gone, rewriting the reply entry for the
+    // new flow. Removing by the walk's verdict would take half of that live
+    // flow, and its SYN-ACKs would reach the client untranslated. So an
+    // entry goes only if it is still as walked, a request entry used since
+    // keeps its reply entry, and request entries go first: a SYN arriving
+    // between the two halves finds no request entry and writes a reply
+    // entry that the check then keeps.
+    let as_walked = |t: &T, k: &CtKeyOf<M::Addr>| M::current(t, k) == entries.get(k).copied();
+    let mut alive = HashSet::new();
+    let keys = requests.into_iter().chain(replies).collect();
+    remove_flows::<M, T>(t, walk, keys, |t, k| {
+        let v = &entries[k];
+        if v.flags & CT_F_REPLY != 0 {
+            return !alive.contains(k) && as_walked(t, k);
+        }
+        let still = as_walked(t, k);
+        if !still {
+            alive.insert(partner_key::<M>(k, v));
+        }
+        still
+    })
+}
+
+/// The key of the other direction's entry of the flow `v` (at `k`) belongs
+/// to: what `v` rewrites packets into, reversed.
+fn partner_key<M: CtMap>(k: &CtKeyOf<M::Addr>, v: &CtValueOf<M::Addr>) -> CtKeyOf<M::Addr> {
+    CtKeyOf {
+        saddr: v.nat_daddr,
+        daddr: v.nat_saddr,
+        sport: v.nat_dport,
+        dport: v.nat_sport,
+        proto: k.proto,
+        _pad: [0; 3],
+    }
 }

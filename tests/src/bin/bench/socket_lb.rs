@@ -198,13 +198,11 @@ pub fn measure(services: u32, rounds: u32, limit: Duration) -> anyhow::Result<Ve
                         "    {}, {mode:?}: {:.0}/s{}",
                         p.name,
                         r.rate(),
-                        r.first_error
-                            .as_ref()
-                            .map_or(String::new(), |e| format!(
-                                " ({} failed, first: {e}; max {:.0} µs)",
-                                r.errors,
-                                r.percentile_us(1.0)
-                            ))
+                        r.first_error.as_ref().map_or(String::new(), |e| format!(
+                            " ({} failed, first: {e}; max {:.0} µs)",
+                            r.errors,
+                            r.percentile_us(1.0)
+                        ))
                     );
                     match mode {
                         Mode::ShortConnections => p.short.add(r),

@@ -328,6 +328,51 @@ fn idle_flows_expire_by_their_timeout_both_directions_together() {
     assert!(!maps.contents.conntrack.contains_key(&lone.0));
 }
 
+/// A client reusing the port of an expired flow while the agent removes it:
+/// the walk saw both flows idle, but before the removals one flow's SYN
+/// touched its request entry, and the other's request entry was already
+/// gone when a SYN came, so the program wrote a new flow's reply entry at
+/// the old key. Only what is still as walked goes: both halves of the
+/// touched flow stay, and so does the new reply entry.
+#[test]
+fn expiry_keeps_the_entries_a_reused_port_touched_after_the_walk() {
+    let web = tcp(2);
+    let backend = (1, pod(1));
+    let old = NOW - CT_TCP_CLOSING_TIMEOUT_NS - 1_000_000_000;
+    let closing = |sport| {
+        let mut pair = flow(&web, 2, backend, sport, (old, old));
+        for (_, v) in &mut pair {
+            v.flags |= CT_F_CLOSING;
+        }
+        pair
+    };
+    let (touched, rewritten, idle) = (closing(10), closing(11), closing(12));
+    let mut maps = FakeMaps::default();
+    for pair in [&touched, &rewritten, &idle] {
+        maps.contents.conntrack.extend(pair.iter().copied());
+    }
+    // After the walk: a SYN on `touched`'s request entry, and a new flow's
+    // reply entry at `rewritten`'s reply key.
+    let mut syn = touched[0].1;
+    syn.last_seen_ns = NOW;
+    syn.flags &= !CT_F_CLOSING;
+    maps.conntrack_since_walk.insert(touched[0].0, syn);
+    let mut fresh = rewritten[1].1;
+    fresh.last_seen_ns = NOW;
+    fresh.flags = CT_F_REPLY | CT_F_SYN_ONLY;
+    maps.conntrack_since_walk.insert(rewritten[1].0, fresh);
+    let removed = expire_conntrack(&mut maps, NOW, &Lifetimes::default()).removed;
+    let left = |k: &CtKey| maps.contents.conntrack.contains_key(k);
+    assert!(
+        left(&touched[0].0) && left(&touched[1].0),
+        "the touched flow stays whole"
+    );
+    assert!(!left(&rewritten[0].0), "the old request entry goes");
+    assert!(left(&rewritten[1].0), "the new flow's reply entry stays");
+    assert!(!left(&idle[0].0) && !left(&idle[1].0), "the idle flow goes");
+    assert_eq!(removed, 3);
+}
+
 /// An opening no reply answered (both entries still marked SYN_ONLY, as the
 /// programs write a new TCP flow) is forgotten within the SYN lifetime; once
 /// the first reply cleared the mark on the reply entry, the flow has the
