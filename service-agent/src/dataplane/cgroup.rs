@@ -233,27 +233,23 @@ trait CgroupHook {
     fn attach_link(&mut self, cgroup: &fs::File) -> anyhow::Result<FdLink>;
 }
 
-impl CgroupHook for CgroupSockAddr {
-    fn program_fd(&self) -> anyhow::Result<&ProgramFd> {
-        Ok(self.fd()?)
-    }
+// aya gives both program types the same methods, but no trait of them.
+macro_rules! cgroup_hook {
+    ($($ty:ty),*) => {$(
+        impl CgroupHook for $ty {
+            fn program_fd(&self) -> anyhow::Result<&ProgramFd> {
+                Ok(self.fd()?)
+            }
 
-    fn attach_link(&mut self, cgroup: &fs::File) -> anyhow::Result<FdLink> {
-        let id = self.attach(cgroup, CgroupAttachMode::Single)?;
-        Ok(self.take_link(id)?.try_into()?)
-    }
+            fn attach_link(&mut self, cgroup: &fs::File) -> anyhow::Result<FdLink> {
+                let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+                Ok(self.take_link(id)?.try_into()?)
+            }
+        }
+    )*};
 }
 
-impl CgroupHook for CgroupSock {
-    fn program_fd(&self) -> anyhow::Result<&ProgramFd> {
-        Ok(self.fd()?)
-    }
-
-    fn attach_link(&mut self, cgroup: &fs::File) -> anyhow::Result<FdLink> {
-        let id = self.attach(cgroup, CgroupAttachMode::Single)?;
-        Ok(self.take_link(id)?.try_into()?)
-    }
-}
+cgroup_hook!(CgroupSockAddr, CgroupSock);
 
 /// Attaches every socket hook of `ebpf` to `cgroup` through links pinned
 /// in `pin_dir`. A pinned link already on this cgroup gets the new program

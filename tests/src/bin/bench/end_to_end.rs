@@ -1,6 +1,7 @@
 //! End-to-end rates through namespaces: a client namespace opens short
 //! connections (connect, one request and response, close) and kept-alive
-//! connections to two backend pods, over one path at a time. Each path is a
+//! connections to two backend pods, over every path in turn, interleaved in
+//! short slices so that all paths share the machine's moments. Each path is a
 //! setup function returning what keeps it alive (namespaces, servers, the
 //! agent or the loaded rules) and the addresses to load: adding a path is
 //! one entry in `paths()`.
