@@ -157,6 +157,21 @@ impl LoadResult {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
+    /// One request started at `started`: its latency when it succeeded.
+    fn record(&mut self, started: Instant, res: std::io::Result<()>) {
+        match res {
+            Ok(()) => {
+                self.ok += 1;
+                self.latencies_us
+                    .push(started.elapsed().as_secs_f64() * 1e6);
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
     pub fn percentile_us(&self, p: f64) -> f64 {
         if self.latencies_us.is_empty() {
             return f64::NAN;
@@ -296,16 +311,7 @@ fn client_thread(
         if t >= end {
             break;
         }
-        match op(&mut conn, next_target()) {
-            Ok(()) => {
-                r.ok += 1;
-                r.latencies_us.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            Err(e) => {
-                r.errors += 1;
-                r.first_error.get_or_insert_with(|| e.to_string());
-            }
-        }
+        r.record(t, op(&mut conn, next_target()));
     }
     r.elapsed = start.elapsed();
     Ok(r)
@@ -478,17 +484,7 @@ fn interleaved_thread(
             continue;
         }
         ops += 1;
-        let r = &mut results[lane];
-        match res {
-            Ok(()) => {
-                r.ok += 1;
-                r.latencies_us.push(now.elapsed().as_secs_f64() * 1e6);
-            }
-            Err(e) => {
-                r.errors += 1;
-                r.first_error.get_or_insert_with(|| e.to_string());
-            }
-        }
+        results[lane].record(now, res);
         previous = Some((lane, now));
     }
     Ok(results)
