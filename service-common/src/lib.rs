@@ -303,6 +303,22 @@ pub struct CtValueOf<A> {
 pub type CtValue = CtValueOf<Addr4>;
 pub type CtValue6 = CtValueOf<Addr6>;
 
+impl<A: Copy> CtValueOf<A> {
+    /// The key of the entry for the other direction of this entry's flow
+    /// (of protocol `proto`): what this entry rewrites packets into, reversed.
+    #[inline(always)]
+    pub fn partner_key(&self, proto: u8) -> CtKeyOf<A> {
+        CtKeyOf {
+            saddr: self.nat_daddr,
+            daddr: self.nat_saddr,
+            sport: self.nat_dport,
+            dport: self.nat_sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityKeyOf<A> {

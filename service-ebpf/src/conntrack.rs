@@ -81,7 +81,7 @@ pub fn lookup<F: Family>(flow: &Flow<F>) -> CtLookup<F> {
     if !reply
         && flow.proto == IPPROTO_TCP
         && flow.may_open()
-        && F::ct_ptr(&partner_key::<F>(entry, flow.proto)).is_none()
+        && F::ct_ptr(&entry.partner_key(flow.proto)).is_none()
     {
         F::ct_remove(&key_of(flow));
         count_reason(Reason::HalfFlowReopened);
@@ -123,24 +123,10 @@ fn touch<F: Family>(entry: &mut CtValueOf<F::Addr>, flow: &Flow<F>) {
         entry.flags &= !CT_F_CLOSING;
     }
     if flow.tcp_flags & TCP_RST != 0 {
-        if let Some(p) = F::ct_ptr(&partner_key::<F>(entry, flow.proto)) {
+        if let Some(p) = F::ct_ptr(&entry.partner_key(flow.proto)) {
             // SAFETY: the map's own value (see lookup); only a flag is set.
             unsafe { (*p).flags |= CT_F_CLOSING };
         }
-    }
-}
-
-/// The key of the entry for the other direction of `entry`'s flow: what
-/// `entry` rewrites packets into, reversed.
-#[inline(always)]
-fn partner_key<F: Family>(entry: &CtValueOf<F::Addr>, proto: u8) -> CtKeyOf<F::Addr> {
-    CtKeyOf {
-        saddr: entry.nat_daddr,
-        daddr: entry.nat_saddr,
-        sport: entry.nat_dport,
-        dport: entry.nat_sport,
-        proto,
-        _pad: [0; 3],
     }
 }
 
@@ -172,7 +158,7 @@ pub fn retire_reused<F: Family>(flow: &Flow<F>) -> bool {
     if e.flags & CT_F_REPLY == 0 {
         return false;
     }
-    let request = partner_key::<F>(e, flow.proto);
+    let request = e.partner_key(flow.proto);
     if let Some(r) = F::ct_ptr(&request) {
         // SAFETY: as above.
         let r = unsafe { &*r };

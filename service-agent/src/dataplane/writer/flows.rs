@@ -219,7 +219,7 @@ fn expire_of<M: CtMap, T: Maps>(
     let (requests, replies): (Vec<_>, Vec<_>) = entries
         .iter()
         .filter(|(k, v)| {
-            let partner = entries.get(&partner_key::<M>(k, v));
+            let partner = entries.get(&v.partner_key(k.proto));
             let opening = opening(v, partner);
             idle(v, lifetimes.of(v, opening))
                 && partner.is_none_or(|p| idle(p, lifetimes.of(p, opening)))
@@ -245,21 +245,8 @@ fn expire_of<M: CtMap, T: Maps>(
         }
         let still = as_walked(t, k);
         if !still {
-            alive.insert(partner_key::<M>(k, v));
+            alive.insert(v.partner_key(k.proto));
         }
         still
     })
-}
-
-/// The key of the other direction's entry of the flow `v` (at `k`) belongs
-/// to: what `v` rewrites packets into, reversed.
-fn partner_key<M: CtMap>(k: &CtKeyOf<M::Addr>, v: &CtValueOf<M::Addr>) -> CtKeyOf<M::Addr> {
-    CtKeyOf {
-        saddr: v.nat_daddr,
-        daddr: v.nat_saddr,
-        sport: v.nat_dport,
-        dport: v.nat_sport,
-        proto: k.proto,
-        _pad: [0; 3],
-    }
 }
